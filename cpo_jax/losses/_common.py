@@ -8,22 +8,23 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def as_f32(x: Array) -> Array:
-    """Casts to float32: every loss is computed in float32 whatever its inputs' dtype."""
-    return jnp.asarray(x, jnp.float32)
+def at_least_f32(x: Array) -> Array:
+    """Casts to at least float32: bf16/fp16 inputs are computed in float32, float64 stays float64."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32)) if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
 
 
 def require(value: Array | None, name: str, loss: str) -> Array:
     """Returns ``value`` as float32, or raises a ValueError naming the missing input."""
     if value is None:
         raise ValueError(f"loss {loss!r} needs {name}")
-    return as_f32(value)
+    return at_least_f32(value)
 
 
 def per_token(logps: Array, lengths: Array | None, *, name: str, loss: str) -> Array:
     """Summed log-probs ``[B]`` -> per-token averages, dividing by ``lengths`` (at least 1)."""
     lengths = require(lengths, name, loss)
-    return as_f32(logps) / jnp.maximum(lengths, 1.0)
+    return at_least_f32(logps) / jnp.maximum(lengths, 1.0)
 
 
 def smoothed_sigmoid_loss(logits: Array, label_smoothing: float = 0.0) -> Array:

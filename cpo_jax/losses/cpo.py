@@ -29,7 +29,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cpo_jax.losses._common import Array, as_f32, per_token, require
+from cpo_jax.losses._common import Array, at_least_f32, per_token, require
 from cpo_jax.losses.registry import register
 
 # |average log-prob| below this is treated as this, so cpo_easy's 1/avg stays finite.
@@ -55,7 +55,7 @@ def preference_deltas(
         lengths = (chosen_lengths, rejected_lengths) * 2
         names = ("chosen_lengths (or length_normalize=False)", "rejected_lengths (or length_normalize=False)") * 2
         logps = tuple(per_token(lp, n, name=m, loss=loss) for lp, n, m in zip(logps, lengths, names))
-    pc, pr, rc, rr = (as_f32(x) for x in logps)
+    pc, pr, rc, rr = (at_least_f32(x) for x in logps)
     return pc - pr, rc - rr
 
 

@@ -19,11 +19,11 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from cpo_jax.losses._common import Array, as_f32, per_token, require, smoothed_sigmoid_loss
+from cpo_jax.losses._common import Array, at_least_f32, per_token, require, smoothed_sigmoid_loss
 from cpo_jax.losses.registry import register
 
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
-ALPHA_DIVERGENCE_MAX_EXPONENT = 80.0  # TRL's cap for float32/bf16 (11 for fp16)
+ALPHA_DIVERGENCE_MAX_EXPONENT = 80.0  # TRL's exponent cap for float32/bf16 (11 for fp16)
 
 
 def f_divergence_transform(log_ratio: Array, f_divergence: FDivergence = "reverse_kl", alpha: float = 0.5) -> Array:
@@ -31,14 +31,14 @@ def f_divergence_transform(log_ratio: Array, f_divergence: FDivergence = "revers
     "Beyond Reverse KL", arXiv 2309.16240, Table 1; constants as in TRL 1.13).
 
     * ``reverse_kl``: ``g(u) = u`` (standard DPO);
-    * ``forward_kl``: ``g(u) = 1 - exp(-u)``;
+    * ``forward_kl``: ``g(u) = 1 - exp(min(-u, 80))`` (the cap, like TRL's for alpha, keeps it finite);
     * ``js_divergence``: ``g(u) = log 2 + log sigmoid(u)``;
     * ``alpha_divergence``: ``g(u) = (exp(min((alpha - 1) u, 80)) - 1) / (alpha - 1)``; ``u`` if alpha ~ 1.
     """
     if f_divergence == "reverse_kl":
         return log_ratio
     if f_divergence == "forward_kl":
-        return -jnp.expm1(-log_ratio)
+        return -jnp.expm1(jnp.minimum(-log_ratio, ALPHA_DIVERGENCE_MAX_EXPONENT))
     if f_divergence == "js_divergence":
         return jnp.log(2.0) + jax.nn.log_sigmoid(log_ratio)
     if f_divergence == "alpha_divergence":
@@ -63,7 +63,7 @@ def log_ratios(
     """``(u_w, u_l)`` ``[B]``: policy minus reference summed log-probs; the reference is required."""
     reference_chosen = require(reference_chosen_logps, "reference_chosen_logps", loss)
     reference_rejected = require(reference_rejected_logps, "reference_rejected_logps", loss)
-    return as_f32(policy_chosen_logps) - reference_chosen, as_f32(policy_rejected_logps) - reference_rejected
+    return at_least_f32(policy_chosen_logps) - reference_chosen, at_least_f32(policy_rejected_logps) - reference_rejected
 
 
 def _scores(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *, f_divergence, alpha, loss):
@@ -314,7 +314,7 @@ def bco_pair_loss(
     chosen, rejected = log_ratios(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, loss="bco_pair"
     )
-    shift = jax.lax.stop_gradient(as_f32(reward_shift))
+    shift = jax.lax.stop_gradient(at_least_f32(reward_shift))
     return -jax.nn.log_sigmoid(beta * chosen - shift) - jax.nn.log_sigmoid(-(beta * rejected - shift))
 
 
@@ -323,7 +323,7 @@ def update_reward_shift(mean: Array, count: Array, batch_rewards: Array) -> tupl
     and ``beta * u_l``) into ``(mean, count)`` as one observation, as TRL 0.x's RunningMoments did.
     Returns the new ``(mean, count)``; start from ``(0.0, 0.0)``.
     """
-    observation = jax.lax.stop_gradient(jnp.mean(as_f32(batch_rewards)))
+    observation = jax.lax.stop_gradient(jnp.mean(at_least_f32(batch_rewards)))
     count = count + 1.0
     return mean + (observation - mean) / count, count
 
@@ -376,7 +376,7 @@ def aot_loss(
     """
     reference_chosen = require(reference_chosen_logps, "reference_chosen_logps", "aot")
     reference_rejected = require(reference_rejected_logps, "reference_rejected_logps", "aot")
-    policy = as_f32(policy_chosen_logps) - as_f32(policy_rejected_logps)
+    policy = at_least_f32(policy_chosen_logps) - at_least_f32(policy_rejected_logps)
     return _aot(policy, reference_chosen - reference_rejected, beta=beta, label_smoothing=label_smoothing)
 
 

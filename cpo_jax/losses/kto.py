@@ -7,7 +7,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from cpo_jax.losses._common import Array, as_f32
+from cpo_jax.losses._common import Array, at_least_f32
 
 
 def kto_kl_estimate(policy_kl_logps: Array, reference_kl_logps: Array, mask: Array | None = None) -> Array:
@@ -17,8 +17,8 @@ def kto_kl_estimate(policy_kl_logps: Array, reference_kl_logps: Array, mask: Arr
     example's completion, as TRL does); optional ``mask`` ``[B]`` of valid rows. Returns a scalar.
     Under data parallelism, average the masked sum and count over all devices before clamping.
     """
-    difference = as_f32(policy_kl_logps) - as_f32(reference_kl_logps)
-    mask = jnp.ones_like(difference) if mask is None else as_f32(mask)
+    difference = at_least_f32(policy_kl_logps) - at_least_f32(reference_kl_logps)
+    mask = jnp.ones_like(difference) if mask is None else at_least_f32(mask)
     mean = jnp.sum(difference * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     return jax.lax.stop_gradient(jnp.maximum(mean, 0.0))
 
@@ -43,10 +43,10 @@ def kto_loss(
 
     Args: ``[B]`` summed log-probs, ``desirable`` ``[B]`` bool, ``kl`` from :func:`kto_kl_estimate`.
     """
-    log_ratio = as_f32(policy_logps) - as_f32(reference_logps)
+    log_ratio = at_least_f32(policy_logps) - at_least_f32(reference_logps)
     desirable = jnp.asarray(desirable, bool)
     if loss_type == "kto":
-        z0 = jax.lax.stop_gradient(as_f32(kl))
+        z0 = jax.lax.stop_gradient(at_least_f32(kl))
         good, bad = 1.0 - jax.nn.sigmoid(beta * (log_ratio - z0)), 1.0 - jax.nn.sigmoid(beta * (z0 - log_ratio))
     elif loss_type == "apo_zero_unpaired":
         good, bad = 1.0 - jax.nn.sigmoid(beta * log_ratio), jax.nn.sigmoid(beta * log_ratio)

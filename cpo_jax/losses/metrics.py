@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from cpo_jax.losses._common import Array, as_f32
+from cpo_jax.losses._common import Array, at_least_f32
 
 
 def _mean(x: Array, mask: Array | None) -> Array:
-    x = as_f32(x)
+    x = at_least_f32(x)
     if mask is None:
         return jnp.mean(x)
-    mask = as_f32(mask)
+    mask = at_least_f32(mask)
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -72,9 +72,9 @@ def preference_metrics(
       gamma: CPO's margin; adds ``diagnostics/frac_ref_below_gamma``.
       mask: ``[B]`` 1 for real pairs, 0 for padding pairs.
     """
-    pc, pr = as_f32(policy_chosen_logps), as_f32(policy_rejected_logps)
+    pc, pr = at_least_f32(policy_chosen_logps), at_least_f32(policy_rejected_logps)
     has_reference = reference_chosen_logps is not None and reference_rejected_logps is not None
-    rc, rr = (as_f32(reference_chosen_logps), as_f32(reference_rejected_logps)) if has_reference else (0.0, 0.0)
+    rc, rr = (at_least_f32(reference_chosen_logps), at_least_f32(reference_rejected_logps)) if has_reference else (0.0, 0.0)
     chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
     metrics = {
         "rewards/chosen": _mean(chosen_rewards, mask),
@@ -87,7 +87,7 @@ def preference_metrics(
     delta_ref = rc - rr if has_reference else None
     metrics.update(_diagnostics(pc - pr, delta_ref, gamma=gamma, mask=mask, suffix=""))
     if chosen_lengths is not None and rejected_lengths is not None:
-        n_c, n_r = jnp.maximum(as_f32(chosen_lengths), 1.0), jnp.maximum(as_f32(rejected_lengths), 1.0)
+        n_c, n_r = jnp.maximum(at_least_f32(chosen_lengths), 1.0), jnp.maximum(at_least_f32(rejected_lengths), 1.0)
         delta_ref_norm = rc / n_c - rr / n_r if has_reference else None
         metrics.update(_diagnostics(pc / n_c - pr / n_r, delta_ref_norm, gamma=gamma, mask=mask, suffix="_norm"))
     return metrics

@@ -18,7 +18,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from cpo_jax.losses._common import Array, as_f32, log1mexp, per_token, require, smoothed_sigmoid_loss
+from cpo_jax.losses._common import Array, at_least_f32, log1mexp, per_token, require, smoothed_sigmoid_loss
 from cpo_jax.losses.registry import register
 
 NllNormalization = Literal["batch_tokens", "sequence"]
@@ -37,13 +37,13 @@ def chosen_nll(
         return -per_token(policy_chosen_logps, lengths, name="chosen_lengths", loss=loss)
     if normalization == "batch_tokens":
         pairs = jnp.sum(lengths > 0)
-        return -as_f32(policy_chosen_logps) * pairs / jnp.maximum(jnp.sum(lengths), 1.0)
+        return -at_least_f32(policy_chosen_logps) * pairs / jnp.maximum(jnp.sum(lengths), 1.0)
     raise ValueError(f"unknown nll_normalization {normalization!r}; expected 'batch_tokens' or 'sequence'")
 
 
 def _nll(policy_chosen_logps, chosen_lengths, override, normalization, loss) -> Array:
     if override is not None:
-        return as_f32(override)
+        return at_least_f32(override)
     return chosen_nll(policy_chosen_logps, chosen_lengths, normalization=normalization, loss=loss)
 
 
@@ -139,7 +139,7 @@ def contrastive_loss(
     ``-(1-eps) log sigma(beta (logp_w - logp_l)) - eps log sigma(-beta (...)) + nll_coef * NLL_w``
     on summed log-probs. Not this package's ``cpo`` (Constrained Preference Optimization).
     """
-    margin = as_f32(policy_chosen_logps) - as_f32(policy_rejected_logps)
+    margin = at_least_f32(policy_chosen_logps) - at_least_f32(policy_rejected_logps)
     loss = smoothed_sigmoid_loss(beta * margin, label_smoothing)
     if nll_coef:
         loss = loss + nll_coef * _nll(policy_chosen_logps, chosen_lengths, chosen_nll, nll_normalization, "contrastive")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cpo_jax.losses._common import at_least_f32
+
 Array = jax.Array
 
 
@@ -25,8 +27,8 @@ def bradley_terry_loss(
 
     Args: scalar rewards ``[B]`` for the chosen and rejected completions; ``margin`` ``[B]`` or scalar.
     """
-    rewards_chosen = rewards_chosen.astype(jnp.float32)
-    rewards_rejected = rewards_rejected.astype(jnp.float32)
+    rewards_chosen = at_least_f32(rewards_chosen)
+    rewards_rejected = at_least_f32(rewards_rejected)
     difference = rewards_chosen - rewards_rejected
     if margin is not None:
         difference = difference - margin

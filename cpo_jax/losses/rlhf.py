@@ -18,6 +18,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from cpo_jax.losses._common import at_least_f32
+
 Array = jax.Array
 KLEstimator = Literal["k1", "k2", "k3"]
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
@@ -36,7 +38,7 @@ def kl_estimate(
       * k3 = exp(-d) - 1 + d        (unbiased, >= 0)
     For k3, d is clipped to ``[-k3_clip, k3_clip]`` (as verl does) so that exp(-d) stays finite.
     """
-    delta = logps.astype(jnp.float32) - ref_logps.astype(jnp.float32)
+    delta = at_least_f32(logps) - at_least_f32(ref_logps)
     if estimator == "k1":
         return delta
     if estimator == "k2":
@@ -62,7 +64,7 @@ def kl_penalized_sequence_reward(
     Args: scores ``[B]``; logps, ref_logps, mask ``[B, T]``.
     """
     kl = kl_estimate(logps, ref_logps, estimator) * mask
-    return scores.astype(jnp.float32) - kl_coef * jnp.sum(kl, axis=-1)
+    return at_least_f32(scores) - kl_coef * jnp.sum(kl, axis=-1)
 
 
 def last_token_index(mask: Array) -> Array:
@@ -88,12 +90,12 @@ def kl_penalized_token_rewards(
     mask = mask.astype(jnp.float32)
     rewards = -kl_coef * kl_estimate(logps, ref_logps, estimator) * mask
     last = jax.nn.one_hot(last_token_index(mask), mask.shape[-1], dtype=jnp.float32)
-    return rewards + scores.astype(jnp.float32)[:, None] * last * mask
+    return rewards + at_least_f32(scores)[:, None] * last * mask
 
 
 def reinforce_advantages(rewards: Array, baseline: Array | float | None = None) -> Array:
     """REINFORCE advantages ``[N]``: ``reward - baseline`` (no baseline: the reward itself)."""
-    rewards = rewards.astype(jnp.float32)
+    rewards = at_least_f32(rewards)
     return rewards if baseline is None else rewards - baseline
 
 
@@ -105,7 +107,7 @@ def rloo_advantages(rewards: Array) -> Array:
     k = rewards.shape[-1]
     if k < 2:
         raise ValueError(f"RLOO needs at least 2 samples per prompt; got K={k}")
-    rewards = rewards.astype(jnp.float32)
+    rewards = at_least_f32(rewards)
     leave_one_out_mean = (jnp.sum(rewards, axis=-1, keepdims=True) - rewards) / (k - 1)
     return rewards - leave_one_out_mean
 
@@ -119,7 +121,7 @@ def grpo_advantages(rewards: Array, *, scale_by_std: bool = True, eps: float = 1
     k = rewards.shape[-1]
     if k < 2:
         raise ValueError(f"GRPO needs at least 2 samples per prompt; got K={k}")
-    rewards = rewards.astype(jnp.float32)
+    rewards = at_least_f32(rewards)
     centred = rewards - jnp.mean(rewards, axis=-1, keepdims=True)
     if not scale_by_std:
         return centred
@@ -133,11 +135,11 @@ def gae_advantages(
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t``; ``A_t = delta_t + gamma * lam * A_{t+1}``, with
     V and r zeroed outside ``mask`` (so nothing leaks past the end of a completion).
-    Returns ``(advantages, returns)``, both float32 ``[B, T]``, ``returns = A + V``.
+    Returns ``(advantages, returns)``, both (at least) float32 ``[B, T]``, ``returns = A + V``.
     """
     mask = mask.astype(jnp.float32)
-    rewards = rewards.astype(jnp.float32) * mask
-    values = values.astype(jnp.float32) * mask
+    rewards = at_least_f32(rewards) * mask
+    values = at_least_f32(values) * mask
     next_values = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
     deltas = rewards + gamma * next_values - values
 
@@ -209,8 +211,8 @@ def ppo_policy_loss(
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     if advantages.ndim == 1:
         advantages = advantages[:, None]
-    advantages = advantages.astype(jnp.float32)
-    log_ratio = logps.astype(jnp.float32) - old_logps.astype(jnp.float32)
+    advantages = at_least_f32(advantages)
+    log_ratio = at_least_f32(logps) - at_least_f32(old_logps)
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + eps_high)
@@ -235,13 +237,13 @@ def value_loss(
 
     ``clip_eps=None`` gives the plain squared error. Returns ``(loss, {"vf_clipfrac": ...})``.
     """
-    values = values.astype(jnp.float32)
-    returns = returns.astype(jnp.float32)
+    values = at_least_f32(values)
+    returns = at_least_f32(returns)
     unclipped = jnp.square(values - returns)
     if clip_eps is None:
         per_token, clipfrac = unclipped, jnp.zeros((), jnp.float32)
     else:
-        old_values = old_values.astype(jnp.float32)
+        old_values = at_least_f32(old_values)
         clipped_values = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
         clipped = jnp.square(clipped_values - returns)
         per_token = jnp.maximum(unclipped, clipped)
