@@ -38,9 +38,11 @@ def test_empty_mask_gives_zero_mean_not_nan():
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 26, 1000])
 @pytest.mark.parametrize("softcap,temperature", [(None, 1.0), (3.0, 0.7)])
-def test_chunked_matches_naive_values_and_gradients(chunk_size, softcap, temperature):
-    """Values and gradients agree to 1e-5 relative in float32, for chunks that do and don't divide B*T."""
-    hidden, unembedding, targets, mask = problem(1)
+@pytest.mark.parametrize("vocab", [97, 300])
+def test_chunked_matches_naive_values_and_gradients(chunk_size, softcap, temperature, vocab):
+    """Values and gradients agree to 1e-5 relative in float32, for chunks that do and don't divide
+    B*T; V=300 makes the backward walk three 128-column vocabulary blocks, the last one shifted."""
+    hidden, unembedding, targets, mask = problem(1, vocab=vocab)
     weights = jnp.linspace(0.5, 1.5, hidden.shape[0])
 
     def naive(h, w):

@@ -9,10 +9,16 @@ Two paths compute the same numbers:
   recomputes each chunk's logits in the backward pass, so the peak extra memory is
   a few ``[chunk_size, V]`` float32 buffers instead of ``[B, T, V]``.
 
-Cost of the chunked path for N = B*T tokens: forward 2*N*D*V FLOPs (one matmul);
-backward 6*N*D*V FLOPs (logit recompute + the two gradient matmuls), i.e. one
-matmul more than the naive path (which keeps the logits), in exchange for
-O(chunk_size * V) instead of O(N * V) activation memory.
+The forward walks over chunks of ``chunk_size`` tokens and keeps only the per-token log-prob
+and logsumexp. The backward (a custom VJP) walks over blocks of the *vocabulary*, sized so
+that ``[N, block]`` holds about ``chunk_size * V`` floats: each block recomputes its logits for
+all N tokens, writes its slice of the unembedding gradient in place (so there is no
+``[D, V]`` float32 accumulator or per-chunk ``[D, V]`` temporary), and adds its share into a
+float32 ``[N, D]`` hidden-state gradient.
+
+Cost for N = B*T tokens: forward 2*N*D*V FLOPs (one matmul); backward 6*N*D*V FLOPs
+(logit recompute + the two gradient matmuls): one matmul more than the naive path, which
+keeps the logits, in exchange for O(chunk_size * V) instead of O(N * V) activation memory.
 
 Alignment convention: ``targets[b, t]`` is the token whose probability is read from
 position ``t``. Use :func:`next_token_targets` to build ``(targets, mask)`` from
@@ -137,27 +143,50 @@ def _flat_chunked_fwd(h, unembedding, targets, chunk_size, temperature, logit_so
     return logps, (h, unembedding, targets, lse)
 
 
+def _vocab_block(n_tokens: int, vocab: int, chunk_size: int) -> int:
+    """Columns per backward block, so that ``[n_tokens, block]`` holds about ``chunk_size * vocab`` floats,
+    like the forward's ``[chunk_size, vocab]`` chunk (a multiple of 128, at least 128, at most V)."""
+    block = (chunk_size * vocab) // max(n_tokens, 1)
+    return int(min(vocab, max(128, block // 128 * 128)))
+
+
 def _flat_chunked_bwd(chunk_size, temperature, logit_softcap, residuals, g):
+    """Backward pass over *vocabulary* blocks (see :func:`_vocab_block` for their width).
+
+    For block ``v``: ``Z_v = H @ W[:, v]`` (recomputed for all N tokens), ``dZ_v = g * (onehot_v - softmax_v)``
+    with the saved logsumexp, then ``dW[:, v] = H^T dZ_v`` is final (written in place, no ``[D, V]``
+    accumulator) and ``dH += dZ_v @ W[:, v]^T`` accumulates in a float32 ``[N, D]`` buffer. The last
+    block is shifted left to end at V; its columns already seen are masked out of ``dH``.
+    """
     h, unembedding, targets, lse = residuals
-    n, vocab = h.shape[0], unembedding.shape[1]
+    n, dim = h.shape
+    vocab = unembedding.shape[1]
+    block = _vocab_block(n, vocab, chunk_size)
+    n_blocks = -(-vocab // block)
+    g = g.astype(jnp.float32)
+    safe_targets = jnp.clip(targets, 0, vocab - 1)
+    contract_last = (((1,), (1,)), ((), ()))  # [N, Vb] x [D, Vb] -> [N, D], no transpose copy of W
 
-    def body(d_unembedding, xs):
-        h_c, y_c, lse_c, g_c = xs
-        raw = jnp.dot(h_c, unembedding, preferred_element_type=jnp.float32)
+    def body(carry, i):
+        d_h, d_unembedding = carry
+        start = jnp.minimum(i * block, vocab - block)
+        w_v = jax.lax.dynamic_slice_in_dim(unembedding, start, block, axis=1)
+        raw = jnp.dot(h, w_v, preferred_element_type=jnp.float32)
         logits, transform_vjp = jax.vjp(lambda z: _transform_logits(z, temperature, logit_softcap), raw)
-        # d logp / d logits = onehot(target) - softmax, scaled by the incoming cotangent.
-        d_logits = -g_c[:, None] * jnp.exp(logits - lse_c[:, None])
-        rows = jnp.arange(y_c.shape[0])
-        d_logits = d_logits.at[rows, jnp.clip(y_c, 0, vocab - 1)].add(g_c)
-        (d_raw,) = transform_vjp(d_logits)
-        d_h = jnp.dot(d_raw.astype(unembedding.dtype), unembedding.T, preferred_element_type=jnp.float32)
-        d_unembedding = d_unembedding + jnp.dot(h_c.T, d_raw.astype(h.dtype), preferred_element_type=jnp.float32)
-        return d_unembedding, d_h.astype(h.dtype)
+        columns = start + jnp.arange(block)
+        onehot = (columns[None, :] == safe_targets[:, None]).astype(jnp.float32)
+        (d_raw,) = transform_vjp(g[:, None] * (onehot - jnp.exp(logits - lse[:, None])))
+        d_w_v = jnp.dot(h.T, d_raw.astype(h.dtype), preferred_element_type=jnp.float32)
+        d_unembedding = jax.lax.dynamic_update_slice_in_dim(
+            d_unembedding, d_w_v.astype(unembedding.dtype), start, axis=1
+        )
+        fresh = jnp.where(columns >= i * block, d_raw, 0.0).astype(unembedding.dtype)
+        d_h = d_h + jax.lax.dot_general(fresh, w_v, contract_last, preferred_element_type=jnp.float32)
+        return (d_h, d_unembedding), None
 
-    xs = tuple(_to_chunks(x, chunk_size) for x in (h, targets, lse, g.astype(jnp.float32)))
-    d_unembedding, d_h = jax.lax.scan(body, jnp.zeros(unembedding.shape, jnp.float32), xs)
-    d_h = d_h.reshape(-1, h.shape[1])[:n]
-    return d_h, d_unembedding.astype(unembedding.dtype), None
+    init = (jnp.zeros((n, dim), jnp.float32), jnp.zeros_like(unembedding))
+    (d_h, d_unembedding), _ = jax.lax.scan(body, init, jnp.arange(n_blocks))
+    return d_h.astype(h.dtype), d_unembedding, None
 
 
 _flat_chunked_logps.defvjp(_flat_chunked_fwd, _flat_chunked_bwd)
@@ -178,14 +207,14 @@ def chunked_token_logps(
       hidden: ``[B, T, D]`` final (post-norm) hidden states, any float dtype.
       unembedding: ``[D, V]`` output projection (pass ``embedding.T`` for tied weights).
       targets: ``[B, T]`` int token ids; out-of-range ids are clipped (mask them out).
-      chunk_size: tokens per chunk; peak extra memory is about 3 * chunk_size * V * 4 bytes.
+      chunk_size: tokens per forward chunk; both passes hold a few ``chunk_size * V`` float32 buffers.
       temperature: logits are divided by it before the softmax.
       logit_softcap: if set, logits become ``cap * tanh(logits / cap)`` first (Gemma 2).
 
     Returns:
       float32 ``[B, T]`` log-probs, equal to :func:`token_logps` on ``hidden @ unembedding``
-      up to float32 rounding. Gradients flow to ``hidden`` and ``unembedding``; the
-      unembedding gradient is accumulated in float32 across chunks.
+      up to float32 rounding. Gradients flow to ``hidden`` and ``unembedding``; matmuls
+      accumulate in float32, and the hidden-state gradient is summed in float32.
     """
     batch, length, dim = hidden.shape
     if unembedding.shape[0] != dim:
