@@ -1,0 +1,271 @@
+"""Load Hugging Face checkpoint directories into cpo_jax models and export them back.
+
+``from_pretrained`` builds the model abstractly (no weights allocated), then creates each parameter
+with :func:`jax.make_array_from_callback` in its target sharding: every device's block is read from
+the memory-mapped safetensors file on its own, so no host ever holds a full copy per device and, on
+a pod, each host reads only the blocks of its own devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from cpo_jax.hf.weights import Binding, bind, check_names, group_parts, our_shape, read_block, to_hf
+from cpo_jax.models import gemma, gpt2, llama
+from cpo_jax.models.config import TransformerConfig
+from cpo_jax.models.hf_config import UnsupportedConfig
+from cpo_jax.models.transformer import Transformer
+
+FAMILIES = {t: module for module in (llama, gemma, gpt2) for t in module.MODEL_TYPES}
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def family_of(model_type: str):
+    """The family module (``llama``, ``gemma`` or ``gpt2``) for an HF ``model_type``."""
+    if model_type not in FAMILIES:
+        raise UnsupportedConfig(f"unsupported model_type {model_type!r}; cpo_jax supports {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def read_hf_config(path: str | os.PathLike) -> dict:
+    """``config.json`` of a checkpoint directory as a dict."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no config.json in the checkpoint directory")
+    with open(file) as f:
+        return json.load(f)
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides) -> TransformerConfig:
+    """Translate an HF config dict (any supported family) and apply field ``overrides``."""
+    hf = dict(hf)
+    if "model_type" not in hf:
+        raise UnsupportedConfig("config.json has no model_type")
+    if hf.get("quantization_config"):
+        raise UnsupportedConfig(f"{hf['model_type']}: quantized checkpoints (quantization_config) are not supported")
+    cfg = family_of(hf["model_type"]).config_from_hf(hf)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def tensor_files(path: str | os.PathLike) -> dict[str, Path]:
+    """Map every tensor name to its safetensors file (sharded with an index, or single-file)."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files (and no {INDEX_FILE})")
+    names: dict[str, Path] = {}
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():  # safe_open handles are not dicts
+                names[name] = file
+    return names
+
+
+def abstract_model(cfg: TransformerConfig) -> Transformer:
+    """The model with ShapeDtypeStruct parameters (nothing allocated)."""
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def _sharding_for(var, mesh, rules):
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    from cpo_jax.parallel.sharding import logical_sharding
+
+    names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    return logical_sharding(names, var.shape, mesh, rules)
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype=jnp.float32,
+    param_dtype=None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Mapping | None = None,
+    **config_overrides,
+) -> Transformer:
+    """Load an HF checkpoint directory (``config.json`` + ``*.safetensors``) as a cpo_jax model.
+
+    Args:
+      path: the directory (sharded with ``model.safetensors.index.json`` or not).
+      dtype: compute dtype of activations.
+      param_dtype: parameter dtype; None keeps each tensor's stored dtype (exact round trips).
+      mesh, rules: shard parameters by their logical axes (see :mod:`cpo_jax.parallel.sharding`);
+        without a mesh everything lands on the first device.
+      config_overrides: :class:`TransformerConfig` fields such as ``scan_layers``, ``remat`` or
+        ``attention_impl``.
+
+    Returns:
+      A :class:`~cpo_jax.models.transformer.Transformer`.
+    """
+    path = Path(path)
+    cfg = config_from_hf(read_hf_config(path), dtype=dtype, **config_overrides)
+    table = family_of(cfg.model_type).weight_table(cfg)
+    bindings = bind(table, cfg.num_layers, cfg.scan_layers)
+    files = tensor_files(path)
+    check_names(table, list(files), [b.hf_name for b in bindings], str(path))
+
+    by_path: dict[tuple, list[Binding]] = {}
+    for b in bindings:
+        by_path.setdefault(b.path, []).append(b)
+
+    graphdef, state = nnx.split(abstract_model(cfg))
+    flat = []
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in set(files.values())}
+        for var_path, var in nnx.to_flat_state(state):
+            if var_path not in by_path:
+                raise KeyError(f"{path}: no weight-table rule fills parameter {'.'.join(map(str, var_path))}")
+            group = sorted(by_path[var_path], key=lambda b: -1 if b.layer is None else b.layer)
+            flat.append((var_path, var.replace(_load_param(var, group, files, handles, param_dtype, mesh, rules))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _load_param(var, group: list[Binding], files, handles, param_dtype, mesh, rules) -> jax.Array:
+    shape = tuple(var.shape)
+    first = handles[files[group[0].hf_name]].get_slice(group[0].hf_name)
+    stacked = group[0].layer is not None and len(shape) == len(first.get_shape()) + 1
+    for b in group:
+        hf_shape = handles[files[b.hf_name]].get_slice(b.hf_name).get_shape()
+        expected = shape[1:] if stacked else shape
+        if our_shape(b.rule, hf_shape) != tuple(expected):
+            raise ValueError(
+                f"{files[b.hf_name]}: tensor {b.hf_name} has shape {tuple(hf_shape)}, the config implies "
+                f"{tuple(expected)} (after {'transpose' if b.rule.transpose else 'no transpose'}"
+                f"{', split' if b.rule.split else ''})"
+            )
+    stored = first.get_dtype()
+    if stored not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{files[group[0].hf_name]}: tensor {group[0].hf_name} has unsupported dtype {stored}")
+    dtype = jnp.dtype(param_dtype) if param_dtype is not None else jnp.dtype(SAFETENSORS_DTYPES[stored])
+
+    def block(index):
+        if stacked:
+            layers = range(*index[0].indices(shape[0]))
+            parts = [read_block(handles[files[group[i].hf_name]], group[i], index[1:]) for i in layers]
+            return np.stack(parts).astype(dtype)
+        return np.asarray(read_block(handles[files[group[0].hf_name]], group[0], index)).astype(dtype)
+
+    return jax.make_array_from_callback(shape, _sharding_for(var, mesh, rules), block)
+
+
+# --------------------------------------------------------------------------------------------------
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = size.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * units[unit])
+    return int(s)
+
+
+def _host_array(x: jax.Array) -> np.ndarray:
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def export_tensors(model: Transformer, dtype=None):
+    """Yield ``(hf_name, numpy array)`` in table order, rebuilding HF layouts (transposes, fused qkv)."""
+    cfg = model.config
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    bindings = bind(family_of(cfg.model_type).weight_table(cfg), cfg.num_layers, cfg.scan_layers)
+    for name, parts in group_parts(bindings):
+        arrays = []
+        for b in parts:
+            value = params[b.path][...]
+            if cfg.scan_layers and b.layer is not None:
+                value = value[b.layer]
+            arrays.append(to_hf(b.rule, _host_array(value)))
+        tensor = np.concatenate(arrays, axis=parts[0].rule.split[0]) if parts[0].rule.split else arrays[0]
+        yield name, (tensor.astype(dtype) if dtype is not None else tensor)
+
+
+def save_pretrained(
+    model: Transformer,
+    path: str | os.PathLike,
+    *,
+    tokenizer=None,
+    dtype=None,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write ``model`` as an HF checkpoint directory that ``AutoModelForCausalLM.from_pretrained`` reads.
+
+    Writes ``config.json`` (the source config with ``dtype`` updated), ``model.safetensors`` or
+    ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json`` past ``max_shard_size``, and
+    the tokenizer files when ``tokenizer`` is given. The directory is assembled next to ``path`` and
+    moved into place at the end, so a crash never leaves a half-written checkpoint at ``path``.
+    """
+    cfg = model.config
+    if cfg.hf_config is None:
+        raise ValueError("model has no source HF config (it was not loaded with from_pretrained)")
+    path = Path(path)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    stored_dtype = None
+    for name, tensor in export_tensors(model, dtype):
+        stored_dtype = stored_dtype or tensor.dtype
+        if shards[-1] and size + tensor.nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += tensor.nbytes
+    if jax.process_index() != 0:
+        return path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        weight_map = {}
+        for k, shard in enumerate(shards, start=1):
+            file = "model.safetensors" if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / file), metadata={"format": "pt"})
+            weight_map.update({name: file for name in shard})
+        if len(shards) > 1:
+            total = sum(t.nbytes for shard in shards for t in shard.values())
+            with open(tmp / INDEX_FILE, "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        hf = dict(cfg.hf_config)
+        hf["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
+            str(np.dtype(stored_dtype)), str(np.dtype(stored_dtype)))
+        hf.pop("torch_dtype", None)
+        with open(tmp / "config.json", "w") as f:
+            json.dump(hf, f, indent=2, sort_keys=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

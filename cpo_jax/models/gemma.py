@@ -1,0 +1,92 @@
+"""Gemma 1, Gemma 2 and Gemma 3 (text) as flags on the shared decoder.
+
+* All: RMSNorm as ``x * (1 + w)`` in float32, embeddings scaled by ``sqrt(hidden_size)``, GeGLU MLP
+  (tanh GELU), explicit ``head_dim``, tied embeddings.
+* Gemma 2: sandwich norms (a norm after attention and after the MLP, before each residual add),
+  attention-logit and final-logit soft-capping, ``query_pre_attn_scalar`` scaling, and
+  sliding/global alternation through ``layer_types``.
+* Gemma 3: Gemma 2 plus qk-norm and a separate RoPE base (and scaling) for sliding and global layers;
+  soft-capping is normally off.
+"""
+
+from __future__ import annotations
+
+from cpo_jax.hf.weights import WeightRule
+from cpo_jax.models.config import SLIDING, TransformerConfig
+from cpo_jax.models.hf_config import UnsupportedConfig, layer_types, require_value, rope_specs
+
+MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+_TANH_GELU = ("gelu_pytorch_tanh", "gelu")  # transformers maps Gemma's legacy "gelu" to the tanh form
+
+
+def config_from_hf(hf: dict) -> TransformerConfig:
+    """Translate a Gemma/Gemma 2/Gemma 3 text ``config.json`` dict. Unsupported options raise."""
+    model_type = hf["model_type"]
+    if model_type not in MODEL_TYPES:
+        raise UnsupportedConfig(f"gemma family does not cover model_type {model_type!r}")
+    act_key = "hidden_act" if model_type == "gemma" else "hidden_activation"
+    require_value(hf, act_key, _TANH_GELU, model_type)
+    require_value(hf, "attention_dropout", (0, 0.0), model_type)
+    require_value(hf, "attention_bias", (False,), model_type)
+    require_value(hf, "use_bidirectional_attention", (None, False), model_type)
+    n_layers = hf["num_hidden_layers"]
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    later = model_type != "gemma"
+    types = layer_types(hf, n_layers, model_type) if later else ("full_attention",) * n_layers
+    return TransformerConfig(
+        family="gemma",
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=n_layers,
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        max_position_embeddings=hf.get("max_position_embeddings", 8192),
+        norm="rms",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_offset=1.0,
+        block="sandwich" if later else "pre",
+        activation="gelu_tanh",
+        gated_mlp=True,
+        qk_norm=model_type == "gemma3_text",
+        query_scale=hf["query_pre_attn_scalar"] ** -0.5 if later else None,
+        attn_softcap=hf.get("attn_logit_softcapping") if later else None,
+        final_softcap=hf.get("final_logit_softcapping") if later else None,
+        embed_scale=hf["hidden_size"] ** 0.5,
+        rope=rope_specs(hf, model_type),
+        layer_types=types,
+        sliding_window=hf.get("sliding_window") if SLIDING in types else None,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        hf_config=hf,
+    )
+
+
+def weight_table(cfg: TransformerConfig) -> list[WeightRule]:
+    """HF <-> cpo_jax names for Gemma 1/2/3 text."""
+    layer = "model.layers.{i}"
+    rules = [WeightRule("model.embed_tokens.weight", "embed")]
+    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+        rules.append(WeightRule(f"{layer}.self_attn.{theirs}.weight", f"layers.{{i}}.attn.{ours}.kernel", transpose=True))
+    if cfg.qk_norm:
+        rules += [
+            WeightRule(f"{layer}.self_attn.q_norm.weight", "layers.{i}.attn.q_norm.scale"),
+            WeightRule(f"{layer}.self_attn.k_norm.weight", "layers.{i}.attn.k_norm.scale"),
+        ]
+    for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+        rules.append(WeightRule(f"{layer}.mlp.{theirs}.weight", f"layers.{{i}}.mlp.{ours}.kernel", transpose=True))
+    rules.append(WeightRule(f"{layer}.input_layernorm.weight", "layers.{i}.attn_norm.scale"))
+    if cfg.block == "sandwich":
+        rules += [
+            WeightRule(f"{layer}.post_attention_layernorm.weight", "layers.{i}.post_attn_norm.scale"),
+            WeightRule(f"{layer}.pre_feedforward_layernorm.weight", "layers.{i}.mlp_norm.scale"),
+            WeightRule(f"{layer}.post_feedforward_layernorm.weight", "layers.{i}.post_mlp_norm.scale"),
+        ]
+    else:
+        rules.append(WeightRule(f"{layer}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.scale"))
+    rules.append(WeightRule("model.norm.weight", "final_norm.scale"))
+    if not cfg.tie_embeddings:
+        rules.append(WeightRule("lm_head.weight", "lm_head.kernel", transpose=True))
+    return rules

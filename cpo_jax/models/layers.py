@@ -1,0 +1,166 @@
+"""Flax NNX building blocks: projections, norms, embeddings, RoPE, MLP and attention.
+
+Every parameter carries its logical axes as ``out_sharding`` metadata (for example
+``("embed", "mlp")``); :mod:`cpo_jax.parallel.sharding` maps them onto a device mesh. Projection
+kernels are stored ``[in, out]`` with heads flattened into the feature axis (``[D, N * H]``), so HF
+weights load with a transpose only, and a tensor-parallel split of ``heads`` keeps whole heads
+together whenever ``N`` divides evenly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cpo_jax.models.config import TransformerConfig
+from cpo_jax.ops.attention import dot_product_attention
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], init: str, dtype) -> nnx.Param:
+    """A parameter with logical-axis metadata. ``init`` is ``"normal"`` (std 0.02), ``"zeros"`` or ``"ones"``."""
+    if len(shape) != len(axes):
+        raise ValueError(f"shape {shape} and axes {axes} differ in rank")
+    if init == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)`` with kernel ``[in, out]``."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *, bias: bool, dtype,
+                 param_dtype, rngs: nnx.Rngs):
+        self.kernel = param(rngs, (d_in, d_out), axes, "normal", param_dtype)
+        self.bias = param(rngs, (d_out,), (axes[1],), "zeros", param_dtype) if bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[..., in] -> [..., out]`` in the compute dtype."""
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """RMSNorm (``x * rsqrt(mean(x^2) + eps) * (offset + w)``) or LayerNorm, computed in float32."""
+
+    def __init__(self, dim: int, *, kind: str, eps: float, offset: float, param_dtype, rngs: nnx.Rngs,
+                 axis_name: str = "norm"):
+        self.kind, self.eps, self.offset = kind, eps, offset
+        self.scale = param(rngs, (dim,), (axis_name,), "zeros" if offset else "ones", param_dtype)
+        self.bias = param(rngs, (dim,), (axis_name,), "zeros", param_dtype) if kind == "layer" else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalise the last axis; returns ``x.dtype``."""
+        h = x.astype(jnp.float32)
+        if self.kind == "layer":
+            h = h - jnp.mean(h, axis=-1, keepdims=True)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            # Gemma: (x * (1 + w)) in float32, then cast.
+            return (h * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+        if self.kind == "layer":
+            return (h * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        # Llama: cast first, then scale in the input dtype.
+        return self.scale[...].astype(x.dtype) * h.astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin`` of shape ``[B, T, head_dim]`` (HF rotate-half layout: frequencies repeated twice)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x`` ``[B, T, heads, head_dim]`` by position: ``x * cos + rotate_half(x) * sin``."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class MLP(nnx.Module):
+    """Gated (``down(act(gate x) * up x)``) or plain (``down(act(up x))``) feed-forward block."""
+
+    def __init__(self, cfg: TransformerConfig, *, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate = Linear(d, f, ("embed", "mlp"), **kw) if cfg.gated_mlp else None
+        self.up = Linear(d, f, ("embed", "mlp"), **kw)
+        self.down = Linear(f, d, ("mlp", "embed"), **kw)
+        self.activation = cfg.activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[B, T, D] -> [B, T, D]``."""
+        act = _ACTIVATIONS[self.activation]
+        h = act(self.gate(x)) * self.up(x) if self.gate is not None else act(self.up(x))
+        return self.down(h)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with optional qkv bias, qk-norm, RoPE, soft-capping and a KV cache."""
+
+    def __init__(self, cfg: TransformerConfig, *, param_dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(dtype=cfg.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q = Linear(d, n * h, ("embed", "heads"), bias=cfg.qkv_bias, **kw)
+        self.k = Linear(d, k * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.v = Linear(d, k * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.o = Linear(n * h, d, ("heads", "embed"), bias=cfg.o_bias, **kw)
+        norm_kw = dict(kind="rms", eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, rngs=rngs,
+                       axis_name="head_dim")
+        self.q_norm = Norm(h, **norm_kw) if cfg.qk_norm else None
+        self.k_norm = Norm(h, **norm_kw) if cfg.qk_norm else None
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+        self.scale, self.softcap, self.impl = cfg.scale, cfg.attn_softcap, cfg.attention_impl
+
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        rope: tuple[jax.Array, jax.Array] | None,
+        kv_cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Attend ``x`` ``[B, T, D]``.
+
+        Args:
+          mask: ``[B, T, S]`` bool; ``S = T`` without a cache, the cache length with one.
+          rope: ``(cos, sin)`` ``[B, T, head_dim]``, or None (learned positions).
+          kv_cache: ``(k, v)`` ``[B, S, K, H]``; the new keys/values are written at ``cache_index``.
+
+        Returns:
+          ``([B, T, D], updated (k, v) or None)``.
+        """
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            cache_k, cache_v = kv_cache
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            kv_cache = (k, v)
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale,
+                                    softcap=self.softcap, implementation=self.impl)
+        return self.o(out.reshape(b, t, self.num_heads * self.head_dim)), kv_cache

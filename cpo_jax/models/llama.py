@@ -1,0 +1,94 @@
+"""The Llama family: Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 and Qwen3 (one module, flags only).
+
+Differences handled by :class:`~cpo_jax.models.config.TransformerConfig` flags:
+
+* ``llama``: ``attention_bias`` (q, k, v and o), ``mlp_bias``, ``rope_type`` default/linear/llama3,
+  tied or untied embeddings, GQA.
+* ``mistral``: ``sliding_window`` on every layer when set.
+* ``qwen2``: q, k, v biases (o has none); per-layer sliding windows via ``layer_types``.
+* ``qwen3``: per-head RMSNorm on q and k (qk-norm) before RoPE; ``attention_bias`` on q, k, v and o.
+"""
+
+from __future__ import annotations
+
+from cpo_jax.hf.weights import WeightRule
+from cpo_jax.models.config import SLIDING, TransformerConfig
+from cpo_jax.models.hf_config import UnsupportedConfig, layer_types, require_value, rope_specs
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+def config_from_hf(hf: dict) -> TransformerConfig:
+    """Translate a Llama/Mistral/Qwen2/Qwen3 ``config.json`` dict. Unsupported options raise."""
+    model_type = hf["model_type"]
+    if model_type not in MODEL_TYPES:
+        raise UnsupportedConfig(f"llama family does not cover model_type {model_type!r}")
+    require_value(hf, "hidden_act", _ACTIVATIONS, model_type)
+    require_value(hf, "attention_dropout", (0, 0.0), model_type)
+    require_value(hf, "pretraining_tp", (1,), model_type)
+    n_layers = hf["num_hidden_layers"]
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    attention_bias = bool(hf.get("attention_bias", False))
+    if model_type == "mistral":
+        window = hf.get("sliding_window")
+        types = (SLIDING if window else "full_attention",) * n_layers
+    elif model_type in ("qwen2", "qwen3"):
+        types = layer_types(hf, n_layers, model_type)
+        window = hf.get("sliding_window") if SLIDING in types else None
+    else:
+        types, window = layer_types(hf, n_layers, model_type), hf.get("sliding_window")
+    return TransformerConfig(
+        family="llama",
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=n_layers,
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        norm="rms",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        activation=_ACTIVATIONS[hf.get("hidden_act", "silu")],
+        gated_mlp=True,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        qkv_bias=True if model_type == "qwen2" else attention_bias,
+        o_bias=attention_bias if model_type in ("llama", "qwen3") else False,
+        qk_norm=model_type == "qwen3",
+        rope=rope_specs(hf, model_type),
+        layer_types=types,
+        sliding_window=window,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        hf_config=hf,
+    )
+
+
+def weight_table(cfg: TransformerConfig) -> list[WeightRule]:
+    """HF <-> cpo_jax names for the Llama family (HF ``nn.Linear`` is ``[out, in]``: transposed)."""
+    layer = "model.layers.{i}"
+    rules = [WeightRule("model.embed_tokens.weight", "embed")]
+    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+        rules.append(WeightRule(f"{layer}.self_attn.{theirs}.weight", f"layers.{{i}}.attn.{ours}.kernel", transpose=True))
+        has_bias = cfg.o_bias if ours == "o" else cfg.qkv_bias
+        if has_bias:
+            rules.append(WeightRule(f"{layer}.self_attn.{theirs}.bias", f"layers.{{i}}.attn.{ours}.bias"))
+    if cfg.qk_norm:
+        rules += [
+            WeightRule(f"{layer}.self_attn.q_norm.weight", "layers.{i}.attn.q_norm.scale"),
+            WeightRule(f"{layer}.self_attn.k_norm.weight", "layers.{i}.attn.k_norm.scale"),
+        ]
+    for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+        rules.append(WeightRule(f"{layer}.mlp.{theirs}.weight", f"layers.{{i}}.mlp.{ours}.kernel", transpose=True))
+        if cfg.mlp_bias:
+            rules.append(WeightRule(f"{layer}.mlp.{theirs}.bias", f"layers.{{i}}.mlp.{ours}.bias"))
+    rules += [
+        WeightRule(f"{layer}.input_layernorm.weight", "layers.{i}.attn_norm.scale"),
+        WeightRule(f"{layer}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.scale"),
+        WeightRule("model.norm.weight", "final_norm.scale"),
+    ]
+    if not cfg.tie_embeddings:
+        rules.append(WeightRule("lm_head.weight", "lm_head.kernel", transpose=True))
+    return rules

@@ -1,0 +1,285 @@
+"""The decoder-only transformer that every family instantiates, plus its KV cache.
+
+``Transformer(cfg)`` holds: token embedding ``[V, D]``, optional learned positions ``[P, D]``, the
+blocks (a Python list, or one stacked block with a leading ``layers`` axis when ``cfg.scan_layers``),
+a final norm and, when embeddings are untied, ``lm_head`` ``[D, V]``.
+
+Calls:
+
+* ``model(input_ids, attention_mask=None, positions=None, segment_ids=None) -> logits [B, T, V]``
+* ``model.hidden_states(...) -> [B, T, D]`` (final-normed; feed it with ``model.unembedding()``
+  to :func:`cpo_jax.ops.sequence_logps_from_hidden` so that ``[B, T, V]`` is never materialised)
+* ``model.forward(..., cache=cache) -> (hidden, cache)`` for prefill and decode.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from cpo_jax.models.config import FULL, SLIDING, TransformerConfig
+from cpo_jax.models.layers import MLP, Attention, Linear, Norm, param, rope_tables
+from cpo_jax.ops.attention import attention_mask as build_mask
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys and values for incremental decoding.
+
+    Attributes:
+      k, v: ``[L, B, S, K, H]``.
+      valid: ``[B, S]`` bool, True at slots holding a real (non-padding) token.
+      index: int32 scalar, the next slot to write.
+      length: ``[B]`` int32, real tokens seen so far per row (the next position id).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+    length: jax.Array
+
+
+def init_cache(cfg: TransformerConfig, batch: int, max_length: int, dtype=None) -> KVCache:
+    """An empty cache for ``batch`` rows of at most ``max_length`` tokens (prompt + generation)."""
+    dtype = dtype or cfg.dtype
+    shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch, max_length), bool),
+        index=jnp.zeros((), jnp.int32),
+        length=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def positions_from_mask(attention_mask: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Position ids ``[B, T]``: count of real tokens before each token (within its segment when packed)."""
+    mask = attention_mask.astype(jnp.int32)
+    if segment_ids is None:
+        return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    t = segment_ids.shape[-1]
+    idx = jnp.arange(t)[None, :]
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1
+    )
+    segment_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - segment_start
+
+
+class Block(nnx.Module):
+    """One decoder layer: pre-norm (Llama, Gemma 1, GPT-2) or sandwich-norm (Gemma 2/3)."""
+
+    def __init__(self, cfg: TransformerConfig, *, param_dtype, rngs: nnx.Rngs):
+        norm = lambda: Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, offset=cfg.norm_offset,
+                            param_dtype=param_dtype, rngs=rngs)
+        self.attn_norm = norm()
+        self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.post_attn_norm = norm() if cfg.block == "sandwich" else None
+        self.mlp_norm = norm()
+        self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.post_mlp_norm = norm() if cfg.block == "sandwich" else None
+
+    def __call__(self, x, mask, rope, kv_cache=None, cache_index=None):
+        """``[B, T, D] -> ([B, T, D], updated kv)``; see :meth:`Attention.__call__` for the other args."""
+        h, kv_cache = self.attn(self.attn_norm(x), mask, rope, kv_cache, cache_index)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h, kv_cache
+
+
+def _select(flag, a, b):
+    """``a if flag else b`` for a Python bool, elementwise ``where`` for a traced one."""
+    if isinstance(flag, bool):
+        return a if flag else b
+    return jax.tree.map(lambda u, v: jnp.where(flag, u, v), a, b)
+
+
+def _checkpointed(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy not in _REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; expected one of {['none', *_REMAT_POLICIES]}")
+    return jax.checkpoint(fn, policy=_REMAT_POLICIES[policy])
+
+
+class Transformer(nnx.Module):
+    """Decoder-only language model driven by a :class:`TransformerConfig`."""
+
+    def __init__(self, cfg: TransformerConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal", param_dtype)
+        self.pos_embed = (
+            param(rngs, (cfg.max_position_embeddings, cfg.hidden_size), ("positions", "embed"), "normal", param_dtype)
+            if cfg.position == "learned" else None
+        )
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked(rngs):
+                return Block(cfg, param_dtype=param_dtype, rngs=rngs)
+
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, offset=cfg.norm_offset,
+                               param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = (
+            None if cfg.tie_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, dtype=cfg.dtype,
+                        param_dtype=param_dtype, rngs=rngs)
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    def unembedding(self) -> jax.Array:
+        """The output projection ``[D, V]`` (the transposed embedding when tied)."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """Final logit soft-cap (Gemma 2), to pass to the chunked log-prob ops."""
+        return self.config.final_softcap
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
+        """Logits ``[B, T, V]`` in float32 for ``input_ids`` ``[B, T]``."""
+        hidden, _ = self.forward(input_ids, attention_mask=attention_mask, positions=positions,
+                                 segment_ids=segment_ids)
+        return self.logits(hidden)
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
+        """Final-normed hidden states ``[B, T, D]``."""
+        return self.forward(input_ids, attention_mask=attention_mask, positions=positions,
+                            segment_ids=segment_ids)[0]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Project ``[..., D]`` hidden states to float32 logits ``[..., V]`` (soft-capped if configured)."""
+        w = self.unembedding().astype(self.config.dtype)
+        logits = jnp.dot(hidden.astype(self.config.dtype), w, preferred_element_type=jnp.float32)
+        cap = self.config.final_softcap
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Run the decoder.
+
+        Args:
+          input_ids: ``[B, T]`` int.
+          attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding (default all ones).
+          positions: ``[B, T]`` position ids; default counts real tokens (left padding safe), within
+            each segment when ``segment_ids`` is given, and continues from ``cache.length``.
+          segment_ids: ``[B, T]`` packed-sequence ids; tokens attend within their segment only.
+          cache: a :class:`KVCache`; the tokens are written at ``cache.index`` and attend to all
+            earlier valid slots. Not combinable with ``segment_ids``.
+
+        Returns:
+          ``(hidden [B, T, D], updated cache or None)``.
+        """
+        cfg = self.config
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+        if positions is None:
+            positions = positions_from_mask(attention_mask, segment_ids)
+            if cache is not None:
+                positions = positions + cache.length[:, None]
+
+        if cache is None:
+            query_slots = jnp.arange(t)
+            key_slots, key_valid, index = query_slots, attention_mask, None
+        else:
+            index = cache.index
+            query_slots = index + jnp.arange(t)
+            key_slots = jnp.arange(cache.valid.shape[1])
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
+        masks = {
+            kind: build_mask(query_slots, key_slots, key_valid, query_segments=segment_ids,
+                             sliding_window=cfg.sliding_window if kind == SLIDING else None)
+            for kind in set(cfg.layer_types)
+        }
+        ropes = (
+            {kind: rope_tables(positions, jnp.asarray(cfg.rope_for(kind).inv_freq(cfg.head_dim)), cfg.dtype) for kind in set(cfg.layer_types)}
+            if cfg.position == "rope" else None
+        )
+
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.dtype)
+        if cfg.embed_scale is not None:
+            x = x * jnp.asarray(cfg.embed_scale, cfg.dtype)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(cfg.dtype)
+
+        if cfg.scan_layers:
+            x, new_kv = self._scan_layers(x, masks, ropes, cache, index)
+        else:
+            x, new_kv = self._loop_layers(x, masks, ropes, cache, index)
+        x = self.final_norm(x)
+
+        if cache is not None:
+            cache = KVCache(k=new_kv[0], v=new_kv[1], valid=key_valid, index=index + t,
+                            length=cache.length + attention_mask.sum(-1).astype(jnp.int32))
+        return x, cache
+
+    def _layer_inputs(self, kind_is_sliding, masks, ropes):
+        pick = lambda d: _select(kind_is_sliding, d.get(SLIDING), d.get(FULL))
+        if len(masks) == 1:
+            (mask,) = masks.values()
+            rope = None if ropes is None else next(iter(ropes.values()))
+            return mask, rope
+        return pick(masks), (None if ropes is None else pick(ropes))
+
+    def _loop_layers(self, x, masks, ropes, cache, index):
+        cfg = self.config
+        ks, vs = [], []
+        for i, (block, policy) in enumerate(zip(self.layers, cfg.remat_policies())):
+            mask, rope = self._layer_inputs(cfg.layer_types[i] == SLIDING, masks, ropes)
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            graphdef, state = nnx.split(block)
+
+            def run(state, x, mask, rope, kv, index, graphdef=graphdef):
+                return nnx.merge(graphdef, state)(x, mask, rope, kv, index)
+
+            x, kv = _checkpointed(run, policy)(state, x, mask, rope, kv, index)
+            if kv is not None:
+                ks.append(kv[0])
+                vs.append(kv[1])
+        return x, ((jnp.stack(ks), jnp.stack(vs)) if cache is not None else None)
+
+    def _scan_layers(self, x, masks, ropes, cache, index):
+        cfg = self.config
+        policies = set(cfg.remat_policies())
+        if len(policies) != 1:
+            raise ValueError(f"scan_layers needs one remat policy for all layers, got {sorted(policies)}")
+        graphdef, state = nnx.split(self.layers)
+        is_sliding = jnp.asarray([kind == SLIDING for kind in cfg.layer_types])
+
+        def body(x, xs):
+            layer_state, sliding, kv = xs
+            mask, rope = self._layer_inputs(sliding, masks, ropes)
+            x, kv = nnx.merge(graphdef, layer_state)(x, mask, rope, kv, index)
+            return x, kv
+
+        body = _checkpointed(body, policies.pop())
+        kv_in = None if cache is None else (cache.k, cache.v)
+        x, kv_out = jax.lax.scan(body, x, (state, is_sliding, kv_in))
+        return x, kv_out

@@ -1,0 +1,11 @@
+"""Device meshes and logical-axis sharding rules."""
+
+from cpo_jax.parallel.sharding import (
+    DEFAULT_RULES,
+    logical_sharding,
+    logical_spec,
+    make_mesh,
+    param_shardings,
+)
+
+__all__ = ["DEFAULT_RULES", "logical_sharding", "logical_spec", "make_mesh", "param_shardings"]

@@ -1,0 +1,129 @@
+"""Sharded loading on a (data=2, fsdp=2, tensor=2) CPU mesh, and clear errors for bad checkpoints/configs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from safetensors.numpy import load_file, save_file
+
+from cpo_jax.models import UnsupportedConfig, from_pretrained
+from cpo_jax.parallel import logical_spec, make_mesh
+from tests.hf_tiny import tiny_model
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("hf_tiny_shard")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py sets it)")
+    return make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("scan", [False, True])
+def test_sharded_load_matches_unsharded(name, scan, root, mesh):
+    _, path = tiny_model(name, root)
+    plain = from_pretrained(path, scan_layers=scan)
+    sharded = from_pretrained(path, mesh=mesh, scan_layers=scan)
+
+    q = sharded.layers.attn.q.kernel[...] if scan else sharded.layers[0].attn.q.kernel[...]
+    want = P(None, "fsdp", "tensor") if scan else P("fsdp", "tensor")
+    assert q.sharding.spec == want
+    assert sharded.embed[...].sharding.spec == P("tensor", "fsdp")
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == tuple(
+        s // d for s, d in zip(q.shape, (1,) * scan + (2, 2)))
+
+    rng = np.random.RandomState(0)
+    ids = rng.randint(3, 256, (4, 10))
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
+    ids_s = jax.device_put(jnp.asarray(ids), batch_sharding)
+    mask_s = jax.device_put(jnp.asarray(mask), batch_sharding)
+    from flax import nnx
+
+    got = nnx.jit(lambda m, i, a: m(i, a))(sharded, ids_s, mask_s)
+    want_logits = plain(jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want_logits), atol=1e-5)
+
+
+def test_logical_spec_drops_non_dividing_axes(mesh):
+    assert logical_spec(("embed", "mlp"), (64, 96), mesh) == P("fsdp", "tensor")
+    assert logical_spec(("embed", "mlp"), (63, 96), mesh) == P(None, "tensor")
+    assert logical_spec(("batch", None), (4, 3), mesh) == P(("data", "fsdp"), None)
+    with pytest.raises(KeyError, match="bogus"):
+        logical_spec(("bogus",), (4,), mesh)
+
+
+def _copy(path, tmp_path):
+    out = tmp_path / "ckpt"
+    shutil.copytree(path, out)
+    return out
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unsupported_model_type_is_named(root, tmp_path):
+    path = _copy(tiny_model("llama", root)[1], tmp_path)
+    _edit_config(path, model_type="mixtral")
+    with pytest.raises(UnsupportedConfig, match="'mixtral'"):
+        from_pretrained(path)
+
+
+def test_unknown_rope_type_is_named(root, tmp_path):
+    path = _copy(tiny_model("llama", root)[1], tmp_path)
+    _edit_config(path, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(UnsupportedConfig, match="rope_type='yarn'"):
+        from_pretrained(path)
+
+
+def test_unsupported_activation_is_named(root, tmp_path):
+    path = _copy(tiny_model("llama", root)[1], tmp_path)
+    _edit_config(path, hidden_act="swish_glu")
+    with pytest.raises(UnsupportedConfig, match="hidden_act='swish_glu'"):
+        from_pretrained(path)
+
+
+def test_missing_and_unmapped_tensors_are_named(root, tmp_path):
+    path = _copy(tiny_model("llama", root)[1], tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    missing = dict(tensors)
+    del missing["model.layers.1.mlp.up_proj.weight"]
+    save_file(missing, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+        from_pretrained(path)
+    extra = dict(tensors, **{"model.layers.0.self_attn.rotary.inv_freq": np.zeros(4, np.float32)})
+    save_file(extra, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(KeyError, match="rotary.inv_freq"):
+        from_pretrained(path)
+
+
+def test_shape_mismatch_names_file_and_tensor(root, tmp_path):
+    path = _copy(tiny_model("llama", root)[1], tmp_path)
+    _edit_config(path, intermediate_size=80)
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor model.layers.0.mlp.\w+_proj.weight has shape"):
+        from_pretrained(path)
+
+
+def test_extra_layer_in_checkpoint_is_an_error(root, tmp_path):
+    path = _copy(tiny_model("llama", root)[1], tmp_path)
+    _edit_config(path, num_hidden_layers=1)
+    with pytest.raises(KeyError, match="layers the config does not have"):
+        from_pretrained(path)
