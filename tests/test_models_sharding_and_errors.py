@@ -127,3 +127,60 @@ def test_extra_layer_in_checkpoint_is_an_error(root, tmp_path):
     _edit_config(path, num_hidden_layers=1)
     with pytest.raises(KeyError, match="layers the config does not have"):
         from_pretrained(path)
+
+
+def test_sharded_load_reads_device_blocks_not_whole_tensors(root, mesh, monkeypatch):
+    import cpo_jax.hf.pretrained as pretrained
+
+    reads = []
+    original = pretrained.read_block
+
+    def spy(handle, binding, index):
+        block = original(handle, binding, index)
+        reads.append((binding.hf_name, block.shape))
+        return block
+
+    monkeypatch.setattr(pretrained, "read_block", spy)
+    _, path = tiny_model("llama", root)
+    from_pretrained(path, mesh=mesh)
+    q_reads = [shape for name, shape in reads if name == "model.layers.0.self_attn.q_proj.weight"]
+    # q kernel [64, 64] is split 2 (fsdp) x 2 (tensor) and replicated over data: 8 reads of a 32x32 block.
+    assert q_reads == [(32, 32)] * 8
+    embed_reads = [shape for name, shape in reads if name == "model.embed_tokens.weight"]
+    assert embed_reads == [(128, 32)] * 8
+
+
+def test_save_pretrained_writes_tokenizer_files(root, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(253)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    _, path = tiny_model("llama", root)
+    out = tmp_path / "with_tok"
+    from cpo_jax.models import save_pretrained
+
+    save_pretrained(from_pretrained(path), out, tokenizer=tokenizer)
+    again = AutoTokenizer.from_pretrained(out)
+    assert again("w1 w7 w200")["input_ids"] == tokenizer("w1 w7 w200")["input_ids"] == [4, 10, 203]
+
+
+def test_save_pretrained_replaces_existing_directory_atomically(root, tmp_path, monkeypatch):
+    import cpo_jax.hf.pretrained as pretrained
+    from cpo_jax.models import save_pretrained
+
+    _, path = tiny_model("llama", root)
+    model = from_pretrained(path)
+    out = save_pretrained(model, tmp_path / "out")
+    before = sorted(p.name for p in out.iterdir())
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pretrained, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(model, out)
+    assert sorted(p.name for p in out.iterdir()) == before  # the old checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left behind
