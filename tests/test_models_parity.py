@@ -73,7 +73,8 @@ def test_export_reloads_in_transformers(name, root, tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_round_trip_reproduces_every_tensor(name, root, tmp_path):
     _, path = tiny_model(name, root)
-    save_pretrained(from_pretrained(path), tmp_path / "out")
+    # Scanned (stacked) layers must export the same tensors as the per-layer list.
+    save_pretrained(from_pretrained(path, scan_layers=name in ("gpt2", "gemma3", "qwen3")), tmp_path / "out")
     before = load_file(path / "model.safetensors")
     after = load_file(tmp_path / "out" / "model.safetensors")
     assert sorted(before) == sorted(after)
@@ -158,3 +159,14 @@ def test_segment_ids_isolate_packed_sequences(name, root):
     got = np.asarray(model(packed, segment_ids=segments))
     np.testing.assert_allclose(got[:, :7], np.asarray(model(jnp.asarray(a))), atol=1e-5)
     np.testing.assert_allclose(got[:, 7:], np.asarray(model(jnp.asarray(b))), atol=1e-5)
+
+
+def test_bfloat16_compute_stays_close_to_float32(root):
+    _, path = tiny_model("gemma2", root)
+    ids, right, _ = _batch(6)
+    f32 = np.asarray(from_pretrained(path)(jnp.asarray(ids), jnp.asarray(right)))
+    bf16 = np.asarray(from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)(jnp.asarray(ids),
+                                                                                            jnp.asarray(right)))
+    assert bf16.dtype == np.float32 and np.all(np.isfinite(bf16))
+    assert _max_diff(bf16, f32, right) < 0.05 * np.abs(f32).max()
+    assert (np.argmax(bf16, -1) == np.argmax(f32, -1))[right.astype(bool)].mean() > 0.8

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import SLIDING, TransformerConfig
-from cpo_jax.models.hf_config import UnsupportedConfig, layer_types, require_value, rope_specs
+from cpo_jax.models.hf_config import UnsupportedConfig, decoder_dims, layer_types, require_value, rope_specs
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu")  # transformers maps Gemma's legacy "gelu" to the tanh form
@@ -30,23 +30,13 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     require_value(hf, "attention_bias", (False,), model_type)
     require_value(hf, "use_bidirectional_attention", (None, False), model_type)
     n_layers = hf["num_hidden_layers"]
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     later = model_type != "gemma"
     types = layer_types(hf, n_layers, model_type) if later else ("full_attention",) * n_layers
     return TransformerConfig(
         family="gemma",
         model_type=model_type,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=n_layers,
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        max_position_embeddings=hf.get("max_position_embeddings", 8192),
+        **decoder_dims(hf, default_max_positions=8192),
         norm="rms",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
         norm_offset=1.0,
         block="sandwich" if later else "pre",
         activation="gelu_tanh",

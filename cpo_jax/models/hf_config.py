@@ -75,3 +75,19 @@ def layer_types(hf: dict, num_layers: int, model_type: str) -> tuple[str, ...]:
     if unknown:
         raise UnsupportedConfig(f"{model_type}: layer_types contains unsupported {unknown}")
     return tuple(types)
+
+
+def decoder_dims(hf: dict, default_max_positions: int) -> dict[str, Any]:
+    """The :class:`TransformerConfig` size fields shared by the Llama and Gemma ``config.json`` layouts."""
+    heads = hf["num_attention_heads"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        max_position_embeddings=hf.get("max_position_embeddings", default_max_positions),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+    )

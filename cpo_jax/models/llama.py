@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import SLIDING, TransformerConfig
-from cpo_jax.models.hf_config import UnsupportedConfig, layer_types, require_value, rope_specs
+from cpo_jax.models.hf_config import UnsupportedConfig, decoder_dims, layer_types, require_value, rope_specs
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -28,8 +28,6 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     require_value(hf, "attention_dropout", (0, 0.0), model_type)
     require_value(hf, "pretraining_tp", (1,), model_type)
     n_layers = hf["num_hidden_layers"]
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     attention_bias = bool(hf.get("attention_bias", False))
     if model_type == "mistral":
         window = hf.get("sliding_window")
@@ -42,16 +40,8 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     return TransformerConfig(
         family="llama",
         model_type=model_type,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=n_layers,
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=head_dim,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        **decoder_dims(hf, default_max_positions=2048),
         norm="rms",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
         activation=_ACTIVATIONS[hf.get("hidden_act", "silu")],
         gated_mlp=True,
         mlp_bias=bool(hf.get("mlp_bias", False)),
