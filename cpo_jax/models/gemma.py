@@ -14,6 +14,7 @@ from __future__ import annotations
 from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import SLIDING, TransformerConfig
 from cpo_jax.models.hf_config import UnsupportedConfig, decoder_dims, layer_types, require_value, rope_specs
+from cpo_jax.models.llama import projection_rules
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu")  # transformers maps Gemma's legacy "gelu" to the tanh form
@@ -57,16 +58,7 @@ def config_from_hf(hf: dict) -> TransformerConfig:
 def weight_table(cfg: TransformerConfig) -> list[WeightRule]:
     """HF <-> cpo_jax names for Gemma 1/2/3 text."""
     layer = "model.layers.{i}"
-    rules = [WeightRule("model.embed_tokens.weight", "embed")]
-    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
-        rules.append(WeightRule(f"{layer}.self_attn.{theirs}.weight", f"layers.{{i}}.attn.{ours}.kernel", transpose=True))
-    if cfg.qk_norm:
-        rules += [
-            WeightRule(f"{layer}.self_attn.q_norm.weight", "layers.{i}.attn.q_norm.scale"),
-            WeightRule(f"{layer}.self_attn.k_norm.weight", "layers.{i}.attn.k_norm.scale"),
-        ]
-    for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-        rules.append(WeightRule(f"{layer}.mlp.{theirs}.weight", f"layers.{{i}}.mlp.{ours}.kernel", transpose=True))
+    rules = [WeightRule("model.embed_tokens.weight", "embed"), *projection_rules(cfg, layer)]
     rules.append(WeightRule(f"{layer}.input_layernorm.weight", "layers.{i}.attn_norm.scale"))
     if cfg.block == "sandwich":
         rules += [

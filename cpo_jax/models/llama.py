@@ -56,14 +56,15 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     )
 
 
-def weight_table(cfg: TransformerConfig) -> list[WeightRule]:
-    """HF <-> cpo_jax names for the Llama family (HF ``nn.Linear`` is ``[out, in]``: transposed)."""
-    layer = "model.layers.{i}"
-    rules = [WeightRule("model.embed_tokens.weight", "embed")]
+def projection_rules(cfg: TransformerConfig, layer: str = "model.layers.{i}") -> list[WeightRule]:
+    """Attention and MLP projections (+ biases, qk-norm) under HF's ``self_attn.*_proj`` / ``mlp.*_proj`` names.
+
+    Shared by the Llama family and Gemma, whose projections are named alike.
+    """
+    rules = []
     for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
         rules.append(WeightRule(f"{layer}.self_attn.{theirs}.weight", f"layers.{{i}}.attn.{ours}.kernel", transpose=True))
-        has_bias = cfg.o_bias if ours == "o" else cfg.qkv_bias
-        if has_bias:
+        if cfg.o_bias if ours == "o" else cfg.qkv_bias:
             rules.append(WeightRule(f"{layer}.self_attn.{theirs}.bias", f"layers.{{i}}.attn.{ours}.bias"))
     if cfg.qk_norm:
         rules += [
@@ -74,6 +75,13 @@ def weight_table(cfg: TransformerConfig) -> list[WeightRule]:
         rules.append(WeightRule(f"{layer}.mlp.{theirs}.weight", f"layers.{{i}}.mlp.{ours}.kernel", transpose=True))
         if cfg.mlp_bias:
             rules.append(WeightRule(f"{layer}.mlp.{theirs}.bias", f"layers.{{i}}.mlp.{ours}.bias"))
+    return rules
+
+
+def weight_table(cfg: TransformerConfig) -> list[WeightRule]:
+    """HF <-> cpo_jax names for the Llama family (HF ``nn.Linear`` is ``[out, in]``: transposed)."""
+    layer = "model.layers.{i}"
+    rules = [WeightRule("model.embed_tokens.weight", "embed"), *projection_rules(cfg, layer)]
     rules += [
         WeightRule(f"{layer}.input_layernorm.weight", "layers.{i}.attn_norm.scale"),
         WeightRule(f"{layer}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.scale"),
