@@ -36,6 +36,7 @@ test-all: $(STAMP) $(SMOLLM2)
 bench: $(STAMP) $(SMOLLM2)
 	$(PY) tools/bench_logprobs.py
 	$(PY) tools/bench_models.py
+	$(PY) tools/bench_data.py
 
 # The trainer, its CLI and the embedded default run are not built yet (issues 5 and 6).
 train: $(STAMP)

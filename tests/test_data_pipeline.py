@@ -206,28 +206,36 @@ def test_resume_is_exact(pack, tok):
     _assert_resume_exact(ds, stops=[0, 1, 5, 17])
 
 
-def test_resume_is_exact_with_worker_processes(tok):
+def test_worker_processes_are_deterministic_cover_an_epoch_and_resume_exactly(tok):
     records = arithmetic_preferences(40, seed=1)
     cfg = BatchConfig(pairs_per_batch=4, max_length=128, pack=True, rows_per_batch=4)
     sources = [str(i) for i in range(len(records))]
-    with_workers = build_dataset(records, tok, TokenizeConfig(max_length=128), cfg,
-                                 PipelineConfig(seed=3, num_epochs=None, num_workers=2), sources=sources)
-    in_process = build_dataset(records, tok, TokenizeConfig(max_length=128), cfg,
-                               PipelineConfig(seed=3, num_epochs=None), sources=sources)
-    it_w, it_p = iter(with_workers), iter(in_process)
-    for _ in range(4):
-        w, p = next(it_w), next(it_p)
-        for key in p:
-            np.testing.assert_array_equal(w[key], p[key])
-    state = it_w.get_state()
-    want = next(it_w)
-    restored = iter(with_workers)
+
+    def dataset(epochs):
+        return build_dataset(records, tok, TokenizeConfig(max_length=128), cfg,
+                             PipelineConfig(seed=3, num_epochs=epochs, num_workers=2), sources=sources)
+
+    one_epoch = list(dataset(1))
+    assert sorted(int(i) for b in one_epoch for i in b["index"] if i >= 0) == list(range(40))
+    again = list(dataset(1))
+    for a, b in zip(one_epoch, again, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+    ds = dataset(None)
+    it = iter(ds)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(3)]
+    restored = iter(ds)
     restored.set_state(state)
-    got = next(restored)
-    for key in want:
-        np.testing.assert_array_equal(got[key], want[key])
-    for it in (it_w, restored):
-        it.close()
+    for w in want:
+        got = next(restored)
+        for key in w:
+            np.testing.assert_array_equal(got[key], w[key])
+    for iterator in (it, restored):
+        iterator.close()
 
 
 def test_packed_and_padded_batches_give_the_same_sequence_logps(tok):

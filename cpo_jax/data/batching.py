@@ -154,6 +154,7 @@ class BatchBuilder:
         if self.kind == UNPAIRED:
             batch["labels"] = np.zeros((p,), bool)
         cursor = np.zeros((rows,), np.int64)
+        segments = np.zeros((rows,), np.int32)
         for slot, example in enumerate(self.examples):
             batch["pair_mask"][slot] = True
             batch["index"][slot] = example["index"]
@@ -163,7 +164,8 @@ class BatchBuilder:
                 row = self.placements[slot][k] if cfg.pack else per_example * slot + offset
                 start = int(cursor[row])
                 end = start + len(ids)
-                segment = int(batch["segment_ids"][row].max()) + 1
+                segments[row] += 1
+                segment = int(segments[row])
                 batch["input_ids"][row, start:end] = ids
                 batch["positions"][row, start:end] = np.arange(len(ids))
                 batch["segment_ids"][row, start:end] = segment

@@ -1,9 +1,11 @@
-"""The grain pipeline: records -> host shard -> shuffle/repeat -> tokenise -> drop -> (workers) -> batch.
+"""The grain pipeline: records -> host shard -> shuffle/repeat -> tokenise -> drop -> batch (-> workers).
 
 ``build_dataset`` returns a ``grain.IterDataset`` of numpy batches (layout in
 :mod:`cpo_jax.data.batching`). Its iterator is checkpointable: ``it.get_state()`` after ``n`` batches,
 restored into a fresh iterator with ``it.set_state(state)``, yields batch ``n + 1`` bit for bit, with or
-without worker processes.
+without worker processes. With ``num_workers > 0`` each worker tokenises and batches its own slice of
+the shuffled stream (grain's ``mp_prefetch``), so the batches differ from the in-process ones but are just
+as deterministic: the same seed and worker count give the same batches, and resume is exact.
 
 Each host (``jax.process_index()`` of ``jax.process_count()``) reads a disjoint shard of the records,
 so the global batch is ``pairs_per_batch * process_count`` examples.
@@ -32,7 +34,9 @@ class PipelineConfig:
       shuffle: shuffle the records.
       num_epochs: passes over the data; None repeats forever.
       num_workers: grain worker processes for tokenisation (0: in the main process).
-      worker_buffer_size: examples each worker prefetches.
+      worker_buffer_size: batches each worker prefetches.
+      read_threads: grain read threads per process. Tokenisation is CPU-bound Python, so threads only
+        contend for the GIL: 0 measured fastest here (2,940 vs 1,590 pairs/s with grain's default 16).
       shard_index, shard_count: this host's shard; default ``jax.process_index()`` / ``process_count()``.
     """
 
@@ -41,7 +45,8 @@ class PipelineConfig:
     shuffle: bool = True
     num_epochs: int | None = 1
     num_workers: int = 0
-    worker_buffer_size: int = 64
+    worker_buffer_size: int = 4
+    read_threads: int = 0
     shard_index: int | None = None
     shard_count: int | None = None
 
@@ -135,12 +140,17 @@ def build_dataset(
     """The full pipeline; iterate it for numpy batches (see :mod:`cpo_jax.data.batching`)."""
     if batch.max_length < tokenize.max_length:
         raise ValueError(f"batch max_length {batch.max_length} is below tokenize max_length {tokenize.max_length}")
-    ds = tokenized_dataset(records, tokenizer, tokenize, pipeline, sources).filter(_kept).to_iter_dataset()
+    ds = tokenized_dataset(records, tokenizer, tokenize, pipeline, sources).filter(_kept)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=pipeline.read_threads,
+                                              prefetch_buffer_size=64 if pipeline.read_threads else 0))
+    ds = BatchIterDataset(ds, batch, pipeline.kind)
     if pipeline.num_workers:
+        # Each worker tokenises and batches its own slice of the examples; whole batches cross the
+        # process boundary (one transfer per batch, not per example), interleaved in a fixed order.
         _mark_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=pipeline.num_workers,
                                                          per_worker_buffer_size=pipeline.worker_buffer_size))
-    return BatchIterDataset(ds, batch, pipeline.kind)
+    return ds
 
 
 @dataclasses.dataclass

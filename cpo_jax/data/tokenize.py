@@ -100,9 +100,9 @@ class RecordTokenizer:
                                                            return_dict=False))
         return _ids(self.tokenizer(prompt)["input_ids"])
 
-    def sequence(self, prompt, completion, source: str) -> tuple[list[int], int]:
-        """``(ids of prompt + completion, prompt length)`` before truncation."""
-        prompt_ids = self.prompt_ids(prompt)
+    def sequence(self, prompt, completion, source: str, prompt_ids: list[int] | None = None) -> tuple[list[int], int]:
+        """``(ids of prompt + completion, prompt length)`` before truncation (``prompt_ids`` if precomputed)."""
+        prompt_ids = self.prompt_ids(prompt) if prompt_ids is None else prompt_ids
         if is_conversational(completion):
             full = _ids(self.tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=True,
                                                            return_dict=False))
@@ -157,8 +157,9 @@ class RecordTokenizer:
             return {"prompt": ids, "index": np.int64(index)}
         out: dict[str, Any] = {"index": np.int64(index)}
         names = ("chosen", "rejected") if kind == "preference" else ("completion",)
+        prompt_ids = self.prompt_ids(record["prompt"])
         for name in names:
-            ids, prompt_len = self.sequence(record["prompt"], record[name], source)
+            ids, prompt_len = self.sequence(record["prompt"], record[name], source, prompt_ids)
             fitted = self._fit(ids, prompt_len, source, name)
             if isinstance(fitted, Dropped):
                 return fitted
