@@ -5,7 +5,8 @@ from cpo_jax.parallel.sharding import (
     logical_sharding,
     logical_spec,
     make_mesh,
+    resolve_mesh_shape,
     param_shardings,
 )
 
-__all__ = ["DEFAULT_RULES", "logical_sharding", "logical_spec", "make_mesh", "param_shardings"]
+__all__ = ["DEFAULT_RULES", "logical_sharding", "logical_spec", "make_mesh", "param_shardings", "resolve_mesh_shape"]

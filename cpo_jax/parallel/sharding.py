@@ -33,14 +33,36 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "positions": None,
     "layers": None,
     "length": None,
+    "micro": None,
 }
 
 
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Replace one ``-1`` size by the devices left over; check the product."""
+    sizes = {name: int(size) for name, size in shape.items()}
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh {dict(shape)}: only one axis may be -1, got {free}")
+    fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+    if free:
+        if fixed <= 0 or num_devices % fixed:
+            raise ValueError(f"mesh {dict(shape)}: {num_devices} devices do not divide by the fixed axes ({fixed})")
+        sizes[free[0]] = num_devices // fixed
+    bad = {n: s for n, s in sizes.items() if s < 1}
+    if bad:
+        raise ValueError(f"mesh {dict(shape)}: axis sizes must be >= 1 or -1, got {bad}")
+    return sizes
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with named axes, e.g. ``make_mesh({"data": 2, "fsdp": 2, "tensor": 2})`` (Auto axis types)."""
+    """A mesh with named axes, e.g. ``make_mesh({"data": -1, "fsdp": 2, "tensor": 2})`` (Auto axis types).
+
+    One size may be ``-1``: the remaining devices.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(shape, len(devices))
     names = tuple(shape)
     sizes = tuple(int(shape[n]) for n in names)
-    devices = list(devices if devices is not None else jax.devices())
     needed = int(np.prod(sizes))
     if needed != len(devices):
         raise ValueError(f"mesh {dict(shape)} needs {needed} devices, {len(devices)} available")

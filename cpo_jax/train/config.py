@@ -1,0 +1,135 @@
+"""Training configuration: nested frozen dataclasses with strict dict loading (unknown keys are errors
+that name their dotted path, e.g. ``optim.lerning_rate``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The policy: an HF checkpoint directory, compute/param dtypes, remat and scan."""
+
+    path: str = ""
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    scan_layers: bool = False
+    attention_impl: str = "xla"
+    logprob_chunk_size: int = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Files, tokenisation limits and batching (see :mod:`cpo_jax.data`)."""
+
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    split: str | None = None
+    skip_invalid: bool = False
+    max_length: int = 512
+    max_prompt_length: int | None = None
+    truncation: str = "keep_start"
+    pairs_per_batch: int = 8
+    pack: bool = False
+    rows_per_batch: int | None = None
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The objective: a registered pairwise loss (with its hyperparameters), ``sft``, or ``reward``."""
+
+    objective: Literal["preference", "sft", "reward"] = "preference"
+    name: str = "sigmoid"
+    hparams: dict = dataclasses.field(default_factory=dict)
+    reference: Literal["separate", "precomputed", "none"] = "separate"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """optax optimiser, schedule, clipping and weight-decay mask."""
+
+    name: str = "adamw"
+    learning_rate: float = 5e-7
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    decay_norms_and_biases: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A whole run. ``mesh`` maps axis names to sizes (-1: the remaining devices)."""
+
+    output_dir: str = "runs/default"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
+    steps: int = 100
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0
+    eval_batches: int = 8
+    save_every: int = 50
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    max_nonfinite_steps: int = 5
+    peak_tflops_per_device: float | None = None
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    progress_bar: bool = True
+    export_hf: bool = True
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(annotation):
+        return from_dict(annotation, value, path)
+    origin = typing.get_origin(annotation)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            if dataclasses.is_dataclass(option) and isinstance(value, dict):
+                return from_dict(option, value, path)
+        if value is None or any(typing.get_origin(a) is tuple for a in typing.get_args(annotation)):
+            return tuple(value) if isinstance(value, list) else value
+    if origin is Literal and value not in typing.get_args(annotation):
+        raise ValueError(f"config key {path}={value!r}: expected one of {list(typing.get_args(annotation))}")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def from_dict(cls, data: dict | None, path: str = ""):
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise ``KeyError`` naming their path."""
+    data = dict(data or {})
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise KeyError(f"unknown config key(s) {[where + k for k in unknown]}; valid keys here: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """A JSON-serialisable nested dict of a config."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,133 @@
+"""What a train step optimises, as pure functions of (model, batch): preference, SFT and reward-model
+objectives over the batch layout of :mod:`cpo_jax.data.batching`.
+
+Chosen and rejected sequences are rows (or packed segments) of one batch, so they share one forward
+pass. Log-probs come from the final hidden states through the chunked, memory-lean
+:func:`cpo_jax.ops.chunked_token_logps` (no ``[R, L, V]`` logits), in float32.
+
+Each objective returns ``(sum of per-example losses over real examples, metrics)``; the step divides by
+the number of real examples in the whole (accumulated) batch, so gradient accumulation over
+micro-batches equals one large batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from cpo_jax import losses
+from cpo_jax.losses import reference_free
+from cpo_jax.ops.logprobs import chunked_token_logps
+
+Batch = dict[str, jax.Array]
+
+
+def reference_free_losses() -> frozenset[str]:
+    """Registered losses that take no reference log-probs (SimPO, ORPO, contrastive, SFT)."""
+    return frozenset(n for n in losses.names() if losses.get(n).__module__ == reference_free.__name__)
+
+
+@struct.dataclass
+class SequenceLogps:
+    """Per-slot sums over completion tokens: ``chosen``/``rejected`` ``[P]`` log-probs and lengths."""
+
+    chosen: jax.Array
+    rejected: jax.Array
+    chosen_lengths: jax.Array
+    rejected_lengths: jax.Array
+
+
+def token_logps_from_batch(model, batch: Batch, *, chunk_size: int = 1024) -> jax.Array:
+    """``[R, L]`` float32 log-prob of ``targets`` at every position (0 where there is no target)."""
+    segments = batch["segment_ids"]
+    hidden = model.hidden_states(batch["input_ids"], attention_mask=segments > 0, positions=batch["positions"],
+                                 segment_ids=segments)
+    return chunked_token_logps(hidden, model.unembedding(), batch["targets"], chunk_size=chunk_size,
+                               logit_softcap=model.logit_softcap)
+
+
+def sequence_sums(values: jax.Array, batch: Batch, num_sequences: int) -> jax.Array:
+    """Sum ``values * loss_mask`` ``[R, L]`` per sequence slot -> ``[num_sequences]``."""
+    ids = batch["sequence_ids"]
+    weighted = (values * batch["loss_mask"]).ravel()
+    safe_ids = jnp.where(ids >= 0, ids, num_sequences).ravel()
+    return jax.ops.segment_sum(weighted, safe_ids, num_segments=num_sequences + 1)[:num_sequences]
+
+
+def pair_logps(token_logps: jax.Array, batch: Batch) -> SequenceLogps:
+    """Chosen/rejected summed log-probs and completion lengths ``[P]`` from token log-probs."""
+    p = batch["pair_mask"].shape[-1]
+    sums = sequence_sums(token_logps, batch, 2 * p).reshape(p, 2)
+    lengths = sequence_sums(jnp.ones_like(token_logps), batch, 2 * p).reshape(p, 2)
+    return SequenceLogps(sums[:, 0], sums[:, 1], lengths[:, 0], lengths[:, 1])
+
+
+def preference_objective(
+    model,
+    batch: Batch,
+    reference: SequenceLogps | None,
+    *,
+    loss_name: str,
+    hparams: dict[str, Any],
+    chunk_size: int = 1024,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Sum over real pairs of ``losses.get(loss_name)``, and the TRL/paper metrics (batch means)."""
+    policy = pair_logps(token_logps_from_batch(model, batch, chunk_size=chunk_size), batch)
+    mask = batch["pair_mask"].astype(jnp.float32)
+    # Padding slots have zero lengths and sums; give them length 1 so normalised losses stay finite.
+    nc = jnp.maximum(policy.chosen_lengths, 1.0)
+    nr = jnp.maximum(policy.rejected_lengths, 1.0)
+    rc = None if reference is None else reference.chosen
+    rr = None if reference is None else reference.rejected
+    per_pair = losses.get(loss_name)(policy.chosen, policy.rejected, rc, rr, chosen_lengths=nc,
+                                     rejected_lengths=nr, **hparams)
+    metrics = losses.preference_metrics(policy.chosen, policy.rejected, rc, rr, beta=hparams.get("beta", 0.1),
+                                        chosen_lengths=nc, rejected_lengths=nr, gamma=hparams.get("gamma"),
+                                        mask=mask)
+    return jnp.sum(jnp.where(mask > 0, per_pair, 0.0)), metrics
+
+
+def sft_objective(model, batch: Batch, *, chunk_size: int = 1024) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Negative log-likelihood of the chosen completions, summed over pairs (per-pair token means)."""
+    policy = pair_logps(token_logps_from_batch(model, batch, chunk_size=chunk_size), batch)
+    mask = batch["pair_mask"].astype(jnp.float32)
+    nll = -policy.chosen / jnp.maximum(policy.chosen_lengths, 1.0)
+    total = jnp.sum(nll * mask)
+    return total, {"nll": total / jnp.maximum(mask.sum(), 1.0)}
+
+
+def last_completion_positions(batch: Batch, num_sequences: int) -> jax.Array:
+    """Flat ``[num_sequences]`` index into ``[R * L]`` of each sequence's last scored position."""
+    ids = batch["sequence_ids"].ravel()
+    flat = jnp.arange(ids.shape[0])
+    scored = (batch["loss_mask"].ravel() > 0) & (ids >= 0)
+    safe_ids = jnp.where(scored, ids, num_sequences)
+    last = jax.ops.segment_max(jnp.where(scored, flat, -1), safe_ids, num_segments=num_sequences + 1)
+    return jnp.maximum(last[:num_sequences], 0)
+
+
+def reward_objective(model, head: jax.Array, batch: Batch, *, margin: float = 0.0,
+                     center_rewards_coefficient: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Bradley-Terry loss of a scalar head ``[D]`` on the backbone's hidden state at the last scored
+    position of each sequence (the token that predicts EOS), summed over real pairs."""
+    segments = batch["segment_ids"]
+    hidden = model.hidden_states(batch["input_ids"], attention_mask=segments > 0, positions=batch["positions"],
+                                 segment_ids=segments)
+    p = batch["pair_mask"].shape[-1]
+    positions = last_completion_positions(batch, 2 * p)
+    h = hidden.reshape(-1, hidden.shape[-1])[positions].astype(jnp.float32)
+    rewards = (h @ head.astype(jnp.float32)).reshape(p, 2)
+    mask = batch["pair_mask"].astype(jnp.float32)
+    per_pair = losses.bradley_terry_loss(rewards[:, 0], rewards[:, 1], margin=margin,
+                                         center_rewards_coefficient=center_rewards_coefficient)
+    count = jnp.maximum(mask.sum(), 1.0)
+    metrics = {
+        "rewards/chosen": jnp.sum(rewards[:, 0] * mask) / count,
+        "rewards/rejected": jnp.sum(rewards[:, 1] * mask) / count,
+        "rewards/accuracies": jnp.sum((rewards[:, 0] > rewards[:, 1]) * mask) / count,
+        "rewards/margins": jnp.sum((rewards[:, 0] - rewards[:, 1]) * mask) / count,
+    }
+    return jnp.sum(per_pair * mask), metrics

@@ -1,0 +1,78 @@
+"""``reference="precomputed"``: one pass of the frozen reference over the training set, cached on disk.
+
+The cache key hashes the validated records, the tokenisation settings, the tokenizer (vocabulary size,
+chat template, special ids) and the reference checkpoint (``config.json`` and every safetensors file,
+streamed), so any change to data or model computes a new cache. Files are written atomically
+(``.tmp`` + rename). Training then holds no reference weights: each batch gets ``ref_chosen`` /
+``ref_rejected`` looked up by example index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, build_dataset
+from cpo_jax.train.objectives import pair_logps, token_logps_from_batch
+
+
+def _hash_file(h, path: Path, chunk: int = 1 << 24) -> None:
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+
+
+def cache_key(records, tokenizer, tokenize: TokenizeConfig, model_path: str | os.PathLike) -> str:
+    """sha256 over data, tokenisation and reference weights."""
+    h = hashlib.sha256()
+    h.update(json.dumps(list(records), sort_keys=True, ensure_ascii=False).encode())
+    h.update(json.dumps(dataclasses.asdict(tokenize), sort_keys=True).encode())
+    h.update(json.dumps([len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
+                         getattr(tokenizer, "chat_template", None)], sort_keys=True, default=str).encode())
+    model_path = Path(model_path)
+    for file in sorted([model_path / "config.json", *model_path.glob("*.safetensors")]):
+        h.update(file.name.encode())
+        _hash_file(h, file)
+    return h.hexdigest()
+
+
+def compute_reference_logps(model, records, sources, tokenizer, tokenize: TokenizeConfig, batch: BatchConfig,
+                            *, chunk_size: int = 1024) -> np.ndarray:
+    """``[N, 2]`` float32 summed completion log-probs (chosen, rejected) per record; NaN where dropped."""
+    out = np.full((len(records), 2), np.nan, np.float32)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, b):
+        m = nnx.merge(graphdef, state)
+        logps = pair_logps(token_logps_from_batch(m, b, chunk_size=chunk_size), b)
+        return logps.chosen, logps.rejected
+
+    one_pass = PipelineConfig(kind="preference", shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
+    for b in build_dataset(records, tokenizer, tokenize, batch, one_pass, sources=sources):
+        chosen, rejected = forward(state, {k: v for k, v in b.items() if k != "index"})
+        filled = b["pair_mask"]
+        out[b["index"][filled], 0] = np.asarray(chosen)[filled]
+        out[b["index"][filled], 1] = np.asarray(rejected)[filled]
+    return out
+
+
+def load_or_compute(cache_dir: str | os.PathLike, key: str, compute) -> np.ndarray:
+    """The cached ``[N, 2]`` array for ``key``, computing and atomically writing it on a miss."""
+    path = Path(cache_dir) / f"{key}.npy"
+    if path.is_file():
+        return np.load(path)
+    values = compute()
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, values)
+        os.replace(tmp, path)
+    return values

@@ -1,0 +1,148 @@
+"""The train state and the pure, jitted train/eval steps.
+
+One step takes a batch with a leading micro-batch axis ``[M, ...]`` (gradient accumulation), runs the
+policy (and, for ``reference="separate"``, the frozen reference) on every micro-batch inside one
+``lax.scan``, sums gradients of ``sum(per-example loss) / (real examples in the whole step)`` so that
+accumulation equals one big batch, clips, and applies the optax update. A non-finite loss or gradient
+turns the whole update into NaN, which ``optax.apply_if_finite`` skips and counts.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from cpo_jax.train.config import TrainConfig
+from cpo_jax.train.objectives import (
+    SequenceLogps,
+    pair_logps,
+    preference_objective,
+    reward_objective,
+    sft_objective,
+    token_logps_from_batch,
+)
+
+Batch = dict[str, jax.Array]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a checkpoint must hold to continue bit for bit (besides the data-iterator state).
+
+    Attributes:
+      step: int32 scalar, updates applied so far (skipped non-finite steps included).
+      params: ``{"model": nnx.State}`` (+ ``"head": [D]`` for a reward model).
+      opt_state: the optax state (with ``apply_if_finite``'s counters).
+      rng: ``[2]`` uint32 key data.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state (call under ``jax.jit`` with out_shardings to place the optimiser state)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
+    """``(consecutive, total)`` skipped non-finite steps from ``apply_if_finite``'s state."""
+    return opt_state.notfinite_count, opt_state.total_notfinite
+
+
+def _reference_logps(cfg: TrainConfig, graphdef, ref_params, mb: Batch) -> SequenceLogps | None:
+    mode = cfg.loss.reference
+    if mode == "none" or cfg.loss.objective != "preference":
+        return None
+    if mode == "precomputed":
+        return SequenceLogps(mb["ref_chosen"], mb["ref_rejected"], None, None)
+    ref_model = nnx.merge(graphdef, ref_params["model"])
+    ref = pair_logps(token_logps_from_batch(ref_model, mb, chunk_size=cfg.model.logprob_chunk_size), mb)
+    return jax.tree.map(jax.lax.stop_gradient, ref)
+
+
+def objective_sum(cfg: TrainConfig, graphdef, params, mb: Batch, reference) -> tuple[jax.Array, dict]:
+    """Sum over real examples of the configured objective, and its metrics (batch means)."""
+    model = nnx.merge(graphdef, params["model"])
+    chunk = cfg.model.logprob_chunk_size
+    if cfg.loss.objective == "preference":
+        return preference_objective(model, mb, reference, loss_name=cfg.loss.name, hparams=dict(cfg.loss.hparams),
+                                    chunk_size=chunk)
+    if cfg.loss.objective == "sft":
+        return sft_objective(model, mb, chunk_size=chunk)
+    if cfg.loss.objective == "reward":
+        return reward_objective(model, params["head"], mb, **dict(cfg.loss.hparams))
+    raise ValueError(f"loss.objective={cfg.loss.objective!r}: expected 'preference', 'sft' or 'reward'")
+
+
+def _micro_batches(batch: Batch) -> Batch:
+    return {k: v for k, v in batch.items() if k != "index"}
+
+
+def train_step(state: TrainState, batch: Batch, ref_params, *, cfg: TrainConfig, graphdef,
+               optimizer: optax.GradientTransformation, schedule: Callable) -> tuple[TrainState, dict]:
+    """One optimiser update from ``batch`` (leading axis: micro-batches). Returns ``(state, metrics)``."""
+    batch = _micro_batches(batch)
+    total = jnp.maximum(jnp.sum(batch["pair_mask"]), 1).astype(jnp.float32)
+
+    def micro_loss(params, mb):
+        reference = _reference_logps(cfg, graphdef, ref_params, mb)
+        loss_sum, metrics = objective_sum(cfg, graphdef, params, mb, reference)
+        return loss_sum / total, metrics
+
+    def body(carry, mb):
+        grads_acc, loss_acc, metrics_acc = carry
+        (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, mb)
+        weight = jnp.sum(mb["pair_mask"]) / total
+        metrics_acc = jax.tree.map(lambda a, m: a + weight * m, metrics_acc, metrics)
+        return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss, metrics_acc), None
+
+    first = jax.tree.map(lambda x: x[0], batch)
+    metric_shapes = jax.eval_shape(lambda p: micro_loss(p, first)[1], state.params)
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+    (grads, loss, metrics), _ = jax.lax.scan(body, zeros, batch)
+
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    consecutive, total_skipped = nonfinite_counts(opt_state)
+    metrics = {
+        **metrics,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(state.step),
+        "finite": finite,
+        "nonfinite/consecutive": consecutive,
+        "nonfinite/total": total_skipped,
+        "tokens": jnp.sum(batch["segment_ids"] > 0),
+        "pairs": jnp.sum(batch["pair_mask"]),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
+
+
+def eval_step(params, batch: Batch, ref_params, *, cfg: TrainConfig, graphdef) -> dict:
+    """Loss and metrics of one micro-batch without gradients (for periodic evaluation)."""
+    batch = _micro_batches(batch)
+    total = jnp.maximum(jnp.sum(batch["pair_mask"]), 1).astype(jnp.float32)
+    reference = _reference_logps(cfg, graphdef, ref_params, batch)
+    loss_sum, metrics = objective_sum(cfg, graphdef, params, batch, reference)
+    return {**metrics, "loss": loss_sum / total, "pairs": jnp.sum(batch["pair_mask"])}
+
+
+def jit_train_step(cfg: TrainConfig, graphdef, optimizer, schedule, state_shardings, batch_shardings, ref_shardings):
+    """``jax.jit`` of :func:`train_step` with explicit in/out shardings and the state donated."""
+    fn = functools.partial(train_step, cfg=cfg, graphdef=graphdef, optimizer=optimizer, schedule=schedule)
+    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings, ref_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))

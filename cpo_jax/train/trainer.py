@@ -1,0 +1,283 @@
+"""The training loop: mesh -> model(s) -> data -> jitted steps -> metrics / evaluation / checkpoints.
+
+``Trainer(cfg).run()`` resumes from the latest checkpoint in ``cfg.output_dir`` when there is one (same
+command, same directory), trains to ``cfg.steps``, and exports the policy as an HF directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, build_dataset, load_records
+from cpo_jax.models import from_pretrained, save_pretrained
+from cpo_jax.parallel.sharding import logical_spec, make_mesh
+from cpo_jax.train import flops as flops_lib
+from cpo_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from cpo_jax.train.config import TrainConfig, to_dict
+from cpo_jax.train.metrics_writer import MetricsWriter
+from cpo_jax.train.objectives import reference_free_losses
+from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
+from cpo_jax.train.reference_cache import cache_key, compute_reference_logps, load_or_compute
+from cpo_jax.train.step import eval_step, init_state, jit_train_step
+
+log = logging.getLogger(__name__)
+
+_ROW_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "sequence_ids")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the message says what was non-finite and where."""
+
+
+def stack_micro_batches(batches: list[dict], pad_id: int) -> dict[str, np.ndarray]:
+    """Stack micro-batches on a new leading axis, padding row length to the longest (bucketed) one."""
+    length = max(b["input_ids"].shape[1] for b in batches)
+    out = {}
+    for key in batches[0]:
+        arrays = []
+        for b in batches:
+            x = b[key]
+            if key in _ROW_KEYS and x.shape[1] < length:
+                fill = pad_id if key in ("input_ids", "targets") else (-1 if key == "sequence_ids" else 0)
+                x = np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=fill)
+            arrays.append(x)
+        out[key] = np.stack(arrays)
+    return out
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a run did: the logged records (this invocation) and where it stopped."""
+
+    history: list[dict]
+    start_step: int
+    final_step: int
+    output_dir: Path
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig`; ``run()`` trains."""
+
+    def __init__(self, cfg: TrainConfig, *, tokenizer=None, devices=None):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.mesh = make_mesh(cfg.mesh, devices)
+        self._validate()
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        self.tokenizer = tokenizer
+        model_kw = dict(dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype),
+                        mesh=self.mesh, scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
+                        attention_impl=cfg.model.attention_impl)
+        policy = from_pretrained(cfg.model.path, **model_kw)
+        self.model_config = policy.config
+        self.graphdef, model_state = nnx.split(policy)
+        self.params = {"model": model_state}
+        if cfg.loss.objective == "reward":
+            head_sharding = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            self.params["head"] = jax.device_put(jnp.zeros((policy.config.hidden_size,), jnp.float32), head_sharding)
+        self.ref_params = None
+        if cfg.loss.objective == "preference" and cfg.loss.reference == "separate":
+            self.ref_params = {"model": nnx.split(from_pretrained(cfg.model.path, **model_kw))[1]}
+        self.num_params = sum(x.size for x in jax.tree.leaves(model_state))
+
+        self.tokenize_cfg = TokenizeConfig(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                                           truncation=cfg.data.truncation, vocab_size=policy.config.vocab_size)
+        self.batch_cfg = BatchConfig(pairs_per_batch=cfg.data.pairs_per_batch, max_length=cfg.data.max_length,
+                                     pack=cfg.data.pack, rows_per_batch=cfg.data.rows_per_batch,
+                                     pad_id=tokenizer.pad_token_id or 0)
+        self.train_set = load_records(list(cfg.data.train_files), "preference", skip_invalid=cfg.data.skip_invalid,
+                                      split=cfg.data.split)
+        self.eval_set = (load_records(list(cfg.data.eval_files), "preference", skip_invalid=cfg.data.skip_invalid,
+                                      split=cfg.data.split) if cfg.data.eval_files else None)
+        self._check_lengths(self.train_set, "data.train_files")
+        self.reference_table = None
+        if cfg.loss.objective == "preference" and cfg.loss.reference == "precomputed":
+            self.reference_table = self._precompute(policy, self.train_set)
+            self.eval_reference_table = self._precompute(policy, self.eval_set) if self.eval_set else None
+
+        self.schedule = learning_rate_schedule(cfg.optim, cfg.steps)
+        self.optimizer = make_optimizer(cfg.optim, cfg.steps)
+        self.state = jax.jit(lambda p: init_state(p, self.optimizer, cfg.seed))(self.params)
+        self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=cfg.keep_checkpoints,
+                                         async_save=cfg.async_checkpoints)
+
+    # ----------------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        cfg = self.cfg
+        if not cfg.model.path:
+            raise ValueError("config key model.path is empty: give an HF checkpoint directory")
+        if not cfg.data.train_files:
+            raise ValueError("config key data.train_files is empty")
+        if cfg.grad_accum < 1:
+            raise ValueError(f"config key grad_accum={cfg.grad_accum}: must be >= 1")
+        if cfg.loss.objective == "preference":
+            from cpo_jax import losses
+
+            losses.get(cfg.loss.name)  # unknown names list what exists
+            allowed = set(losses.hyperparameters(cfg.loss.name))
+            unknown = sorted(set(cfg.loss.hparams) - allowed)
+            if unknown:
+                raise KeyError(f"config key loss.hparams has {unknown}, not hyperparameters of loss "
+                               f"{cfg.loss.name!r}: {sorted(allowed)}")
+            free = cfg.loss.name in reference_free_losses()
+            if cfg.loss.reference == "none" and not free:
+                raise ValueError(f"loss.reference='none' but loss {cfg.loss.name!r} needs reference log-probs")
+
+    def _check_lengths(self, records, key: str, sample: int = 2000) -> None:
+        """Tokenise up to ``sample`` records: fail if the length policy drops all of them, warn on drops."""
+        from cpo_jax.data import audit
+
+        subset = records.records[:sample]
+        report = audit(subset, self.tokenizer, self.tokenize_cfg, PipelineConfig(shard_index=0, shard_count=1),
+                       sources=records.sources[:sample])
+        if report.kept == 0:
+            raise ValueError(f"{key}: all {report.examples} checked pairs are dropped by the length policy "
+                             f"({dict(report.dropped)}); raise data.max_length (now {self.cfg.data.max_length}) "
+                             f"or data.max_prompt_length (now {self.tokenize_cfg.prompt_limit})")
+        if report.dropped:
+            log.warning("%s: %d of the first %d pairs are dropped by the length policy (%s)", key,
+                        sum(report.dropped.values()), report.examples, dict(report.dropped))
+
+    def _precompute(self, policy, records):
+        key = cache_key(records.records, self.tokenizer, self.tokenize_cfg, self.cfg.model.path)
+        return load_or_compute(self.output_dir / "reference_cache", key, lambda: compute_reference_logps(
+            policy, records.records, records.sources, self.tokenizer, self.tokenize_cfg, self.batch_cfg,
+            chunk_size=self.cfg.model.logprob_chunk_size))
+
+    def _pipeline(self, records, *, train: bool):
+        cfg = self.cfg
+        pipe = PipelineConfig(kind="preference", seed=cfg.data.seed, shuffle=train, num_epochs=None if train else 1,
+                              num_workers=cfg.data.num_workers if train else 0)
+        return build_dataset(records.records, self.tokenizer, self.tokenize_cfg, self.batch_cfg, pipe,
+                             sources=records.sources)
+
+    def _with_reference(self, batch: dict, table) -> dict:
+        if table is None:
+            return batch
+        idx = np.maximum(batch["index"], 0)
+        batch = dict(batch)
+        batch["ref_chosen"] = np.where(batch["pair_mask"], table[idx, 0], 0.0).astype(np.float32)
+        batch["ref_rejected"] = np.where(batch["pair_mask"], table[idx, 1], 0.0).astype(np.float32)
+        return batch
+
+    def _global(self, batch: dict) -> dict:
+        """Process-local numpy micro-batches ``[M, ...]`` -> global arrays sharded over the batch axes."""
+        out = {}
+        for key, local in batch.items():
+            names = ("micro", "batch", "length")[: local.ndim]
+            global_shape = (local.shape[0], local.shape[1] * jax.process_count(), *local.shape[2:])
+            spec = logical_spec(names, global_shape, self.mesh)
+            out[key] = jax.make_array_from_process_local_data(NamedSharding(self.mesh, spec), local, global_shape)
+        return out
+
+    def _shardings_of(self, batch: dict) -> dict:
+        return {k: v.sharding for k, v in batch.items()}
+
+    # ----------------------------------------------------------------------------------------------
+    def evaluate(self, params) -> dict:
+        """Mean metrics over up to ``eval_batches`` batches of the held-out split (weighted by pairs)."""
+        if self.eval_set is None:
+            return {}
+        fn = jax.jit(lambda p, b, r: eval_step(p, b, r, cfg=self.cfg, graphdef=self.graphdef))
+        sums: dict[str, float] = {}
+        pairs = 0.0
+        for i, batch in enumerate(self._pipeline(self.eval_set, train=False)):
+            if i >= self.cfg.eval_batches:
+                break
+            batch = self._with_reference(batch, self.eval_reference_table if self.reference_table is not None
+                                         else None)
+            g = {k: v[0] for k, v in self._global(stack_micro_batches([batch], self.batch_cfg.pad_id)).items()}
+            metrics = jax.device_get(fn(params, g, self.ref_params))
+            n = float(metrics.pop("pairs"))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            pairs += n
+        return {k: v / max(pairs, 1.0) for k, v in sums.items()}
+
+    def run(self) -> RunResult:
+        """Train from the latest checkpoint (or from scratch) to ``cfg.steps``; returns what was logged."""
+        cfg = self.cfg
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+        data = iter(self._pipeline(self.train_set, train=True))
+        start = self.checkpointer.latest_step() or 0
+        if start:
+            abstract = abstract_with_shardings(self.state, self.state_shardings)
+            self.state, data_state, _ = self.checkpointer.restore(start, abstract)
+            data.set_state(data_state)
+            log.info("resumed from step %d in %s", start, self.output_dir)
+        writer = MetricsWriter(self.output_dir, total_steps=cfg.steps, start_step=start, tensorboard=cfg.tensorboard,
+                               wandb_project=cfg.wandb_project, progress_bar=cfg.progress_bar, config=to_dict(cfg))
+        peak = cfg.peak_tflops_per_device or flops_lib.peak_tflops(jax.devices()[0].device_kind)
+        step_fn = None
+        history = []
+        step = start
+        try:
+            while step < cfg.steps:
+                micro = [self._with_reference(next(data), self.reference_table) for _ in range(cfg.grad_accum)]
+                batch = self._global(stack_micro_batches(micro, self.batch_cfg.pad_id))
+                if step_fn is None:
+                    step_fn = jit_train_step(cfg, self.graphdef, self.optimizer, self.schedule, self.state_shardings,
+                                             self._shardings_of(batch),
+                                             None if self.ref_params is None else jax.tree.map(
+                                                 lambda x: x.sharding, self.ref_params))
+                t0 = time.perf_counter()
+                self.state, metrics = step_fn(self.state, batch, self.ref_params)
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - t0
+                step += 1
+                if metrics["nonfinite/consecutive"] >= cfg.max_nonfinite_steps:
+                    raise TrainingDiverged(self._diagnosis(step, metrics, micro))
+                tokens = int(metrics["tokens"])
+                row_length = batch["input_ids"].shape[-1]
+                step_flops = flops_lib.step_flops(self.model_config, self.num_params, tokens, row_length,
+                                                  reference_forward=self.ref_params is not None)
+                metrics.update(step_time=elapsed, tokens_per_sec=tokens / elapsed,
+                               tflops_per_sec=step_flops / elapsed / 1e12)
+                if peak:
+                    metrics["mfu"] = step_flops / elapsed / (peak * 1e12 * jax.device_count())
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    history.append(writer.write(step, metrics))
+                writer.advance(step, float(metrics["loss"]))
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    writer.write(step, self.evaluate(self.state.params), prefix="eval/")
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    self.checkpointer.save(step, self.state, data.get_state(), to_dict(cfg))
+            self.checkpointer.wait()
+            if cfg.export_hf and cfg.loss.objective != "reward":
+                self.export(self.output_dir / "hf")
+        finally:
+            writer.close()
+            self.checkpointer.wait()
+            if hasattr(data, "close"):
+                data.close()
+        return RunResult(history=history, start_step=start, final_step=step, output_dir=self.output_dir)
+
+    def _diagnosis(self, step: int, metrics: dict, micro: list[dict]) -> str:
+        indexes = sorted(int(i) for b in micro for i in b["index"] if i >= 0)
+        return (f"{int(metrics['nonfinite/consecutive'])} consecutive non-finite steps (limit "
+                f"{self.cfg.max_nonfinite_steps}) ending at step {step}: loss={metrics['loss']}, "
+                f"grad_norm={metrics['grad_norm']}, learning_rate={metrics['learning_rate']:.3g}. Updates were "
+                f"skipped, so the parameters and checkpoints are still finite. Last batch held dataset indexes "
+                f"{indexes[:16]}. Usual causes: a learning rate too high, float16/bf16 overflow, or an extreme loss "
+                f"hyperparameter.")
+
+    def export(self, path) -> Path:
+        """Write the current policy as an HF directory (with the tokenizer)."""
+        model = nnx.merge(self.graphdef, self.state.params["model"])
+        return save_pretrained(model, path, tokenizer=self.tokenizer)
