@@ -34,9 +34,12 @@ test-all: $(STAMP) $(SMOLLM2)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 bench: $(STAMP) $(SMOLLM2)
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) tools/bench_logprobs.py
 	$(PY) tools/bench_models.py
 	$(PY) tools/bench_data.py
+	$(PY) tools/bench_train_step.py
+	$(PY) tools/bench_train_step.py --model smollm2 --pairs 2 --max-length 128 --steps 3
 
 # The trainer, its CLI and the embedded default run are not built yet (issues 5 and 6).
 train: $(STAMP)

@@ -1,5 +1,6 @@
 """Device meshes and logical-axis sharding rules."""
 
+from cpo_jax.parallel.distributed import initialize
 from cpo_jax.parallel.sharding import (
     DEFAULT_RULES,
     logical_sharding,
@@ -9,4 +10,4 @@ from cpo_jax.parallel.sharding import (
     param_shardings,
 )
 
-__all__ = ["DEFAULT_RULES", "logical_sharding", "logical_spec", "make_mesh", "param_shardings", "resolve_mesh_shape"]
+__all__ = ["DEFAULT_RULES", "initialize", "logical_sharding", "logical_spec", "make_mesh", "param_shardings", "resolve_mesh_shape"]

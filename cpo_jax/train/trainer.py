@@ -177,7 +177,10 @@ class Trainer:
     def _global(self, batch: dict) -> dict:
         """Process-local numpy micro-batches ``[M, ...]`` -> global arrays sharded over the batch axes."""
         out = {}
+        pairs = batch["pair_mask"].shape[-1]
         for key, local in batch.items():
+            if key == "sequence_ids":  # local slots -> global slots (process p holds pairs [p*P, (p+1)*P))
+                local = np.where(local >= 0, local + jax.process_index() * 2 * pairs, local)
             names = ("micro", "batch", "length")[: local.ndim]
             global_shape = (local.shape[0], local.shape[1] * jax.process_count(), *local.shape[2:])
             spec = logical_spec(names, global_shape, self.mesh)
