@@ -221,7 +221,11 @@ def chunked_token_logps(
         raise ValueError(f"unembedding must be [D, V] with D={dim}; got shape {unembedding.shape}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    chunk_size = min(chunk_size, batch * length)
+    if batch * length <= chunk_size:
+        # One chunk holds everything: chunking saves no memory, and plain autodiff skips the
+        # backward's recomputation of the logits (one [N, D] x [D, V] matmul fewer).
+        logits = jnp.dot(hidden, unembedding, preferred_element_type=jnp.float32)
+        return token_logps(logits, targets, temperature=temperature, logit_softcap=logit_softcap)
     flat = _flat_chunked_logps(
         hidden.reshape(batch * length, dim),
         unembedding,
