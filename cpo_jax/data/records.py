@@ -95,11 +95,16 @@ def _hf_dataset_rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]
 
 
 def raw_rows(path: str | os.PathLike, *, split: str | None = None) -> Iterator[tuple[str, Any]]:
-    """``(source, row)`` for every row of a JSONL/Parquet file or a saved ``datasets`` directory.
+    """``(source, row)`` for every row of a JSONL/Parquet file, a saved ``datasets`` directory, or a
+    ``bundled:<name>`` source (:mod:`cpo_jax.data.sources`).
 
     A row that cannot be decoded is yielded as a :class:`DataError` (not raised), so that the caller
     decides whether to skip it.
     """
+    from cpo_jax.data.sources import bundled_rows, is_bundled
+
+    if is_bundled(path):
+        return iter(bundled_rows(path))
     path = Path(path)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():

@@ -92,6 +92,8 @@ class TrainConfig:
     wandb_project: str | None = None
     progress_bar: bool = True
     export_hf: bool = True
+    eval_generation_prompts: str | None = None
+    eval_generation_tokens: int = 24
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -114,6 +116,9 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
         raise ValueError(f"config key {path}={value!r}: expected one of {list(typing.get_args(annotation))}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    expected = {int: int, float: float, bool: bool, str: str, dict: dict}.get(annotation)
+    if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+        raise TypeError(f"config key {path}={value!r} is a {type(value).__name__}; expected {expected.__name__}")
     return value
 
 

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, build_dataset, load_records
+from cpo_jax.hf.resolve import resolve_model_path
 from cpo_jax.models import from_pretrained, save_pretrained
 from cpo_jax.parallel.sharding import logical_spec, make_mesh
 from cpo_jax.train import flops as flops_lib
@@ -73,15 +74,16 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.mesh = make_mesh(cfg.mesh, devices)
         self._validate()
+        self.model_path = resolve_model_path(cfg.model.path)
         if tokenizer is None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+            tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.tokenizer = tokenizer
         model_kw = dict(dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype),
                         mesh=self.mesh, scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
                         attention_impl=cfg.model.attention_impl)
-        policy = from_pretrained(cfg.model.path, **model_kw)
+        policy = from_pretrained(self.model_path, **model_kw)
         self.model_config = policy.config
         self.graphdef, model_state = nnx.split(policy)
         self.params = {"model": model_state}
@@ -90,7 +92,7 @@ class Trainer:
             self.params["head"] = jax.device_put(jnp.zeros((policy.config.hidden_size,), jnp.float32), head_sharding)
         self.ref_params = None
         if cfg.loss.objective == "preference" and cfg.loss.reference == "separate":
-            self.ref_params = {"model": nnx.split(from_pretrained(cfg.model.path, **model_kw))[1]}
+            self.ref_params = {"model": nnx.split(from_pretrained(self.model_path, **model_kw))[1]}
         self.num_params = sum(x.size for x in jax.tree.leaves(model_state))
 
         self.tokenize_cfg = TokenizeConfig(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
@@ -153,7 +155,7 @@ class Trainer:
                         sum(report.dropped.values()), report.examples, dict(report.dropped))
 
     def _precompute(self, policy, records):
-        key = cache_key(records.records, self.tokenizer, self.tokenize_cfg, self.cfg.model.path)
+        key = cache_key(records.records, self.tokenizer, self.tokenize_cfg, self.model_path)
         return load_or_compute(self.output_dir / "reference_cache", key, lambda: compute_reference_logps(
             policy, records.records, records.sources, self.tokenizer, self.tokenize_cfg, self.batch_cfg,
             chunk_size=self.cfg.model.logprob_chunk_size))
@@ -218,10 +220,8 @@ class Trainer:
         if jax.process_index() == 0:
             (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
         data = iter(self._pipeline(self.train_set, train=True))
-        start = self.checkpointer.latest_step() or 0
+        start, data_state = self.restore_latest()
         if start:
-            abstract = abstract_with_shardings(self.state, self.state_shardings)
-            self.state, data_state, _ = self.checkpointer.restore(start, abstract)
             data.set_state(data_state)
             log.info("resumed from step %d in %s", start, self.output_dir)
         writer = MetricsWriter(self.output_dir, total_steps=cfg.steps, start_step=start, tensorboard=cfg.tensorboard,
@@ -270,6 +270,19 @@ class Trainer:
             if hasattr(data, "close"):
                 data.close()
         return RunResult(history=history, start_step=start, final_step=step, output_dir=self.output_dir)
+
+    def restore_latest(self) -> tuple[int, dict | None]:
+        """Load the newest checkpoint of ``output_dir`` into ``self.state``; ``(step, data state)`` or ``(0, None)``."""
+        step = self.checkpointer.latest_step()
+        if not step:
+            return 0, None
+        abstract = abstract_with_shardings(self.state, self.state_shardings)
+        self.state, data_state, _ = self.checkpointer.restore(step, abstract)
+        return step, data_state
+
+    def policy(self):
+        """The current policy as an NNX model."""
+        return nnx.merge(self.graphdef, self.state.params["model"])
 
     def _diagnosis(self, step: int, metrics: dict, micro: list[dict]) -> str:
         indexes = sorted(int(i) for b in micro for i in b["index"] if i >= 0)

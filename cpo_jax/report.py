@@ -1,0 +1,90 @@
+"""Run reports: generation accuracy on the verifiable task, before/after tables, training-curve plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+#: Metrics shown in before/after tables, in order.
+SUMMARY_KEYS = (
+    "loss",
+    "rewards/accuracies",
+    "diagnostics/abs_accuracy",
+    "diagnostics/abs_accuracy_norm",
+    "diagnostics/frac_ref_prefers_rejected",
+    "diagnostics/frac_in_U",
+    "diagnostics/frac_in_U_norm",
+    "generation/accuracy",
+)
+
+
+def generation_accuracy(model, tokenizer, prompts_path: str, *, max_new_tokens: int = 24, batch: int = 16,
+                        max_prompt_length: int = 256) -> dict[str, float]:
+    """Greedy answers to prompt-only arithmetic records, scored by :func:`cpo_jax.data.score_arithmetic`."""
+    import jax.numpy as jnp
+
+    from cpo_jax.data import (
+        BatchConfig,
+        PipelineConfig,
+        TokenizeConfig,
+        build_dataset,
+        load_records,
+        score_arithmetic,
+    )
+    from cpo_jax.models.generate import generate
+
+    records = load_records(prompts_path, "prompt_only")
+    tok_cfg = TokenizeConfig(max_length=max_prompt_length * 2, max_prompt_length=max_prompt_length)
+    batch_cfg = BatchConfig(pairs_per_batch=batch, max_length=max_prompt_length * 2, pad_id=tokenizer.pad_token_id or 0)
+    pipe = PipelineConfig(kind="prompt_only", shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
+    correct = total = 0
+    for b in build_dataset(records.records, tokenizer, tok_cfg, batch_cfg, pipe, sources=records.sources):
+        out = generate(model, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
+                       max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id or 0)
+        tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        for slot in np.nonzero(b["pair_mask"])[0]:
+            text = tokenizer.decode(tokens[slot][mask[slot] > 0], skip_special_tokens=True)
+            correct += score_arithmetic(records.records[int(b["index"][slot])]["prompt"], text)
+            total += 1
+    return {"generation/accuracy": correct / max(total, 1), "generation/prompts": float(total)}
+
+
+def format_before_after(before: dict, after: dict) -> str:
+    """A small table of :data:`SUMMARY_KEYS` before and after training."""
+    rows = [f"{'metric':<42}{'before':>10}{'after':>10}"]
+    for key in SUMMARY_KEYS:
+        if key in before or key in after:
+            fmt = lambda d: f"{d[key]:>10.4f}" if key in d else f"{'-':>10}"  # noqa: E731
+            rows.append(f"{key:<42}{fmt(before)}{fmt(after)}")
+    return "\n".join(rows)
+
+
+def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
+    """PNG of loss, reward accuracy and the paper's diagnostics over steps (train, and eval when logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    panels = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"),
+              ("diagnostics/frac_in_U", "share of pairs in U"), ("diagnostics/abs_accuracy", "policy prefers chosen"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, title) in zip(axes, panels):
+        for prefix, style in (("", "-"), ("eval/", "o--")):
+            points = [(r["step"], r[prefix + key]) for r in records if isinstance(r.get(prefix + key), (int, float))]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, style, label="eval" if prefix else "train")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,125 @@
+"""The ``cpo-jax`` command through subprocess on configs/tiny.yaml: train, resume, convert both ways, eval,
+generate, audit, and clear errors for bad keys, types, paths and meshes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cpo_jax_cache")
+    return dict(os.environ, CPO_JAX_CACHE=str(cache), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def cli(env, *args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "cpo_jax.cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cpo-jax {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    proc = cli(env, "train", TINY, f"output_dir={out}", "max_steps=4", "save_every=2", "eval_every=4")
+    assert "trained steps 0 -> 4" in proc.stdout
+    assert "diagnostics/frac_in_U" in proc.stdout  # the before/after table
+    return out
+
+
+def test_train_writes_everything(run_dir):
+    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png", "hf/config.json",
+                 "hf/model.safetensors", "hf/tokenizer_config.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and "eval/loss" in records[0]  # the before-training evaluation
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["before"] and summary["after"] and summary["final_step"] == 4
+
+
+def test_same_command_resumes_from_the_latest_checkpoint(env, run_dir, tmp_path):
+    resumed = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(run_dir, resumed)
+    proc = cli(env, "train", TINY, f"output_dir={resumed}", "max_steps=6", "save_every=2", "eval_every=0")
+    assert "trained steps 4 -> 6" in proc.stdout
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_convert_both_ways_and_eval(env, run_dir, tmp_path):
+    from safetensors.numpy import load_file
+
+    cli(env, "convert", "orbax-to-hf", run_dir, tmp_path / "hf")
+    exported, trained = load_file(tmp_path / "hf" / "model.safetensors"), load_file(run_dir / "hf" / "model.safetensors")
+    assert exported.keys() == trained.keys()
+    for key in exported:
+        np.testing.assert_array_equal(exported[key], trained[key])
+
+    cli(env, "convert", "hf-to-orbax", tmp_path / "hf", tmp_path / "orbax")
+    assert (tmp_path / "orbax" / "params").is_dir() and (tmp_path / "orbax" / "config.json").is_file()
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore((tmp_path / "orbax" / "params").absolute())
+    embed = np.asarray(restored["model"]["embed"]["value"] if isinstance(restored["model"]["embed"], dict)
+                       else restored["model"]["embed"])
+    np.testing.assert_array_equal(embed, trained["model.embed_tokens.weight"])
+
+    proc = cli(env, "eval", TINY, f"output_dir={run_dir}", "max_steps=4")
+    metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert metrics["step"] == 4 and "rewards/accuracies" in metrics and "diagnostics/frac_in_U" in metrics
+
+
+def test_generate(env):
+    proc = cli(env, "generate", "tiny-random", "--prompt", "What is 1 + 1?", "--prompt", "Hi", "--max-new-tokens", "5")
+    lines = [json.loads(x) for x in proc.stdout.strip().splitlines()]
+    assert [x["prompt"] for x in lines] == ["What is 1 + 1?", "Hi"] and all("completion" in x for x in lines)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lerning_rate=1", "optim.lerning_rate"),
+    ("steps=abc", "steps='abc'"),
+    ("model.path=/no/such/model", "model.path='/no/such/model'"),
+    ("data.train_files=[/no/such.jsonl]", "data.train_files names '/no/such.jsonl'"),
+    ("mesh.tensor=3", "mesh"),
+    ("loss.reference=sometimes", "loss.reference='sometimes'"),
+])
+def test_config_errors_name_the_key(env, override, message):
+    proc = cli(env, "train", TINY, override, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_config_file_is_named(env, tmp_path):
+    proc = cli(env, "train", tmp_path / "nope.yaml", check=False)
+    assert proc.returncode == 2 and "nope.yaml does not exist" in proc.stderr
+
+
+def test_audit_writes_report_and_histogram(env, tmp_path):
+    proc = cli(env, "audit", "tiny-random", "bundled:arithmetic-eval:24", "--out", tmp_path / "audit",
+               "--max-length", "128")
+    report = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert report["num_pairs"] == 24 and 0.0 <= report["frac_ref_prefers_rejected"] <= 1.0
+    assert (tmp_path / "audit" / "delta_ref_hist.png").read_bytes()[:4] == b"\x89PNG"
+    assert "delta_ref" in proc.stdout
+    missing = cli(env, "audit", "tiny-random", tmp_path / "nope.jsonl", check=False)
+    assert missing.returncode == 2 and "nope.jsonl" in missing.stderr
