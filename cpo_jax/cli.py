@@ -92,11 +92,18 @@ def _evaluate(trainer, cfg) -> dict:
 
 
 @app.command()
-def train(config: Path, overrides: Annotated[list[str] | None, typer.Argument()] = None) -> None:
+def train(
+    config: Path,
+    overrides: Annotated[list[str] | None, typer.Argument()] = None,
+    distributed: Annotated[bool, typer.Option(help="join a multi-host run via JAX cluster detection (TPU pods, "
+                                                   "SLURM); CPO_JAX_COORDINATOR etc. also start one")] = False,
+) -> None:
     """Train (DPO, CPO or any loss by name; SFT; reward model) from CONFIG.yaml with key=value overrides."""
+    from cpo_jax.parallel import initialize
     from cpo_jax.report import format_before_after, plot_curves
     from cpo_jax.train import Trainer
 
+    initialize(cluster_detection=distributed)  # before any other JAX call; a no-op for one process
     try:
         cfg = load_config(config, overrides)
     except ConfigError as err:
