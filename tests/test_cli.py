@@ -83,6 +83,18 @@ def test_convert_both_ways_and_eval(env, run_dir, tmp_path):
                        else restored["model"]["embed"])
     np.testing.assert_array_equal(embed, trained["model.embed_tokens.weight"])
 
+    # The Orbax directory is ready to train from: model.path accepts it.
+    import jax.numpy as jnp
+
+    from cpo_jax.models import from_pretrained
+
+    ids = jnp.arange(1, 13)[None] % 250 + 3
+    np.testing.assert_array_equal(np.asarray(from_pretrained(tmp_path / "orbax")(ids)),
+                                  np.asarray(from_pretrained(tmp_path / "hf")(ids)))
+    proc = cli(env, "train", TINY, f"model.path={tmp_path / 'orbax'}", f"output_dir={tmp_path / 'from_orbax'}",
+               "max_steps=2", "eval_every=0", "data.eval_files=[]")
+    assert "trained steps 0 -> 2" in proc.stdout
+
     proc = cli(env, "eval", TINY, f"output_dir={run_dir}", "max_steps=4")
     metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert metrics["step"] == 4 and "rewards/accuracies" in metrics and "diagnostics/frac_in_U" in metrics

@@ -33,6 +33,7 @@ from cpo_jax.models.transformer import Transformer
 FAMILIES = {t: module for module in (llama, gemma, gpt2) for t in module.MODEL_TYPES}
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
 INDEX_FILE = "model.safetensors.index.json"
+ORBAX_PARAMS = "params"  # an Orbax parameter checkpoint next to config.json (cpo-jax convert hf-to-orbax)
 
 
 def family_of(model_type: str):
@@ -107,7 +108,8 @@ def from_pretrained(
     """Load an HF checkpoint directory (``config.json`` + ``*.safetensors``) as a cpo_jax model.
 
     Args:
-      path: the directory (sharded with ``model.safetensors.index.json`` or not).
+      path: the directory (sharded with ``model.safetensors.index.json`` or not), or a directory written by
+        ``cpo-jax convert hf-to-orbax`` (``config.json`` + an Orbax ``params/`` checkpoint).
       dtype: compute dtype of activations.
       param_dtype: parameter dtype; None keeps each tensor's stored dtype (exact round trips).
       mesh, rules: shard parameters by their logical axes (see :mod:`cpo_jax.parallel.sharding`);
@@ -120,6 +122,8 @@ def from_pretrained(
     """
     path = Path(path)
     cfg = config_from_hf(read_hf_config(path), dtype=dtype, **config_overrides)
+    if (path / ORBAX_PARAMS).is_dir() and not any(path.glob("*.safetensors")):
+        return _from_orbax(path / ORBAX_PARAMS, cfg, param_dtype, mesh, rules)
     table = family_of(cfg.model_type).weight_table(cfg)
     bindings = bind(table, cfg.num_layers, cfg.scan_layers)
     files = tensor_files(path)
@@ -139,6 +143,21 @@ def from_pretrained(
             group = sorted(by_path[var_path], key=lambda b: -1 if b.layer is None else b.layer)
             flat.append((var_path, var.replace(_load_param(var, group, files, handles, param_dtype, mesh, rules))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _from_orbax(params_dir: Path, cfg: TransformerConfig, param_dtype, mesh, rules) -> Transformer:
+    """Restore parameters saved by ``cpo-jax convert hf-to-orbax`` straight into their target shardings."""
+    import orbax.checkpoint as ocp
+
+    graphdef, state = nnx.split(abstract_model(cfg))
+    flat = nnx.to_flat_state(state)
+    target = nnx.from_flat_state([(p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_sharding_for(
+        v, mesh, rules)))) for p, v in flat])
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(params_dir.absolute(), {"model": target})["model"]
+    if param_dtype is not None:
+        restored = jax.tree.map(lambda x: x.astype(param_dtype), restored)
+    return nnx.merge(graphdef, restored)
 
 
 def _load_param(var, group: list[Binding], files, handles, param_dtype, mesh, rules) -> jax.Array:

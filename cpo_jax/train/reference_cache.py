@@ -37,8 +37,9 @@ def cache_key(records, tokenizer, tokenize: TokenizeConfig, model_path: str | os
     h.update(json.dumps([len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
                          getattr(tokenizer, "chat_template", None)], sort_keys=True, default=str).encode())
     model_path = Path(model_path)
-    for file in sorted([model_path / "config.json", *model_path.glob("*.safetensors")]):
-        h.update(file.name.encode())
+    weights = [*model_path.glob("*.safetensors"), *(p for p in (model_path / "params").rglob("*") if p.is_file())]
+    for file in sorted([model_path / "config.json", *weights]):
+        h.update(str(file.relative_to(model_path)).encode())
         _hash_file(h, file)
     return h.hexdigest()
 
