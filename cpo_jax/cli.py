@@ -81,6 +81,19 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _restored_trainer(config: Path, overrides: list[str] | None):
+    """``(cfg, trainer, step)``: a validated config, its Trainer, and the checkpoint step it restored (0: none)."""
+    from cpo_jax.train import Trainer
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as err:
+        _fail(err)
+    trainer = Trainer(cfg)
+    step, _ = trainer.restore_latest()
+    return cfg, trainer, step
+
+
 def _evaluate(trainer, cfg) -> dict:
     from cpo_jax.report import generation_accuracy
 
@@ -101,15 +114,9 @@ def train(
     """Train (DPO, CPO or any loss by name; SFT; reward model) from CONFIG.yaml with key=value overrides."""
     from cpo_jax.parallel import initialize
     from cpo_jax.report import format_before_after, plot_curves
-    from cpo_jax.train import Trainer
 
     initialize(cluster_detection=distributed)  # before any other JAX call; a no-op for one process
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as err:
-        _fail(err)
-    trainer = Trainer(cfg)
-    start, _ = trainer.restore_latest()
+    cfg, trainer, start = _restored_trainer(config, overrides)
     before = _evaluate(trainer, cfg) if start == 0 else {}
     if before:  # the step-0 point of the eval curves
         out = Path(cfg.output_dir)
@@ -132,14 +139,7 @@ def train(
 def evaluate(config: Path, overrides: Annotated[list[str] | None, typer.Argument()] = None) -> None:
     """Preference accuracy, the paper's diagnostics and (verifiable task) generation accuracy of a run's latest
     checkpoint, or of model.path when the run has none."""
-    from cpo_jax.train import Trainer
-
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as err:
-        _fail(err)
-    trainer = Trainer(cfg)
-    step, _ = trainer.restore_latest()
+    cfg, trainer, step = _restored_trainer(config, overrides)
     metrics = {"step": step, **_evaluate(trainer, cfg)}
     typer.echo(json.dumps(metrics, indent=2))
 

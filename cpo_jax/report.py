@@ -58,8 +58,8 @@ def format_before_after(before: dict, after: dict) -> str:
     rows = [f"{'metric':<42}{'before':>10}{'after':>10}"]
     for key in SUMMARY_KEYS:
         if key in before or key in after:
-            fmt = lambda d: f"{d[key]:>10.4f}" if key in d else f"{'-':>10}"  # noqa: E731
-            rows.append(f"{key:<42}{fmt(before)}{fmt(after)}")
+            cells = "".join(f"{d[key]:>10.4f}" if key in d else f"{'-':>10}" for d in (before, after))
+            rows.append(f"{key:<42}{cells}")
     return "\n".join(rows)
 
 
