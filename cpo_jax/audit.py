@@ -38,14 +38,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cpo_jax.data import BatchConfig, Dropped, RecordTokenizer, TokenizeConfig, load_records
+from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, load_records
+from cpo_jax.data import audit as tokenisation_report
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 HISTOGRAM_BINS = 40
@@ -54,17 +54,6 @@ PREVIEW_CHARS = 120
 
 # ------------------------------------------------------------------------------------------------
 # numbers
-
-
-def scored_lengths(tokenized: dict) -> tuple[int, int]:
-    """Completion tokens that carry a log-prob, ``(chosen, rejected)``, as training counts them.
-
-    The batch's ``loss_mask`` scores ``ids[max(prompt_len, 1):]`` (position ``t`` predicts token
-    ``t + 1``, so a sequence's first token is never scored); this is ``len(ids) - prompt_len`` whenever
-    the prompt has at least one token.
-    """
-    return tuple(len(tokenized[k]) - max(int(tokenized[f"{k}_prompt_len"]), 1)  # type: ignore[return-value]
-                 for k in ("chosen", "rejected"))
 
 
 def summary_stats(values: np.ndarray) -> dict[str, float | None]:
@@ -171,24 +160,14 @@ def audit_preferences(
     batch_cfg = BatchConfig(pairs_per_batch=pairs_per_batch, max_length=max_length,
                             pad_id=tokenizer.pad_token_id or 0)
 
-    # Token counts and drops, from the same tokeniser the pipeline runs.
+    # Scored token counts come from the same pass as the log-probs; drops are counted by reason.
     n = len(data)
-    lengths = np.zeros((n, 2), np.float64)
-    dropped: Counter[str] = Counter()
-    record_tokenizer = RecordTokenizer(tokenizer, tokenize_cfg)
-    for i, (source, record) in enumerate(zip(data.sources, data.records)):
-        example = record_tokenizer((i, source, record), "preference")
-        if isinstance(example, Dropped):
-            dropped[example.code] += 1
-            lengths[i] = np.nan
-        else:
-            lengths[i] = scored_lengths(example)
-
-    logps = compute_reference_logps(model, data.records, data.sources, tokenizer, tokenize_cfg, batch_cfg)
-    logps = np.asarray(logps, np.float64)
+    logps, lengths = compute_reference_logps(model, data.records, data.sources, tokenizer, tokenize_cfg, batch_cfg,
+                                             return_lengths=True)
+    logps, lengths = np.asarray(logps, np.float64), np.asarray(lengths, np.float64)
+    dropped = tokenisation_report(data.records, tokenizer, tokenize_cfg, PipelineConfig(shard_index=0, shard_count=1),
+                                  sources=data.sources).dropped
     kept = ~np.isnan(logps).any(axis=1)
-    if not np.array_equal(kept, ~np.isnan(lengths).any(axis=1)):
-        raise RuntimeError("the tokeniser and the reference pass disagree on which pairs are dropped")
     idx = np.flatnonzero(kept)
     delta = logps[idx, 0] - logps[idx, 1]
     delta_norm = logps[idx, 0] / lengths[idx, 0] - logps[idx, 1] / lengths[idx, 1]

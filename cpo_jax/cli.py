@@ -161,6 +161,8 @@ def generate(
     import numpy as np
     from transformers import AutoTokenizer
 
+    from cpo_jax.data import BatchConfig, RecordTokenizer, TokenizeConfig
+    from cpo_jax.data.batching import PROMPT_ONLY, BatchBuilder
     from cpo_jax.hf.resolve import resolve_model_path
     from cpo_jax.models import from_pretrained
     from cpo_jax.models.generate import SamplingConfig
@@ -171,14 +173,18 @@ def generate(
     except FileNotFoundError as err:
         _fail(err)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False) if chat
-               else tokenizer(p)["input_ids"] for p in prompt]
-    length = max(len(e) for e in encoded)
+    # The data pipeline's own prompt tokenisation and left-padded prompt batches.
+    record_tokenizer = RecordTokenizer(tokenizer, TokenizeConfig())  # only prompt_ids is used: no limits apply
+    encoded = [np.asarray(record_tokenizer.prompt_ids([{"role": "user", "content": p}] if chat else p), np.int32)
+               for p in prompt]
     pad = tokenizer.pad_token_id or 0
-    ids = np.array([[pad] * (length - len(e)) + list(e) for e in encoded], np.int32)
-    mask = np.array([[0] * (length - len(e)) + [1] * len(e) for e in encoded], np.int32)
-    out = run_generate(from_pretrained(path), jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=max_new_tokens,
+    builder = BatchBuilder(BatchConfig(pairs_per_batch=len(prompt), max_length=max(map(len, encoded)), pad_id=pad),
+                           PROMPT_ONLY)
+    for i, ids in enumerate(encoded):
+        builder.add({"prompt": ids, "index": i})
+    batch = builder.build()
+    out = run_generate(from_pretrained(path), jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+                       max_new_tokens=max_new_tokens,
                        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p),
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, rng=jax.random.key(seed))
     tokens, keep = np.asarray(out.tokens), np.asarray(out.mask)

@@ -14,7 +14,6 @@ import argparse
 import os
 import subprocess
 import time
-from pathlib import Path
 
 
 def _tokenizers():
@@ -24,11 +23,9 @@ def _tokenizers():
     try:
         from transformers import AutoTokenizer
 
-        from cpo_jax.hf import gguf_to_hf, smollm2_gguf_path
+        from cpo_jax.hf.resolve import resolve_model_path
 
-        cache = Path(os.environ.get("CPO_JAX_CACHE", Path.home() / ".cache" / "cpo_jax")) / "smollm2-135m-instruct-hf"
-        if not (cache / "config.json").is_file():
-            gguf_to_hf(smollm2_gguf_path(), cache)
+        cache = resolve_model_path("smollm2")
         out["SmolLM2 BPE (49152)"] = AutoTokenizer.from_pretrained(cache)
     except (FileNotFoundError, ImportError) as err:
         print(f"(SmolLM2 tokenizer skipped: {err})")

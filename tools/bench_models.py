@@ -18,11 +18,9 @@ Results print as a Markdown table; copy them into docs/benchmarks.md with date, 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import time
-from pathlib import Path
 
 
 def _timeit(fn, repeats: int) -> float:
@@ -33,15 +31,6 @@ def _timeit(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def _smollm2_dir() -> Path:
-    from cpo_jax.hf import gguf_to_hf, smollm2_gguf_path
-
-    out = Path(os.environ.get("CPO_JAX_CACHE", Path.home() / ".cache" / "cpo_jax")) / "smollm2-135m-instruct-hf"
-    if not (out / "config.json").is_file():
-        gguf_to_hf(smollm2_gguf_path(), out)
-    return out
 
 
 def main() -> None:
@@ -60,11 +49,12 @@ def main() -> None:
     from flax import nnx
     from transformers import AutoModelForCausalLM
 
+    from cpo_jax.hf.resolve import resolve_model_path
     from cpo_jax.models import from_pretrained
     from cpo_jax.models.generate import generate
     from cpo_jax.ops import sequence_logps_from_hidden
 
-    path = _smollm2_dir() if args.model == "smollm2" else Path(args.model)
+    path = resolve_model_path(args.model)  # "smollm2" converts the wheel's GGUF once into the cache
     start = time.perf_counter()
     model = from_pretrained(path)
     jax.block_until_ready(nnx.state(model))

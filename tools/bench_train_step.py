@@ -17,7 +17,6 @@ TRL comes from the ``bench`` extra (``pip install -e '.[bench]'``).
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import statistics
 import subprocess
@@ -44,15 +43,6 @@ def _tiny_model(root: Path) -> Path:
                           tie_word_embeddings=True, bos_token_id=None, eos_token_id=3, pad_token_id=0)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
         byte_chat_tokenizer().save_pretrained(path)
-    return path
-
-
-def _smollm2(root: Path) -> Path:
-    from cpo_jax.hf import gguf_to_hf, smollm2_gguf_path
-
-    path = root / "smollm2-135m-instruct-hf"
-    if not (path / "config.json").is_file():
-        gguf_to_hf(smollm2_gguf_path(), path)
     return path
 
 
@@ -140,9 +130,9 @@ def main() -> None:
     import jax
 
     from cpo_jax.data import arithmetic_preferences, tiny_chat, write_jsonl
+    from cpo_jax.hf.resolve import cache_dir, resolve_model_path
 
-    cache = Path(os.environ.get("CPO_JAX_CACHE", Path.home() / ".cache" / "cpo_jax"))
-    path = {"tiny": _tiny_model, "smollm2": _smollm2}.get(args.model, lambda _: Path(args.model))(cache)
+    path = _tiny_model(cache_dir()) if args.model == "tiny" else resolve_model_path(args.model)
     data = write_jsonl(arithmetic_preferences(400, seed=0) + tiny_chat() * 4, Path(tempfile.mkdtemp()) / "d.jsonl")
     ours = bench_ours(path, data, args)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -34,6 +34,15 @@ import numpy as np
 
 PREFERENCE, UNPAIRED, PROMPT_ONLY = "preference", "unpaired", "prompt_only"
 
+#: Per-token ``[R, L]`` arrays of a batch and their dtypes.
+ROW_KEYS = {"input_ids": np.int32, "positions": np.int32, "segment_ids": np.int32, "targets": np.int32,
+            "loss_mask": np.float32, "sequence_ids": np.int32}
+
+
+def row_fill(key: str, pad_id: int) -> int:
+    """The value a per-token array holds in padding: ``pad_id`` for tokens, -1 for sequence slots, else 0."""
+    return pad_id if key in ("input_ids", "targets") else (-1 if key == "sequence_ids" else 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchConfig:
@@ -141,16 +150,9 @@ class BatchBuilder:
             rows = per_example * p
             longest = max((len(s[0]) for ex in self.examples for s in example_sequences(ex, self.kind)), default=1)
             length = cfg.bucket_for(longest)
-        batch = {
-            "input_ids": np.full((rows, length), cfg.pad_id, np.int32),
-            "positions": np.zeros((rows, length), np.int32),
-            "segment_ids": np.zeros((rows, length), np.int32),
-            "targets": np.full((rows, length), cfg.pad_id, np.int32),
-            "loss_mask": np.zeros((rows, length), np.float32),
-            "sequence_ids": np.full((rows, length), -1, np.int32),
-            "pair_mask": np.zeros((p,), bool),
-            "index": np.full((p,), -1, np.int64),
-        }
+        batch = {key: np.full((rows, length), row_fill(key, cfg.pad_id), dtype) for key, dtype in ROW_KEYS.items()}
+        batch["pair_mask"] = np.zeros((p,), bool)
+        batch["index"] = np.full((p,), -1, np.int64)
         if self.kind == UNPAIRED:
             batch["labels"] = np.zeros((p,), bool)
         cursor = np.zeros((rows,), np.int64)

@@ -40,11 +40,16 @@ class SequenceLogps:
     rejected_lengths: jax.Array
 
 
+def hidden_from_batch(model, batch: Batch) -> jax.Array:
+    """Final hidden states ``[R, L, D]`` of a batch, packed segments and positions honoured."""
+    segments = batch["segment_ids"]
+    return model.hidden_states(batch["input_ids"], attention_mask=segments > 0, positions=batch["positions"],
+                               segment_ids=segments)
+
+
 def token_logps_from_batch(model, batch: Batch, *, chunk_size: int = 1024) -> jax.Array:
     """``[R, L]`` float32 log-prob of ``targets`` at every position (0 where there is no target)."""
-    segments = batch["segment_ids"]
-    hidden = model.hidden_states(batch["input_ids"], attention_mask=segments > 0, positions=batch["positions"],
-                                 segment_ids=segments)
+    hidden = hidden_from_batch(model, batch)
     return chunked_token_logps(hidden, model.unembedding(), batch["targets"], chunk_size=chunk_size,
                                logit_softcap=model.logit_softcap)
 
@@ -113,9 +118,7 @@ def reward_objective(model, head: jax.Array, batch: Batch, *, margin: float = 0.
                      center_rewards_coefficient: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Bradley-Terry loss of a scalar head ``[D]`` on the backbone's hidden state at the last scored
     position of each sequence (the token that predicts EOS), summed over real pairs."""
-    segments = batch["segment_ids"]
-    hidden = model.hidden_states(batch["input_ids"], attention_mask=segments > 0, positions=batch["positions"],
-                                 segment_ids=segments)
+    hidden = hidden_from_batch(model, batch)
     p = batch["pair_mask"].shape[-1]
     positions = last_completion_positions(batch, 2 * p)
     h = hidden.reshape(-1, hidden.shape[-1])[positions].astype(jnp.float32)

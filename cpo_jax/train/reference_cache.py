@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -45,24 +46,29 @@ def cache_key(records, tokenizer, tokenize: TokenizeConfig, model_path: str | os
 
 
 def compute_reference_logps(model, records, sources, tokenizer, tokenize: TokenizeConfig, batch: BatchConfig,
-                            *, chunk_size: int = 1024) -> np.ndarray:
-    """``[N, 2]`` float32 summed completion log-probs (chosen, rejected) per record; NaN where dropped."""
+                            *, chunk_size: int = 1024, return_lengths: bool = False):
+    """``[N, 2]`` float32 summed completion log-probs (chosen, rejected) per record; NaN where dropped.
+
+    With ``return_lengths``, also the ``[N, 2]`` scored completion token counts (NaN where dropped).
+    """
     out = np.full((len(records), 2), np.nan, np.float32)
+    lengths = np.full((len(records), 2), np.nan, np.float32)
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def forward(state, b):
         m = nnx.merge(graphdef, state)
         logps = pair_logps(token_logps_from_batch(m, b, chunk_size=chunk_size), b)
-        return logps.chosen, logps.rejected
+        return (jnp.stack([logps.chosen, logps.rejected], -1),
+                jnp.stack([logps.chosen_lengths, logps.rejected_lengths], -1))
 
     one_pass = PipelineConfig(kind="preference", shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
     for b in build_dataset(records, tokenizer, tokenize, batch, one_pass, sources=sources):
-        chosen, rejected = forward(state, {k: v for k, v in b.items() if k != "index"})
+        sums, counts = forward(state, {k: v for k, v in b.items() if k != "index"})
         filled = b["pair_mask"]
-        out[b["index"][filled], 0] = np.asarray(chosen)[filled]
-        out[b["index"][filled], 1] = np.asarray(rejected)[filled]
-    return out
+        out[b["index"][filled]] = np.asarray(sums)[filled]
+        lengths[b["index"][filled]] = np.asarray(counts)[filled]
+    return (out, lengths) if return_lengths else out
 
 
 def load_or_compute(cache_dir: str | os.PathLike, key: str, compute) -> np.ndarray:

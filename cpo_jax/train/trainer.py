@@ -7,6 +7,7 @@ command, same directory), trains to ``cfg.steps``, and exports the policy as an 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, build_dataset, load_records
+from cpo_jax.data.batching import ROW_KEYS, row_fill
 from cpo_jax.hf.resolve import resolve_model_path
 from cpo_jax.models import from_pretrained, save_pretrained
 from cpo_jax.parallel.sharding import logical_spec, make_mesh
@@ -33,7 +35,6 @@ from cpo_jax.train.step import eval_step, init_state, jit_train_step
 
 log = logging.getLogger(__name__)
 
-_ROW_KEYS = ("input_ids", "positions", "segment_ids", "targets", "loss_mask", "sequence_ids")
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,9 +49,8 @@ def stack_micro_batches(batches: list[dict], pad_id: int) -> dict[str, np.ndarra
         arrays = []
         for b in batches:
             x = b[key]
-            if key in _ROW_KEYS and x.shape[1] < length:
-                fill = pad_id if key in ("input_ids", "targets") else (-1 if key == "sequence_ids" else 0)
-                x = np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=fill)
+            if key in ROW_KEYS and x.shape[1] < length:
+                x = np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=row_fill(key, pad_id))
             arrays.append(x)
         out[key] = np.stack(arrays)
     return out
@@ -105,11 +105,13 @@ class Trainer:
         self.eval_set = (load_records(list(cfg.data.eval_files), "preference", skip_invalid=cfg.data.skip_invalid,
                                       split=cfg.data.split) if cfg.data.eval_files else None)
         self._check_lengths(self.train_set, "data.train_files")
-        self.reference_table = None
+        self.reference_table = self.eval_reference_table = None
         if cfg.loss.objective == "preference" and cfg.loss.reference == "precomputed":
             self.reference_table = self._precompute(policy, self.train_set)
             self.eval_reference_table = self._precompute(policy, self.eval_set) if self.eval_set else None
 
+        # Built once: a jit of a fresh lambda per evaluate() call would recompile every time.
+        self._eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg, graphdef=self.graphdef))
         self.schedule = learning_rate_schedule(cfg.optim, cfg.steps)
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         self.state = jax.jit(lambda p: init_state(p, self.optimizer, cfg.seed))(self.params)
@@ -197,16 +199,14 @@ class Trainer:
         """Mean metrics over up to ``eval_batches`` batches of the held-out split (weighted by pairs)."""
         if self.eval_set is None:
             return {}
-        fn = jax.jit(lambda p, b, r: eval_step(p, b, r, cfg=self.cfg, graphdef=self.graphdef))
         sums: dict[str, float] = {}
         pairs = 0.0
         for i, batch in enumerate(self._pipeline(self.eval_set, train=False)):
             if i >= self.cfg.eval_batches:
                 break
-            batch = self._with_reference(batch, self.eval_reference_table if self.reference_table is not None
-                                         else None)
+            batch = self._with_reference(batch, self.eval_reference_table)
             g = {k: v[0] for k, v in self._global(stack_micro_batches([batch], self.batch_cfg.pad_id)).items()}
-            metrics = jax.device_get(fn(params, g, self.ref_params))
+            metrics = jax.device_get(self._eval_fn(params, g, self.ref_params))
             n = float(metrics.pop("pairs"))
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
