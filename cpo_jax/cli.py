@@ -199,6 +199,8 @@ def audit(
     data: list[str],
     out: Path = Path("runs/audit"),
     max_length: int = 512,
+    max_prompt_length: Annotated[int | None, typer.Option(help="prompt token limit; use the training config's "
+                                                               "data.max_prompt_length (default: max_length // 2)")] = None,
     top_k: int = 20,
 ) -> None:
     """Before training: how often does the reference MODEL prefer the rejected answer on DATA (delta_ref < 0)?"""
@@ -207,7 +209,7 @@ def audit(
 
     try:
         path = resolve_model_path(model)
-        report = audit_preferences(path, data, max_length=max_length, top_k=top_k)
+        report = audit_preferences(path, data, max_length=max_length, max_prompt_length=max_prompt_length, top_k=top_k)
     except (FileNotFoundError, ValueError) as err:
         _fail(err)
     files = write_audit(report, out)

@@ -128,9 +128,10 @@ def test_missing_config_file_is_named(env, tmp_path):
 
 def test_audit_writes_report_and_histogram(env, tmp_path):
     proc = cli(env, "audit", "tiny-random", "bundled:arithmetic-eval:24", "--out", tmp_path / "audit",
-               "--max-length", "128")
+               "--max-length", "128", "--max-prompt-length", "100")
     report = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert report["num_pairs"] == 24 and 0.0 <= report["frac_ref_prefers_rejected"] <= 1.0
+    assert report["settings"]["max_prompt_length"] == 100
     assert (tmp_path / "audit" / "delta_ref_hist.png").read_bytes()[:4] == b"\x89PNG"
     assert "delta_ref" in proc.stdout
     missing = cli(env, "audit", "tiny-random", tmp_path / "nope.jsonl", check=False)
@@ -157,6 +158,8 @@ def test_every_shipped_config_loads(path, tmp_path):
         overrides.append("model.path=tiny-random")
     if "train_files: ???" in text:
         overrides.append("data.train_files=[bundled:tiny-chat]")
+    if "runs/paper_llm/data" in text:  # mined by tools/reproduce_pathology_llm.py before these configs run
+        overrides += ["data.train_files=[bundled:arithmetic-train:8]", "data.eval_files=[bundled:arithmetic-eval:8]"]
     cfg = load_config(REPO / path, overrides)
     assert cfg.steps >= 1
 

@@ -4,7 +4,13 @@ Knows nothing about models. See ``docs/data.md``.
 """
 
 from cpo_jax.data.batching import BatchConfig, BatchIterDataset, default_buckets
-from cpo_jax.data.bundled import arithmetic_preferences, arithmetic_prompts, score_arithmetic, tiny_chat
+from cpo_jax.data.bundled import (
+    arithmetic_candidates,
+    arithmetic_preferences,
+    arithmetic_prompts,
+    score_arithmetic,
+    tiny_chat,
+)
 from cpo_jax.data.pipeline import DataReport, PipelineConfig, audit, build_dataset, tokenized_dataset
 from cpo_jax.data.records import DataError, RecordSet, extract_prompt, load_records, validate, write_jsonl
 from cpo_jax.data.tfds_builder import build_tfds_from_files, build_tfds_splits, tfds_records
@@ -21,6 +27,7 @@ __all__ = [
     "RecordSet",
     "RecordTokenizer",
     "TokenizeConfig",
+    "arithmetic_candidates",
     "arithmetic_preferences",
     "arithmetic_prompts",
     "audit",

@@ -25,7 +25,11 @@ def _problem(rng: np.random.RandomState, max_operand: int) -> tuple[int, str, in
     return int(rng.randint(0, hi + 1)), op, int(rng.randint(0, hi + 1))
 
 
-def _wrong_answer(rng: np.random.RandomState, a: int, op: str, b: int) -> int:
+def wrong_answers(a: int, op: str, b: int) -> list[int]:
+    """Plausible wrong answers to ``a op b``: off by one or ten, swapped digits, the other operation.
+
+    May repeat a value; never contains the right answer.
+    """
     right = _OPS[op](a, b)
     candidates = [right + 1, right - 1, right + 10, right - 10]
     if abs(right) >= 10:
@@ -34,8 +38,12 @@ def _wrong_answer(rng: np.random.RandomState, a: int, op: str, b: int) -> int:
         candidates.append(swapped)
     other = "+" if op != "+" else "-"
     candidates.append(_OPS[other](a, b))
-    wrong = [c for c in candidates if c != right]
-    return int(wrong[rng.randint(len(wrong))])
+    return [int(c) for c in candidates if c != right]
+
+
+def _wrong_answer(rng: np.random.RandomState, a: int, op: str, b: int) -> int:
+    wrong = wrong_answers(a, op, b)
+    return wrong[rng.randint(len(wrong))]
 
 
 def _answer(value: int) -> str:
@@ -72,6 +80,27 @@ def arithmetic_prompts(n: int, *, seed: int = 1, max_operand: int = 99, conversa
         question = _prompt_text(a, op, b)
         prompt = [{"role": "user", "content": question}] if conversational else question + " "
         out.append({"prompt": prompt, "answer": _OPS[op](a, b)})
+    return out
+
+
+def arithmetic_candidates(n: int, *, seed: int, max_operand: int = 99) -> list[dict]:
+    """``n`` problems, each with every distinct plausible wrong answer as a preference record.
+
+    Returns one record per (problem, wrong answer): conversational ``prompt``, the correct answer as
+    ``chosen``, the wrong one as ``rejected``, plus ``problem`` (its index) and ``answer`` (the right
+    value), for mining pairs by the reference's own preferences.
+    """
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in range(n):
+        a, op, b = _problem(rng, max_operand)
+        right = _OPS[op](a, b)
+        prompt = [{"role": "user", "content": _prompt_text(a, op, b)}]
+        for wrong in dict.fromkeys(wrong_answers(a, op, b)):
+            out.append({"prompt": prompt,
+                        "chosen": [{"role": "assistant", "content": _answer(right)}],
+                        "rejected": [{"role": "assistant", "content": _answer(wrong)}],
+                        "problem": i, "answer": right})
     return out
 
 

@@ -1,0 +1,84 @@
+"""Mine preference pairs by the reference's own preferences: the LLM half of the paper's experiment.
+
+For each arithmetic problem every plausible wrong answer is scored against the correct one by the frozen
+reference (the training code's log-prob pass, :func:`cpo_jax.train.reference_cache.compute_reference_logps`).
+A *violated* pair is one where the reference prefers the wrong answer, in summed and in per-token average
+log-probs (``delta_ref < 0`` and ``delta_ref_norm < 0``): the paper's failure condition can only hold there.
+A *contrast* pair is one where the reference prefers the correct answer in both units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Mined:
+    """Selected records (with ``delta_ref``/``delta_ref_norm`` added) and counts.
+
+    ``violated``: per problem that has one, the wrong answer the reference likes most (lowest
+    ``delta_ref_norm``). ``contrast``: from the *other* problems, the wrong answer closest to the correct
+    one among those the reference ranks below it (lowest positive ``delta_ref_norm``).
+    """
+
+    violated: list[dict]
+    contrast: list[dict]
+    stats: dict
+
+
+def select_pairs(records: list[dict], logps: np.ndarray, lengths: np.ndarray) -> Mined:
+    """Picks the violated and contrast pairs from scored candidate records.
+
+    Args:
+      records: candidate preference records with a ``problem`` key (``data.arithmetic_candidates``).
+      logps: ``[N, 2]`` summed reference log-probs (chosen, rejected); NaN for dropped records.
+      lengths: ``[N, 2]`` scored completion token counts.
+    """
+    logps, lengths = np.asarray(logps, np.float64), np.asarray(lengths, np.float64)
+    if logps.shape != (len(records), 2) or lengths.shape != logps.shape:
+        raise ValueError(f"logps {logps.shape} and lengths {lengths.shape} must both be [{len(records)}, 2]")
+    delta = logps[:, 0] - logps[:, 1]
+    delta_norm = logps[:, 0] / lengths[:, 0] - logps[:, 1] / lengths[:, 1]
+    scored = ~np.isnan(delta_norm)
+    violated_mask = scored & (delta < 0) & (delta_norm < 0)
+    contrast_mask = scored & (delta > 0) & (delta_norm > 0)
+
+    by_problem: dict[int, list[int]] = {}
+    for i, record in enumerate(records):
+        by_problem.setdefault(int(record["problem"]), []).append(i)
+    violated, contrast = [], []
+    for rows in by_problem.values():
+        rows = np.asarray(rows)
+        if violated_mask[rows].any():
+            pick = rows[violated_mask[rows]][np.argmin(delta_norm[rows][violated_mask[rows]])]
+            violated.append(_annotated(records[pick], delta[pick], delta_norm[pick]))
+        elif contrast_mask[rows].any():
+            pick = rows[contrast_mask[rows]][np.argmin(delta_norm[rows][contrast_mask[rows]])]
+            contrast.append(_annotated(records[pick], delta[pick], delta_norm[pick]))
+    stats = {
+        "problems": len(by_problem),
+        "candidates": len(records),
+        "candidates_scored": int(scored.sum()),
+        "candidates_ref_prefers_wrong": int(violated_mask.sum()),
+        "problems_with_a_preferred_wrong_answer": len(violated),
+        "contrast_problems": len(contrast),
+    }
+    return Mined(violated=violated, contrast=contrast, stats=stats)
+
+
+def _annotated(record: dict, delta: float, delta_norm: float) -> dict:
+    return {**record, "delta_ref": float(delta), "delta_ref_norm": float(delta_norm)}
+
+
+def prompt_records(pairs: list[dict]) -> list[dict]:
+    """Prompt-only records (``prompt`` + ``answer``) for generation accuracy on the pairs' questions."""
+    return [{"prompt": p["prompt"], "answer": p["answer"]} for p in pairs]
+
+
+def split(records: list[dict], eval_size: int) -> tuple[list[dict], list[dict]]:
+    """``(train, held_out)``: the last ``eval_size`` records are held out (records are in problem order)."""
+    if not 0 < eval_size < len(records):
+        raise ValueError(f"cannot hold out {eval_size} of {len(records)} mined records")
+    return records[:-eval_size], records[-eval_size:]

@@ -1,0 +1,215 @@
+"""The paper's failure mode on a real language model (issue 7, Part B): SmolLM2-135M-Instruct, verifiable arithmetic.
+
+    python tools/reproduce_pathology_llm.py all --update-docs   # mine, audit, train 5 runs, report (~45 min on 2 CPU cores)
+    python tools/reproduce_pathology_llm.py mine                # 1. score candidate wrong answers with the reference
+    python tools/reproduce_pathology_llm.py train               # 2. cpo-jax audit + cpo-jax train for every config
+    python tools/reproduce_pathology_llm.py report              # 3. curves + table from the runs' metrics
+
+Mining keeps the problems on which SmolLM2 itself prefers a wrong answer (delta_ref < 0 in summed and in per-token
+average log-probs) and, for contrast, problems where it prefers the correct one. Every run trains with the same
+budget from the same reference, with the configs in ``configs/paper/``, through the ``cpo-jax`` command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OUT = ROOT / "runs" / "paper_llm"
+DATA = OUT / "data"
+DOC = ROOT / "docs" / "paper_reproduction.md"
+FIGURES = ROOT / "docs" / "figures" / "pathology_llm"
+BEGIN, END = "<!-- llm-table:begin -->", "<!-- llm-table:end -->"
+RUNS = ["dpo_violated", "cpo_violated", "cpo_summed_violated", "dpo_contrast", "cpo_contrast"]
+MAX_LENGTH = 64  # the configs' data.max_length and data.max_prompt_length
+MAX_PROMPT_LENGTH = 56
+
+
+def mine(problems: int, seed: int, eval_size: int, contrast_eval_size: int) -> dict:
+    """Scores every candidate wrong answer with SmolLM2 and writes the mined train/held-out files into ``DATA``."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from cpo_jax.data import BatchConfig, TokenizeConfig, arithmetic_candidates, write_jsonl
+    from cpo_jax.experiments import mining
+    from cpo_jax.hf.resolve import resolve_model_path
+    from cpo_jax.models import from_pretrained
+    from cpo_jax.train.reference_cache import compute_reference_logps
+
+    start = time.perf_counter()
+    candidates = arithmetic_candidates(problems, seed=seed)
+    scores = DATA / f"candidate_scores_{problems}_{seed}.npz"  # the slow part (~4 pairs/s on 2 CPU cores), kept
+    if scores.is_file():
+        cached = np.load(scores)
+        logps, lengths = cached["logps"], cached["lengths"]
+    else:
+        path = resolve_model_path("smollm2")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = from_pretrained(path)
+        logps, lengths = compute_reference_logps(
+            model, candidates, [f"candidate:{i}" for i in range(len(candidates))], tokenizer,
+            TokenizeConfig(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, vocab_size=model.config.vocab_size),
+            BatchConfig(pairs_per_batch=16, max_length=MAX_LENGTH, pad_id=tokenizer.pad_token_id or 0),
+            return_lengths=True,
+        )  # fmt: skip
+        DATA.mkdir(parents=True, exist_ok=True)
+        np.savez(scores.with_suffix(".tmp.npz"), logps=logps, lengths=lengths)
+        scores.with_suffix(".tmp.npz").replace(scores)
+    mined = mining.select_pairs(candidates, logps, lengths)
+    violated_train, violated_eval = mining.split(mined.violated, eval_size)
+    contrast_train, contrast_eval = mining.split(mined.contrast, contrast_eval_size)
+    DATA.mkdir(parents=True, exist_ok=True)
+    files = {
+        "violated_train.jsonl": violated_train,
+        "violated_eval.jsonl": violated_eval,
+        "violated_eval_prompts.jsonl": mining.prompt_records(violated_eval),
+        "contrast_train.jsonl": contrast_train,
+        "contrast_eval.jsonl": contrast_eval,
+        "contrast_eval_prompts.jsonl": mining.prompt_records(contrast_eval),
+    }
+    for name, records in files.items():
+        write_jsonl(records, DATA / name)
+    stats = {**mined.stats, "seed": seed, "max_length": MAX_LENGTH,
+             "sizes": {name: len(records) for name, records in files.items()},
+             "seconds": round(time.perf_counter() - start, 1),
+             "candidate_delta_ref_norm_mean": float(np.nanmean(logps[:, 0] / lengths[:, 0] - logps[:, 1] / lengths[:, 1]))}
+    (DATA / "mining_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    print(json.dumps(stats, indent=1))
+    return stats
+
+
+def _cli(*args: str) -> None:
+    command = [str(pathlib.Path(sys.executable).parent / "cpo-jax"), *args]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+
+
+def train(runs: list[str]) -> None:
+    """``cpo-jax audit`` on both training sets, then ``cpo-jax train configs/paper/<run>.yaml`` for each run."""
+    for dataset in ("violated", "contrast"):
+        _cli("audit", "smollm2", str(DATA / f"{dataset}_train.jsonl"), "--out", str(OUT / f"audit_{dataset}"),
+             "--max-length", str(MAX_LENGTH), "--max-prompt-length", str(MAX_PROMPT_LENGTH))
+    for run in runs:
+        start = time.perf_counter()
+        _cli("train", f"configs/paper/{run}.yaml")
+        (OUT / run / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.0f}\n")
+
+
+def _metrics(run: str) -> tuple[list[dict], list[dict]]:
+    """``(train_rows, eval_rows)`` from a run's metrics.jsonl (eval rows carry ``eval/`` keys)."""
+    rows = [json.loads(line) for line in (OUT / run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    trains = [r for r in rows if not any(k.startswith("eval/") for k in r)]
+    return trains, evals
+
+
+COLUMNS = [
+    ("diagnostics/frac_in_U", "frac_in_U", "{:.3f}"),
+    ("diagnostics/abs_accuracy", "abs. accuracy", "{:.3f}"),
+    ("diagnostics/frac_in_U_norm", "frac_in_U (per-token)", "{:.3f}"),
+    ("diagnostics/abs_accuracy_norm", "abs. accuracy (per-token)", "{:.3f}"),
+    ("logps/chosen", "chosen log-lik.", "{:.2f}"),
+    ("logps/rejected", "rejected log-lik.", "{:.2f}"),
+    ("generation/accuracy", "generation acc.", "{:.3f}"),
+]
+
+
+def audit_table() -> str:
+    """The ``cpo-jax audit`` view of both training sets and the mining counts; copies the audit histograms."""
+    import shutil
+
+    stats = json.loads((DATA / "mining_stats.json").read_text())
+    lines = [f"Mining: {stats['problems']} problems, {stats['candidates']} candidate wrong answers scored in "
+             f"{stats['seconds']:.0f} s; the reference prefers the wrong answer on {stats['candidates_ref_prefers_wrong']} "
+             f"candidates, covering {stats['problems_with_a_preferred_wrong_answer']} problems "
+             f"({stats['problems_with_a_preferred_wrong_answer'] / stats['problems']:.0%}).", "",
+             "| `cpo-jax audit` before training | pairs | δref < 0 (summed) | δref < 0 (per token) | median δref | "
+             "median δref per token |", "|---|---:|---:|---:|---:|---:|"]
+    for dataset in ("violated", "contrast"):
+        report_path = OUT / f"audit_{dataset}" / "audit.json"
+        if not report_path.is_file():
+            continue
+        audit = json.loads(report_path.read_text())
+        lines.append(f"| {dataset}_train | {audit['num_scored']} | {audit['frac_ref_prefers_rejected']:.3f} | "
+                     f"{audit['frac_ref_prefers_rejected_norm']:.3f} | {audit['delta_ref']['q50']:.2f} | "
+                     f"{audit['delta_ref_norm']['q50']:.3f} |")
+        shutil.copyfile(OUT / f"audit_{dataset}" / "delta_ref_hist.png", FIGURES / f"audit_{dataset}.png")
+    return "\n".join(lines)
+
+
+def report(update_docs: bool) -> str:
+    """Writes the curves and the before/after table; optionally rewrites the table in the docs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in RUNS if (OUT / r / "summary.json").is_file()]
+    lines = ["| run | held-out set | metric | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---|---|---|" + "---:|" * len(COLUMNS)]
+    for run in runs:
+        summary = json.loads((OUT / run / "summary.json").read_text())
+        for when in ("before", "after"):
+            cells = [fmt.format(summary[when][key]) if key in summary[when] else "–" for key, _, fmt in COLUMNS]
+            held_out = run.rsplit("_", 1)[1]
+            lines.append(f"| {run} | {held_out} | {when} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n\n" + audit_table()
+
+    panels = [("eval/diagnostics/frac_in_U", "held-out frac_in_U"),
+              ("eval/diagnostics/abs_accuracy", "held-out abs. accuracy (δθ > 0)"),
+              ("eval/logps/chosen", "held-out chosen log-likelihood"),
+              ("train/loss", "training loss")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4))
+    for run in runs:
+        trains, evals = _metrics(run)
+        style = "-" if run.endswith("violated") else ":"
+        for ax, (key, title) in zip(axes, panels):
+            rows = trains if key.startswith("train/") else evals
+            short = key.split("/", 1)[1] if key.startswith("train/") else key
+            points = [(r["step"], r[short]) for r in rows if short in r]
+            if points:
+                ax.plot(*zip(*points), style, marker="." if rows is evals else None, label=run)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(FIGURES / "curves.png", dpi=110)
+    plt.close(fig)
+    (FIGURES / "table.md").write_text(table + "\n")
+    if update_docs:
+        text = DOC.read_text()
+        if BEGIN not in text or END not in text:
+            raise SystemExit(f"{DOC}: missing the markers {BEGIN} / {END}")
+        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+        DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text))
+    print(table)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["mine", "train", "report", "all"])
+    parser.add_argument("--problems", type=int, default=360)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--eval-size", type=int, default=64, help="held-out violated pairs")
+    parser.add_argument("--contrast-eval-size", type=int, default=48, help="held-out contrast pairs")
+    parser.add_argument("--runs", nargs="*", default=RUNS, choices=RUNS)
+    parser.add_argument("--update-docs", action="store_true")
+    args = parser.parse_args()
+    if args.stage in ("mine", "all"):
+        mine(args.problems, args.seed, args.eval_size, args.contrast_eval_size)
+    if args.stage in ("train", "all"):
+        train(args.runs)
+    if args.stage in ("report", "all"):
+        report(args.update_docs)
+
+
+if __name__ == "__main__":
+    main()
