@@ -1,6 +1,6 @@
 """The paper's failure mode on a real language model (issue 7, Part B): SmolLM2-135M-Instruct, verifiable arithmetic.
 
-    python tools/reproduce_pathology_llm.py all --update-docs   # mine, audit, train 5 runs, report (~45 min on 2 CPU cores)
+    python tools/reproduce_pathology_llm.py all --update-docs   # mine, audit, train 5 runs, report (~50 min on 2 CPU cores)
     python tools/reproduce_pathology_llm.py mine                # 1. score candidate wrong answers with the reference
     python tools/reproduce_pathology_llm.py train               # 2. cpo-jax audit + cpo-jax train for every config
     python tools/reproduce_pathology_llm.py report              # 3. curves + table from the runs' metrics
