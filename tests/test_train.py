@@ -275,10 +275,17 @@ def test_sft_and_reward_objectives_train(assets, tmp_path):
     # A separable signal for the reward head: chosen answers say yes, rejected ones say no.
     easy = write_jsonl([{"prompt": f"Question {i}? ", "chosen": "yes", "rejected": "no"} for i in range(32)],
                        tmp_path / "easy.jsonl")
-    rm = make(config(assets, tmp_path / "rm", steps=12, data={"train_files": [str(easy)]},
+    rm = make(config(assets, tmp_path / "rm", steps=12, data={"train_files": [str(easy)]}, export_hf=True,
                      loss={"objective": "reward", "name": "sigmoid", "hparams": {}, "reference": "none"})).run()
     assert np.mean(losses_of(rm)[-3:]) < np.mean(losses_of(rm)[:3])
     assert "rewards/accuracies" in rm.history[0]
+    # The reward model exports as an HF sequence classifier (parity: tests/test_reward_export.py).
+    exported = json.loads((tmp_path / "rm" / "hf" / "config.json").read_text())
+    assert exported["num_labels"] == 1 and exported["architectures"][0].endswith("ForSequenceClassification")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "rm" / "hf" / "model.safetensors"), "np") as f:
+        assert f.get_tensor("score.weight").shape == (1, exported["hidden_size"]) and "lm_head.weight" not in f.keys()
 
 
 def test_config_errors_name_the_key(assets, tmp_path):

@@ -224,6 +224,37 @@ def export_tensors(model: Transformer, dtype=None):
         yield name, (tensor.astype(dtype) if dtype is not None else tensor)
 
 
+_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def _as_sequence_classifier(hf: dict, tensors, head, tokenizer, dtype, hidden_size: int):
+    """``(config, tensors)`` of a ``num_labels=1`` ``*ForSequenceClassification`` checkpoint."""
+    head = _host_array(jnp.asarray(head)).reshape(-1)
+    if head.shape != (hidden_size,):
+        raise ValueError(f"score_head has {head.shape[0]} values; the model's hidden size is {hidden_size}")
+    pad = hf.get("pad_token_id")
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("a reward model export needs pad_token_id (HF scores the last non-pad token): set it "
+                         "in the config or pass a tokenizer that has one")
+    architectures = []
+    for arch in hf.get("architectures") or []:
+        base = next((arch[: -len(s)] for s in _LM_SUFFIXES if arch.endswith(s)), arch)
+        architectures.append(base + "ForSequenceClassification")
+    hf = {**hf, "architectures": architectures, "pad_token_id": int(pad), "num_labels": 1,
+          "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+    score = head[None, :].astype(dtype if dtype is not None else head.dtype)
+
+    def generate():
+        for name, tensor in tensors:
+            if name != "lm_head.weight":
+                yield name, tensor
+        yield "score.weight", score
+
+    return hf, generate()
+
+
 def save_pretrained(
     model: Transformer,
     path: str | os.PathLike,
@@ -231,6 +262,7 @@ def save_pretrained(
     tokenizer=None,
     dtype=None,
     max_shard_size: int | str = "5GB",
+    score_head=None,
 ) -> Path:
     """Write ``model`` as an HF checkpoint directory that ``AutoModelForCausalLM.from_pretrained`` reads.
 
@@ -238,16 +270,26 @@ def save_pretrained(
     ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json`` past ``max_shard_size``, and
     the tokenizer files when ``tokenizer`` is given. The directory is assembled next to ``path`` and
     moved into place at the end, so a crash never leaves a half-written checkpoint at ``path``.
+
+    With ``score_head`` (``[D]``, a reward model's scalar head) it writes a reward model that
+    ``AutoModelForSequenceClassification.from_pretrained`` reads instead: no ``lm_head``, the head as
+    ``score.weight`` ``[1, D]``, ``num_labels = 1``, and the ``*ForSequenceClassification`` architecture.
+    HF scores the last non-pad token, so the config must carry a ``pad_token_id`` (taken from the
+    tokenizer when the source config has none).
     """
     cfg = model.config
     if cfg.hf_config is None:
         raise ValueError("model has no source HF config (it was not loaded with from_pretrained)")
+    hf = dict(cfg.hf_config)
+    tensors = export_tensors(model, dtype)
+    if score_head is not None:
+        hf, tensors = _as_sequence_classifier(hf, tensors, score_head, tokenizer, dtype, cfg.hidden_size)
     path = Path(path)
     limit = _parse_size(max_shard_size)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     stored_dtype = None
-    for name, tensor in export_tensors(model, dtype):
+    for name, tensor in tensors:
         stored_dtype = stored_dtype or tensor.dtype
         if shards[-1] and size + tensor.nbytes > limit:
             shards.append({})
@@ -269,7 +311,6 @@ def save_pretrained(
             total = sum(t.nbytes for shard in shards for t in shard.values())
             with open(tmp / INDEX_FILE, "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        hf = dict(cfg.hf_config)
         hf["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
             str(np.dtype(stored_dtype)), str(np.dtype(stored_dtype)))
         hf.pop("torch_dtype", None)

@@ -104,25 +104,33 @@ def sft_objective(model, batch: Batch, *, chunk_size: int = 1024) -> tuple[jax.A
     return total, {"nll": total / jnp.maximum(mask.sum(), 1.0)}
 
 
-def last_completion_positions(batch: Batch, num_sequences: int) -> jax.Array:
-    """Flat ``[num_sequences]`` index into ``[R * L]`` of each sequence's last scored position."""
+def last_token_positions(batch: Batch, num_sequences: int) -> jax.Array:
+    """Flat ``[num_sequences]`` index into ``[R * L]`` of each sequence's last token (HF's "last non-pad token")."""
     ids = batch["sequence_ids"].ravel()
     flat = jnp.arange(ids.shape[0])
-    scored = (batch["loss_mask"].ravel() > 0) & (ids >= 0)
-    safe_ids = jnp.where(scored, ids, num_sequences)
-    last = jax.ops.segment_max(jnp.where(scored, flat, -1), safe_ids, num_segments=num_sequences + 1)
+    present = ids >= 0
+    safe_ids = jnp.where(present, ids, num_sequences)
+    last = jax.ops.segment_max(jnp.where(present, flat, -1), safe_ids, num_segments=num_sequences + 1)
     return jnp.maximum(last[:num_sequences], 0)
+
+
+def sequence_rewards(model, head: jax.Array, batch: Batch) -> jax.Array:
+    """``[2P]`` scalar rewards ``h · head`` (float32) from the final hidden state at each sequence's last token.
+
+    This is what HF's ``*ForSequenceClassification`` with ``num_labels=1`` computes (its ``score`` layer on the
+    last non-pad token), so a head trained here exports as ``score.weight``.
+    """
+    hidden = hidden_from_batch(model, batch)
+    positions = last_token_positions(batch, 2 * batch["pair_mask"].shape[-1])
+    h = hidden.reshape(-1, hidden.shape[-1])[positions].astype(jnp.float32)
+    return h @ head.astype(jnp.float32)
 
 
 def reward_objective(model, head: jax.Array, batch: Batch, *, margin: float = 0.0,
                      center_rewards_coefficient: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Bradley-Terry loss of a scalar head ``[D]`` on the backbone's hidden state at the last scored
-    position of each sequence (the token that predicts EOS), summed over real pairs."""
-    hidden = hidden_from_batch(model, batch)
+    """Bradley-Terry loss of a scalar head ``[D]`` on :func:`sequence_rewards`, summed over real pairs."""
     p = batch["pair_mask"].shape[-1]
-    positions = last_completion_positions(batch, 2 * p)
-    h = hidden.reshape(-1, hidden.shape[-1])[positions].astype(jnp.float32)
-    rewards = (h @ head.astype(jnp.float32)).reshape(p, 2)
+    rewards = sequence_rewards(model, head, batch).reshape(p, 2)
     mask = batch["pair_mask"].astype(jnp.float32)
     per_pair = losses.bradley_terry_loss(rewards[:, 0], rewards[:, 1], margin=margin,
                                          center_rewards_coefficient=center_rewards_coefficient)

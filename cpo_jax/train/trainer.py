@@ -262,7 +262,7 @@ class Trainer:
                 if step % cfg.save_every == 0 or step == cfg.steps:
                     self.checkpointer.save(step, self.state, data.get_state(), to_dict(cfg))
             self.checkpointer.wait()
-            if cfg.export_hf and cfg.loss.objective != "reward":
+            if cfg.export_hf:
                 self.export(self.output_dir / "hf")
         finally:
             writer.close()
@@ -294,6 +294,10 @@ class Trainer:
                 f"hyperparameter.")
 
     def export(self, path) -> Path:
-        """Write the current policy as an HF directory (with the tokenizer)."""
+        """Write the current policy as an HF directory (with the tokenizer).
+
+        A reward model (``loss.objective: reward``) is written as ``*ForSequenceClassification`` with
+        ``num_labels=1``, its head as ``score.weight``.
+        """
         model = nnx.merge(self.graphdef, self.state.params["model"])
-        return save_pretrained(model, path, tokenizer=self.tokenizer)
+        return save_pretrained(model, path, tokenizer=self.tokenizer, score_head=self.state.params.get("head"))
