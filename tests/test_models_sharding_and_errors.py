@@ -108,6 +108,15 @@ def test_unsupported_config_values_are_named(changes, message, root, tmp_path):
         from_pretrained(path)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])
+def test_a_family_refuses_model_types_it_does_not_cover(family):
+    import importlib
+
+    module = importlib.import_module(f"cpo_jax.models.{family}")
+    with pytest.raises(UnsupportedConfig, match=rf"{family} family does not cover model_type 'mixtral'"):
+        module.config_from_hf({"model_type": "mixtral"})
+
+
 def test_missing_and_unmapped_tensors_are_named(root, tmp_path):
     path = _copy(tiny_model("llama", root)[1], tmp_path)
     tensors = load_file(path / "model.safetensors")

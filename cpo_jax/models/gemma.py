@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import SLIDING, TransformerConfig
-from cpo_jax.models.hf_config import UnsupportedConfig, decoder_dims, layer_types, require_value, rope_specs
+from cpo_jax.models.hf_config import decoder_dims, layer_types, require_model_type, require_value, rope_specs
 from cpo_jax.models.llama import projection_rules
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -22,9 +22,7 @@ _TANH_GELU = ("gelu_pytorch_tanh", "gelu")  # transformers maps Gemma's legacy "
 
 def config_from_hf(hf: dict) -> TransformerConfig:
     """Translate a Gemma/Gemma 2/Gemma 3 text ``config.json`` dict. Unsupported options raise."""
-    model_type = hf["model_type"]
-    if model_type not in MODEL_TYPES:
-        raise UnsupportedConfig(f"gemma family does not cover model_type {model_type!r}")
+    model_type = require_model_type(hf, MODEL_TYPES, "gemma")
     act_key = "hidden_act" if model_type == "gemma" else "hidden_activation"
     require_value(hf, act_key, _TANH_GELU, model_type)
     require_value(hf, "attention_dropout", (0, 0.0), model_type)

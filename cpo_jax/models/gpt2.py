@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import TransformerConfig
-from cpo_jax.models.hf_config import UnsupportedConfig, require_value
+from cpo_jax.models.hf_config import require_model_type, require_value
 
 MODEL_TYPES = ("gpt2",)
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -17,9 +17,7 @@ _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu
 
 def config_from_hf(hf: dict) -> TransformerConfig:
     """Translate a GPT-2 ``config.json`` dict. Unsupported options raise."""
-    model_type = hf["model_type"]
-    if model_type not in MODEL_TYPES:
-        raise UnsupportedConfig(f"gpt2 family does not cover model_type {model_type!r}")
+    model_type = require_model_type(hf, MODEL_TYPES, "gpt2")
     require_value(hf, "activation_function", _ACTIVATIONS, model_type)
     require_value(hf, "scale_attn_by_inverse_layer_idx", (False,), model_type)
     require_value(hf, "add_cross_attention", (False,), model_type)

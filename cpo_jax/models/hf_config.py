@@ -13,6 +13,14 @@ class UnsupportedConfig(ValueError):
     """A config.json value that cpo_jax cannot honour (it is never silently ignored)."""
 
 
+def require_model_type(hf: dict, model_types: tuple[str, ...], family: str) -> str:
+    """``hf["model_type"]``, or :class:`UnsupportedConfig` when ``family`` does not cover it."""
+    model_type = hf["model_type"]
+    if model_type not in model_types:
+        raise UnsupportedConfig(f"{family} family does not cover model_type {model_type!r}")
+    return model_type
+
+
 def require_value(hf: dict, key: str, allowed, model_type: str) -> None:
     """Raise :class:`UnsupportedConfig` when ``hf[key]`` is set to a value outside ``allowed``."""
     if key in hf and hf[key] not in allowed:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import SLIDING, TransformerConfig
-from cpo_jax.models.hf_config import UnsupportedConfig, decoder_dims, layer_types, require_value, rope_specs
+from cpo_jax.models.hf_config import decoder_dims, layer_types, require_model_type, require_value, rope_specs
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -21,9 +21,7 @@ _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"
 
 def config_from_hf(hf: dict) -> TransformerConfig:
     """Translate a Llama/Mistral/Qwen2/Qwen3 ``config.json`` dict. Unsupported options raise."""
-    model_type = hf["model_type"]
-    if model_type not in MODEL_TYPES:
-        raise UnsupportedConfig(f"llama family does not cover model_type {model_type!r}")
+    model_type = require_model_type(hf, MODEL_TYPES, "llama")
     require_value(hf, "hidden_act", _ACTIVATIONS, model_type)
     require_value(hf, "attention_dropout", (0, 0.0), model_type)
     require_value(hf, "pretraining_tp", (1,), model_type)
