@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import scipy.special  # noqa: E402
 
 from cpo_jax.experiments import tabular  # noqa: E402
 from cpo_jax.losses import smooth_target  # noqa: E402
@@ -70,12 +71,12 @@ def _row(problem: tabular.Problem, logits: np.ndarray, *, loss: float | None) ->
     return summary
 
 
-def markdown_table(rows: dict) -> str:
+def markdown_table(rows: dict, trajectories: dict) -> str:
     """One markdown table per setting: method × the final diagnostics."""
     out = []
     for setting, by_method in rows.items():
         problem_setting = tabular.SETTINGS[setting]
-        problem = tabular.make_problem(problem_setting)
+        problem = trajectories[setting]["problem"]
         n_violated = int(tabular.violated_pairs(problem).sum())
         out.append(
             f"**{setting}** (reference slope {problem_setting.ref_slope}, β = {problem_setting.beta}; "
@@ -126,8 +127,7 @@ def plot_loss_vs_preference(trajectories: dict, path: pathlib.Path) -> None:
 def plot_delta_plane(trajectories: dict, path: pathlib.Path, *, pairs: int = 40) -> None:
     """Figure 2: the (delta_ref, delta_theta) plane with U shaded and pair trajectories."""
     problem = trajectories["problem"]
-    log_ref = tabular.log_softmax_np(problem.ref_logits)
-    delta_ref = np.asarray(tabular.pair_deltas(log_ref, problem))
+    delta_ref = np.asarray(tabular.pair_deltas(scipy.special.log_softmax(problem.ref_logits, axis=-1), problem))
     delta_star = np.asarray(tabular.pair_deltas(tabular.rlhf_optimum_logits(problem), problem))
     violated = tabular.violated_pairs(problem)
     chosen = np.random.RandomState(0).choice(len(delta_ref), size=min(pairs, len(delta_ref)), replace=False)
@@ -246,7 +246,7 @@ def main() -> None:
     plot_soft_margin(args.out / "fig4_cpo_soft_margin.png", method="cpo")
     sweep = beta_sweep(args.steps)
     plot_beta_sweep(sweep, args.out / "fig5_beta_sweep.png")
-    table = markdown_table(rows) + "\nβ sweep (violated setting; Figure 5):\n\n" + sweep_table(sweep) + "\n"
+    table = markdown_table(rows, trajectories) + "\nβ sweep (violated setting; Figure 5):\n\n" + sweep_table(sweep) + "\n"
     (args.out / "table.md").write_text(table + "\n")
     (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     if args.update_docs:

@@ -77,8 +77,7 @@ def mine(problems: int, seed: int, eval_size: int, contrast_eval_size: int) -> d
         write_jsonl(records, DATA / name)
     stats = {**mined.stats, "seed": seed, "max_length": MAX_LENGTH,
              "sizes": {name: len(records) for name, records in files.items()},
-             "seconds": round(time.perf_counter() - start, 1),
-             "candidate_delta_ref_norm_mean": float(np.nanmean(logps[:, 0] / lengths[:, 0] - logps[:, 1] / lengths[:, 1]))}
+             "seconds": round(time.perf_counter() - start, 1)}
     (DATA / "mining_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     print(json.dumps(stats, indent=1))
     return stats

@@ -48,15 +48,19 @@ def select_pairs(records: list[dict], logps: np.ndarray, lengths: np.ndarray) ->
     by_problem: dict[int, list[int]] = {}
     for i, record in enumerate(records):
         by_problem.setdefault(int(record["problem"]), []).append(i)
+    def most_preferred(candidates: np.ndarray) -> dict:
+        """The candidate with the lowest ``delta_ref_norm``, annotated with its margins."""
+        pick = candidates[np.argmin(delta_norm[candidates])]
+        return {**records[pick], "delta_ref": float(delta[pick]), "delta_ref_norm": float(delta_norm[pick])}
+
     violated, contrast = [], []
     for rows in by_problem.values():
         rows = np.asarray(rows)
-        if violated_mask[rows].any():
-            pick = rows[violated_mask[rows]][np.argmin(delta_norm[rows][violated_mask[rows]])]
-            violated.append(_annotated(records[pick], delta[pick], delta_norm[pick]))
-        elif contrast_mask[rows].any():
-            pick = rows[contrast_mask[rows]][np.argmin(delta_norm[rows][contrast_mask[rows]])]
-            contrast.append(_annotated(records[pick], delta[pick], delta_norm[pick]))
+        violated_rows, contrast_rows = rows[violated_mask[rows]], rows[contrast_mask[rows]]
+        if violated_rows.size:
+            violated.append(most_preferred(violated_rows))
+        elif contrast_rows.size:
+            contrast.append(most_preferred(contrast_rows))
     stats = {
         "problems": len(by_problem),
         "candidates": len(records),
@@ -64,12 +68,9 @@ def select_pairs(records: list[dict], logps: np.ndarray, lengths: np.ndarray) ->
         "candidates_ref_prefers_wrong": int(violated_mask.sum()),
         "problems_with_a_preferred_wrong_answer": len(violated),
         "contrast_problems": len(contrast),
+        "candidate_delta_ref_norm_mean": float(np.nanmean(delta_norm)) if scored.any() else None,
     }
     return Mined(violated=violated, contrast=contrast, stats=stats)
-
-
-def _annotated(record: dict, delta: float, delta_norm: float) -> dict:
-    return {**record, "delta_ref": float(delta), "delta_ref_norm": float(delta_norm)}
 
 
 def prompt_records(pairs: list[dict]) -> list[dict]:

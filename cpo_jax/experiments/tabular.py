@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.special
 
 from cpo_jax import losses
 
@@ -115,15 +116,14 @@ def make_problem(setting: Setting) -> Problem:
     )  # fmt: skip
 
 
-def log_softmax_np(logits: np.ndarray) -> np.ndarray:
-    """Float64 log-softmax over the last axis."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+def reference_log_policy(problem: Problem) -> jax.Array:
+    """``log pi_ref`` ``[P, K]`` (float32), as the losses and diagnostics see it."""
+    return jax.nn.log_softmax(jnp.asarray(problem.ref_logits, jnp.float32), axis=-1)
 
 
 def rlhf_optimum_logits(problem: Problem) -> np.ndarray:
     """``log pi*`` ``[P, K]`` of the KL-regularised RLHF optimum ``pi* ∝ pi_ref · exp(r / beta)`` (float64)."""
-    return log_softmax_np(problem.ref_logits + problem.rewards / problem.beta)
+    return scipy.special.log_softmax(problem.ref_logits + problem.rewards / problem.beta, axis=-1)
 
 
 def pair_deltas(log_policy: jax.Array | np.ndarray, problem: Problem) -> jax.Array:
@@ -143,7 +143,7 @@ def policy_summary(log_policy: jax.Array, problem: Problem) -> dict[str, jax.Arr
     ``delta_ref < delta_theta < 0``, ``abs_accuracy`` the share with ``delta_theta > 0``; the
     ``*_violated`` versions are restricted to the pairs that violate the assumption.
     """
-    log_ref = jax.nn.log_softmax(jnp.asarray(problem.ref_logits, jnp.float32), axis=-1)
+    log_ref = reference_log_policy(problem)
     delta_theta, delta_ref = pair_deltas(log_policy, problem), pair_deltas(log_ref, problem)
     in_u = (delta_ref < delta_theta) & (delta_theta < 0)
     correct = delta_theta > 0
@@ -166,7 +166,7 @@ def objective(theta: jax.Array, problem: Problem, method: str) -> jax.Array:
     hparams = {k: problem.beta if v is None else v for k, v in hparams.items()}
     prompt, chosen, rejected, count = problem.observations
     log_policy = jax.nn.log_softmax(theta, axis=-1)
-    log_ref = jax.nn.log_softmax(jnp.asarray(problem.ref_logits, jnp.float32), axis=-1)
+    log_ref = reference_log_policy(problem)
     ones = jnp.ones(prompt.shape, jnp.float32)
     per_pair = losses.get(name)(
         log_policy[prompt, chosen], log_policy[prompt, rejected], log_ref[prompt, chosen], log_ref[prompt, rejected],
