@@ -27,8 +27,20 @@ DOC = ROOT / "docs" / "paper_reproduction.md"
 FIGURES = ROOT / "docs" / "figures" / "pathology_llm"
 BEGIN, END = "<!-- llm-table:begin -->", "<!-- llm-table:end -->"
 RUNS = ["dpo_violated", "cpo_violated", "cpo_summed_violated", "dpo_contrast", "cpo_contrast"]
-MAX_LENGTH = 64  # the configs' data.max_length and data.max_prompt_length
-MAX_PROMPT_LENGTH = 56
+
+
+def _length_policy() -> tuple[int, int]:
+    """``(max_length, max_prompt_length)`` of the paper configs: mining and the audit see what training sees."""
+    from omegaconf import OmegaConf
+
+    policies = {(int(c.data.max_length), int(c.data.max_prompt_length))
+                for c in (OmegaConf.load(ROOT / "configs" / "paper" / f"{run}.yaml") for run in RUNS)}
+    if len(policies) != 1:
+        raise SystemExit(f"configs/paper/ disagree on data.max_length / data.max_prompt_length: {sorted(policies)}")
+    return policies.pop()
+
+
+MAX_LENGTH, MAX_PROMPT_LENGTH = _length_policy()
 
 
 def mine(problems: int, seed: int, eval_size: int, contrast_eval_size: int) -> dict:
