@@ -89,7 +89,12 @@ def _restored_trainer(config: Path, overrides: list[str] | None):
         cfg = load_config(config, overrides)
     except ConfigError as err:
         _fail(err)
-    trainer = Trainer(cfg)
+    if cfg.loss.objective == "rlhf":
+        from cpo_jax.rlhf import RLTrainer
+
+        trainer = RLTrainer(cfg)
+    else:
+        trainer = Trainer(cfg)
     step, _ = trainer.restore_latest()
     return cfg, trainer, step
 
@@ -111,9 +116,10 @@ def train(
     distributed: Annotated[bool, typer.Option(help="join a multi-host run via JAX cluster detection (TPU pods, "
                                                    "SLURM); CPO_JAX_COORDINATOR etc. also start one")] = False,
 ) -> None:
-    """Train (DPO, CPO or any loss by name; SFT; reward model) from CONFIG.yaml with key=value overrides."""
+    """Train (DPO, CPO or any loss by name; SFT; reward model; RLOO/GRPO/PPO) from CONFIG.yaml with key=value
+    overrides."""
     from cpo_jax.parallel import initialize
-    from cpo_jax.report import format_before_after, plot_curves
+    from cpo_jax.report import PREFERENCE_PANELS, RL_PANELS, format_before_after, plot_curves
 
     initialize(cluster_detection=distributed)  # before any other JAX call; a no-op for one process
     cfg, trainer, start = _restored_trainer(config, overrides)
@@ -127,7 +133,8 @@ def train(
     after = _evaluate(trainer, cfg)
     out = Path(cfg.output_dir)
     if (out / "metrics.jsonl").is_file():
-        plot_curves(out / "metrics.jsonl", out / "curves.png")
+        panels = RL_PANELS if cfg.loss.objective == "rlhf" else PREFERENCE_PANELS
+        plot_curves(out / "metrics.jsonl", out / "curves.png", panels=panels)
     summary = {"start_step": result.start_step, "final_step": result.final_step, "before": before, "after": after}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     typer.echo(f"trained steps {result.start_step} -> {result.final_step}; outputs in {out}")

@@ -18,6 +18,8 @@ SUMMARY_KEYS = (
     "diagnostics/frac_in_U",
     "diagnostics/frac_in_U_norm",
     "generation/accuracy",
+    "objective/scores",
+    "response_length/mean",
 )
 
 
@@ -63,16 +65,23 @@ def format_before_after(before: dict, after: dict) -> str:
     return "\n".join(rows)
 
 
-def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
-    """PNG of loss, reward accuracy and the paper's diagnostics over steps (train, and eval when logged)."""
+#: ``(metric, title)`` panels of :func:`plot_curves` for preference runs and for RLHF runs.
+PREFERENCE_PANELS = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"),
+                     ("diagnostics/frac_in_U", "share of pairs in U"),
+                     ("diagnostics/abs_accuracy", "policy prefers chosen"))
+RL_PANELS = (("objective/scores", "reward (sampled; eval: greedy)"), ("objective/kl", "KL to reference (nats/seq)"),
+             ("policy/entropy_avg", "token entropy"), ("response_length/mean", "completion length"))
+
+
+def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike,
+                panels: tuple[tuple[str, str], ...] = PREFERENCE_PANELS) -> Path:
+    """PNG of ``panels`` (metric, title) over steps, train and eval (``eval/<metric>``) when logged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    panels = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"),
-              ("diagnostics/frac_in_U", "share of pairs in U"), ("diagnostics/abs_accuracy", "policy prefers chosen"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (key, title) in zip(axes, panels):
         for prefix, style in (("", "-"), ("eval/", "o--")):

@@ -24,7 +24,15 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from cpo_jax.hf.weights import Binding, bind, check_names, group_parts, our_shape, read_block, to_hf
+from cpo_jax.hf.weights import (
+    Binding,
+    bind,
+    check_names,
+    group_parts,
+    our_shape,
+    read_block,
+    to_hf,
+)
 from cpo_jax.models import gemma, gpt2, llama
 from cpo_jax.models.config import TransformerConfig
 from cpo_jax.models.hf_config import UnsupportedConfig
@@ -121,12 +129,18 @@ def from_pretrained(
       A :class:`~cpo_jax.models.transformer.Transformer`.
     """
     path = Path(path)
-    cfg = config_from_hf(read_hf_config(path), dtype=dtype, **config_overrides)
+    hf = read_hf_config(path)
+    classifier = is_sequence_classifier(hf)
+    if classifier:  # a reward model has no lm_head: the (unused) output layer reads the embedding
+        config_overrides = {"tie_embeddings": True, **config_overrides}
+    cfg = config_from_hf(hf, dtype=dtype, **config_overrides)
     if (path / ORBAX_PARAMS).is_dir() and not any(path.glob("*.safetensors")):
         return _from_orbax(path / ORBAX_PARAMS, cfg, param_dtype, mesh, rules)
     table = family_of(cfg.model_type).weight_table(cfg)
     bindings = bind(table, cfg.num_layers, cfg.scan_layers)
     files = tensor_files(path)
+    if classifier:
+        files.pop(SCORE_TENSOR, None)
     check_names(table, list(files), [b.hf_name for b in bindings], str(path))
 
     by_path: dict[tuple, list[Binding]] = {}
@@ -143,6 +157,37 @@ def from_pretrained(
             group = sorted(by_path[var_path], key=lambda b: -1 if b.layer is None else b.layer)
             flat.append((var_path, var.replace(_load_param(var, group, files, handles, param_dtype, mesh, rules))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+SCORE_TENSOR = "score.weight"
+
+
+def is_sequence_classifier(hf: Mapping[str, Any]) -> bool:
+    """True for an HF ``*ForSequenceClassification`` config (a reward model)."""
+    return any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+
+
+def load_reward_model(path: str | os.PathLike, **kwargs) -> tuple[Transformer, jax.Array]:
+    """``(backbone, head [D])`` of an HF ``*ForSequenceClassification`` directory with ``num_labels=1``.
+
+    ``kwargs`` go to :func:`from_pretrained`. The score is ``head · h`` at the last non-pad token.
+    """
+    path = Path(path)
+    hf = read_hf_config(path)
+    if not is_sequence_classifier(hf):
+        raise ValueError(f"{path}: architectures={hf.get('architectures')} is not a *ForSequenceClassification "
+                         f"reward model")
+    if hf.get("num_labels", len(hf.get("id2label") or {0: 0})) != 1:
+        raise ValueError(f"{path}: a reward model has num_labels=1; this one has {hf.get('num_labels')}")
+    files = tensor_files(path)
+    if SCORE_TENSOR not in files:
+        raise KeyError(f"{path}: no {SCORE_TENSOR} tensor in the checkpoint")
+    model = from_pretrained(path, **kwargs)
+    with safe_open(files[SCORE_TENSOR], framework="numpy") as f:
+        score = np.asarray(f.get_slice(SCORE_TENSOR)[:]).astype(np.float32)
+    if score.shape != (1, model.config.hidden_size):
+        raise ValueError(f"{path}: {SCORE_TENSOR} has shape {score.shape}; expected (1, {model.config.hidden_size})")
+    return model, jnp.asarray(score[0])
 
 
 def _from_orbax(params_dir: Path, cfg: TransformerConfig, param_dtype, mesh, rules) -> Transformer:

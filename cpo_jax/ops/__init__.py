@@ -3,6 +3,7 @@
 from cpo_jax.ops.logprobs import (
     DEFAULT_CHUNK_SIZE,
     SequenceLogps,
+    chunked_token_entropy,
     chunked_token_logps,
     next_token_targets,
     reduce_sequence,
@@ -14,6 +15,7 @@ from cpo_jax.ops.logprobs import (
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "SequenceLogps",
+    "chunked_token_entropy",
     "chunked_token_logps",
     "next_token_targets",
     "reduce_sequence",

@@ -257,3 +257,29 @@ def sequence_logps_from_hidden(
         logit_softcap=logit_softcap,
     )
     return reduce_sequence(per_token, mask)
+
+
+def chunked_token_entropy(
+    hidden: Array,
+    unembedding: Array,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+) -> Array:
+    """Entropy of the next-token distribution at every position, ``[B, T, D]`` -> float32 ``[B, T]``.
+
+    Works through ``chunk_size`` tokens at a time (a ``[chunk_size, V]`` float32 buffer), so no ``[B, T, V]``
+    logits are formed. A metric: gradients are stopped.
+    """
+    batch, length, dim = hidden.shape
+    cap = None if logit_softcap is None else float(logit_softcap)
+
+    def chunk_entropy(h):
+        logp = jax.nn.log_softmax(_chunk_logits(h, unembedding, float(temperature), cap), axis=-1)
+        return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+    flat = jax.lax.stop_gradient(hidden.reshape(batch * length, dim))
+    chunks = _to_chunks(flat, max(1, min(chunk_size, batch * length)))
+    entropy = jax.lax.map(chunk_entropy, chunks).reshape(-1)[: batch * length]
+    return entropy.reshape(batch, length)

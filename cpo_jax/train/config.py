@@ -42,9 +42,10 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """The objective: a registered pairwise loss (with its hyperparameters), ``sft``, or ``reward``."""
+    """The objective: a registered pairwise loss (with its hyperparameters), ``sft``, ``reward``, or
+    ``rlhf`` (on-policy RL from prompts; its settings live in :class:`RLConfig`)."""
 
-    objective: Literal["preference", "sft", "reward"] = "preference"
+    objective: Literal["preference", "sft", "reward", "rlhf"] = "preference"
     name: str = "sigmoid"
     hparams: dict = dataclasses.field(default_factory=dict)
     reference: Literal["separate", "precomputed", "none"] = "separate"
@@ -68,6 +69,55 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """On-policy KL-regularised RLHF (``loss.objective: rlhf``); see :mod:`cpo_jax.rlhf`.
+
+    Each step samples ``prompts_per_step`` prompts (per process) from ``data.train_files``, generates
+    ``num_generations`` completions of up to ``max_new_tokens`` tokens for each, scores them, and runs
+    ``ppo_epochs`` passes of ``num_mini_batches`` updates over the rollout.
+
+    Attributes:
+      algorithm: ``rloo``, ``grpo``, ``reinforce`` (sequence-level advantages) or ``ppo`` (GAE with a value head).
+      reward: ``verifier:<name>`` (a rule-based verifier, see :data:`cpo_jax.rlhf.rewards.VERIFIERS`) or
+        the path of a reward model (an HF ``*ForSequenceClassification`` directory, e.g. a reward run's ``hf/``).
+      kl_coef: beta of the KL penalty; kl_estimator: ``k1``, ``k2`` or ``k3``; kl_in: ``reward`` (subtracted
+        from the reward, RLOO/PPO style) or ``loss`` (added to the loss, GRPO style).
+      adaptive_kl_target: when set, beta follows Ziegler et al.'s proportional controller towards this
+        KL (nats per sequence) with ``adaptive_kl_horizon``.
+      whiten_advantages: normalise advantages over the batch (PPO default; off for RLOO/GRPO).
+      missing_eos_penalty: subtracted from the score of completions cut off before an end-of-sequence token.
+      loss_aggregation: how token losses become a scalar (see :func:`cpo_jax.losses.aggregate_token_losses`).
+      eval_max_new_tokens: greedy generation length for the verifier accuracy on ``data.eval_files``.
+    """
+
+    algorithm: Literal["rloo", "grpo", "reinforce", "ppo"] = "rloo"
+    reward: str = "verifier:arithmetic"
+    prompts_per_step: int = 8
+    num_generations: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_in: Literal["reward", "loss"] = "reward"
+    adaptive_kl_target: float | None = None
+    adaptive_kl_horizon: int = 10000
+    ppo_epochs: int = 1
+    num_mini_batches: int = 1
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    vf_coef: float = 0.1
+    value_clip_eps: float | None = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = False
+    missing_eos_penalty: float | None = None
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    eval_max_new_tokens: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """A whole run. ``mesh`` maps axis names to sizes (-1: the remaining devices)."""
 
@@ -76,6 +126,7 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
+    rl: RLConfig = RLConfig()
     mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
     steps: int = 100
     grad_accum: int = 1

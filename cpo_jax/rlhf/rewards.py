@@ -1,0 +1,140 @@
+"""Rewards for on-policy RLHF: one interface, two kinds behind it.
+
+A reward function maps prompt records and their decoded completions to float32 scores ``[N]``:
+
+* :class:`VerifierReward`: a rule-based check in Python (the bundled arithmetic task is scored this way);
+* :class:`LearnedReward`: a Bradley-Terry reward model (backbone + scalar head, as a ``loss.objective:
+  reward`` run trains and exports it) that reads the prompt and completion as text, through its own
+  tokenizer and chat template, so the policy and the reward model need not share a vocabulary.
+
+:func:`make_reward` builds either from the config string ``verifier:<name>`` or a directory path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cpo_jax.data.bundled import score_arithmetic
+
+
+class RewardFunction(Protocol):
+    """``(records, completions) -> float32 [N]``: one score per (prompt record, completion text)."""
+
+    def __call__(self, records: Sequence[dict], completions: Sequence[str]) -> np.ndarray: ...
+
+
+def digit_fraction(prompt, completion) -> float:
+    """Share of the completion's non-space characters that are digits (0 for an empty completion).
+
+    A dense smoke-test verifier: a random-init model starts near 10 / vocabulary and can climb it within
+    a few dozen RLOO steps, so CI can check that the loop raises a verifier's reward. It ignores the prompt.
+    """
+    del prompt
+    text = completion if isinstance(completion, str) else " ".join(m["content"] for m in completion)
+    chars = [c for c in text if not c.isspace()]
+    return sum(c.isdigit() for c in chars) / len(chars) if chars else 0.0
+
+
+#: Rule-based verifiers by name: ``fn(prompt, completion_text) -> float``.
+VERIFIERS: dict[str, Callable[[object, str], float]] = {
+    "arithmetic": score_arithmetic,
+    "digits": digit_fraction,
+}
+
+
+class VerifierReward:
+    """Scores completions with a rule-based ``fn(prompt, completion) -> float`` (host Python)."""
+
+    def __init__(self, fn: Callable[[object, str], float], name: str = "verifier"):
+        self.fn, self.name = fn, name
+
+    def __call__(self, records: Sequence[dict], completions: Sequence[str]) -> np.ndarray:
+        """float32 ``[N]`` scores of ``completions[i]`` for ``records[i]["prompt"]``."""
+        if len(records) != len(completions):
+            raise ValueError(f"{len(records)} records but {len(completions)} completions")
+        return np.asarray([self.fn(r["prompt"], c) for r, c in zip(records, completions)], np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _last_token_scores(graphdef, state, head, input_ids, attention_mask):
+    model = nnx.merge(graphdef, state)
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask)
+    last = jnp.max(jnp.where(attention_mask > 0, jnp.arange(input_ids.shape[1]), 0), axis=1)
+    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    return h @ head.astype(jnp.float32)
+
+
+class LearnedReward:
+    """A reward model: ``score = h_last · head`` on the chat-formatted prompt + completion.
+
+    Rows are right-padded to a power-of-two bucket (at least 64, at most ``max_length``) so that a few
+    shapes cover all calls; text longer than ``max_length`` tokens keeps its first ``max_length`` tokens.
+    """
+
+    def __init__(self, model, head: jax.Array, tokenizer, *, max_length: int = 1024, batch_size: int = 16):
+        self.graphdef, self.state = nnx.split(model)
+        self.head = jnp.asarray(head)
+        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, mesh=None, **kwargs) -> LearnedReward:
+        """Load an HF ``*ForSequenceClassification`` (``num_labels=1``) directory with its tokenizer."""
+        from transformers import AutoTokenizer
+
+        from cpo_jax.hf.pretrained import load_reward_model
+
+        model, head = load_reward_model(path, mesh=mesh)
+        return cls(model, head, AutoTokenizer.from_pretrained(str(path)), **kwargs)
+
+    def _text_ids(self, prompt, completion: str) -> list[int]:
+        if isinstance(prompt, list):
+            messages = [*prompt, {"role": "assistant", "content": completion}]
+            ids = self.tokenizer.apply_chat_template(messages, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = self.tokenizer(prompt + completion, add_special_tokens=True)["input_ids"]
+        return list(ids)[: self.max_length]
+
+    def __call__(self, records: Sequence[dict], completions: Sequence[str]) -> np.ndarray:
+        """float32 ``[N]`` reward-model scores."""
+        if len(records) != len(completions):
+            raise ValueError(f"{len(records)} records but {len(completions)} completions")
+        rows = [self._text_ids(r["prompt"], c) for r, c in zip(records, completions)]
+        out = []
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            length = 64
+            while length < max(len(r) for r in chunk):
+                length *= 2
+            length = min(length, self.max_length)
+            ids = np.full((self.batch_size, length), self.pad_id, np.int32)
+            mask = np.zeros((self.batch_size, length), np.int32)
+            for i, r in enumerate(chunk):
+                ids[i, :len(r)], mask[i, :len(r)] = r, 1
+            mask[len(chunk):, 0] = 1  # filler rows: one real token, scores discarded
+            scores = _last_token_scores(self.graphdef, self.state, self.head, jnp.asarray(ids), jnp.asarray(mask))
+            out.append(np.asarray(scores)[:len(chunk)])
+        return np.concatenate(out).astype(np.float32)
+
+
+def make_reward(spec: str, *, mesh=None) -> RewardFunction:
+    """``verifier:<name>`` -> :class:`VerifierReward`; a directory -> :class:`LearnedReward`."""
+    if spec.startswith("verifier:"):
+        name = spec.split(":", 1)[1]
+        if name not in VERIFIERS:
+            raise KeyError(f"config key rl.reward={spec!r}: no verifier {name!r}; available: "
+                           f"{['verifier:' + n for n in VERIFIERS]}")
+        return VerifierReward(VERIFIERS[name], name)
+    if not (Path(spec) / "config.json").is_file():
+        raise FileNotFoundError(f"config key rl.reward={spec!r}: neither verifier:<name> nor a reward-model "
+                                f"directory with a config.json")
+    return LearnedReward.from_pretrained(spec, mesh=mesh)

@@ -1,0 +1,300 @@
+"""The on-policy loop: prompts -> sample K completions -> score -> log-probs -> RLOO/GRPO/PPO update.
+
+``RLTrainer(cfg).run()`` mirrors :class:`cpo_jax.train.Trainer`: it resumes from the latest checkpoint in
+``cfg.output_dir`` (the KL coefficient of an adaptive controller included), logs TRL/verl metric names
+to ``metrics.jsonl`` and TensorBoard, evaluates greedy completions of ``data.eval_files`` with the reward,
+and exports the policy as an HF directory. The policy parameters live once, in the train state, in the
+mesh sharding; sampling reads them in place.
+
+Per step, the wall time is split into ``timing_s/gen`` (sampling), ``timing_s/reward`` (decoding and
+scoring on the host), ``timing_s/old_log_prob`` (policy and reference scoring passes + advantages) and
+``timing_s/update_actor``; ``perf/rollout_tokens_per_sec`` counts generated tokens per second of sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from cpo_jax.data import (
+    BatchConfig,
+    PipelineConfig,
+    TokenizeConfig,
+    build_dataset,
+    load_records,
+)
+from cpo_jax.hf.resolve import resolve_model_path
+from cpo_jax.models import from_pretrained, save_pretrained
+from cpo_jax.models.generate import SamplingConfig
+from cpo_jax.parallel.sharding import logical_spec, make_mesh
+from cpo_jax.rlhf.algorithms import adaptive_kl_coef
+from cpo_jax.rlhf.rewards import RewardFunction, make_reward
+from cpo_jax.rlhf.rollout import init_value_head, sample
+from cpo_jax.rlhf.step import jit_score, jit_update
+from cpo_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from cpo_jax.train.config import TrainConfig, to_dict
+from cpo_jax.train.metrics_writer import MetricsWriter
+from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
+from cpo_jax.train.step import init_state
+from cpo_jax.train.trainer import RunResult, TrainingDiverged
+
+log = logging.getLogger(__name__)
+
+
+class RLTrainer:
+    """Builds the policy, reference, reward and prompt pipeline from a :class:`TrainConfig`; ``run()`` trains."""
+
+    def __init__(self, cfg: TrainConfig, *, tokenizer=None, devices=None, reward: RewardFunction | None = None):
+        self.cfg = cfg
+        self.rl = cfg.rl
+        self.output_dir = Path(cfg.output_dir)
+        self._validate()
+        self.mesh = make_mesh(cfg.mesh, devices)
+        self.model_path = resolve_model_path(cfg.model.path)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos_id = tokenizer.eos_token_id
+        model_kw = dict(dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype),
+                        mesh=self.mesh, scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
+                        attention_impl=cfg.model.attention_impl)
+        policy = from_pretrained(self.model_path, **model_kw)
+        self.model_config = policy.config
+        self.graphdef, model_state = nnx.split(policy)
+        params = {"model": model_state}
+        if self.rl.algorithm == "ppo":
+            replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            params["value_head"] = jax.device_put(init_value_head(policy.config.hidden_size), replicated)
+        self.ref_params = {"model": nnx.split(from_pretrained(self.model_path, **model_kw))[1]}
+        self.num_params = sum(x.size for x in jax.tree.leaves(model_state))
+
+        self.prompt_length = cfg.data.max_prompt_length or cfg.data.max_length - self.rl.max_new_tokens
+        self.tokenize_cfg = TokenizeConfig(max_length=self.prompt_length + self.rl.max_new_tokens,
+                                           max_prompt_length=self.prompt_length, vocab_size=policy.config.vocab_size)
+        # Every prompt fits the first bucket, so prompt batches have one static shape [P, prompt_length].
+        self.batch_cfg = BatchConfig(pairs_per_batch=self.rl.prompts_per_step, max_length=self.tokenize_cfg.max_length,
+                                     buckets=(self.prompt_length, self.tokenize_cfg.max_length), pad_id=self.pad_id)
+        self.train_set = load_records(list(cfg.data.train_files), "prompt_only", skip_invalid=cfg.data.skip_invalid,
+                                      split=cfg.data.split)
+        self.eval_set = (load_records(list(cfg.data.eval_files), "prompt_only", skip_invalid=cfg.data.skip_invalid,
+                                      split=cfg.data.split) if cfg.data.eval_files else None)
+        self._check_lengths(self.train_set, "data.train_files")
+        self.reward = reward if reward is not None else make_reward(self.rl.reward, mesh=self.mesh)
+
+        self.updates_per_step = self.rl.ppo_epochs * self.rl.num_mini_batches
+        self.schedule = learning_rate_schedule(cfg.optim, cfg.steps * self.updates_per_step)
+        self.optimizer = make_optimizer(cfg.optim, cfg.steps * self.updates_per_step)
+        self.state = jax.jit(lambda p: init_state(p, self.optimizer, cfg.seed))(params)
+        self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+        self.kl_coef = self.rl.kl_coef
+        self.sampling = SamplingConfig(temperature=self.rl.temperature, top_k=self.rl.top_k, top_p=self.rl.top_p)
+        self._score = jit_score(cfg, self.graphdef)
+        self._update = jit_update(cfg, self.graphdef, self.optimizer, self.schedule, self.state_shardings)
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=cfg.keep_checkpoints,
+                                         async_save=cfg.async_checkpoints)
+
+    # ----------------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        cfg, rl = self.cfg, self.cfg.rl
+        if cfg.loss.objective != "rlhf":
+            raise ValueError(f"RLTrainer needs loss.objective=rlhf, got {cfg.loss.objective!r}")
+        if not cfg.model.path:
+            raise ValueError("config key model.path is empty: give an HF checkpoint directory")
+        if not cfg.data.train_files:
+            raise ValueError("config key data.train_files is empty: give prompt records (a 'prompt' per row)")
+        if jax.process_count() > 1:
+            raise NotImplementedError("the RLHF loop runs on one host (any number of its devices); multi-host "
+                                      "rollouts are not implemented yet")
+        if rl.algorithm in ("rloo", "grpo") and rl.num_generations < 2:
+            raise ValueError(f"config key rl.num_generations={rl.num_generations}: {rl.algorithm} needs at least 2 "
+                             "samples per prompt")
+        rows = rl.prompts_per_step * rl.num_generations
+        if rl.num_mini_batches < 1 or rows % rl.num_mini_batches:
+            raise ValueError(f"config key rl.num_mini_batches={rl.num_mini_batches} must divide the "
+                             f"{rows} rollouts per step (rl.prompts_per_step x rl.num_generations)")
+        if rl.ppo_epochs < 1 or rl.max_new_tokens < 1 or rl.prompts_per_step < 1:
+            raise ValueError("config keys rl.ppo_epochs, rl.max_new_tokens and rl.prompts_per_step must be >= 1")
+        if rl.adaptive_kl_target is not None and rl.adaptive_kl_target <= 0:
+            raise ValueError(f"config key rl.adaptive_kl_target={rl.adaptive_kl_target} must be > 0")
+        prompt = cfg.data.max_prompt_length or cfg.data.max_length - rl.max_new_tokens
+        if prompt < 1 or prompt + rl.max_new_tokens > cfg.data.max_length:
+            raise ValueError(f"config keys data.max_prompt_length ({cfg.data.max_prompt_length}) + rl.max_new_tokens "
+                             f"({rl.max_new_tokens}) must fit in data.max_length ({cfg.data.max_length})")
+
+    def _check_lengths(self, records, key: str, sample_size: int = 2000) -> None:
+        from cpo_jax.data import audit
+
+        report = audit(records.records[:sample_size], self.tokenizer, self.tokenize_cfg,
+                       PipelineConfig(kind="prompt_only", shard_index=0, shard_count=1),
+                       sources=records.sources[:sample_size])
+        if report.kept == 0:
+            raise ValueError(f"{key}: all {report.examples} checked prompts are longer than the prompt limit "
+                             f"{self.prompt_length} tokens; raise data.max_prompt_length")
+        if report.dropped:
+            log.warning("%s: %d of the first %d prompts exceed %d tokens and are skipped", key,
+                        sum(report.dropped.values()), report.examples, self.prompt_length)
+
+    def _pipeline(self, records, *, train: bool):
+        pipe = PipelineConfig(kind="prompt_only", seed=self.cfg.data.seed, shuffle=train,
+                              num_epochs=None if train else 1, num_workers=0)
+        return build_dataset(records.records, self.tokenizer, self.tokenize_cfg, self.batch_cfg, pipe,
+                             sources=records.sources)
+
+    def _global(self, x: np.ndarray) -> jax.Array:
+        spec = logical_spec(("batch", "length")[: x.ndim], x.shape, self.mesh)
+        return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def rollout_key(self, step: int) -> jax.Array:
+        """The sampling key of (0-based) rollout ``step``: a function of the seed and the step only."""
+        return jax.random.fold_in(jax.random.key(self.cfg.seed), step)
+
+    # ----------------------------------------------------------------------------------------------
+    def generate(self, params, prompt_ids, prompt_mask, key, *, num_generations: int, sampling: SamplingConfig,
+                 max_new_tokens: int):
+        """Sample ``[P * K, N]`` completions from ``params`` (the live train-state arrays)."""
+        return sample(self.graphdef, params["model"], prompt_ids, prompt_mask, key, num_generations=num_generations,
+                      max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=self.eos_id,
+                      pad_token_id=self.pad_id)
+
+    def _decode(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+        return [self.tokenizer.decode(t[m > 0], skip_special_tokens=True) for t, m in zip(tokens, mask)]
+
+    def _scores(self, records: list[dict], tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores [B], ended [B])``: the reward of each completion, and whether it emitted EOS."""
+        scores = np.asarray(self.reward(records, self._decode(tokens, mask)), np.float32)
+        ended = np.any((tokens == self.eos_id) & (mask > 0), axis=-1)
+        if self.rl.missing_eos_penalty is not None:
+            scores = np.where(ended, scores, scores - self.rl.missing_eos_penalty).astype(np.float32)
+        return scores, ended
+
+    def rollout_step(self, step: int, batch: dict) -> tuple[dict, dict]:
+        """Sample, score and update once on a prompt batch; returns ``(metrics, host arrays of the rollout)``."""
+        rl = self.rl
+        timings = {}
+        t0 = time.perf_counter()
+        prompt_ids, prompt_mask = self._global(batch["input_ids"]), self._global(batch["attention_mask"])
+        ids, mask, gen = self.generate(self.state.params, prompt_ids, prompt_mask, self.rollout_key(step),
+                                       num_generations=rl.num_generations, sampling=self.sampling,
+                                       max_new_tokens=rl.max_new_tokens)
+        tokens, comp_mask = (np.asarray(x) for x in jax.device_get((gen.tokens, gen.mask)))
+        timings["timing_s/gen"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        records = [self.train_set.records[int(i)] for i in np.repeat(batch["index"], rl.num_generations)]
+        scores, ended = self._scores(records, tokens, comp_mask)
+        timings["timing_s/reward"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        rollout, metrics = self._score(self.state.params, self.ref_params, ids, mask, gen.tokens, gen.mask,
+                                       self._global(scores), jnp.float32(self.kl_coef))
+        metrics = jax.device_get(metrics)
+        timings["timing_s/old_log_prob"] = time.perf_counter() - t2
+
+        t3 = time.perf_counter()
+        self.state, update_metrics = self._update(self.state, rollout, jnp.float32(self.kl_coef))
+        update_metrics = jax.device_get(update_metrics)
+        timings["timing_s/update_actor"] = time.perf_counter() - t3
+        timings["timing_s/step"] = time.perf_counter() - t0
+
+        generated = int(comp_mask.sum())
+        metrics = {**metrics, **update_metrics, **timings,
+                   "response_length/clip_ratio": float(1.0 - ended.mean()),
+                   "actor/kl_coef": self.kl_coef,
+                   "perf/rollout_tokens": generated,
+                   "perf/rollout_tokens_per_sec": generated / timings["timing_s/gen"],
+                   "perf/time_share_gen": timings["timing_s/gen"] / timings["timing_s/step"],
+                   "perf/time_share_update": timings["timing_s/update_actor"] / timings["timing_s/step"]}
+        host = {"tokens": tokens, "mask": comp_mask, "scores": scores, "records": records}
+        return metrics, host
+
+    def evaluate(self, params) -> dict:
+        """Greedy completions of every prompt in ``data.eval_files``: mean reward (``objective/scores``) and length.
+
+        The CLI logs it at step 0 before training (``eval/...``); the loop every ``eval_every`` steps."""
+        if self.eval_set is None:
+            return {}
+        scores, lengths = [], []
+        for batch in self._pipeline(self.eval_set, train=False):
+            _, _, gen = self.generate(params, self._global(batch["input_ids"]), self._global(batch["attention_mask"]),
+                                      jax.random.key(0), num_generations=1, sampling=SamplingConfig(),
+                                      max_new_tokens=self.rl.eval_max_new_tokens)
+            tokens, mask = (np.asarray(x) for x in jax.device_get((gen.tokens, gen.mask)))
+            real = np.nonzero(batch["pair_mask"])[0]
+            records = [self.eval_set.records[int(batch["index"][i])] for i in real]
+            scores.extend(self.reward(records, self._decode(tokens[real], mask[real])))
+            lengths.extend(mask[real].sum(-1))
+        return {"objective/scores": float(np.mean(scores)), "response_length/mean": float(np.mean(lengths)),
+                "prompts": float(len(scores))}
+
+    def run(self) -> RunResult:
+        """Train from the latest checkpoint (or from scratch) to ``cfg.steps`` rollout steps."""
+        cfg, rl = self.cfg, self.rl
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+        data = iter(self._pipeline(self.train_set, train=True))
+        start, extra = self.restore_latest()
+        if start:
+            data.set_state(extra["data"])
+            log.info("resumed from step %d in %s (kl_coef %.4g)", start, self.output_dir, self.kl_coef)
+        writer = MetricsWriter(self.output_dir, total_steps=cfg.steps, start_step=start, tensorboard=cfg.tensorboard,
+                               wandb_project=cfg.wandb_project, progress_bar=cfg.progress_bar, config=to_dict(cfg))
+        history = []
+        step = start
+        try:
+            while step < cfg.steps:
+                metrics, _ = self.rollout_step(step, next(data))
+                step += 1
+                if metrics["nonfinite/consecutive"] >= cfg.max_nonfinite_steps:
+                    raise TrainingDiverged(f"{int(metrics['nonfinite/consecutive'])} consecutive non-finite updates "
+                                           f"ending at rollout step {step} (loss/total={metrics['loss/total']}, "
+                                           f"grad_norm={metrics['grad_norm']}); updates were skipped, parameters are "
+                                           f"finite. Lower optim.learning_rate or rl.kl_coef.")
+                if rl.adaptive_kl_target is not None:
+                    self.kl_coef = adaptive_kl_coef(self.kl_coef, float(metrics["objective/kl"]),
+                                                    rl.prompts_per_step * rl.num_generations,
+                                                    target=rl.adaptive_kl_target, horizon=rl.adaptive_kl_horizon)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    history.append(writer.write(step, metrics))
+                writer.advance(step, float(metrics["objective/scores"]))
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    writer.write(step, self.evaluate(self.state.params), prefix="eval/")
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    self.checkpointer.save(step, self.state, {"data": data.get_state(), "kl_coef": self.kl_coef},
+                                           to_dict(cfg))
+            self.checkpointer.wait()
+            if cfg.export_hf:
+                self.export(self.output_dir / "hf")
+        finally:
+            writer.close()
+            self.checkpointer.wait()
+        return RunResult(history=history, start_step=start, final_step=step, output_dir=self.output_dir)
+
+    def restore_latest(self) -> tuple[int, dict | None]:
+        """Load the newest checkpoint into ``self.state`` and the KL coefficient; ``(step, extra)`` or ``(0, None)``."""
+        step = self.checkpointer.latest_step()
+        if not step:
+            return 0, None
+        abstract = abstract_with_shardings(self.state, self.state_shardings)
+        self.state, extra, _ = self.checkpointer.restore(step, abstract)
+        self.kl_coef = float(extra["kl_coef"])
+        return step, extra
+
+    def policy(self):
+        """The current policy as an NNX model."""
+        return nnx.merge(self.graphdef, self.state.params["model"])
+
+    def export(self, path) -> Path:
+        """Write the policy as an HF causal-LM directory (the PPO value head is not part of it)."""
+        return save_pretrained(self.policy(), path, tokenizer=self.tokenizer)
+
