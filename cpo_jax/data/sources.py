@@ -1,7 +1,8 @@
 """Named built-in data sources, usable wherever a data file path is expected.
 
 ``bundled:arithmetic-train`` (256 pairs, seed 0), ``bundled:arithmetic-eval`` (64 pairs, seed 1),
-``bundled:arithmetic-prompts`` (64 prompts with answers, seed 2) and ``bundled:tiny-chat`` (12 pairs).
+``bundled:arithmetic-prompts`` (64 prompts with answers, seed 2), ``bundled:arithmetic-eval-prompts`` (64 held-out
+prompts, seed 3) and ``bundled:tiny-chat`` (12 pairs).
 A size can follow: ``bundled:arithmetic-train:1024``. The records are generated deterministically, so a
 config that names them needs no download and no file.
 """
@@ -15,6 +16,7 @@ _SOURCES = {
     "arithmetic-train": lambda n: arithmetic_preferences(n or 256, seed=0, max_operand=50),
     "arithmetic-eval": lambda n: arithmetic_preferences(n or 64, seed=1, max_operand=50),
     "arithmetic-prompts": lambda n: arithmetic_prompts(n or 64, seed=2, max_operand=50),
+    "arithmetic-eval-prompts": lambda n: arithmetic_prompts(n or 64, seed=3, max_operand=50),
     "tiny-chat": lambda n: tiny_chat()[: n or None],
 }
 

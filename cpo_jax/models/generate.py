@@ -90,7 +90,7 @@ def _check_left_padded(attention_mask) -> None:
         mask = np.asarray(attention_mask).astype(bool)
     except jax.errors.TracerArrayConversionError:
         return
-    if not mask[:, -1].all():
+    if not (mask[:, -1] | ~mask.any(axis=1)).all():  # an all-padding row is an empty batch slot, allowed
         raise ValueError("generate() needs left-padded prompts: every row's last token must be real")
 
 

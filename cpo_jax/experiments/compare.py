@@ -1,0 +1,91 @@
+"""DPO vs CPO vs RLHF on one verifiable task: the common evaluation and the compute accounting.
+
+Every trained policy is measured the same way against the same reference (the starting model):
+
+* **true reward**: greedy verifier accuracy on held-out prompts (:func:`cpo_jax.report.generation_accuracy`);
+* **KL to the reference**: ``KL(pi || pi_ref)`` per completion, estimated from completions sampled from the
+  policy at temperature 1 (k1 and k3 estimators, summed over tokens);
+* **the paper's diagnostics** on held-out preference pairs: ``frac_in_U``, absolute accuracy
+  (``delta_theta > 0``) and the share where the reference prefers the rejected answer.
+
+Compute is counted as forward-pass token equivalents of padded rows (a backward pass is two forwards):
+a preference step is ``rows x length x (3 + reference)``; an RLOO step is ``rows x (prompt + new tokens) x
+(1 sampling + 2 scoring passes + 3 x ppo_epochs)``. :func:`forward_token_equivalents` gives both.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpo_jax.losses.metrics import preference_metrics
+from cpo_jax.losses.rlhf import kl_estimate
+
+DIAGNOSTIC_KEYS = ("diagnostics/frac_in_U", "diagnostics/abs_accuracy", "diagnostics/frac_ref_prefers_rejected",
+                   "logps/chosen", "logps/rejected")
+
+
+def preference_step_cost(pairs_per_batch: int, row_length: int, *, reference_forward: bool) -> int:
+    """Forward token equivalents of one preference step (chosen + rejected rows, fwd + bwd, + reference)."""
+    return 2 * pairs_per_batch * row_length * (3 + int(reference_forward))
+
+
+def rl_step_cost(prompts: int, generations: int, prompt_length: int, new_tokens: int, ppo_epochs: int = 1) -> int:
+    """Forward token equivalents of one on-policy step: sampling, policy + reference scoring, updates."""
+    return prompts * generations * (prompt_length + new_tokens) * (1 + 2 + 3 * ppo_epochs)
+
+
+def forward_token_equivalents(steps: int, step_cost: int) -> int:
+    """Total budget of ``steps`` steps of ``step_cost`` each."""
+    return steps * step_cost
+
+
+def sampled_kl(policy, reference, tokenizer, prompts, *, prompt_length: int, max_new_tokens: int,
+               seed: int = 0, batch_size: int = 16) -> dict[str, float]:
+    """Mean over prompts of the summed k1 and k3 estimates of ``KL(policy || reference)`` on policy samples.
+
+    ``prompts``: prompt-only records as :func:`cpo_jax.data.load_records` returns them (``.records``, ``.sources``).
+    """
+    from flax import nnx
+
+    from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, build_dataset
+    from cpo_jax.models.generate import SamplingConfig
+    from cpo_jax.rlhf.rollout import completion_hidden, completion_logps, sample
+
+    graphdef, params = nnx.split(policy)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tok = TokenizeConfig(max_length=prompt_length + max_new_tokens, max_prompt_length=prompt_length)
+    batch_cfg = BatchConfig(pairs_per_batch=batch_size, max_length=tok.max_length,
+                            buckets=(prompt_length, tok.max_length), pad_id=pad)
+    pipe = PipelineConfig(kind="prompt_only", shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
+
+    @jax.jit
+    def logps(ids, mask, tokens, comp_mask):
+        out = []
+        for model in (policy, reference):
+            out.append(completion_logps(model, completion_hidden(model, ids, mask, tokens, comp_mask), tokens))
+        return out
+
+    k1, k3 = [], []
+    for i, b in enumerate(build_dataset(prompts.records, tokenizer, tok, batch_cfg, pipe,
+                                                   sources=prompts.sources)):
+        ids, mask, gen = sample(graphdef, params, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
+                                jax.random.fold_in(jax.random.key(seed), i), num_generations=1,
+                                max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=1.0),
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+        lp, ref = logps(ids, mask, gen.tokens, gen.mask)
+        m = np.asarray(gen.mask, np.float32)
+        real = np.asarray(b["pair_mask"])
+        k1.extend((np.asarray(kl_estimate(lp, ref, "k1")) * m).sum(-1)[real])
+        k3.extend((np.asarray(kl_estimate(lp, ref, "k3")) * m).sum(-1)[real])
+    return {"kl/k1": float(np.mean(k1)), "kl/k3": float(np.mean(k3))}
+
+
+def pair_diagnostics(policy_logps: np.ndarray, reference_logps: np.ndarray, *, beta: float = 0.1) -> dict[str, float]:
+    """The paper's diagnostics from ``[N, 2]`` summed (chosen, rejected) log-probs; dropped (NaN) rows are skipped."""
+    keep = np.isfinite(policy_logps).all(-1) & np.isfinite(reference_logps).all(-1)
+    p, r = policy_logps[keep], reference_logps[keep]
+    metrics = preference_metrics(jnp.asarray(p[:, 0]), jnp.asarray(p[:, 1]), jnp.asarray(r[:, 0]),
+                                 jnp.asarray(r[:, 1]), beta=beta)
+    return {k: float(metrics[k]) for k in DIAGNOSTIC_KEYS} | {"pairs": float(keep.sum())}
