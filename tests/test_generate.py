@@ -109,3 +109,15 @@ def test_sampling_frequencies_follow_softmax():
     np.testing.assert_allclose(freq, want, atol=0.015)
     _, logp = sample_token(logits, keys[0], cfg)
     assert np.isclose(np.exp(np.asarray(logp))[0], want[int(sample_token(logits, keys[0], cfg)[0][0])], rtol=1e-5)
+
+
+def test_empty_batch_slots_do_not_change_the_real_rows(root):
+    """An all-padding row (an unfilled slot of the last batch) is allowed and leaves the other rows as they were."""
+    _, path = tiny_model("llama", root)
+    model = from_pretrained(path)
+    ids, mask = _prompts()
+    alone = generate(model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=5, pad_token_id=0)
+    padded_ids = np.concatenate([ids, np.zeros_like(ids[:1])])
+    padded_mask = np.concatenate([mask, np.zeros_like(mask[:1])])
+    with_slot = generate(model, jnp.asarray(padded_ids), jnp.asarray(padded_mask), max_new_tokens=5, pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(with_slot.tokens)[:2], np.asarray(alone.tokens))

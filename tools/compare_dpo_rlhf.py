@@ -1,7 +1,7 @@
 """DPO vs CPO vs RLOO from the same SmolLM2-135M-Instruct on the verifiable arithmetic task, matched compute.
 
     python tools/compare_dpo_rlhf.py all --update-docs      # train the three runs, evaluate, write the doc section
-    python tools/compare_dpo_rlhf.py train [--pref-steps 96]  # cpo-jax train configs/compare/{dpo,cpo,rloo}.yaml
+    python tools/compare_dpo_rlhf.py train [--pref-steps 48]  # cpo-jax train configs/compare/{dpo,cpo,rloo}.yaml
     python tools/compare_dpo_rlhf.py report [--update-docs]   # evaluate the start model and the three policies
 
 DPO and CPO train on offline preference pairs (right answer chosen, a plausible wrong one rejected); RLOO samples
@@ -123,7 +123,7 @@ def report(update_docs: bool) -> str:
     (OUT / "table.md").write_text(table)
     if update_docs:
         text = DOC.read_text()
-        text = re.sub(f"{re.escape(BEGIN)}.*?{re.escape(END)}", f"{BEGIN}\n{table}\n{END}", text, flags=re.S)
+        text = re.sub(f"{re.escape(BEGIN)}.*?{re.escape(END)}", f"{BEGIN}\n{table}\n{END}", text, flags=re.DOTALL)
         DOC.write_text(text)
     print(table)
     return table
@@ -171,7 +171,7 @@ def _plot(results: dict, plan: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=["train", "report", "all"])
-    parser.add_argument("--pref-steps", type=int, default=96, help="DPO/CPO steps; RLOO gets the same budget")
+    parser.add_argument("--pref-steps", type=int, default=48, help="DPO/CPO steps; RLOO gets the same budget")
     parser.add_argument("--update-docs", action="store_true", help="rewrite the table in docs/paper_reproduction.md")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from cpo_jax.data.bundled import score_arithmetic
+from cpo_jax.data.tokenize import RecordTokenizer, TokenizeConfig
 
 
 class RewardFunction(Protocol):
@@ -73,7 +74,8 @@ def _last_token_scores(graphdef, state, head, input_ids, attention_mask):
 
 
 class LearnedReward:
-    """A reward model: ``score = h_last · head`` on the chat-formatted prompt + completion.
+    """A reward model: ``score = h_last · head`` on prompt + completion, tokenised as reward training tokenised
+    pairs (:class:`cpo_jax.data.RecordTokenizer`: the chat template for conversational prompts, else the text and EOS).
 
     Rows are right-padded to a power-of-two bucket (at least 64, at most ``max_length``) so that a few
     shapes cover all calls; text longer than ``max_length`` tokens keeps its first ``max_length`` tokens.
@@ -84,6 +86,7 @@ class LearnedReward:
         self.head = jnp.asarray(head)
         self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._record_tokenizer = RecordTokenizer(tokenizer, TokenizeConfig(max_length=max_length))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, mesh=None, **kwargs) -> LearnedReward:
@@ -96,12 +99,10 @@ class LearnedReward:
         return cls(model, head, AutoTokenizer.from_pretrained(str(path)), **kwargs)
 
     def _text_ids(self, prompt, completion: str) -> list[int]:
+        """The ids reward training scored: chat template for conversational prompts, else prompt + text + EOS."""
         if isinstance(prompt, list):
-            messages = [*prompt, {"role": "assistant", "content": completion}]
-            ids = self.tokenizer.apply_chat_template(messages, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        else:
-            ids = self.tokenizer(prompt + completion, add_special_tokens=True)["input_ids"]
+            completion = [{"role": "assistant", "content": completion}]
+        ids, _ = self._record_tokenizer.sequence(prompt, completion, "rollout")
         return list(ids)[: self.max_length]
 
     def __call__(self, records: Sequence[dict], completions: Sequence[str]) -> np.ndarray:

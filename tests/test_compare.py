@@ -1,0 +1,54 @@
+"""The DPO-vs-RLHF comparison's measurements: compute budgets, sampled KL to the reference, pair diagnostics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from cpo_jax.data import byte_chat_tokenizer, load_records
+from cpo_jax.experiments.compare import (
+    pair_diagnostics,
+    preference_step_cost,
+    rl_step_cost,
+    sampled_kl,
+)
+from cpo_jax.models import from_pretrained
+from tests.train_fixtures import tiny_policy
+
+pytest.importorskip("torch")
+
+
+def test_budgets_count_forward_token_equivalents():
+    # 4 pairs -> 8 rows of 72 tokens; forward + backward (3) + a separate reference forward (1).
+    assert preference_step_cost(4, 72, reference_forward=True) == 8 * 72 * 4
+    assert preference_step_cost(4, 72, reference_forward=False) == 8 * 72 * 3
+    # 16 rollouts of 48 + 24 tokens: sampling (1) + policy and reference scoring (2) + 2 epochs of updates (6).
+    assert rl_step_cost(4, 4, 48, 24, ppo_epochs=2) == 16 * 72 * 9
+
+
+def test_pair_diagnostics_against_numpy():
+    rng = np.random.RandomState(0)
+    ref = rng.normal(size=(40, 2)) * 3
+    pol = ref + rng.normal(size=(40, 2))
+    ref[3] = np.nan  # a pair the length policy dropped
+    out = pair_diagnostics(pol.astype(np.float32), ref.astype(np.float32))
+    keep = np.isfinite(ref).all(1)
+    dt, dr = (pol[:, 0] - pol[:, 1])[keep], (ref[:, 0] - ref[:, 1])[keep]
+    assert out["pairs"] == keep.sum()
+    assert out["diagnostics/frac_in_U"] == pytest.approx(np.mean((dr < dt) & (dt < 0)), abs=1e-6)
+    assert out["diagnostics/abs_accuracy"] == pytest.approx(np.mean(dt > 0), abs=1e-6)
+    assert out["diagnostics/frac_ref_prefers_rejected"] == pytest.approx(np.mean(dr < 0), abs=1e-6)
+
+
+def test_sampled_kl_is_zero_against_itself_and_positive_against_another_model(tmp_path):
+    policy = from_pretrained(tiny_policy(tmp_path / "a", seed=0))
+    other = from_pretrained(tiny_policy(tmp_path / "b", seed=1))
+    prompts = load_records("bundled:arithmetic-prompts:6", "prompt_only")
+    kw = dict(prompt_length=64, max_new_tokens=6, batch_size=4)
+    same = sampled_kl(policy, policy, byte_chat_tokenizer(), prompts, **kw)
+    assert same == {"kl/k1": 0.0, "kl/k3": 0.0}
+    copy = nnx.merge(*nnx.split(policy))
+    assert sampled_kl(policy, copy, byte_chat_tokenizer(), prompts, **kw) == same
+    different = sampled_kl(policy, other, byte_chat_tokenizer(), prompts, **kw)
+    assert different["kl/k3"] > 0.01 and different["kl/k1"] != 0.0  # k1 may be negative on few samples
