@@ -74,33 +74,37 @@ def train(pref_steps: int) -> dict:
     return times
 
 
+def pair_logps(model, tokenizer, pairs, c):
+    """``[N, 2]`` summed (chosen, rejected) log-probs of the held-out pairs under the run configs' length policy."""
+    from cpo_jax.data import BatchConfig, TokenizeConfig
+    from cpo_jax.train.reference_cache import compute_reference_logps
+
+    tok = TokenizeConfig(max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length)
+    batch = BatchConfig(pairs_per_batch=8, max_length=c.data.max_length, pad_id=tokenizer.pad_token_id or 0)
+    return compute_reference_logps(model, pairs.records, pairs.sources, tokenizer, tok, batch)
+
+
 def evaluate(path, reference, tokenizer, prompts, pair_records, reference_pairs, c) -> dict:
     """Verifier accuracy, sampled KL to the reference, and the paper's diagnostics of one policy."""
-    from cpo_jax.data import BatchConfig, TokenizeConfig
     from cpo_jax.experiments.compare import pair_diagnostics, sampled_kl
     from cpo_jax.models import from_pretrained
     from cpo_jax.report import generation_accuracy
-    from cpo_jax.train.reference_cache import compute_reference_logps
 
     policy = reference if path is None else from_pretrained(path)
     metrics = generation_accuracy(policy, tokenizer, EVAL_PROMPTS, max_new_tokens=c.rl.eval_max_new_tokens,
                                   max_prompt_length=c.data.max_prompt_length)
     metrics |= sampled_kl(policy, reference, tokenizer, prompts, prompt_length=c.data.max_prompt_length,
                           max_new_tokens=c.rl.max_new_tokens)
-    tok = TokenizeConfig(max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length)
-    batch = BatchConfig(pairs_per_batch=8, max_length=c.data.max_length, pad_id=tokenizer.pad_token_id or 0)
-    logps = compute_reference_logps(policy, pair_records.records, pair_records.sources, tokenizer, tok, batch)
-    return metrics | pair_diagnostics(logps, reference_pairs)
+    return metrics | pair_diagnostics(pair_logps(policy, tokenizer, pair_records, c), reference_pairs)
 
 
 def report(update_docs: bool) -> str:
     """Evaluates the start model and the three runs; writes the table, JSON and figures."""
     from transformers import AutoTokenizer
 
-    from cpo_jax.data import BatchConfig, TokenizeConfig, load_records
+    from cpo_jax.data import load_records
     from cpo_jax.hf.resolve import resolve_model_path
     from cpo_jax.models import from_pretrained
-    from cpo_jax.train.reference_cache import compute_reference_logps
 
     c = _load("rloo")
     start_path = resolve_model_path("smollm2")
@@ -108,9 +112,7 @@ def report(update_docs: bool) -> str:
     reference = from_pretrained(start_path)
     prompts = load_records(EVAL_PROMPTS, "prompt_only")
     pairs = load_records(EVAL_PAIRS, "preference")
-    tok = TokenizeConfig(max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length)
-    batch = BatchConfig(pairs_per_batch=8, max_length=c.data.max_length, pad_id=tokenizer.pad_token_id or 0)
-    reference_pairs = compute_reference_logps(reference, pairs.records, pairs.sources, tokenizer, tok, batch)
+    reference_pairs = pair_logps(reference, tokenizer, pairs, c)
     plan = json.loads((OUT / "plan.json").read_text())
     results = {"start": evaluate(None, reference, tokenizer, prompts, pairs, reference_pairs, c)}
     for run in RUNS:

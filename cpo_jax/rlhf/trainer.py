@@ -39,12 +39,12 @@ from cpo_jax.rlhf.algorithms import adaptive_kl_coef
 from cpo_jax.rlhf.rewards import RewardFunction, make_reward
 from cpo_jax.rlhf.rollout import init_value_head, sample
 from cpo_jax.rlhf.step import jit_score, jit_update
-from cpo_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from cpo_jax.train.checkpoint import Checkpointer
 from cpo_jax.train.config import TrainConfig, to_dict
 from cpo_jax.train.metrics_writer import MetricsWriter
 from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
 from cpo_jax.train.step import init_state
-from cpo_jax.train.trainer import RunResult, TrainingDiverged
+from cpo_jax.train.trainer import RunResult, TrainingDiverged, model_load_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,7 @@ class RLTrainer:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
-        model_kw = dict(dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype),
-                        mesh=self.mesh, scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
-                        attention_impl=cfg.model.attention_impl)
+        model_kw = model_load_kwargs(cfg, self.mesh)
         policy = from_pretrained(self.model_path, **model_kw)
         self.model_config = policy.config
         self.graphdef, model_state = nnx.split(policy)
@@ -282,12 +280,9 @@ class RLTrainer:
 
     def restore_latest(self) -> tuple[int, dict | None]:
         """Load the newest checkpoint into ``self.state`` and the KL coefficient; ``(step, extra)`` or ``(0, None)``."""
-        step = self.checkpointer.latest_step()
-        if not step:
-            return 0, None
-        abstract = abstract_with_shardings(self.state, self.state_shardings)
-        self.state, extra, _ = self.checkpointer.restore(step, abstract)
-        self.kl_coef = float(extra["kl_coef"])
+        step, self.state, extra = self.checkpointer.restore_latest(self.state, self.state_shardings)
+        if step:
+            self.kl_coef = float(extra["kl_coef"])
         return step, extra
 
     def policy(self):

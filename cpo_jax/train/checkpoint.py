@@ -59,6 +59,14 @@ class Checkpointer:
         ))
         return out.state, out.data, out.config
 
+    def restore_latest(self, state, shardings) -> tuple[int, Any, dict | None]:
+        """``(step, state, data_state)`` of the newest checkpoint placed as ``shardings``, or ``(0, state, None)``."""
+        step = self.latest_step()
+        if not step:
+            return 0, state, None
+        restored, data_state, _ = self.restore(step, abstract_with_shardings(state, shardings))
+        return step, restored, data_state
+
     def wait(self) -> None:
         """Block until pending async saves are committed."""
         self.manager.wait_until_finished()

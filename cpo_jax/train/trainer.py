@@ -25,7 +25,7 @@ from cpo_jax.hf.resolve import resolve_model_path
 from cpo_jax.models import from_pretrained, save_pretrained
 from cpo_jax.parallel.sharding import logical_spec, make_mesh
 from cpo_jax.train import flops as flops_lib
-from cpo_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from cpo_jax.train.checkpoint import Checkpointer
 from cpo_jax.train.config import TrainConfig, to_dict
 from cpo_jax.train.metrics_writer import MetricsWriter
 from cpo_jax.train.objectives import reference_free_losses
@@ -35,6 +35,12 @@ from cpo_jax.train.step import eval_step, init_state, jit_train_step
 
 log = logging.getLogger(__name__)
 
+
+
+def model_load_kwargs(cfg: TrainConfig, mesh) -> dict:
+    """:func:`cpo_jax.models.from_pretrained` keyword arguments for the ``model:`` section of ``cfg`` on ``mesh``."""
+    return {"dtype": jnp.dtype(cfg.model.dtype), "param_dtype": jnp.dtype(cfg.model.param_dtype), "mesh": mesh,
+            "scan_layers": cfg.model.scan_layers, "remat": cfg.model.remat, "attention_impl": cfg.model.attention_impl}
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,9 +86,7 @@ class Trainer:
 
             tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.tokenizer = tokenizer
-        model_kw = dict(dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype),
-                        mesh=self.mesh, scan_layers=cfg.model.scan_layers, remat=cfg.model.remat,
-                        attention_impl=cfg.model.attention_impl)
+        model_kw = model_load_kwargs(cfg, self.mesh)
         policy = from_pretrained(self.model_path, **model_kw)
         self.model_config = policy.config
         self.graphdef, model_state = nnx.split(policy)
@@ -273,11 +277,7 @@ class Trainer:
 
     def restore_latest(self) -> tuple[int, dict | None]:
         """Load the newest checkpoint of ``output_dir`` into ``self.state``; ``(step, data state)`` or ``(0, None)``."""
-        step = self.checkpointer.latest_step()
-        if not step:
-            return 0, None
-        abstract = abstract_with_shardings(self.state, self.state_shardings)
-        self.state, data_state, _ = self.checkpointer.restore(step, abstract)
+        step, self.state, data_state = self.checkpointer.restore_latest(self.state, self.state_shardings)
         return step, data_state
 
     def policy(self):
