@@ -40,16 +40,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_agree_on_losses_and_parameters(tmp_path):
-    policy = tiny_policy(tmp_path / "policy")
-    train, _ = arithmetic_files(tmp_path)
-    cfg = {"output_dir": str(tmp_path / "run"), "model": {"path": str(policy)},
-           "data": {"train_files": [str(train)], "max_length": 128, "pairs_per_batch": 2},
-           "loss": {"name": "cpo", "hparams": {"beta": 0.5, "gamma": 0.5}},
-           "optim": {"learning_rate": 3e-3}, "steps": 3, "save_every": 3, "progress_bar": False,
-           "tensorboard": False, "export_hf": False, "mesh": {"data": -1, "fsdp": 1, "tensor": 1}}
-    script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(CHILD.format(port=_free_port(), cfg=json.dumps(cfg), out=str(tmp_path))))
+def _run_two(tmp_path: Path, child: str, cfg: dict, name: str) -> tuple[dict, dict]:
+    """Run ``child`` as processes 0 and 1 (2 CPU devices each) and read their ``{name}_{pid}.json``."""
+    script = tmp_path / f"{name}_child.py"
+    script.write_text(textwrap.dedent(child.format(port=_free_port(), cfg=json.dumps(cfg), out=str(tmp_path))))
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = [subprocess.Popen([sys.executable, str(script), str(pid)], env=env, stdout=subprocess.PIPE,
@@ -62,9 +56,73 @@ def test_two_processes_agree_on_losses_and_parameters(tmp_path):
                 p.kill()
             raise
         assert proc.returncode == 0, err.decode()[-4000:]
-    a, b = (json.loads((tmp_path / f"result_{pid}.json").read_text()) for pid in (0, 1))
+    return tuple(json.loads((tmp_path / f"{name}_{pid}.json").read_text()) for pid in (0, 1))
+
+
+def test_two_processes_agree_on_losses_and_parameters(tmp_path):
+    policy = tiny_policy(tmp_path / "policy")
+    train, _ = arithmetic_files(tmp_path)
+    cfg = {"output_dir": str(tmp_path / "run"), "model": {"path": str(policy)},
+           "data": {"train_files": [str(train)], "max_length": 128, "pairs_per_batch": 2},
+           "loss": {"name": "cpo", "hparams": {"beta": 0.5, "gamma": 0.5}},
+           "optim": {"learning_rate": 3e-3}, "steps": 3, "save_every": 3, "progress_bar": False,
+           "tensorboard": False, "export_hf": False, "mesh": {"data": -1, "fsdp": 1, "tensor": 1}}
+    a, b = _run_two(tmp_path, CHILD, cfg, "result")
     assert a["processes"] == b["processes"] == 2 and a["devices"] == 4
     assert a["final_step"] == b["final_step"] == 3
     assert a["losses"] == b["losses"] and len(a["losses"]) == 3
     assert a["param_sum"] == b["param_sum"]
     assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+
+
+RL_CHILD = """
+import json, sys
+import numpy as np
+from cpo_jax.parallel import initialize
+pid = int(sys.argv[1])
+assert initialize("localhost:{port}", 2, pid)
+import jax, jax.numpy as jnp
+from cpo_jax.rlhf import RLTrainer
+from cpo_jax.train import TrainConfig, from_dict
+cfg = from_dict(TrainConfig, json.loads({cfg!r}))
+trainer = RLTrainer(cfg)
+result = trainer.run()
+evaluation = trainer.evaluate(trainer.state.params)
+# One more rollout: every global row must answer the prompt of the record it is scored against.
+metrics, host = trainer.rollout_step(cfg.steps, next(iter(trainer._pipeline(trainer.train_set, train=True))))
+aligned = []
+for ids, record in zip(host["prompt_ids"], host["records"]):
+    text = trainer.tokenizer.decode(ids[ids != trainer.pad_id], skip_special_tokens=True)
+    aligned.append(record["prompt"][-1]["content"] in text)
+total = float(sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(trainer.state.params)))
+keep = lambda m: {{k: float(v) for k, v in m.items() if not k.startswith(("timing_s/", "perf/"))}}
+out = {{"history": [keep(h) for h in result.history], "param_sum": total, "eval": evaluation,
+       "rows": len(host["index"]), "indices": sorted({{int(i) for i in host["index"]}}), "aligned": aligned,
+       "extra": keep(metrics), "final_step": result.final_step}}
+open({out!r} + f"/rl_{{pid}}.json", "w").write(json.dumps(out))
+"""
+
+
+def test_rlhf_loop_on_two_processes(tmp_path):
+    """RLOO across two hosts: one global rollout of both hosts' prompts, scored row-aligned, identical updates."""
+    policy = tiny_policy(tmp_path / "policy")
+    cfg = {"output_dir": str(tmp_path / "run"), "model": {"path": str(policy)},
+           "data": {"train_files": ["bundled:arithmetic-prompts:64"], "eval_files": ["bundled:arithmetic-prompts:5"],
+                    "max_length": 80, "max_prompt_length": 64},
+           "loss": {"objective": "rlhf"},
+           "rl": {"algorithm": "rloo", "reward": "verifier:digits", "prompts_per_step": 2, "num_generations": 2,
+                  "max_new_tokens": 8, "eval_max_new_tokens": 8, "kl_coef": 0.01},
+           "optim": {"learning_rate": 3e-3, "schedule": "constant"}, "steps": 2, "save_every": 2, "eval_every": 2,
+           "progress_bar": False, "tensorboard": False, "export_hf": True,
+           "mesh": {"data": -1, "fsdp": 1, "tensor": 1}}
+    a, b = _run_two(tmp_path, RL_CHILD, cfg, "rl")
+    assert a["final_step"] == b["final_step"] == 2
+    assert a["history"] == b["history"] and len(a["history"]) == 2
+    assert a["extra"] == b["extra"] and a["param_sum"] == b["param_sum"]
+    # 2 prompts per process x 2 processes x 2 generations; host 0 reads even records, host 1 odd ones.
+    assert a["rows"] == 8 and a["indices"] == b["indices"] and {i % 2 for i in a["indices"]} == {0, 1}
+    assert all(a["aligned"]) and all(b["aligned"])
+    # 5 eval prompts: host 0 holds 3 (two batches), host 1 holds 2 (one batch, padded for the second round).
+    assert a["eval"] == b["eval"] and a["eval"]["prompts"] == 5.0
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    assert (tmp_path / "run" / "hf" / "config.json").is_file()

@@ -37,6 +37,7 @@ from cpo_jax.models import gemma, gpt2, llama
 from cpo_jax.models.config import TransformerConfig
 from cpo_jax.models.hf_config import UnsupportedConfig
 from cpo_jax.models.transformer import Transformer
+from cpo_jax.parallel.multihost import global_to_host
 
 FAMILIES = {t: module for module in (llama, gemma, gpt2) for t in module.MODEL_TYPES}
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
@@ -245,14 +246,6 @@ def _parse_size(size: int | str) -> int:
     return int(s)
 
 
-def _host_array(x: jax.Array) -> np.ndarray:
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def export_tensors(model: Transformer, dtype=None):
     """Yield ``(hf_name, numpy array)`` in table order, rebuilding HF layouts (transposes, fused qkv)."""
     cfg = model.config
@@ -264,7 +257,7 @@ def export_tensors(model: Transformer, dtype=None):
             value = params[b.path][...]
             if cfg.scan_layers and b.layer is not None:
                 value = value[b.layer]
-            arrays.append(to_hf(b.rule, _host_array(value)))
+            arrays.append(to_hf(b.rule, global_to_host(value)))
         tensor = np.concatenate(arrays, axis=parts[0].rule.split[0]) if parts[0].rule.split else arrays[0]
         yield name, (tensor.astype(dtype) if dtype is not None else tensor)
 
@@ -274,7 +267,7 @@ _LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 def _as_sequence_classifier(hf: dict, tensors, head, tokenizer, dtype, hidden_size: int):
     """``(config, tensors)`` of a ``num_labels=1`` ``*ForSequenceClassification`` checkpoint."""
-    head = _host_array(jnp.asarray(head)).reshape(-1)
+    head = global_to_host(jnp.asarray(head)).reshape(-1)
     if head.shape != (hidden_size,):
         raise ValueError(f"score_head has {head.shape[0]} values; the model's hidden size is {hidden_size}")
     pad = hf.get("pad_token_id")

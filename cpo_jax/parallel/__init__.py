@@ -1,6 +1,13 @@
 """Device meshes and logical-axis sharding rules."""
 
 from cpo_jax.parallel.distributed import initialize
+from cpo_jax.parallel.multihost import (
+    any_process,
+    global_to_host,
+    host_to_global,
+    host_value_to_global,
+    lockstep,
+)
 from cpo_jax.parallel.sharding import (
     DEFAULT_RULES,
     logical_sharding,
@@ -10,4 +17,4 @@ from cpo_jax.parallel.sharding import (
     param_shardings,
 )
 
-__all__ = ["DEFAULT_RULES", "initialize", "logical_sharding", "logical_spec", "make_mesh", "param_shardings", "resolve_mesh_shape"]
+__all__ = ["DEFAULT_RULES", "any_process", "global_to_host", "host_to_global", "host_value_to_global", "initialize", "lockstep", "logical_sharding", "logical_spec", "make_mesh", "param_shardings", "resolve_mesh_shape"]

@@ -24,6 +24,7 @@ from flax import nnx
 
 from cpo_jax.data.bundled import score_arithmetic
 from cpo_jax.data.tokenize import RecordTokenizer, TokenizeConfig
+from cpo_jax.parallel.multihost import global_to_host, host_value_to_global
 
 
 class RewardFunction(Protocol):
@@ -81,9 +82,11 @@ class LearnedReward:
     shapes cover all calls; text longer than ``max_length`` tokens keeps its first ``max_length`` tokens.
     """
 
-    def __init__(self, model, head: jax.Array, tokenizer, *, max_length: int = 1024, batch_size: int = 16):
+    def __init__(self, model, head: jax.Array, tokenizer, *, max_length: int = 1024, batch_size: int = 16,
+                 mesh=None):
         self.graphdef, self.state = nnx.split(model)
-        self.head = jnp.asarray(head)
+        self.mesh = mesh  # the mesh the model lives on; None: default device
+        self.head = jnp.asarray(head) if mesh is None else host_value_to_global(np.asarray(head), mesh, (None,))
         self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._record_tokenizer = RecordTokenizer(tokenizer, TokenizeConfig(max_length=max_length))
@@ -96,7 +99,7 @@ class LearnedReward:
         from cpo_jax.hf.pretrained import load_reward_model
 
         model, head = load_reward_model(path, mesh=mesh)
-        return cls(model, head, AutoTokenizer.from_pretrained(str(path)), **kwargs)
+        return cls(model, head, AutoTokenizer.from_pretrained(str(path)), mesh=mesh, **kwargs)
 
     def _text_ids(self, prompt, completion: str) -> list[int]:
         """The ids reward training scored: chat template for conversational prompts, else prompt + text + EOS."""
@@ -105,8 +108,12 @@ class LearnedReward:
         ids, _ = self._record_tokenizer.sequence(prompt, completion, "rollout")
         return list(ids)[: self.max_length]
 
+    def _place(self, x: np.ndarray) -> jax.Array:
+        # On a (possibly multi-host) mesh every process passes the same rows; each device takes its slice.
+        return jnp.asarray(x) if self.mesh is None else host_value_to_global(x, self.mesh)
+
     def __call__(self, records: Sequence[dict], completions: Sequence[str]) -> np.ndarray:
-        """float32 ``[N]`` reward-model scores."""
+        """float32 ``[N]`` reward-model scores (on several processes: each must pass the same rows)."""
         if len(records) != len(completions):
             raise ValueError(f"{len(records)} records but {len(completions)} completions")
         rows = [self._text_ids(r["prompt"], c) for r, c in zip(records, completions)]
@@ -122,8 +129,8 @@ class LearnedReward:
             for i, r in enumerate(chunk):
                 ids[i, :len(r)], mask[i, :len(r)] = r, 1
             mask[len(chunk):, 0] = 1  # filler rows: one real token, scores discarded
-            scores = _last_token_scores(self.graphdef, self.state, self.head, jnp.asarray(ids), jnp.asarray(mask))
-            out.append(np.asarray(scores)[:len(chunk)])
+            scores = _last_token_scores(self.graphdef, self.state, self.head, self._place(ids), self._place(mask))
+            out.append(global_to_host(scores)[:len(chunk)])
         return np.concatenate(out).astype(np.float32)
 
 

@@ -6,6 +6,13 @@ to ``metrics.jsonl`` and TensorBoard, evaluates greedy completions of ``data.eva
 and exports the policy as an HF directory. The policy parameters live once, in the train state, in the
 mesh sharding; sampling reads them in place.
 
+Several hosts. Each process reads its own shard of the prompts (``P = rl.prompts_per_step`` each, so a
+step samples ``P * process_count * K`` completions). Sampling, scoring passes and updates are global jitted
+calls on the one mesh. The completions are all-gathered so that every process decodes and scores the whole
+batch (the reward needs no cross-host transfer of text, and a learned reward model is called with the same
+rows everywhere); the rewards go back onto the mesh in the batch sharding. Evaluation runs the processes'
+eval shards in lockstep, padding the shorter ones.
+
 Per step, the wall time is split into ``timing_s/gen`` (sampling), ``timing_s/reward`` (decoding and
 scoring on the host), ``timing_s/old_log_prob`` (policy and reference scoring passes + advantages) and
 ``timing_s/update_actor``; ``perf/rollout_tokens_per_sec`` counts generated tokens per second of sampling.
@@ -22,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from cpo_jax.data import (
     BatchConfig,
@@ -34,7 +40,8 @@ from cpo_jax.data import (
 from cpo_jax.hf.resolve import resolve_model_path
 from cpo_jax.models import from_pretrained, save_pretrained
 from cpo_jax.models.generate import SamplingConfig
-from cpo_jax.parallel.sharding import logical_spec, make_mesh
+from cpo_jax.parallel.multihost import global_to_host, host_to_global, host_value_to_global, lockstep
+from cpo_jax.parallel.sharding import make_mesh
 from cpo_jax.rlhf.algorithms import adaptive_kl_coef
 from cpo_jax.rlhf.rewards import RewardFunction, make_reward
 from cpo_jax.rlhf.rollout import init_value_head, sample
@@ -72,8 +79,8 @@ class RLTrainer:
         self.graphdef, model_state = nnx.split(policy)
         params = {"model": model_state}
         if self.rl.algorithm == "ppo":
-            replicated = NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-            params["value_head"] = jax.device_put(init_value_head(policy.config.hidden_size), replicated)
+            params["value_head"] = jax.tree.map(lambda x: host_value_to_global(np.asarray(x), self.mesh, (None,)),
+                                                init_value_head(policy.config.hidden_size))
         self.ref_params = {"model": nnx.split(from_pretrained(self.model_path, **model_kw))[1]}
         self.num_params = sum(x.size for x in jax.tree.leaves(model_state))
 
@@ -111,9 +118,6 @@ class RLTrainer:
             raise ValueError("config key model.path is empty: give an HF checkpoint directory")
         if not cfg.data.train_files:
             raise ValueError("config key data.train_files is empty: give prompt records (a 'prompt' per row)")
-        if jax.process_count() > 1:
-            raise NotImplementedError("the RLHF loop runs on one host (any number of its devices); multi-host "
-                                      "rollouts are not implemented yet")
         if rl.algorithm in ("rloo", "grpo") and rl.num_generations < 2:
             raise ValueError(f"config key rl.num_generations={rl.num_generations}: {rl.algorithm} needs at least 2 "
                              "samples per prompt")
@@ -150,8 +154,8 @@ class RLTrainer:
                              sources=records.sources)
 
     def _global(self, x: np.ndarray) -> jax.Array:
-        spec = logical_spec(("batch", "length")[: x.ndim], x.shape, self.mesh)
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        """This process's prompt rows ``[P, ...]`` -> the global batch ``[P * process_count, ...]`` on the mesh."""
+        return host_to_global(x, self.mesh)
 
     def rollout_key(self, step: int) -> jax.Array:
         """The sampling key of (0-based) rollout ``step``: a function of the seed and the step only."""
@@ -185,17 +189,19 @@ class RLTrainer:
         ids, mask, gen = self.generate(self.state.params, prompt_ids, prompt_mask, self.rollout_key(step),
                                        num_generations=rl.num_generations, sampling=self.sampling,
                                        max_new_tokens=rl.max_new_tokens)
-        tokens, comp_mask = (np.asarray(x) for x in jax.device_get((gen.tokens, gen.mask)))
+        # Every process reads back the whole global rollout (row i answers global prompt i // K) and scores it.
+        tokens, comp_mask = global_to_host(gen.tokens), global_to_host(gen.mask)
         timings["timing_s/gen"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        records = [self.train_set.records[int(i)] for i in np.repeat(batch["index"], rl.num_generations)]
+        index = np.repeat(global_to_host(self._global(batch["index"])), rl.num_generations)
+        records = [self.train_set.records[int(i)] for i in index]
         scores, ended = self._scores(records, tokens, comp_mask)
         timings["timing_s/reward"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         rollout, metrics = self._score(self.state.params, self.ref_params, ids, mask, gen.tokens, gen.mask,
-                                       self._global(scores), jnp.float32(self.kl_coef))
+                                       host_value_to_global(scores, self.mesh, ("batch",)), jnp.float32(self.kl_coef))
         metrics = jax.device_get(metrics)
         timings["timing_s/old_log_prob"] = time.perf_counter() - t2
 
@@ -213,7 +219,8 @@ class RLTrainer:
                    "perf/rollout_tokens_per_sec": generated / timings["timing_s/gen"],
                    "perf/time_share_gen": timings["timing_s/gen"] / timings["timing_s/step"],
                    "perf/time_share_update": timings["timing_s/update_actor"] / timings["timing_s/step"]}
-        host = {"tokens": tokens, "mask": comp_mask, "scores": scores, "records": records}
+        host = {"prompt_ids": global_to_host(ids), "tokens": tokens, "mask": comp_mask, "scores": scores,
+                "records": records, "index": index}
         return metrics, host
 
     def evaluate(self, params) -> dict:
@@ -223,13 +230,14 @@ class RLTrainer:
         if self.eval_set is None:
             return {}
         scores, lengths = [], []
-        for batch in self._pipeline(self.eval_set, train=False):
+        for batch in lockstep(self._pipeline(self.eval_set, train=False)):
             _, _, gen = self.generate(params, self._global(batch["input_ids"]), self._global(batch["attention_mask"]),
                                       jax.random.key(0), num_generations=1, sampling=SamplingConfig(),
                                       max_new_tokens=self.rl.eval_max_new_tokens)
-            tokens, mask = (np.asarray(x) for x in jax.device_get((gen.tokens, gen.mask)))
-            real = np.nonzero(batch["pair_mask"])[0]
-            records = [self.eval_set.records[int(batch["index"][i])] for i in real]
+            tokens, mask = global_to_host(gen.tokens), global_to_host(gen.mask)
+            index = global_to_host(self._global(batch["index"]))
+            real = np.nonzero(global_to_host(self._global(batch["pair_mask"])))[0]
+            records = [self.eval_set.records[int(index[i])] for i in real]
             scores.extend(self.reward(records, self._decode(tokens[real], mask[real])))
             lengths.extend(mask[real].sum(-1))
         return {"objective/scores": float(np.mean(scores)), "response_length/mean": float(np.mean(lengths)),
@@ -239,7 +247,8 @@ class RLTrainer:
         """Train from the latest checkpoint (or from scratch) to ``cfg.steps`` rollout steps."""
         cfg, rl = self.cfg, self.rl
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+        if jax.process_index() == 0:
+            (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
         data = iter(self._pipeline(self.train_set, train=True))
         start, extra = self.restore_latest()
         if start:

@@ -23,7 +23,8 @@ from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, build_data
 from cpo_jax.data.batching import ROW_KEYS, row_fill
 from cpo_jax.hf.resolve import resolve_model_path
 from cpo_jax.models import from_pretrained, save_pretrained
-from cpo_jax.parallel.sharding import logical_spec, make_mesh
+from cpo_jax.parallel.multihost import host_to_global, lockstep
+from cpo_jax.parallel.sharding import make_mesh
 from cpo_jax.train import flops as flops_lib
 from cpo_jax.train.checkpoint import Checkpointer
 from cpo_jax.train.config import TrainConfig, to_dict
@@ -189,10 +190,7 @@ class Trainer:
         for key, local in batch.items():
             if key == "sequence_ids":  # local slots -> global slots (process p holds pairs [p*P, (p+1)*P))
                 local = np.where(local >= 0, local + jax.process_index() * 2 * pairs, local)
-            names = ("micro", "batch", "length")[: local.ndim]
-            global_shape = (local.shape[0], local.shape[1] * jax.process_count(), *local.shape[2:])
-            spec = logical_spec(names, global_shape, self.mesh)
-            out[key] = jax.make_array_from_process_local_data(NamedSharding(self.mesh, spec), local, global_shape)
+            out[key] = host_to_global(local, self.mesh, ("micro", "batch", "length"), batch_axis=1)
         return out
 
     def _shardings_of(self, batch: dict) -> dict:
@@ -205,13 +203,13 @@ class Trainer:
             return {}
         sums: dict[str, float] = {}
         pairs = 0.0
-        for i, batch in enumerate(self._pipeline(self.eval_set, train=False)):
-            if i >= self.cfg.eval_batches:
-                break
+        for batch in lockstep(self._pipeline(self.eval_set, train=False), limit=self.cfg.eval_batches):
             batch = self._with_reference(batch, self.eval_reference_table)
             g = {k: v[0] for k, v in self._global(stack_micro_batches([batch], self.batch_cfg.pad_id)).items()}
             metrics = jax.device_get(self._eval_fn(params, g, self.ref_params))
             n = float(metrics.pop("pairs"))
+            if n == 0:  # every process had run out but one: nothing real in this global batch
+                continue
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * n
             pairs += n
