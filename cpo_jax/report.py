@@ -26,6 +26,15 @@ SUMMARY_KEYS = (
 def generation_accuracy(model, tokenizer, prompts_path: str, *, max_new_tokens: int = 24, batch: int = 16,
                         max_prompt_length: int = 256) -> dict[str, float]:
     """Greedy answers to prompt-only arithmetic records, scored by :func:`cpo_jax.data.score_arithmetic`."""
+    correct = generation_correct(model, tokenizer, prompts_path, max_new_tokens=max_new_tokens, batch=batch,
+                                 max_prompt_length=max_prompt_length)
+    return {"generation/accuracy": float(correct.mean()) if correct.size else 0.0,
+            "generation/prompts": float(correct.size)}
+
+
+def generation_correct(model, tokenizer, prompts_path: str, *, max_new_tokens: int = 24, batch: int = 16,
+                       max_prompt_length: int = 256) -> np.ndarray:
+    """bool ``[N]``: whether the greedy answer to each kept prompt (in file order) is right."""
     import jax.numpy as jnp
 
     from cpo_jax.data import (
@@ -42,7 +51,7 @@ def generation_accuracy(model, tokenizer, prompts_path: str, *, max_new_tokens: 
     tok_cfg = TokenizeConfig(max_length=max_prompt_length * 2, max_prompt_length=max_prompt_length)
     batch_cfg = BatchConfig(pairs_per_batch=batch, max_length=max_prompt_length * 2, pad_id=tokenizer.pad_token_id or 0)
     pipe = PipelineConfig(kind="prompt_only", shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
-    correct = total = 0
+    correct = {}
     for b in build_dataset(records.records, tokenizer, tok_cfg, batch_cfg, pipe, sources=records.sources):
         out = generate(model, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
                        max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
@@ -50,9 +59,9 @@ def generation_accuracy(model, tokenizer, prompts_path: str, *, max_new_tokens: 
         tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
         for slot in np.nonzero(b["pair_mask"])[0]:
             text = tokenizer.decode(tokens[slot][mask[slot] > 0], skip_special_tokens=True)
-            correct += score_arithmetic(records.records[int(b["index"][slot])]["prompt"], text)
-            total += 1
-    return {"generation/accuracy": correct / max(total, 1), "generation/prompts": float(total)}
+            index = int(b["index"][slot])
+            correct[index] = bool(score_arithmetic(records.records[index]["prompt"], text))
+    return np.asarray([correct[i] for i in sorted(correct)], bool)
 
 
 def format_before_after(before: dict, after: dict) -> str:

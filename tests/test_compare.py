@@ -8,6 +8,7 @@ from flax import nnx
 
 from cpo_jax.data import byte_chat_tokenizer, load_records
 from cpo_jax.experiments.compare import (
+    mcnemar_exact,
     pair_diagnostics,
     preference_step_cost,
     rl_step_cost,
@@ -52,3 +53,20 @@ def test_sampled_kl_is_zero_against_itself_and_positive_against_another_model(tm
     assert sampled_kl(policy, copy, byte_chat_tokenizer(), prompts, **kw) == same
     different = sampled_kl(policy, other, byte_chat_tokenizer(), prompts, **kw)
     assert different["kl/k3"] > 0.01 and different["kl/k1"] != 0.0  # k1 may be negative on few samples
+
+
+def test_mcnemar_exact_against_scipy_binomtest():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.RandomState(1)
+    for n, flip in [(64, 0.1), (64, 0.3), (20, 0.5), (5, 0.0)]:
+        before = rng.rand(n) < 0.3
+        after = np.where(rng.rand(n) < flip, ~before, before) | (rng.rand(n) < flip / 2)
+        out = mcnemar_exact(before, after)
+        gained, lost = np.sum(~before & after), np.sum(before & ~after)
+        assert (out["mcnemar/gained"], out["mcnemar/lost"]) == (gained, lost)
+        expected = stats.binomtest(int(gained), int(gained + lost), 0.5).pvalue if gained + lost else 1.0
+        assert out["mcnemar/p"] == pytest.approx(expected, rel=1e-9)
+    # 10 gained, 0 lost: p = 2 / 2**10.
+    assert mcnemar_exact(np.zeros(10, bool), np.ones(10, bool))["mcnemar/p"] == pytest.approx(2 / 1024)
+    with pytest.raises(ValueError, match="shape"):
+        mcnemar_exact(np.zeros(3, bool), np.zeros(4, bool))

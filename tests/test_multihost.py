@@ -95,10 +95,13 @@ for ids, record in zip(host["prompt_ids"], host["records"]):
     text = trainer.tokenizer.decode(ids[ids != trainer.pad_id], skip_special_tokens=True)
     aligned.append(record["prompt"][-1]["content"] in text)
 total = float(sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(trainer.state.params)))
+from cpo_jax.parallel import gather_json
+step, _, extra = trainer.checkpointer.restore_latest(trainer.state, trainer.state_shardings)
 keep = lambda m: {{k: float(v) for k, v in m.items() if not k.startswith(("timing_s/", "perf/"))}}
 out = {{"history": [keep(h) for h in result.history], "param_sum": total, "eval": evaluation,
        "rows": len(host["index"]), "indices": sorted({{int(i) for i in host["index"]}}), "aligned": aligned,
-       "extra": keep(metrics), "final_step": result.final_step}}
+       "extra": keep(metrics), "final_step": result.final_step, "gathered": gather_json({{"pid": pid}}),
+       "restored_kl": extra["kl_coef"], "restored_data": extra["data"]}}
 open({out!r} + f"/rl_{{pid}}.json", "w").write(json.dumps(out))
 """
 
@@ -124,5 +127,10 @@ def test_rlhf_loop_on_two_processes(tmp_path):
     assert all(a["aligned"]) and all(b["aligned"])
     # 5 eval prompts: host 0 holds 3 (two batches), host 1 holds 2 (one batch, padded for the second round).
     assert a["eval"] == b["eval"] and a["eval"]["prompts"] == 5.0
-    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    assert a["gathered"] == b["gathered"] == [{"pid": 0}, {"pid": 1}]
+    # The checkpoint keeps each host's own data-iterator state and gives it back to that host.
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "2" / "data" / "metadata").read_text())
+    assert len(saved["hosts"]) == 2
+    assert a["restored_data"] == saved["hosts"][0]["data"] and b["restored_data"] == saved["hosts"][1]["data"]
+    assert a["restored_kl"] == b["restored_kl"] == 0.01
     assert (tmp_path / "run" / "hf" / "config.json").is_file()

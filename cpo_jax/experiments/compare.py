@@ -2,7 +2,8 @@
 
 Every trained policy is measured the same way against the same reference (the starting model):
 
-* **true reward**: greedy verifier accuracy on held-out prompts (:func:`cpo_jax.report.generation_accuracy`);
+* **true reward**: greedy verifier accuracy on held-out prompts (:func:`cpo_jax.report.generation_correct`),
+  with an exact McNemar test of each policy against the start on the same prompts (:func:`mcnemar_exact`);
 * **KL to the reference**: ``KL(pi || pi_ref)`` per completion, estimated from completions sampled from the
   policy at temperature 1 (k1 and k3 estimators, summed over tokens);
 * **the paper's diagnostics** on held-out preference pairs: ``frac_in_U``, absolute accuracy
@@ -14,6 +15,8 @@ a preference step is ``rows x length x (3 + reference)``; an RLOO step is ``rows
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -89,3 +92,18 @@ def pair_diagnostics(policy_logps: np.ndarray, reference_logps: np.ndarray, *, b
     metrics = preference_metrics(jnp.asarray(p[:, 0]), jnp.asarray(p[:, 1]), jnp.asarray(r[:, 0]),
                                  jnp.asarray(r[:, 1]), beta=beta)
     return {k: float(metrics[k]) for k in DIAGNOSTIC_KEYS} | {"pairs": float(keep.sum())}
+
+
+def mcnemar_exact(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
+    """Exact two-sided McNemar test of paired 0/1 outcomes ``[N]`` (same prompts, two policies).
+
+    ``gained`` counts prompts wrong before and right after, ``lost`` the reverse; under "no change" each
+    discordant prompt is a fair coin, so ``p = min(1, 2 * P[Binomial(gained + lost, 1/2) <= min(gained, lost)])``.
+    """
+    before, after = np.asarray(before, bool), np.asarray(after, bool)
+    if before.shape != after.shape:
+        raise ValueError(f"paired outcomes differ in shape: {before.shape} vs {after.shape}")
+    gained, lost = int(np.sum(~before & after)), int(np.sum(before & ~after))
+    n, k = gained + lost, min(gained, lost)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n if n else 1.0
+    return {"mcnemar/gained": float(gained), "mcnemar/lost": float(lost), "mcnemar/p": min(1.0, 2.0 * tail)}

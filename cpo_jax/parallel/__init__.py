@@ -3,6 +3,7 @@
 from cpo_jax.parallel.distributed import initialize
 from cpo_jax.parallel.multihost import (
     any_process,
+    gather_json,
     global_to_host,
     host_to_global,
     host_value_to_global,
@@ -17,4 +18,4 @@ from cpo_jax.parallel.sharding import (
     param_shardings,
 )
 
-__all__ = ["DEFAULT_RULES", "any_process", "global_to_host", "host_to_global", "host_value_to_global", "initialize", "lockstep", "logical_sharding", "logical_spec", "make_mesh", "param_shardings", "resolve_mesh_shape"]
+__all__ = ["DEFAULT_RULES", "any_process", "gather_json", "global_to_host", "host_to_global", "host_value_to_global", "initialize", "lockstep", "logical_sharding", "logical_spec", "make_mesh", "param_shardings", "resolve_mesh_shape"]

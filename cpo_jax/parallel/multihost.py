@@ -9,6 +9,7 @@ trainer needs, and each is the identity-like single-host operation when ``jax.pr
   computed for the whole batch); each device takes its slice.
 * :func:`global_to_host`: the full value of a (possibly multi-host) global array on every process.
 
+:func:`gather_json` collects one small JSON value per process (each host's data-iterator state).
 :func:`lockstep` keeps collective calls matched when processes hold different amounts of data (a
 finite evaluation split whose host shards differ by a batch): a process that has run out repeats its last
 batch with every example masked out until all have.
@@ -16,6 +17,7 @@ batch with every example masked out until all have.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
@@ -94,3 +96,17 @@ def lockstep(batches: Iterable[dict], limit: int | None = None) -> Iterator[dict
         last = batch
         rounds += 1
         yield batch
+
+
+def gather_json(value) -> list:
+    """Every process's JSON-serialisable ``value``, in process order (a collective; ``[value]`` on one process)."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(rows[i, : sizes[i]].tobytes()) for i in range(len(sizes))]

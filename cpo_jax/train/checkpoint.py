@@ -4,10 +4,14 @@
 temporary directory that is renamed only once complete, so a kill during a save leaves the previous
 checkpoint as the latest restorable one. Restoring takes an abstract state carrying the *current*
 shardings, so a run can resume on a different mesh shape from the one that saved.
+
+The data state is per host: each process reads its own shard, so ``save`` gathers every process's state
+(``{"hosts": [state_0, state_1, ...]}``) and ``restore`` hands each process its own entry back.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from cpo_jax.parallel.multihost import gather_json
+
+log = logging.getLogger(__name__)
 
 
 def abstract_with_shardings(tree, shardings):
@@ -41,12 +49,14 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = True) -> None:
-        """Start saving ``step`` (asynchronously); refuses a state with non-finite parameters."""
+        """Start saving ``step`` (asynchronously); refuses a state with non-finite parameters.
+
+        Every process must call it: ``data_state`` is this process's, and all of them are stored."""
         if not all_finite(state.params):
             raise FloatingPointError(f"refusing to checkpoint step {step}: the parameters are not all finite")
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
+            data=ocp.args.JsonSave({"hosts": gather_json(data_state)}),
             config=ocp.args.JsonSave(config),
         ), force=force)
 
@@ -57,7 +67,19 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(),
         ))
-        return out.state, out.data, out.config
+        return out.state, self._own_data_state(out.data, step), out.config
+
+    @staticmethod
+    def _own_data_state(saved: dict, step: int) -> dict:
+        if not (isinstance(saved, dict) and set(saved) == {"hosts"}):
+            return saved  # written before data states were stored per host
+        hosts, index = saved["hosts"], jax.process_index()
+        if len(hosts) != jax.process_count():
+            log.warning("checkpoint %d was written by %d processes and is restored on %d: the hosts' data shards "
+                        "differ, so every host resumes from host 0's data position", step, len(hosts),
+                        jax.process_count())
+            index = 0
+        return hosts[index]
 
     def restore_latest(self, state, shardings) -> tuple[int, Any, dict | None]:
         """``(step, state, data_state)`` of the newest checkpoint placed as ``shardings``, or ``(0, state, None)``."""
