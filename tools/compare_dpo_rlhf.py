@@ -2,14 +2,15 @@
 
     python tools/compare_dpo_rlhf.py all --update-docs      # train the three runs, evaluate, write the doc section
     python tools/compare_dpo_rlhf.py train [--pref-steps 48]  # cpo-jax train configs/compare/{dpo,cpo,rloo}.yaml
-    python tools/compare_dpo_rlhf.py report [--update-docs]   # evaluate the start model and the three policies
+    python tools/compare_dpo_rlhf.py train --only dpo_lr5e-6  # a sensitivity variant (VARIANTS), same budget
+    python tools/compare_dpo_rlhf.py report [--update-docs]   # evaluate the start model and every trained run
 
 DPO and CPO train on offline preference pairs (right answer chosen, a plausible wrong one rejected); RLOO samples
 its own answers and is rewarded by the verifier, with a KL penalty to the start. The budget is counted in forward
 token equivalents of padded rows (:mod:`cpo_jax.experiments.compare`): the tool gives DPO and CPO
 ``--pref-steps`` steps and RLOO as many steps as fit in the same budget. Every policy is then measured the same way:
-greedy verifier accuracy on held-out prompts, KL(pi || pi_ref) on its own samples, and the paper's diagnostics on
-held-out preference pairs.
+greedy verifier accuracy on held-out prompts (with an exact McNemar p-value against the start model on the same
+prompts), KL(pi || pi_ref) on its own samples, and the paper's diagnostics on held-out preference pairs.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "compare"
 OUT = ROOT / "runs" / "compare"
@@ -29,6 +32,8 @@ DOC = ROOT / "docs" / "paper_reproduction.md"
 FIGURES = ROOT / "docs" / "figures" / "compare"
 BEGIN, END = "<!-- compare-table:begin -->", "<!-- compare-table:end -->"
 RUNS = ("dpo", "cpo", "rloo")
+# Sensitivity runs: name -> (base config, overrides); same budget as their base.
+VARIANTS = {"dpo_lr5e-6": ("dpo", ["optim.learning_rate=5e-6"])}
 EVAL_PROMPTS = "bundled:arithmetic-eval-prompts:64"
 EVAL_PAIRS = "bundled:arithmetic-eval:64"
 
@@ -40,7 +45,7 @@ def _load(run: str):
 
 
 def budgets(pref_steps: int) -> dict[str, dict]:
-    """Steps and forward-token budget of each run, RLOO's steps fitted to the preference budget."""
+    """Steps and forward-token budget of each run (variants as their base), RLOO's fitted to the preference budget."""
     from cpo_jax.experiments.compare import preference_step_cost, rl_step_cost
 
     out = {}
@@ -54,23 +59,33 @@ def budgets(pref_steps: int) -> dict[str, dict]:
                         c.rl.get("ppo_epochs", 1))
     steps = max(1, round(out["dpo"]["budget"] / cost))
     out["rloo"] = {"steps": steps, "step_cost": cost, "budget": steps * cost}
+    for name, (base, overrides) in VARIANTS.items():
+        out[name] = dict(out[base], base=base, overrides=overrides)
     return out
 
 
-def train(pref_steps: int) -> dict:
-    """Runs ``cpo-jax train`` for each config with its budgeted steps; returns wall times."""
+def train(pref_steps: int, only: list[str] | None = None) -> dict:
+    """Runs ``cpo-jax train`` for each config (or ``only`` these runs/variants) with its budgeted steps.
+
+    Merges the plan and wall times into ``runs/compare/plan.json``; returns the wall times of this call."""
     plan = budgets(pref_steps)
+    path = OUT / "plan.json"
+    record = json.loads(path.read_text()) if path.exists() else {"plan": {}, "wall_s": {}}
     times = {}
-    for run in RUNS:
+    for run in only or RUNS:
+        if run not in plan:
+            raise SystemExit(f"unknown run {run!r}; known: {sorted(plan)}")
+        base, overrides = VARIANTS.get(run, (run, []))
         steps = plan[run]["steps"]
         eval_every = max(1, steps // 2)
-        cmd = [sys.executable, "-m", "cpo_jax.cli", "train", str(CONFIGS / f"{run}.yaml"), f"steps={steps}",
-               f"eval_every={eval_every}", f"output_dir={OUT / run}"]
+        cmd = [sys.executable, "-m", "cpo_jax.cli", "train", str(CONFIGS / f"{base}.yaml"), f"steps={steps}",
+               f"eval_every={eval_every}", f"output_dir={OUT / run}", *overrides]
         print("$", " ".join(cmd), flush=True)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT)
         times[run] = time.perf_counter() - start
-    (OUT / "plan.json").write_text(json.dumps({"plan": plan, "wall_s": times}, indent=2))
+        record["plan"][run], record["wall_s"][run] = plan[run], times[run]
+        path.write_text(json.dumps(record, indent=2))
     return times
 
 
@@ -84,25 +99,45 @@ def pair_logps(model, tokenizer, pairs, c):
     return compute_reference_logps(model, pairs.records, pairs.sources, tokenizer, tok, batch)
 
 
-def evaluate(path, reference, tokenizer, prompts, pair_records, reference_pairs, c) -> dict:
-    """Verifier accuracy, sampled KL to the reference, and the paper's diagnostics of one policy."""
+def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, reference_pairs, c, *,
+             fresh: bool) -> dict:
+    """Verifier outcomes, sampled KL to the reference, and the paper's diagnostics of one policy.
+
+    Each of the three parts is cached in ``runs/compare/<name>/eval.json`` (``--fresh`` recomputes)."""
     from cpo_jax.experiments.compare import pair_diagnostics, sampled_kl
     from cpo_jax.models import from_pretrained
-    from cpo_jax.report import generation_accuracy
+    from cpo_jax.report import generation_correct
 
-    policy = reference if path is None else from_pretrained(path)
-    metrics = generation_accuracy(policy, tokenizer, EVAL_PROMPTS, max_new_tokens=c.rl.eval_max_new_tokens,
-                                  max_prompt_length=c.data.max_prompt_length)
-    metrics |= sampled_kl(policy, reference, tokenizer, prompts, prompt_length=c.data.max_prompt_length,
-                          max_new_tokens=c.rl.max_new_tokens)
-    return metrics | pair_diagnostics(pair_logps(policy, tokenizer, pair_records, c), reference_pairs)
+    cache_path = OUT / name / "eval.json"
+    cache = {} if fresh or not cache_path.exists() else json.loads(cache_path.read_text())
+    policy = None
+
+    def part(key, fn):
+        nonlocal policy
+        if key not in cache:
+            if policy is None:
+                policy = reference if path is None else from_pretrained(path)
+            cache[key] = fn(policy)
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            cache_path.write_text(json.dumps(cache, indent=2))
+        return cache[key]
+
+    correct = part("correct", lambda m: [bool(x) for x in generation_correct(
+        m, tokenizer, EVAL_PROMPTS, max_new_tokens=c.rl.eval_max_new_tokens,
+        max_prompt_length=c.data.max_prompt_length)])
+    kl = part("kl", lambda m: sampled_kl(m, reference, tokenizer, prompts, prompt_length=c.data.max_prompt_length,
+                                          max_new_tokens=c.rl.max_new_tokens))
+    pairs = part("pairs", lambda m: pair_diagnostics(pair_logps(m, tokenizer, pair_records, c), reference_pairs))
+    return {"generation/accuracy": float(np.mean(correct)), "generation/prompts": float(len(correct)),
+            "generation/correct": correct, **kl, **pairs}
 
 
-def report(update_docs: bool) -> str:
-    """Evaluates the start model and the three runs; writes the table, JSON and figures."""
+def report(update_docs: bool, fresh: bool = False) -> str:
+    """Evaluates the start model and every trained run (variants included); writes the table, JSON and figures."""
     from transformers import AutoTokenizer
 
     from cpo_jax.data import load_records
+    from cpo_jax.experiments.compare import mcnemar_exact
     from cpo_jax.hf.resolve import resolve_model_path
     from cpo_jax.models import from_pretrained
 
@@ -114,13 +149,18 @@ def report(update_docs: bool) -> str:
     pairs = load_records(EVAL_PAIRS, "preference")
     reference_pairs = pair_logps(reference, tokenizer, pairs, c)
     plan = json.loads((OUT / "plan.json").read_text())
-    results = {"start": evaluate(None, reference, tokenizer, prompts, pairs, reference_pairs, c)}
-    for run in RUNS:
-        results[run] = evaluate(OUT / run / "hf", reference, tokenizer, prompts, pairs, reference_pairs, c)
-        print(run, results[run], flush=True)
+    runs = [r for r in (*RUNS, *VARIANTS) if (OUT / r / "hf" / "config.json").is_file()]
+    results = {"start": evaluate("start", None, reference, tokenizer, prompts, pairs, reference_pairs, c,
+                                 fresh=fresh)}
+    for run in runs:
+        results[run] = evaluate(run, OUT / run / "hf", reference, tokenizer, prompts, pairs, reference_pairs, c,
+                                fresh=fresh)
+        results[run] |= mcnemar_exact(np.asarray(results["start"]["generation/correct"]),
+                                      np.asarray(results[run]["generation/correct"]))
+        print(run, {k: v for k, v in results[run].items() if k != "generation/correct"}, flush=True)
     (OUT / "results.json").write_text(json.dumps({"plan": plan, "results": results}, indent=2))
     FIGURES.mkdir(parents=True, exist_ok=True)
-    _plot(results, plan)
+    _plot({k: v for k, v in results.items() if k == "start" or k in RUNS}, plan)
     table = _table(results, plan)
     (OUT / "table.md").write_text(table)
     if update_docs:
@@ -132,15 +172,18 @@ def report(update_docs: bool) -> str:
 
 
 def _table(results: dict, plan: dict) -> str:
-    rows = ["| policy | steps | budget (M fwd tokens) | train wall (min) | verifier accuracy | KL k1 | KL k3 | "
-            "frac_in_U | abs. accuracy | chosen log-lik. | rejected log-lik. |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| policy | steps | budget (M fwd tokens) | train wall (min) | verifier accuracy | +/- vs start (p) | "
+            "KL k1 | KL k3 | frac_in_U | abs. accuracy | chosen log-lik. | rejected log-lik. |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in results.items():
         p = plan["plan"].get(name, {})
         wall = plan["wall_s"].get(name)
+        change = ("" if "mcnemar/p" not in m else
+                  f"+{m['mcnemar/gained']:.0f} / -{m['mcnemar/lost']:.0f} ({m['mcnemar/p']:.2g})")
         rows.append(
             f"| {name} | {p.get('steps', 0)} | {p.get('budget', 0) / 1e6:.2f} | "
-            f"{'' if wall is None else f'{wall / 60:.1f}'} | {m['generation/accuracy']:.3f} | {m['kl/k1']:.2f} | "
+            f"{'' if wall is None else f'{wall / 60:.1f}'} | {m['generation/accuracy']:.3f} | {change} | "
+            f"{m['kl/k1']:.2f} | "
             f"{m['kl/k3']:.2f} | {m['diagnostics/frac_in_U']:.3f} | {m['diagnostics/abs_accuracy']:.3f} | "
             f"{m['logps/chosen']:.2f} | {m['logps/rejected']:.2f} |")
     return "\n".join(rows)
@@ -174,13 +217,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=["train", "report", "all"])
     parser.add_argument("--pref-steps", type=int, default=48, help="DPO/CPO steps; RLOO gets the same budget")
+    parser.add_argument("--only", nargs="+", help=f"train only these runs; variants: {sorted(VARIANTS)}")
+    parser.add_argument("--fresh", action="store_true", help="re-evaluate runs that have a cached eval.json")
     parser.add_argument("--update-docs", action="store_true", help="rewrite the table in docs/paper_reproduction.md")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.stage in ("train", "all"):
-        train(args.pref_steps)
+        train(args.pref_steps, args.only)
     if args.stage in ("report", "all"):
-        report(args.update_docs)
+        report(args.update_docs, args.fresh)
 
 
 if __name__ == "__main__":
