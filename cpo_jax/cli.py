@@ -123,14 +123,19 @@ def train(
 
     initialize(cluster_detection=distributed)  # before any other JAX call; a no-op for one process
     cfg, trainer, start = _restored_trainer(config, overrides)
+    import jax
+
     before = _evaluate(trainer, cfg) if start == 0 else {}
-    if before:  # the step-0 point of the eval curves
+    writes = jax.process_index() == 0  # on several hosts, process 0 writes the run's files
+    if before and writes:  # the step-0 point of the eval curves
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "metrics.jsonl", "w") as f:
             f.write(json.dumps({"step": 0, **{f"eval/{k}": float(v) for k, v in before.items()}}) + "\n")
     result = trainer.run()
     after = _evaluate(trainer, cfg)
+    if not writes:
+        return
     out = Path(cfg.output_dir)
     if (out / "metrics.jsonl").is_file():
         panels = RL_PANELS if cfg.loss.objective == "rlhf" else PREFERENCE_PANELS

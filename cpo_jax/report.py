@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+
+from cpo_jax.parallel.multihost import global_to_host, host_value_to_global
 
 #: Metrics shown in before/after tables, in order.
 SUMMARY_KEYS = (
@@ -23,7 +26,7 @@ SUMMARY_KEYS = (
 )
 
 
-def generation_accuracy(model, tokenizer, prompts_path: str, *, max_new_tokens: int = 24, batch: int = 16,
+def generation_accuracy(model, tokenizer, prompts_path, *, max_new_tokens: int = 24, batch: int = 16,
                         max_prompt_length: int = 256) -> dict[str, float]:
     """Greedy answers to prompt-only arithmetic records, scored by :func:`cpo_jax.data.score_arithmetic`."""
     correct = generation_correct(model, tokenizer, prompts_path, max_new_tokens=max_new_tokens, batch=batch,
@@ -32,9 +35,11 @@ def generation_accuracy(model, tokenizer, prompts_path: str, *, max_new_tokens: 
             "generation/prompts": float(correct.size)}
 
 
-def generation_correct(model, tokenizer, prompts_path: str, *, max_new_tokens: int = 24, batch: int = 16,
+def generation_correct(model, tokenizer, prompts_path, *, max_new_tokens: int = 24, batch: int = 16,
                        max_prompt_length: int = 256) -> np.ndarray:
-    """bool ``[N]``: whether the greedy answer to each kept prompt (in file order) is right."""
+    """bool ``[N]``: whether the greedy answer to each kept prompt (in file order) is right.
+
+    ``prompts_path``: a data spec/path of prompt-only arithmetic records, or a loaded ``RecordSet``."""
     import jax.numpy as jnp
 
     from cpo_jax.data import (
@@ -47,21 +52,33 @@ def generation_correct(model, tokenizer, prompts_path: str, *, max_new_tokens: i
     )
     from cpo_jax.models.generate import generate
 
-    records = load_records(prompts_path, "prompt_only")
+    records = prompts_path if hasattr(prompts_path, "records") else load_records(prompts_path, "prompt_only")
     tok_cfg = TokenizeConfig(max_length=max_prompt_length * 2, max_prompt_length=max_prompt_length)
     batch_cfg = BatchConfig(pairs_per_batch=batch, max_length=max_prompt_length * 2, pad_id=tokenizer.pad_token_id or 0)
     pipe = PipelineConfig(kind="prompt_only", shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
+    place, mesh = jnp.asarray, _multihost_mesh(model)
+    if mesh is not None:  # every process runs every batch; the inputs go onto the model's mesh
+        place = functools.partial(host_value_to_global, mesh=mesh)
     correct = {}
     for b in build_dataset(records.records, tokenizer, tok_cfg, batch_cfg, pipe, sources=records.sources):
-        out = generate(model, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
+        out = generate(model, place(b["input_ids"]), place(b["attention_mask"]),
                        max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id or 0)
-        tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        tokens, mask = global_to_host(out.tokens), global_to_host(out.mask)
         for slot in np.nonzero(b["pair_mask"])[0]:
             text = tokenizer.decode(tokens[slot][mask[slot] > 0], skip_special_tokens=True)
             index = int(b["index"][slot])
             correct[index] = bool(score_arithmetic(records.records[index]["prompt"], text))
     return np.asarray([correct[i] for i in sorted(correct)], bool)
+
+
+def _multihost_mesh(model):
+    """The mesh of ``model``'s parameters when they span several processes, else None."""
+    import jax
+    from flax import nnx
+
+    leaf = jax.tree.leaves(nnx.state(model))[0]
+    return None if leaf.is_fully_addressable else leaf.sharding.mesh
 
 
 def format_before_after(before: dict, after: dict) -> str:

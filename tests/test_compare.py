@@ -8,6 +8,7 @@ from flax import nnx
 
 from cpo_jax.data import byte_chat_tokenizer, load_records
 from cpo_jax.experiments.compare import (
+    held_out,
     mcnemar_exact,
     pair_diagnostics,
     preference_step_cost,
@@ -70,3 +71,19 @@ def test_mcnemar_exact_against_scipy_binomtest():
     assert mcnemar_exact(np.zeros(10, bool), np.ones(10, bool))["mcnemar/p"] == pytest.approx(2 / 1024)
     with pytest.raises(ValueError, match="shape"):
         mcnemar_exact(np.zeros(3, bool), np.zeros(4, bool))
+
+
+def test_held_out_drops_seen_and_repeated_questions():
+    records = load_records("bundled:arithmetic-prompts:200", "prompt_only")
+    seen = {r["prompt"][-1]["content"] for r in load_records("bundled:arithmetic-prompts:50", "prompt_only").records}
+    out = held_out(records, seen, limit=30)
+    questions = [r["prompt"][-1]["content"] for r in out.records]
+    assert len(questions) == 30 == len(set(questions)) == len(out.sources)
+    assert not set(questions) & seen
+    # In order: the kept records are the first qualifying ones of the input.
+    expected = []
+    for r in records.records:
+        q = r["prompt"][-1]["content"]
+        if q not in seen and q not in expected:
+            expected.append(q)
+    assert questions == expected[:30]

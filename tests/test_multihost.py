@@ -76,38 +76,36 @@ def test_two_processes_agree_on_losses_and_parameters(tmp_path):
 
 
 RL_CHILD = """
-import json, sys
-import numpy as np
-from cpo_jax.parallel import initialize
+import json, os, sys
 pid = int(sys.argv[1])
-assert initialize("localhost:{port}", 2, pid)
+os.environ.update(CPO_JAX_COORDINATOR="localhost:{port}", CPO_JAX_NUM_PROCESSES="2", CPO_JAX_PROCESS_ID=str(pid))
+from cpo_jax.cli import app, load_config
+cfg_path = {out!r} + "/rl.yaml"
+app(["train", cfg_path], standalone_mode=False)  # `cpo-jax train` on both processes (joins via the environment)
 import jax, jax.numpy as jnp
+from cpo_jax.parallel import gather_json
 from cpo_jax.rlhf import RLTrainer
-from cpo_jax.train import TrainConfig, from_dict
-cfg = from_dict(TrainConfig, json.loads({cfg!r}))
-trainer = RLTrainer(cfg)
-result = trainer.run()
-evaluation = trainer.evaluate(trainer.state.params)
+trainer = RLTrainer(load_config(cfg_path))
+step, extra = trainer.restore_latest()
 # One more rollout: every global row must answer the prompt of the record it is scored against.
-metrics, host = trainer.rollout_step(cfg.steps, next(iter(trainer._pipeline(trainer.train_set, train=True))))
+metrics, host = trainer.rollout_step(step, next(iter(trainer._pipeline(trainer.train_set, train=True))))
 aligned = []
 for ids, record in zip(host["prompt_ids"], host["records"]):
     text = trainer.tokenizer.decode(ids[ids != trainer.pad_id], skip_special_tokens=True)
     aligned.append(record["prompt"][-1]["content"] in text)
 total = float(sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(trainer.state.params)))
-from cpo_jax.parallel import gather_json
-step, _, extra = trainer.checkpointer.restore_latest(trainer.state, trainer.state_shardings)
 keep = lambda m: {{k: float(v) for k, v in m.items() if not k.startswith(("timing_s/", "perf/"))}}
-out = {{"history": [keep(h) for h in result.history], "param_sum": total, "eval": evaluation,
+out = {{"step": step, "param_sum": total, "eval": trainer.evaluate(trainer.state.params),
        "rows": len(host["index"]), "indices": sorted({{int(i) for i in host["index"]}}), "aligned": aligned,
-       "extra": keep(metrics), "final_step": result.final_step, "gathered": gather_json({{"pid": pid}}),
-       "restored_kl": extra["kl_coef"], "restored_data": extra["data"]}}
+       "extra": keep(metrics), "gathered": gather_json({{"pid": pid}}), "restored_kl": extra["kl_coef"],
+       "restored_data": extra["data"]}}
 open({out!r} + f"/rl_{{pid}}.json", "w").write(json.dumps(out))
 """
 
 
 def test_rlhf_loop_on_two_processes(tmp_path):
-    """RLOO across two hosts: one global rollout of both hosts' prompts, scored row-aligned, identical updates."""
+    """`cpo-jax train` with RLOO on two hosts: one global rollout of both hosts' prompts, scored row-aligned,
+    identical updates, per-host data states in the checkpoint, uneven eval shards, one set of output files."""
     policy = tiny_policy(tmp_path / "policy")
     cfg = {"output_dir": str(tmp_path / "run"), "model": {"path": str(policy)},
            "data": {"train_files": ["bundled:arithmetic-prompts:64"], "eval_files": ["bundled:arithmetic-prompts:5"],
@@ -116,11 +114,12 @@ def test_rlhf_loop_on_two_processes(tmp_path):
            "rl": {"algorithm": "rloo", "reward": "verifier:digits", "prompts_per_step": 2, "num_generations": 2,
                   "max_new_tokens": 8, "eval_max_new_tokens": 8, "kl_coef": 0.01},
            "optim": {"learning_rate": 3e-3, "schedule": "constant"}, "steps": 2, "save_every": 2, "eval_every": 2,
+           "eval_generation_prompts": "bundled:arithmetic-prompts:3", "eval_generation_tokens": 4,
            "progress_bar": False, "tensorboard": False, "export_hf": True,
            "mesh": {"data": -1, "fsdp": 1, "tensor": 1}}
-    a, b = _run_two(tmp_path, RL_CHILD, cfg, "rl")
-    assert a["final_step"] == b["final_step"] == 2
-    assert a["history"] == b["history"] and len(a["history"]) == 2
+    (tmp_path / "rl.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    a, b = _run_two(tmp_path, RL_CHILD, {}, "rl")
+    assert a["step"] == b["step"] == 2
     assert a["extra"] == b["extra"] and a["param_sum"] == b["param_sum"]
     # 2 prompts per process x 2 processes x 2 generations; host 0 reads even records, host 1 odd ones.
     assert a["rows"] == 8 and a["indices"] == b["indices"] and {i % 2 for i in a["indices"]} == {0, 1}
@@ -133,4 +132,10 @@ def test_rlhf_loop_on_two_processes(tmp_path):
     assert len(saved["hosts"]) == 2
     assert a["restored_data"] == saved["hosts"][0]["data"] and b["restored_data"] == saved["hosts"][1]["data"]
     assert a["restored_kl"] == b["restored_kl"] == 0.01
+    # Process 0 alone wrote the run's files: the step-0 eval line once, two steps, the eval at step 2.
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines].count(0) == 1 and lines[0]["eval/objective/scores"] >= 0
+    assert {x["step"] for x in lines} == {0, 1, 2}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final_step"] == 2 and summary["after"]["generation/prompts"] == 3.0
     assert (tmp_path / "run" / "hf" / "config.json").is_file()

@@ -29,6 +29,32 @@ DIAGNOSTIC_KEYS = ("diagnostics/frac_in_U", "diagnostics/abs_accuracy", "diagnos
                    "logps/chosen", "logps/rejected")
 
 
+def question(record: dict) -> str:
+    """The text a record asks: the last message's content of a conversational prompt, else the prompt."""
+    prompt = record["prompt"]
+    return prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
+
+
+def held_out(records, seen: set[str], limit: int | None = None):
+    """The records whose question is not in ``seen``, each question once, in order, at most ``limit``.
+
+    ``records``: a :class:`cpo_jax.data.RecordSet`; returns one of the same type.
+    """
+    import dataclasses
+
+    keep, questions = [], set()
+    for i, record in enumerate(records.records):
+        q = question(record)
+        if q in seen or q in questions:
+            continue
+        questions.add(q)
+        keep.append(i)
+        if limit is not None and len(keep) == limit:
+            break
+    return dataclasses.replace(records, records=[records.records[i] for i in keep],
+                               sources=[records.sources[i] for i in keep])
+
+
 def preference_step_cost(pairs_per_batch: int, row_length: int, *, reference_forward: bool) -> int:
     """Forward token equivalents of one preference step (chosen + rejected rows, fwd + bwd, + reference)."""
     return 2 * pairs_per_batch * row_length * (3 + int(reference_forward))

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx, struct
 
 from cpo_jax.models.transformer import Transformer, init_cache
+from cpo_jax.parallel.multihost import global_to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +87,9 @@ def sample_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) ->
 
 
 def _check_left_padded(attention_mask) -> None:
-    try:
-        mask = np.asarray(attention_mask).astype(bool)
-    except jax.errors.TracerArrayConversionError:
+    if isinstance(attention_mask, jax.core.Tracer):
         return
+    mask = global_to_host(attention_mask).astype(bool)  # the whole batch, also when it spans hosts
     if not (mask[:, -1] | ~mask.any(axis=1)).all():  # an all-padding row is an empty batch slot, allowed
         raise ValueError("generate() needs left-padded prompts: every row's last token must be real")
 
