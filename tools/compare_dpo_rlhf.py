@@ -16,6 +16,7 @@ prompts), KL(pi || pi_ref) on its own samples, and the paper's diagnostics on he
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import re
@@ -34,8 +35,10 @@ BEGIN, END = "<!-- compare-table:begin -->", "<!-- compare-table:end -->"
 RUNS = ("dpo", "cpo", "rloo")
 # Sensitivity runs: name -> (base config, overrides); same budget as their base.
 VARIANTS = {"dpo_lr5e-6": ("dpo", ["optim.learning_rate=5e-6"])}
-EVAL_PROMPTS = "bundled:arithmetic-eval-prompts:64"
-EVAL_PAIRS = "bundled:arithmetic-eval:64"
+# Held-out evaluation: questions in neither the DPO/CPO pairs nor the RLOO prompts, each once (eval_sets()).
+EVAL_PROMPTS, EVAL_PAIRS = ("bundled:arithmetic-eval-prompts:1024", 256), ("bundled:arithmetic-eval:512", 128)
+KL_PROMPTS = 64  # the first of the held-out prompts, sampled for KL(pi || pi_ref)
+EVAL_SPEC = f"{EVAL_PROMPTS} {EVAL_PAIRS} kl:{KL_PROMPTS}"  # cached evaluations are valid for this spec only
 
 
 def _load(run: str):
@@ -110,6 +113,8 @@ def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, refer
 
     cache_path = OUT / name / "eval.json"
     cache = {} if fresh or not cache_path.exists() else json.loads(cache_path.read_text())
+    if cache.get("spec") != EVAL_SPEC:
+        cache = {"spec": EVAL_SPEC}
     policy = None
 
     def part(key, fn):
@@ -123,20 +128,35 @@ def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, refer
         return cache[key]
 
     correct = part("correct", lambda m: [bool(x) for x in generation_correct(
-        m, tokenizer, EVAL_PROMPTS, max_new_tokens=c.rl.eval_max_new_tokens,
+        m, tokenizer, prompts, max_new_tokens=c.rl.eval_max_new_tokens,
         max_prompt_length=c.data.max_prompt_length)])
-    kl = part("kl", lambda m: sampled_kl(m, reference, tokenizer, prompts, prompt_length=c.data.max_prompt_length,
-                                          max_new_tokens=c.rl.max_new_tokens))
+    kl_prompts = dataclasses.replace(prompts, records=prompts.records[:KL_PROMPTS], sources=prompts.sources[:KL_PROMPTS])
+    kl = part("kl", lambda m: sampled_kl(m, reference, tokenizer, kl_prompts,
+                                          prompt_length=c.data.max_prompt_length, max_new_tokens=c.rl.max_new_tokens))
     pairs = part("pairs", lambda m: pair_diagnostics(pair_logps(m, tokenizer, pair_records, c), reference_pairs))
     return {"generation/accuracy": float(np.mean(correct)), "generation/prompts": float(len(correct)),
             "generation/correct": correct, **kl, **pairs}
+
+
+def eval_sets():
+    """``(prompts, pairs)``: held-out prompt and pair records whose questions no run trained on."""
+    from cpo_jax.data import load_records
+    from cpo_jax.experiments.compare import held_out, question
+
+    seen = set()
+    for run in RUNS:
+        c = _load(run)
+        kind = "prompt_only" if c.loss.get("objective") == "rlhf" else "preference"
+        seen |= {question(r) for r in load_records(list(c.data.train_files), kind).records}
+    prompts = held_out(load_records(EVAL_PROMPTS[0], "prompt_only"), seen, EVAL_PROMPTS[1])
+    pairs = held_out(load_records(EVAL_PAIRS[0], "preference"), seen, EVAL_PAIRS[1])
+    return prompts, pairs
 
 
 def report(update_docs: bool, fresh: bool = False) -> str:
     """Evaluates the start model and every trained run (variants included); writes the table, JSON and figures."""
     from transformers import AutoTokenizer
 
-    from cpo_jax.data import load_records
     from cpo_jax.experiments.compare import mcnemar_exact
     from cpo_jax.hf.resolve import resolve_model_path
     from cpo_jax.models import from_pretrained
@@ -145,8 +165,8 @@ def report(update_docs: bool, fresh: bool = False) -> str:
     start_path = resolve_model_path("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(start_path)
     reference = from_pretrained(start_path)
-    prompts = load_records(EVAL_PROMPTS, "prompt_only")
-    pairs = load_records(EVAL_PAIRS, "preference")
+    prompts, pairs = eval_sets()
+    print(f"held out: {len(prompts)} prompts, {len(pairs)} pairs", flush=True)
     reference_pairs = pair_logps(reference, tokenizer, pairs, c)
     plan = json.loads((OUT / "plan.json").read_text())
     runs = [r for r in (*RUNS, *VARIANTS) if (OUT / r / "hf" / "config.json").is_file()]
