@@ -151,9 +151,9 @@ def audit_preferences(
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     data = load_records(data_paths, "preference")  # before the model: a bad path fails fast
     if tokenizer is None:
-        from transformers import AutoTokenizer
+        from cpo_jax.hf.tokenizer import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer = load_tokenizer(model_path)
     model = from_pretrained(model_path)
     tokenize_cfg = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length, truncation=truncation,
                                   vocab_size=model.config.vocab_size)

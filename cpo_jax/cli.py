@@ -10,85 +10,109 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+from cpo_jax.errors import ConfigError, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0],
+                  pretty_exceptions_enable=False)
 convert_app = typer.Typer(no_args_is_help=True, help="Convert between HF directories and Orbax checkpoints.")
 app.add_typer(convert_app, name="convert")
 
 _ALIASES = {"max_steps": "steps"}
 
 
-class ConfigError(ValueError):
-    """A config problem found before any work starts."""
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None):
-    """YAML + ``key=value`` overrides -> a validated :class:`TrainConfig`."""
+    """YAML + ``key=value`` overrides -> a validated :class:`TrainConfig` (structure, value ranges, paths, mesh).
+
+    Every problem is a :class:`ConfigError` naming the file (and line) or the key."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from cpo_jax.train import TrainConfig, from_dict
+    from cpo_jax.train.validate import validate_config
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError("the config file does not exist" if not path.exists() else "the config path is not a file",
+                          where=str(path), hint="give a YAML file, e.g. configs/tiny.yaml")
     dotlist = []
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
+            raise ConfigError(f"override {item!r} is not key=value", where="command line",
+                              hint="write overrides as key=value, e.g. optim.learning_rate=1e-6")
         key, value = item.split("=", 1)
         dotlist.append(f"{_ALIASES.get(key, key)}={value}")
     try:
-        merged = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(dotlist))
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"not valid YAML: {getattr(err, 'problem', None) or err}", where=where) from None
+    except (OmegaConfBaseException, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot be read as a config: {err}", where=str(path)) from None
+    if not OmegaConf.is_dict(loaded):
+        raise ConfigError("the config file must hold a mapping of keys (model:, data:, loss:, ...)", where=str(path))
+    try:
+        merged = OmegaConf.merge(loaded, OmegaConf.from_dotlist(dotlist))
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(str(err).strip(), where=str(path)) from None
     try:
         cfg = from_dict(TrainConfig, data)
     except (KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"{path}: {err.args[0] if err.args else err}") from None
-    _check_paths_and_mesh(cfg, path)
+        raise ConfigError(str(err.args[0] if err.args else err), where=str(path)) from None
+    validate_config(cfg)
+    _check_paths_and_mesh(cfg)
     return cfg
 
 
-def _check_paths_and_mesh(cfg, source: Path) -> None:
+def _check_paths_and_mesh(cfg) -> None:
     import jax
 
     from cpo_jax.data.sources import is_bundled
-    from cpo_jax.hf.resolve import SMOLLM2, TINY
+    from cpo_jax.errors import UserFileNotFoundError
+    from cpo_jax.hf.resolve import SMOLLM2, TINY, require_model_dir
     from cpo_jax.parallel import resolve_mesh_shape
 
-    if cfg.model.path not in (SMOLLM2, TINY) and not (Path(cfg.model.path) / "config.json").is_file():
-        raise ConfigError(f"{source}: model.path={cfg.model.path!r} is not an HF checkpoint directory "
-                          f"(no config.json); use a directory, {SMOLLM2!r} or {TINY!r}")
+    if cfg.model.path not in (SMOLLM2, TINY):
+        try:
+            require_model_dir(cfg.model.path)
+        except UserFileNotFoundError as err:
+            raise ConfigError(f"{cfg.model.path!r}: {err.problem}", where="config key model.path",
+                              hint=err.hint) from None
     for key in ("train_files", "eval_files"):
         for file in getattr(cfg.data, key):
             if not is_bundled(file) and not Path(file).exists():
-                raise ConfigError(f"{source}: data.{key} names {file!r}, which does not exist")
-    try:
-        resolve_mesh_shape(cfg.mesh, jax.device_count())
-    except ValueError as err:
-        raise ConfigError(f"{source}: mesh: {err} ({jax.device_count()} devices here)") from None
+                raise ConfigError(f"names {file!r}, which does not exist", where=f"config key data.{key}",
+                                  hint="check the path (relative paths start from the current directory)")
+    resolve_mesh_shape(cfg.mesh, jax.device_count())
 
 
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+def _check_output_dir(path: Path) -> None:
+    """``output_dir`` is (or can become) a writable directory: fail before the model loads, not after training."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError("exists and is not a directory", where=f"config key output_dir={str(path)!r}",
+                          hint="choose another output_dir")
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError("is not writable", where=f"config key output_dir={str(path)!r}",
+                          hint="fix its permissions or choose another output_dir")
 
 
-def _restored_trainer(config: Path, overrides: list[str] | None):
+def _restored_trainer(config: Path, overrides: list[str] | None, *, writes_output: bool = False):
     """``(cfg, trainer, step)``: a validated config, its Trainer, and the checkpoint step it restored (0: none)."""
     from cpo_jax.train import Trainer
 
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as err:
-        _fail(err)
+    cfg = load_config(config, overrides)
+    if writes_output:
+        _check_output_dir(Path(cfg.output_dir))
     if cfg.loss.objective == "rlhf":
         from cpo_jax.rlhf import RLTrainer
 
@@ -122,7 +146,7 @@ def train(
     from cpo_jax.report import PREFERENCE_PANELS, RL_PANELS, format_before_after, plot_curves
 
     initialize(cluster_detection=distributed)  # before any other JAX call; a no-op for one process
-    cfg, trainer, start = _restored_trainer(config, overrides)
+    cfg, trainer, start = _restored_trainer(config, overrides, writes_output=True)
     import jax
 
     before = _evaluate(trainer, cfg) if start == 0 else {}
@@ -171,20 +195,21 @@ def generate(
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from transformers import AutoTokenizer
-
     from cpo_jax.data import BatchConfig, RecordTokenizer, TokenizeConfig
     from cpo_jax.data.batching import PROMPT_ONLY, BatchBuilder
     from cpo_jax.hf.resolve import resolve_model_path
+    from cpo_jax.hf.tokenizer import load_tokenizer
     from cpo_jax.models import from_pretrained
     from cpo_jax.models.generate import SamplingConfig
     from cpo_jax.models.generate import generate as run_generate
 
-    try:
-        path = resolve_model_path(model)
-    except FileNotFoundError as err:
-        _fail(err)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    _require_option(max_new_tokens >= 1, "--max-new-tokens", max_new_tokens, "must be >= 1")
+    _require_option(temperature >= 0, "--temperature", temperature, "must be >= 0 (0: greedy)")
+    _require_option(top_k >= 0, "--top-k", top_k, "must be >= 0 (0: off)")
+    _require_option(0 < top_p <= 1, "--top-p", top_p, "must be in (0, 1]")
+    _require_option(all(p.strip() for p in prompt), "--prompt", "", "must not be empty")
+    path = resolve_model_path(model)
+    tokenizer = load_tokenizer(path)
     # The data pipeline's own prompt tokenisation and left-padded prompt batches.
     record_tokenizer = RecordTokenizer(tokenizer, TokenizeConfig())  # only prompt_ids is used: no limits apply
     encoded = [np.asarray(record_tokenizer.prompt_ids([{"role": "user", "content": p}] if chat else p), np.int32)
@@ -219,46 +244,36 @@ def audit(
     from cpo_jax.audit import audit_preferences, format_audit, write_audit
     from cpo_jax.hf.resolve import resolve_model_path
 
-    try:
-        path = resolve_model_path(model)
-        report = audit_preferences(path, data, max_length=max_length, max_prompt_length=max_prompt_length, top_k=top_k)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(err)
+    _require_option(max_length >= 2, "--max-length", max_length, "must be >= 2")
+    _require_option(max_prompt_length is None or 1 <= max_prompt_length < max_length, "--max-prompt-length",
+                    max_prompt_length, f"must be in [1, --max-length={max_length})")
+    _require_option(top_k >= 0, "--top-k", top_k, "must be >= 0")
+    path = resolve_model_path(model)
+    report = audit_preferences(path, data, max_length=max_length, max_prompt_length=max_prompt_length, top_k=top_k)
     files = write_audit(report, out)
     typer.echo(format_audit(report))
     typer.echo(f"report: {files['json']}  histogram: {files['png']}")
 
 
 @convert_app.command("orbax-to-hf")
-def orbax_to_hf(run_dir: Path, dst: Path, step: int | None = None) -> None:
-    """Export a training run's checkpoint (latest, or --step) as an HF directory with the tokenizer."""
-    from cpo_jax.train import TrainConfig, Trainer, from_dict
+def orbax_to_hf(
+    run_dir: Path,
+    dst: Path,
+    step: Annotated[int | None, typer.Option(help="the checkpoint step to export (default: the newest)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace DST when it exists and is not empty")] = False,
+) -> None:
+    """Export a training run's checkpoint (newest, or --step) as an HF directory with the tokenizer. RUN_DIR's own
+    checkpoints/ are the only source; an existing non-empty DST is refused without --overwrite."""
+    from cpo_jax.train.export import export_run
 
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
-        _fail(FileNotFoundError(f"{run_dir}: no config.json; give the output_dir of a training run"))
-    cfg = from_dict(TrainConfig, json.loads(config_file.read_text()))
-    trainer = Trainer(cfg)
-    latest = trainer.checkpointer.latest_step()
-    if latest is None:
-        _fail(FileNotFoundError(f"{run_dir}/checkpoints: no complete checkpoint"))
-    if step is not None and step != latest:
-        from cpo_jax.train.checkpoint import abstract_with_shardings
-
-        if step not in trainer.checkpointer.manager.all_steps():
-            _fail(FileNotFoundError(f"{run_dir}/checkpoints: no step {step}; have "
-                                    f"{sorted(trainer.checkpointer.manager.all_steps())}"))
-        trainer.state, _, _ = trainer.checkpointer.restore(
-            step, abstract_with_shardings(trainer.state, trainer.state_shardings))
-    else:
-        trainer.restore_latest()
-    typer.echo(f"wrote {trainer.export(dst)}")
+    typer.echo(f"wrote {export_run(run_dir, dst, step=step, overwrite=overwrite)}")
 
 
 @convert_app.command("hf-to-orbax")
 def hf_to_orbax(src: str, dst: Path) -> None:
     """Save an HF model's parameters as an Orbax checkpoint (``DST/params``), with its config and tokenizer."""
     import shutil
+    import tempfile
 
     import orbax.checkpoint as ocp
     from flax import nnx
@@ -266,25 +281,92 @@ def hf_to_orbax(src: str, dst: Path) -> None:
     from cpo_jax.hf.resolve import resolve_model_path
     from cpo_jax.models import from_pretrained
 
-    try:
-        path = resolve_model_path(src)
-    except FileNotFoundError as err:
-        _fail(err)
+    path = resolve_model_path(src)
     if dst.exists():
-        _fail(FileExistsError(f"{dst} exists; choose a new directory"))
+        raise ConfigError("the destination exists", where=str(dst), hint="choose a new directory")
     _, state = nnx.split(from_pretrained(path))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save((dst / "params").absolute(), {"model": state})
-    for file in path.iterdir():
-        if file.suffix != ".safetensors" and file.name != "model.safetensors.index.json" and file.is_file():
-            shutil.copy(file, dst / file.name)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))  # moved into place once complete
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save((tmp / "params").absolute(), {"model": state})
+        for file in path.iterdir():
+            if file.suffix != ".safetensors" and file.name != "model.safetensors.index.json" and file.is_file():
+                shutil.copy(file, tmp / file.name)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     typer.echo(f"wrote {dst}")
 
 
-def main() -> None:
-    """Console-script entry point."""
+def _require_option(ok: bool, option: str, value, must: str) -> None:
+    if not ok:
+        raise ConfigError(f"{value!r} {must}", where=f"option {option}")
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="show the Python traceback of an error (also "
+                                                            "CPO_JAX_DEBUG=1); accepted anywhere on the line")] = False
+          ) -> None:
+    """Commands; user errors end with a short message and exit status 2."""
+
+
+DEBUG_ENV = "CPO_JAX_DEBUG"
+
+
+def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """``--debug`` anywhere on the command line (removed from it) or ``CPO_JAX_DEBUG`` set to a true value."""
+    flag = "--debug" in argv
+    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return flag or env, [a for a in argv if a != "--debug"]
+
+
+def _user_error_of(err: BaseException) -> UserError | None:
+    """The :class:`UserError` an exception amounts to, or None for a bug (which keeps its traceback).
+
+    Operating-system errors on a named path (permissions, a full disk, a missing file) are the user's to fix."""
+    if isinstance(err, UserError):
+        return err
+    if isinstance(err, OSError) and err.filename is not None:
+        what = err.strerror or type(err).__name__
+        return UserError(f"{what} ({type(err).__name__})", where=str(err.filename),
+                         hint="check the path, its permissions and the free disk space")
+    if isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)[:2000]:
+        return UserError(f"out of memory: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}",
+                         hint="lower data.pairs_per_batch or data.max_length, raise grad_accum, set "
+                              "model.remat=full, or shard over more devices (mesh.fsdp)")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: runs a command and returns its exit status.
+
+    User errors (:class:`cpo_jax.errors.UserError`, and OS errors on a named path) print ``error: ...`` in a few
+    lines and return 2; ``--debug`` or ``CPO_JAX_DEBUG=1`` also prints the traceback. Other exceptions are bugs
+    and propagate with their traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug, argv = _debug_requested(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    app(prog_name="cpo-jax")
+    try:
+        # click's standalone mode reports usage errors itself (status 2) and always ends in SystemExit;
+        # get_command avoids typer's excepthook, which would print a traceback for every exception.
+        typer.main.get_command(app)(args=argv, prog_name="cpo-jax", standalone_mode=True)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except Exception as err:  # noqa: BLE001 - the one place where user errors become an exit status
+        user = _user_error_of(err)
+        if user is None:
+            raise
+        if debug:
+            import traceback
+
+            traceback.print_exception(err)
+        typer.secho(f"error: {user}", fg=typer.colors.RED, err=True)
+        if not debug:
+            typer.echo(f"  (run with --debug or {DEBUG_ENV}=1 for the traceback)", err=True)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

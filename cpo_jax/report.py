@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 
@@ -40,8 +39,6 @@ def generation_correct(model, tokenizer, prompts_path, *, max_new_tokens: int = 
     """bool ``[N]``: whether the greedy answer to each kept prompt (in file order) is right.
 
     ``prompts_path``: a data spec/path of prompt-only arithmetic records, or a loaded ``RecordSet``."""
-    import jax.numpy as jnp
-
     from cpo_jax.data import (
         BatchConfig,
         PipelineConfig,
@@ -56,9 +53,8 @@ def generation_correct(model, tokenizer, prompts_path, *, max_new_tokens: int = 
     tok_cfg = TokenizeConfig(max_length=max_prompt_length * 2, max_prompt_length=max_prompt_length)
     batch_cfg = BatchConfig(pairs_per_batch=batch, max_length=max_prompt_length * 2, pad_id=tokenizer.pad_token_id or 0)
     pipe = PipelineConfig(kind="prompt_only", shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
-    place, mesh = jnp.asarray, _multihost_mesh(model)
-    if mesh is not None:  # every process runs every batch; the inputs go onto the model's mesh
-        place = functools.partial(host_value_to_global, mesh=mesh)
+    # On several hosts every process runs every batch, and the inputs go onto the model's mesh.
+    place = functools.partial(host_value_to_global, mesh=_multihost_mesh(model))
     correct = {}
     for b in build_dataset(records.records, tokenizer, tok_cfg, batch_cfg, pipe, sources=records.sources):
         out = generate(model, place(b["input_ids"]), place(b["attention_mask"]),
@@ -101,17 +97,22 @@ RL_PANELS = (("objective/scores", "reward (sampled; eval: greedy)"), ("objective
 
 def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike,
                 panels: tuple[tuple[str, str], ...] = PREFERENCE_PANELS) -> Path:
-    """PNG of ``panels`` (metric, title) over steps, train and eval (``eval/<metric>``) when logged."""
+    """PNG of ``panels`` (metric, title) over steps, train and eval (``eval/<metric>``) when logged.
+
+    Unreadable lines of ``metrics_path`` (a torn last write) are skipped with a warning."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
-    for ax, (key, title) in zip(axes, panels):
+    from cpo_jax.train.metrics_writer import read_metrics  # tolerates a torn last line (a kill during a write)
+
+    records = read_metrics(metrics_path)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
         for prefix, style in (("", "-"), ("eval/", "o--")):
-            points = [(r["step"], r[prefix + key]) for r in records if isinstance(r.get(prefix + key), (int, float))]
+            points = [(r.get("step", 0), r[prefix + key]) for r in records
+                      if isinstance(r.get(prefix + key), (int, float))]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, style, label="eval" if prefix else "train")

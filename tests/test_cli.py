@@ -109,8 +109,8 @@ def test_generate(env):
 @pytest.mark.parametrize("override,message", [
     ("optim.lerning_rate=1", "optim.lerning_rate"),
     ("steps=abc", "steps='abc'"),
-    ("model.path=/no/such/model", "model.path='/no/such/model'"),
-    ("data.train_files=[/no/such.jsonl]", "data.train_files names '/no/such.jsonl'"),
+    ("model.path=/no/such/model", "config key model.path: '/no/such/model'"),
+    ("data.train_files=[/no/such.jsonl]", "data.train_files: names '/no/such.jsonl'"),
     ("mesh.tensor=3", "mesh"),
     ("loss.reference=sometimes", "loss.reference='sometimes'"),
 ])
@@ -123,7 +123,7 @@ def test_config_errors_name_the_key(env, override, message):
 
 def test_missing_config_file_is_named(env, tmp_path):
     proc = cli(env, "train", tmp_path / "nope.yaml", check=False)
-    assert proc.returncode == 2 and "nope.yaml does not exist" in proc.stderr
+    assert proc.returncode == 2 and "nope.yaml: the config file does not exist" in proc.stderr
 
 
 def test_audit_writes_report_and_histogram(env, tmp_path):

@@ -266,14 +266,14 @@ def test_rl_config_errors_name_the_key(policy_dir, tmp_path):
     from cpo_jax.cli import ConfigError, load_config
 
     out = tmp_path / "x"
-    with pytest.raises(ValueError, match=r"rl\.num_generations=1: rloo needs at least 2"):
+    with pytest.raises(ConfigError, match=r"config key rl\.num_generations: 1 is too small: rloo needs at least 2"):
         make_rl(rl_config(policy_dir, out, rl={"num_generations": 1}))
-    with pytest.raises(ValueError, match=r"rl\.num_mini_batches=3 must divide the 32 rollouts"):
+    with pytest.raises(ConfigError, match=r"config key rl\.num_mini_batches: 3 must divide the 32 rollouts"):
         make_rl(rl_config(policy_dir, out, rl={"num_mini_batches": 3}))
-    with pytest.raises(ValueError, match=r"data\.max_prompt_length \(64\) \+ rl\.max_new_tokens \(40\) must fit in "
-                                         r"data\.max_length \(96\)"):
+    with pytest.raises(ConfigError, match=r"config key rl\.max_new_tokens: 40 plus data\.max_prompt_length \(64\) "
+                                          r"must fit in data\.max_length \(96\)"):
         make_rl(rl_config(policy_dir, out, rl={"max_new_tokens": 40}))
-    with pytest.raises(KeyError, match=r"rl\.reward='verifier:digitz': no verifier 'digitz'.*verifier:digits"):
+    with pytest.raises(ConfigError, match=r"rl\.reward: 'verifier:digitz' names no verifier(.|\n)*verifier:digits"):
         make_rl(rl_config(policy_dir, out, rl={"reward": "verifier:digitz"}))
     with pytest.raises(FileNotFoundError, match=r"rl\.reward='.*nowhere'"):
         make_reward(str(tmp_path / "nowhere"))

@@ -8,6 +8,7 @@ import grain
 import pytest
 
 from cpo_jax.data.tfds_builder import build_tfds_dataset, build_tfds_splits, tfds_records
+from cpo_jax.errors import DataError
 
 TRAIN = [
     ("/data/a.jsonl:1", {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}),
@@ -66,7 +67,7 @@ def test_split_slicing_syntax(data_dir):
 
 
 def test_missing_split_names_path_and_available(data_dir):
-    with pytest.raises(KeyError, match=r"'validation'.*local_preferences/1\.0\.0.*\['test', 'train'\]"):
+    with pytest.raises(DataError, match=r"local_preferences/1\.0\.0.*'validation'.*\['test', 'train'\]"):
         tfds_records(data_dir, split="validation")
 
 

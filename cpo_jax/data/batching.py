@@ -32,6 +32,8 @@ import dataclasses
 import grain
 import numpy as np
 
+from cpo_jax.errors import ConfigError
+
 PREFERENCE, UNPAIRED, PROMPT_ONLY = "preference", "unpaired", "prompt_only"
 
 #: Per-token ``[R, L]`` arrays of a batch and their dtypes.
@@ -66,11 +68,13 @@ class BatchConfig:
 
     def __post_init__(self):
         if self.pairs_per_batch < 1:
-            raise ValueError(f"pairs_per_batch must be >= 1, got {self.pairs_per_batch}")
+            raise ConfigError(f"pairs_per_batch must be >= 1, got {self.pairs_per_batch}", where="data.pairs_per_batch")
         if self.buckets and max(self.buckets) < self.max_length:
             raise ValueError(f"the largest bucket {max(self.buckets)} is below max_length {self.max_length}")
         if self.pack and self.rows < 2:
-            raise ValueError("packing a pair needs rows_per_batch >= 2")
+            raise ConfigError(f"packing needs at least 2 rows per batch (chosen and rejected), got {self.rows}",
+                              where="data.rows_per_batch", hint="set data.rows_per_batch >= 2 (it defaults to "
+                                                                "data.pairs_per_batch), or data.pack=false")
 
     @property
     def rows(self) -> int:

@@ -22,6 +22,7 @@ import grain
 from cpo_jax.data.batching import BatchConfig, BatchIterDataset
 from cpo_jax.data.records import KINDS
 from cpo_jax.data.tokenize import Dropped, RecordTokenizer, TokenizeConfig
+from cpo_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ class PipelineConfig:
         if self.kind not in KINDS:
             raise ValueError(f"unknown kind {self.kind!r}; expected one of {KINDS}")
         if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}", where="data.num_workers")
 
     def shard(self) -> tuple[int, int]:
         """``(index, count)`` of this host's shard."""
@@ -155,7 +156,11 @@ def build_dataset(
 
 @dataclasses.dataclass
 class DataReport:
-    """What tokenisation did to one pass over this host's shard."""
+    """What tokenisation did to one pass over this host's shard.
+
+    ``dropped`` counts dropped examples by :attr:`Dropped.code`: ``prompt_too_long`` (over ``max_prompt_length``)
+    and ``identical_pair`` (chosen and rejected the same ids after truncation).
+    """
 
     examples: int = 0
     kept: int = 0
@@ -166,7 +171,7 @@ class DataReport:
 
 def audit(records: Sequence, tokenizer, tokenize: TokenizeConfig, pipeline: PipelineConfig,
           sources: Sequence[str] | None = None) -> DataReport:
-    """Tokenise this host's shard once, in-process, and count drops, prefix mismatches and lengths."""
+    """Tokenise this host's shard once, in-process, and count drops (by code), prefix mismatches and lengths."""
     tok = RecordTokenizer(tokenizer, tokenize)
     indexed = _Indexed(sources, records)
     index, count = pipeline.shard()

@@ -10,6 +10,7 @@ config that names them needs no download and no file.
 from __future__ import annotations
 
 from cpo_jax.data.bundled import arithmetic_preferences, arithmetic_prompts, tiny_chat
+from cpo_jax.errors import DataError, UserFileNotFoundError
 
 PREFIX = "bundled:"
 _SOURCES = {
@@ -27,13 +28,25 @@ def is_bundled(path) -> bool:
 
 
 def bundled_rows(path: str) -> list[tuple[str, dict]]:
-    """``(source, record)`` rows of a bundled source; unknown names list what exists."""
+    """``(source, record)`` rows of a bundled source.
+
+    An unknown name is a :class:`UserFileNotFoundError` listing what exists; a size that is not a positive
+    integer, or more than a fixed set holds, is a :class:`DataError`.
+    """
     spec = path[len(PREFIX):]
     name, _, size = spec.partition(":")
+    available = ", ".join(PREFIX + n for n in _SOURCES)
     if name not in _SOURCES:
-        raise FileNotFoundError(f"{path}: no such bundled dataset; available: {[PREFIX + n for n in _SOURCES]}")
+        raise UserFileNotFoundError("no such bundled dataset", where=path, hint=f"available: {available}")
     try:
         n = int(size) if size else None
     except ValueError:
-        raise ValueError(f"{path}: the size after the name must be an integer") from None
-    return [(f"{PREFIX}{name}:{i + 1}", record) for i, record in enumerate(_SOURCES[name](n))]
+        n = 0
+    if n is not None and n < 1:
+        raise DataError(path, f"the size after the name, {size!r}, is not a positive integer",
+                        hint=f"write {PREFIX}{name}:<number of records>, or {PREFIX}{name} for the default size")
+    records = _SOURCES[name](n)
+    if n is not None and len(records) < n:
+        raise DataError(path, f"{PREFIX}{name} holds only {len(records)} records, not {n}",
+                        hint=f"ask for at most {len(records)}, or write {PREFIX}{name}")
+    return [(f"{PREFIX}{name}:{i + 1}", record) for i, record in enumerate(records)]

@@ -24,6 +24,8 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from cpo_jax.errors import DataError, UserFileNotFoundError
+
 Example = tuple[str, dict]
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
@@ -177,21 +179,23 @@ def tfds_records(
     """Opens a split (TFDS split syntax such as `"train[:90%]"` allowed) via `tfds.data_source`.
 
     `version=None` picks the newest complete version on disk. Missing dataset, version or split raise
-    FileNotFoundError / KeyError naming the path and what is available there.
+    UserFileNotFoundError / DataError naming the path and what is available there.
     """
     root = pathlib.Path(data_dir)
     versions = _complete_versions(root / name)
     if not versions:
         present = sorted(p.name for p in root.iterdir() if _complete_versions(p)) if root.is_dir() else []
-        raise FileNotFoundError(f"no built TFDS dataset {name!r} at {root / name} (datasets in {root}: {present})")
+        raise UserFileNotFoundError(f"no built TFDS dataset {name!r} here (datasets in {root}: {present})",
+                                    where=str(root / name), hint="build it with cpo_jax.data.build_tfds_from_files")
     version = version or versions[-1]
     if version not in versions:
-        raise FileNotFoundError(f"no version {version} at {root / name} (available: {versions})")
+        raise UserFileNotFoundError(f"no version {version} (available: {versions})", where=str(root / name))
     version_dir = root / name / version
     available = _split_names(version_dir)
     missing = sorted({part.split("[")[0].strip() for part in split.split("+")} - set(available))
     if missing:
-        raise KeyError(f"split {missing} not in {version_dir} (available splits: {available})")
+        raise DataError(str(version_dir), f"no split {missing} (available splits: {available})",
+                        hint="choose one of the available splits")
     source = tfds.data_source(f"{name}:{version}", data_dir=os.fspath(root), split=split, download=False)
     return TfdsRecords(source)
 

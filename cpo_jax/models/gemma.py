@@ -12,8 +12,16 @@
 from __future__ import annotations
 
 from cpo_jax.hf.weights import WeightRule
-from cpo_jax.models.config import SLIDING, TransformerConfig
-from cpo_jax.models.hf_config import decoder_dims, layer_types, require_model_type, require_value, rope_specs
+from cpo_jax.models.config import FULL, TransformerConfig
+from cpo_jax.models.hf_config import (
+    decoder_dims,
+    layer_types,
+    number_value,
+    require_model_type,
+    require_value,
+    rope_specs,
+    sliding_window,
+)
 from cpo_jax.models.llama import projection_rules
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -28,26 +36,27 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     require_value(hf, "attention_dropout", (0, 0.0), model_type)
     require_value(hf, "attention_bias", (False,), model_type)
     require_value(hf, "use_bidirectional_attention", (None, False), model_type)
-    n_layers = hf["num_hidden_layers"]
+    dims = decoder_dims(hf, default_max_positions=8192, model_type=model_type)
+    n_layers = dims["num_layers"]
     later = model_type != "gemma"
-    types = layer_types(hf, n_layers, model_type) if later else ("full_attention",) * n_layers
+    types = layer_types(hf, n_layers, model_type) if later else (FULL,) * n_layers
     return TransformerConfig(
         family="gemma",
         model_type=model_type,
-        **decoder_dims(hf, default_max_positions=8192),
+        **dims,
         norm="rms",
         norm_offset=1.0,
         block="sandwich" if later else "pre",
         activation="gelu_tanh",
         gated_mlp=True,
         qk_norm=model_type == "gemma3_text",
-        query_scale=hf["query_pre_attn_scalar"] ** -0.5 if later else None,
-        attn_softcap=hf.get("attn_logit_softcapping") if later else None,
-        final_softcap=hf.get("final_logit_softcapping") if later else None,
-        embed_scale=hf["hidden_size"] ** 0.5,
+        query_scale=number_value(hf, "query_pre_attn_scalar", model_type) ** -0.5 if later else None,
+        attn_softcap=number_value(hf, "attn_logit_softcapping", model_type, required=False) if later else None,
+        final_softcap=number_value(hf, "final_logit_softcapping", model_type, required=False) if later else None,
+        embed_scale=dims["hidden_size"] ** 0.5,
         rope=rope_specs(hf, model_type),
         layer_types=types,
-        sliding_window=hf.get("sliding_window") if SLIDING in types else None,
+        sliding_window=sliding_window(hf, types, model_type),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         hf_config=hf,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import TransformerConfig
-from cpo_jax.models.hf_config import require_model_type, require_value
+from cpo_jax.models.hf_config import attention_dims, int_value, number_value, require_model_type, require_value
 
 MODEL_TYPES = ("gpt2",)
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -22,20 +22,19 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     require_value(hf, "scale_attn_by_inverse_layer_idx", (False,), model_type)
     require_value(hf, "add_cross_attention", (False,), model_type)
     require_value(hf, "scale_attn_weights", (True,), model_type)
-    d, heads = hf["n_embd"], hf["n_head"]
+    dims = attention_dims(hf, model_type, hidden="n_embd", heads="n_head", kv_heads=None, head_dim=None)
+    inner = int_value(hf, "n_inner", model_type, required=False)
+    eps = number_value(hf, "layer_norm_epsilon", model_type, required=False, positive=False)
     return TransformerConfig(
         family="gpt2",
         model_type=model_type,
-        vocab_size=hf["vocab_size"],
-        hidden_size=d,
-        intermediate_size=hf.get("n_inner") or 4 * d,
-        num_layers=hf["n_layer"],
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=d // heads,
-        max_position_embeddings=hf["n_positions"],
+        vocab_size=int_value(hf, "vocab_size", model_type),
+        intermediate_size=inner or 4 * dims["hidden_size"],
+        num_layers=int_value(hf, "n_layer", model_type),
+        **dims,
+        max_position_embeddings=int_value(hf, "n_positions", model_type),
         norm="layer",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        norm_eps=1e-5 if eps is None else eps,
         activation=_ACTIVATIONS[hf.get("activation_function", "gelu_new")],
         gated_mlp=False,
         mlp_bias=True,

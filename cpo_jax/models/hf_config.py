@@ -1,71 +1,180 @@
-"""Helpers for reading a transformers-5 ``config.json`` strictly: unknown options are errors."""
+"""Helpers for reading a transformers-5 ``config.json`` strictly: unknown options are errors.
+
+Every problem is an :class:`UnsupportedConfig` (a :class:`~cpo_jax.errors.ModelError`) that names the key and
+its value; :func:`located` adds the file.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+from cpo_jax.errors import ModelError
 from cpo_jax.models.config import FULL, SLIDING, RopeSpec
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_FIX_HINT = "use the config.json saved with these weights (transformers: model.config.save_pretrained(dir))"
 
 
-class UnsupportedConfig(ValueError):
+class UnsupportedConfig(ModelError):
     """A config.json value that cpo_jax cannot honour (it is never silently ignored)."""
 
 
-def require_model_type(hf: dict, model_types: tuple[str, ...], family: str) -> str:
-    """``hf["model_type"]``, or :class:`UnsupportedConfig` when ``family`` does not cover it."""
-    model_type = hf["model_type"]
+@contextlib.contextmanager
+def located(where: str | None) -> Iterator[None]:
+    """Re-raise a :class:`ModelError` that has no location yet with ``where`` (the config.json path) as its location."""
+    try:
+        yield
+    except ModelError as err:
+        if where is None or err.where is not None:
+            raise
+        raise type(err)(err.problem, where=where, hint=err.hint) from None
+
+
+def require_model_type(hf: Mapping, model_types: tuple[str, ...], family: str) -> str:
+    """``hf["model_type"]``, or :class:`UnsupportedConfig` when it is missing or ``family`` does not cover it."""
+    model_type = hf.get("model_type")
+    if not isinstance(model_type, str):
+        raise UnsupportedConfig(f"config.json has no model_type string (got {model_type!r})", hint=_FIX_HINT)
     if model_type not in model_types:
         raise UnsupportedConfig(f"{family} family does not cover model_type {model_type!r}")
     return model_type
 
 
-def require_value(hf: dict, key: str, allowed, model_type: str) -> None:
+def require_value(hf: Mapping, key: str, allowed, model_type: str) -> None:
     """Raise :class:`UnsupportedConfig` when ``hf[key]`` is set to a value outside ``allowed``."""
-    if key in hf and hf[key] not in allowed:
+    if key not in hf:
+        return
+    try:
+        ok = hf[key] in allowed
+    except TypeError:  # an unhashable value (a list, a dict) tested against a dict of names
+        ok = False
+    if not ok:
         raise UnsupportedConfig(f"{model_type}: config.json sets {key}={hf[key]!r}; cpo_jax supports {list(allowed)}")
 
 
-def rope_spec(params: dict[str, Any] | None, model_type: str, key: str = "rope_parameters") -> RopeSpec:
+def int_value(hf: Mapping, key: str, model_type: str, *, required: bool = True, minimum: int = 1,
+              name: str | None = None) -> int | None:
+    """``hf[key]`` as an integer ``>= minimum``; None when optional and absent or null.
+
+    ``name`` is the key as the message shows it (``rope_parameters.factor``); it defaults to ``key``.
+    Raises :class:`UnsupportedConfig` naming the key for a missing required key, a non-integer (booleans and
+    floats included) or a value below ``minimum``.
+    """
+    name = name or key
+    value = hf.get(key)
+    if value is None:
+        if required:
+            raise UnsupportedConfig(f"{model_type}: config.json has no {name} (required)", hint=_FIX_HINT)
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UnsupportedConfig(f"{model_type}: config.json sets {name}={value!r}; it must be an integer",
+                                hint=_FIX_HINT)
+    if value < minimum:
+        raise UnsupportedConfig(f"{model_type}: config.json sets {name}={value!r}; it must be >= {minimum}",
+                                hint=_FIX_HINT)
+    return value
+
+
+def number_value(hf: Mapping, key: str, model_type: str, *, required: bool = True, positive: bool = True,
+                 name: str | None = None) -> float | None:
+    """``hf[key]`` as a finite float (``> 0`` when ``positive``, else ``>= 0``); None when optional and absent."""
+    name = name or key
+    value = hf.get(key)
+    if value is None:
+        if required:
+            raise UnsupportedConfig(f"{model_type}: config.json has no {name} (required)", hint=_FIX_HINT)
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UnsupportedConfig(f"{model_type}: config.json sets {name}={value!r}; it must be a finite number",
+                                hint=_FIX_HINT)
+    if value < 0 or (positive and value == 0):
+        raise UnsupportedConfig(f"{model_type}: config.json sets {name}={value!r}; it must be "
+                                f"{'> 0' if positive else '>= 0'}", hint=_FIX_HINT)
+    return float(value)
+
+
+def attention_dims(hf: Mapping, model_type: str, *, hidden: str, heads: str, kv_heads: str | None,
+                   head_dim: str | None) -> dict[str, int]:
+    """``hidden_size``, ``num_heads``, ``num_kv_heads`` and ``head_dim``, checked for consistency.
+
+    The arguments name the keys of the family's layout (``n_embd`` / ``n_head`` for GPT-2); ``kv_heads`` and
+    ``head_dim`` keys are optional in config.json (defaulting to the query heads and ``hidden // heads``).
+    """
+    d = int_value(hf, hidden, model_type)
+    n = int_value(hf, heads, model_type)
+    k = int_value(hf, kv_heads, model_type, required=False) if kv_heads else None
+    k = n if k is None else k
+    if n % k:
+        raise UnsupportedConfig(f"{model_type}: config.json sets {kv_heads}={k}, which does not divide "
+                                f"{heads}={n}", hint=_FIX_HINT)
+    h = int_value(hf, head_dim, model_type, required=False) if head_dim else None
+    if h is None:
+        if d % n:
+            raise UnsupportedConfig(f"{model_type}: config.json sets {hidden}={d}, which is not divisible by "
+                                    f"{heads}={n}" + (f" (and has no {head_dim})" if head_dim else ""),
+                                    hint=_FIX_HINT)
+        h = d // n
+    return dict(hidden_size=d, num_heads=n, num_kv_heads=k, head_dim=h)
+
+
+def rope_spec(params: Any, model_type: str, key: str = "rope_parameters") -> RopeSpec:
     """Translate one HF rope parameters dict (``rope_theta``, ``rope_type``, scaling keys)."""
-    params = dict(params or {})
+    if not isinstance(params, Mapping):
+        raise UnsupportedConfig(f"{model_type}: config.json sets {key}={params!r}; it must be an object",
+                                hint=_FIX_HINT)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedConfig(
             f"{model_type}: config.json {key}.rope_type={rope_type!r} is not supported; "
             f"cpo_jax supports {list(SUPPORTED_ROPE_TYPES)}"
         )
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedConfig(f"{model_type}: {key}.partial_rotary_factor != 1 is not supported")
-    if "rope_theta" not in params:
-        raise UnsupportedConfig(f"{model_type}: config.json {key} has no rope_theta")
-    spec = RopeSpec(theta=float(params["rope_theta"]), rope_type=rope_type)
+
+    def number(name: str) -> float:
+        return number_value(params, name, model_type, name=f"{key}.{name}")
+
+    spec = RopeSpec(theta=number("rope_theta"), rope_type=rope_type)
     if rope_type == "linear":
-        spec = RopeSpec(theta=spec.theta, rope_type="linear", factor=float(params["factor"]))
+        spec = RopeSpec(theta=spec.theta, rope_type="linear", factor=number("factor"))
     elif rope_type == "llama3":
         spec = RopeSpec(
             theta=spec.theta,
             rope_type="llama3",
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+            factor=number("factor"),
+            low_freq_factor=number("low_freq_factor"),
+            high_freq_factor=number("high_freq_factor"),
+            original_max_position_embeddings=int_value(params, "original_max_position_embeddings", model_type,
+                                                       name=f"{key}.original_max_position_embeddings"),
         )
+        if spec.high_freq_factor <= spec.low_freq_factor:
+            raise UnsupportedConfig(f"{model_type}: config.json {key} has high_freq_factor="
+                                    f"{spec.high_freq_factor} <= low_freq_factor={spec.low_freq_factor}",
+                                    hint=_FIX_HINT)
     return spec
 
 
-def rope_specs(hf: dict, model_type: str) -> tuple[tuple[str, RopeSpec], ...]:
+def rope_specs(hf: Mapping, model_type: str) -> tuple[tuple[str, RopeSpec], ...]:
     """Per-layer-type RoPE specs from ``rope_parameters`` (flat, or keyed by layer type as in Gemma 3).
 
     Older configs with ``rope_theta`` / ``rope_scaling`` at the top level are read too.
     """
     params = hf.get("rope_parameters")
     if params is None:
-        params = dict(hf.get("rope_scaling") or {})
+        scaling = hf.get("rope_scaling") or {}
+        if not isinstance(scaling, Mapping):
+            raise UnsupportedConfig(f"{model_type}: config.json sets rope_scaling={scaling!r}; it must be an object",
+                                    hint=_FIX_HINT)
+        params = dict(scaling)
         params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
         if "rope_local_base_freq" in hf:
             params = {FULL: params, SLIDING: {"rope_type": "default", "rope_theta": hf["rope_local_base_freq"]}}
+    if not isinstance(params, Mapping):
+        raise UnsupportedConfig(f"{model_type}: config.json sets rope_parameters={params!r}; it must be an object",
+                                hint=_FIX_HINT)
     if FULL in params or SLIDING in params:
         unknown = set(params) - {FULL, SLIDING}
         if unknown:
@@ -74,28 +183,40 @@ def rope_specs(hf: dict, model_type: str) -> tuple[tuple[str, RopeSpec], ...]:
     return ((FULL, rope_spec(params, model_type)),)
 
 
-def layer_types(hf: dict, num_layers: int, model_type: str) -> tuple[str, ...]:
-    """``layer_types`` from config.json, or all full attention."""
+def layer_types(hf: Mapping, num_layers: int, model_type: str) -> tuple[str, ...]:
+    """``layer_types`` from config.json (one per layer), or all full attention."""
     types = hf.get("layer_types")
     if types is None:
         return (FULL,) * num_layers
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise UnsupportedConfig(f"{model_type}: config.json sets layer_types={types!r}; it must be a list of "
+                                f"strings", hint=_FIX_HINT)
     unknown = sorted(set(types) - {FULL, SLIDING})
     if unknown:
         raise UnsupportedConfig(f"{model_type}: layer_types contains unsupported {unknown}")
+    if len(types) != num_layers:
+        raise UnsupportedConfig(f"{model_type}: config.json lists {len(types)} layer_types for "
+                                f"num_hidden_layers={num_layers}", hint=_FIX_HINT)
     return tuple(types)
 
 
-def decoder_dims(hf: dict, default_max_positions: int) -> dict[str, Any]:
-    """The :class:`TransformerConfig` size fields shared by the Llama and Gemma ``config.json`` layouts."""
-    heads = hf["num_attention_heads"]
+def sliding_window(hf: Mapping, types: tuple[str, ...], model_type: str) -> int | None:
+    """``sliding_window`` (a positive integer) when some layer slides, else None."""
+    if SLIDING not in types:
+        return None
+    return int_value(hf, "sliding_window", model_type)
+
+
+def decoder_dims(hf: Mapping, default_max_positions: int, model_type: str) -> dict[str, Any]:
+    """The :class:`TransformerConfig` size fields shared by the Llama and Gemma ``config.json`` layouts, validated."""
+    max_positions = int_value(hf, "max_position_embeddings", model_type, required=False)
+    eps = number_value(hf, "rms_norm_eps", model_type, required=False, positive=False)
     return dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        max_position_embeddings=hf.get("max_position_embeddings", default_max_positions),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        vocab_size=int_value(hf, "vocab_size", model_type),
+        intermediate_size=int_value(hf, "intermediate_size", model_type),
+        num_layers=int_value(hf, "num_hidden_layers", model_type),
+        **attention_dims(hf, model_type, hidden="hidden_size", heads="num_attention_heads",
+                         kv_heads="num_key_value_heads", head_dim="head_dim"),
+        max_position_embeddings=default_max_positions if max_positions is None else max_positions,
+        norm_eps=1e-6 if eps is None else eps,
     )

@@ -12,8 +12,16 @@ Differences handled by :class:`~cpo_jax.models.config.TransformerConfig` flags:
 from __future__ import annotations
 
 from cpo_jax.hf.weights import WeightRule
-from cpo_jax.models.config import SLIDING, TransformerConfig
-from cpo_jax.models.hf_config import decoder_dims, layer_types, require_model_type, require_value, rope_specs
+from cpo_jax.models.config import FULL, SLIDING, TransformerConfig
+from cpo_jax.models.hf_config import (
+    decoder_dims,
+    int_value,
+    layer_types,
+    require_model_type,
+    require_value,
+    rope_specs,
+    sliding_window,
+)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -25,20 +33,19 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     require_value(hf, "hidden_act", _ACTIVATIONS, model_type)
     require_value(hf, "attention_dropout", (0, 0.0), model_type)
     require_value(hf, "pretraining_tp", (1,), model_type)
-    n_layers = hf["num_hidden_layers"]
+    dims = decoder_dims(hf, default_max_positions=2048, model_type=model_type)
+    n_layers = dims["num_layers"]
     attention_bias = bool(hf.get("attention_bias", False))
-    if model_type == "mistral":
-        window = hf.get("sliding_window")
-        types = (SLIDING if window else "full_attention",) * n_layers
-    elif model_type in ("qwen2", "qwen3"):
-        types = layer_types(hf, n_layers, model_type)
-        window = hf.get("sliding_window") if SLIDING in types else None
+    if model_type == "mistral":  # a window (any positive size) on every layer, or none
+        window = int_value(hf, "sliding_window", model_type, required=False)
+        types = (SLIDING if window else FULL,) * n_layers
     else:
-        types, window = layer_types(hf, n_layers, model_type), hf.get("sliding_window")
+        types = layer_types(hf, n_layers, model_type)
+        window = sliding_window(hf, types, model_type)
     return TransformerConfig(
         family="llama",
         model_type=model_type,
-        **decoder_dims(hf, default_max_positions=2048),
+        **dims,
         norm="rms",
         activation=_ACTIVATIONS[hf.get("hidden_act", "silu")],
         gated_mlp=True,

@@ -21,6 +21,7 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
@@ -43,8 +44,12 @@ def host_to_global(local: np.ndarray, mesh: Mesh, names: Sequence[str | None] = 
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, tuple(shape))
 
 
-def host_value_to_global(value: np.ndarray, mesh: Mesh, names: Sequence[str | None] = _NAMES) -> jax.Array:
-    """The same full ``value`` on every process -> a global array of that value sharded by logical ``names``."""
+def host_value_to_global(value: np.ndarray, mesh: Mesh | None, names: Sequence[str | None] = _NAMES) -> jax.Array:
+    """The same full ``value`` on every process -> a global array of that value sharded by logical ``names``.
+
+    ``mesh=None``: the value on the default device (a model that lives on one device)."""
+    if mesh is None:
+        return jnp.asarray(value)
     value = np.asarray(value)
     spec = logical_spec(tuple(names)[: value.ndim], value.shape, mesh)
     return jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec), lambda index: value[index])

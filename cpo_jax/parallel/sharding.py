@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from cpo_jax.errors import ConfigError
+
 Rules = Mapping[str, str | tuple[str, ...] | None]
 
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -38,19 +40,29 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
-    """Replace one ``-1`` size by the devices left over; check the product."""
-    sizes = {name: int(size) for name, size in shape.items()}
+    """Replace one ``-1`` size by the devices left over; the sizes must multiply to ``num_devices``.
+
+    Raises :class:`~cpo_jax.errors.ConfigError` naming the ``mesh`` key."""
+    where = f"config key mesh={dict(shape)}"
+    hint = f"this process sees {num_devices} device(s); set one axis to -1 to use whatever is there"
+    try:
+        sizes = {name: int(size) for name, size in shape.items()}
+    except (TypeError, ValueError):
+        raise ConfigError("mesh axis sizes must be integers", where=where) from None
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1:
-        raise ValueError(f"mesh {dict(shape)}: only one axis may be -1, got {free}")
+        raise ConfigError(f"only one axis may be -1, got {free}", where=where)
+    bad = {n: s for n, s in sizes.items() if s < 1 and s != -1}
+    if bad:
+        raise ConfigError(f"axis sizes must be >= 1 or -1, got {bad}", where=where)
     fixed = int(np.prod([s for s in sizes.values() if s != -1]))
     if free:
-        if fixed <= 0 or num_devices % fixed:
-            raise ValueError(f"mesh {dict(shape)}: {num_devices} devices do not divide by the fixed axes ({fixed})")
+        if num_devices % fixed:
+            raise ConfigError(f"{num_devices} devices do not divide by the fixed axes ({fixed})", where=where,
+                              hint=hint)
         sizes[free[0]] = num_devices // fixed
-    bad = {n: s for n, s in sizes.items() if s < 1}
-    if bad:
-        raise ValueError(f"mesh {dict(shape)}: axis sizes must be >= 1 or -1, got {bad}")
+    elif fixed != num_devices:
+        raise ConfigError(f"the mesh needs {fixed} devices, {num_devices} available", where=where, hint=hint)
     return sizes
 
 
@@ -63,9 +75,6 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     shape = resolve_mesh_shape(shape, len(devices))
     names = tuple(shape)
     sizes = tuple(int(shape[n]) for n in names)
-    needed = int(np.prod(sizes))
-    if needed != len(devices):
-        raise ValueError(f"mesh {dict(shape)} needs {needed} devices, {len(devices)} available")
     return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 

@@ -24,6 +24,7 @@ from flax import nnx
 
 from cpo_jax.data.bundled import score_arithmetic
 from cpo_jax.data.tokenize import RecordTokenizer, TokenizeConfig
+from cpo_jax.errors import ConfigError, UserFileNotFoundError
 from cpo_jax.parallel.multihost import global_to_host, host_value_to_global
 
 
@@ -86,7 +87,7 @@ class LearnedReward:
                  mesh=None):
         self.graphdef, self.state = nnx.split(model)
         self.mesh = mesh  # the mesh the model lives on; None: default device
-        self.head = jnp.asarray(head) if mesh is None else host_value_to_global(np.asarray(head), mesh, (None,))
+        self.head = host_value_to_global(np.asarray(head), mesh, (None,))
         self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._record_tokenizer = RecordTokenizer(tokenizer, TokenizeConfig(max_length=max_length))
@@ -94,12 +95,11 @@ class LearnedReward:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, mesh=None, **kwargs) -> LearnedReward:
         """Load an HF ``*ForSequenceClassification`` (``num_labels=1``) directory with its tokenizer."""
-        from transformers import AutoTokenizer
-
         from cpo_jax.hf.pretrained import load_reward_model
+        from cpo_jax.hf.tokenizer import load_tokenizer
 
         model, head = load_reward_model(path, mesh=mesh)
-        return cls(model, head, AutoTokenizer.from_pretrained(str(path)), mesh=mesh, **kwargs)
+        return cls(model, head, load_tokenizer(path), mesh=mesh, **kwargs)
 
     def _text_ids(self, prompt, completion: str) -> list[int]:
         """The ids reward training scored: chat template for conversational prompts, else prompt + text + EOS."""
@@ -107,10 +107,6 @@ class LearnedReward:
             completion = [{"role": "assistant", "content": completion}]
         ids, _ = self._record_tokenizer.sequence(prompt, completion, "rollout")
         return list(ids)[: self.max_length]
-
-    def _place(self, x: np.ndarray) -> jax.Array:
-        # On a (possibly multi-host) mesh every process passes the same rows; each device takes its slice.
-        return jnp.asarray(x) if self.mesh is None else host_value_to_global(x, self.mesh)
 
     def __call__(self, records: Sequence[dict], completions: Sequence[str]) -> np.ndarray:
         """float32 ``[N]`` reward-model scores (on several processes: each must pass the same rows)."""
@@ -129,7 +125,9 @@ class LearnedReward:
             for i, r in enumerate(chunk):
                 ids[i, :len(r)], mask[i, :len(r)] = r, 1
             mask[len(chunk):, 0] = 1  # filler rows: one real token, scores discarded
-            scores = _last_token_scores(self.graphdef, self.state, self.head, self._place(ids), self._place(mask))
+            # On a (possibly multi-host) mesh every process passes the same rows; each device takes its slice.
+            scores = _last_token_scores(self.graphdef, self.state, self.head, host_value_to_global(ids, self.mesh),
+                                        host_value_to_global(mask, self.mesh))
             out.append(global_to_host(scores)[:len(chunk)])
         return np.concatenate(out).astype(np.float32)
 
@@ -139,10 +137,11 @@ def make_reward(spec: str, *, mesh=None) -> RewardFunction:
     if spec.startswith("verifier:"):
         name = spec.split(":", 1)[1]
         if name not in VERIFIERS:
-            raise KeyError(f"config key rl.reward={spec!r}: no verifier {name!r}; available: "
-                           f"{['verifier:' + n for n in VERIFIERS]}")
+            raise ConfigError(f"no verifier {name!r}", where=f"config key rl.reward={spec!r}",
+                              hint=f"available: {['verifier:' + n for n in VERIFIERS]}")
         return VerifierReward(VERIFIERS[name], name)
     if not (Path(spec) / "config.json").is_file():
-        raise FileNotFoundError(f"config key rl.reward={spec!r}: neither verifier:<name> nor a reward-model "
-                                f"directory with a config.json")
+        raise UserFileNotFoundError("neither verifier:<name> nor a reward-model directory with a config.json",
+                                    where=f"config key rl.reward={spec!r}",
+                                    hint="give verifier:<name> or the hf/ folder of a reward run")
     return LearnedReward.from_pretrained(spec, mesh=mesh)

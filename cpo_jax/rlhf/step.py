@@ -26,7 +26,7 @@ from cpo_jax.rlhf.rollout import (
     value_predictions,
 )
 from cpo_jax.train.config import TrainConfig
-from cpo_jax.train.step import TrainState, nonfinite_counts
+from cpo_jax.train.step import TrainState, nonfinite_counts, update_size
 
 
 def score_rollout(params, ref_params, prompt_ids, prompt_mask, tokens, mask, scores, kl_coef, *, cfg: TrainConfig,
@@ -94,13 +94,15 @@ def update(state: TrainState, rollout: Rollout, kl_coef, *, cfg: TrainConfig, gr
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
         metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(step),
-                   "finite": finite.astype(jnp.float32)}
+                   "finite": finite.astype(jnp.float32), **update_size(params, updates)}
+        params = optax.apply_updates(params, updates)
         return (params, opt_state, step + 1), metrics
 
     (params, opt_state, step), metrics = jax.lax.scan(body, (state.params, state.opt_state, state.step), batches)
+    largest_update = jnp.max(metrics["update_ratio"])  # the explosion check looks at the worst mini-batch
     metrics = jax.tree.map(jnp.mean, metrics)
+    metrics["update_ratio"] = largest_update
     consecutive, total = nonfinite_counts(opt_state)
     metrics.update({"nonfinite/consecutive": consecutive, "nonfinite/total": total})
     return TrainState(step=step, params=params, opt_state=opt_state, rng=state.rng), metrics

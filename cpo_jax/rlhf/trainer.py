@@ -20,7 +20,7 @@ scoring on the host), ``timing_s/old_log_prob`` (policy and reference scoring pa
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import time
 from pathlib import Path
@@ -37,7 +37,9 @@ from cpo_jax.data import (
     build_dataset,
     load_records,
 )
+from cpo_jax.errors import ConfigError, DataError, TrainingDiverged
 from cpo_jax.hf.resolve import resolve_model_path
+from cpo_jax.hf.tokenizer import load_tokenizer
 from cpo_jax.models import from_pretrained, save_pretrained
 from cpo_jax.models.generate import SamplingConfig
 from cpo_jax.parallel.multihost import global_to_host, host_to_global, host_value_to_global, lockstep
@@ -48,10 +50,18 @@ from cpo_jax.rlhf.rollout import init_value_head, sample
 from cpo_jax.rlhf.step import jit_score, jit_update
 from cpo_jax.train.checkpoint import Checkpointer
 from cpo_jax.train.config import TrainConfig, to_dict
-from cpo_jax.train.metrics_writer import MetricsWriter
 from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
 from cpo_jax.train.step import init_state
-from cpo_jax.train.trainer import RunResult, TrainingDiverged, model_load_kwargs
+from cpo_jax.train.trainer import (
+    DIVERGENCE_HINT,
+    RunResult,
+    divergence,
+    model_load_kwargs,
+    open_run,
+    refuse_changed_run,
+    resume_check,
+)
+from cpo_jax.train.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +73,16 @@ class RLTrainer:
         self.cfg = cfg
         self.rl = cfg.rl
         self.output_dir = Path(cfg.output_dir)
-        self._validate()
+        if cfg.loss.objective != "rlhf":
+            raise ConfigError(f"RLTrainer trains loss.objective=rlhf, not {cfg.loss.objective!r}",
+                              where="config key loss.objective", hint="use cpo_jax.train.Trainer for it")
+        validate_config(cfg)
         self.mesh = make_mesh(cfg.mesh, devices)
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=cfg.keep_checkpoints,
+                                         async_save=cfg.async_checkpoints)
+        refuse_changed_run(cfg, self.checkpointer)
         self.model_path = resolve_model_path(cfg.model.path)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
         model_kw = model_load_kwargs(cfg, self.mesh)
@@ -106,34 +118,8 @@ class RLTrainer:
         self.sampling = SamplingConfig(temperature=self.rl.temperature, top_k=self.rl.top_k, top_p=self.rl.top_p)
         self._score = jit_score(cfg, self.graphdef)
         self._update = jit_update(cfg, self.graphdef, self.optimizer, self.schedule, self.state_shardings)
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=cfg.keep_checkpoints,
-                                         async_save=cfg.async_checkpoints)
 
     # ----------------------------------------------------------------------------------------------
-    def _validate(self) -> None:
-        cfg, rl = self.cfg, self.cfg.rl
-        if cfg.loss.objective != "rlhf":
-            raise ValueError(f"RLTrainer needs loss.objective=rlhf, got {cfg.loss.objective!r}")
-        if not cfg.model.path:
-            raise ValueError("config key model.path is empty: give an HF checkpoint directory")
-        if not cfg.data.train_files:
-            raise ValueError("config key data.train_files is empty: give prompt records (a 'prompt' per row)")
-        if rl.algorithm in ("rloo", "grpo") and rl.num_generations < 2:
-            raise ValueError(f"config key rl.num_generations={rl.num_generations}: {rl.algorithm} needs at least 2 "
-                             "samples per prompt")
-        rows = rl.prompts_per_step * rl.num_generations
-        if rl.num_mini_batches < 1 or rows % rl.num_mini_batches:
-            raise ValueError(f"config key rl.num_mini_batches={rl.num_mini_batches} must divide the "
-                             f"{rows} rollouts per step (rl.prompts_per_step x rl.num_generations)")
-        if rl.ppo_epochs < 1 or rl.max_new_tokens < 1 or rl.prompts_per_step < 1:
-            raise ValueError("config keys rl.ppo_epochs, rl.max_new_tokens and rl.prompts_per_step must be >= 1")
-        if rl.adaptive_kl_target is not None and rl.adaptive_kl_target <= 0:
-            raise ValueError(f"config key rl.adaptive_kl_target={rl.adaptive_kl_target} must be > 0")
-        prompt = cfg.data.max_prompt_length or cfg.data.max_length - rl.max_new_tokens
-        if prompt < 1 or prompt + rl.max_new_tokens > cfg.data.max_length:
-            raise ValueError(f"config keys data.max_prompt_length ({cfg.data.max_prompt_length}) + rl.max_new_tokens "
-                             f"({rl.max_new_tokens}) must fit in data.max_length ({cfg.data.max_length})")
-
     def _check_lengths(self, records, key: str, sample_size: int = 2000) -> None:
         from cpo_jax.data import audit
 
@@ -141,8 +127,9 @@ class RLTrainer:
                        PipelineConfig(kind="prompt_only", shard_index=0, shard_count=1),
                        sources=records.sources[:sample_size])
         if report.kept == 0:
-            raise ValueError(f"{key}: all {report.examples} checked prompts are longer than the prompt limit "
-                             f"{self.prompt_length} tokens; raise data.max_prompt_length")
+            raise DataError(f"config key {key}", f"all {report.examples} checked prompts are longer than the prompt "
+                            f"limit of {self.prompt_length} tokens", hint="raise data.max_prompt_length or "
+                                                                           "data.max_length")
         if report.dropped:
             log.warning("%s: %d of the first %d prompts exceed %d tokens and are skipped", key,
                         sum(report.dropped.values()), report.examples, self.prompt_length)
@@ -246,27 +233,24 @@ class RLTrainer:
     def run(self) -> RunResult:
         """Train from the latest checkpoint (or from scratch) to ``cfg.steps`` rollout steps."""
         cfg, rl = self.cfg, self.rl
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
         data = iter(self._pipeline(self.train_set, train=True))
         start, extra = self.restore_latest()
         if start:
             data.set_state(extra["data"])
             log.info("resumed from step %d in %s (kl_coef %.4g)", start, self.output_dir, self.kl_coef)
-        writer = MetricsWriter(self.output_dir, total_steps=cfg.steps, start_step=start, tensorboard=cfg.tensorboard,
-                               wandb_project=cfg.wandb_project, progress_bar=cfg.progress_bar, config=to_dict(cfg))
+        writer = open_run(cfg, self.output_dir, start, self.model_path)
         history = []
         step = start
         try:
             while step < cfg.steps:
                 metrics, _ = self.rollout_step(step, next(data))
                 step += 1
-                if metrics["nonfinite/consecutive"] >= cfg.max_nonfinite_steps:
-                    raise TrainingDiverged(f"{int(metrics['nonfinite/consecutive'])} consecutive non-finite updates "
-                                           f"ending at rollout step {step} (loss/total={metrics['loss/total']}, "
-                                           f"grad_norm={metrics['grad_norm']}); updates were skipped, parameters are "
-                                           f"finite. Lower optim.learning_rate or rl.kl_coef.")
+                problem = divergence(cfg, metrics)
+                if problem:
+                    raise TrainingDiverged(f"{problem} (loss/total={metrics['loss/total']}, grad_norm="
+                                           f"{metrics['grad_norm']}). The checkpoints on disk are from before it.",
+                                           where=f"rollout step {step} of {self.output_dir}",
+                                           hint=DIVERGENCE_HINT + "; or lower rl.kl_coef")
                 if rl.adaptive_kl_target is not None:
                     self.kl_coef = adaptive_kl_coef(self.kl_coef, float(metrics["objective/kl"]),
                                                     rl.prompts_per_step * rl.num_generations,
@@ -289,7 +273,8 @@ class RLTrainer:
 
     def restore_latest(self) -> tuple[int, dict | None]:
         """Load the newest checkpoint into ``self.state`` and the KL coefficient; ``(step, extra)`` or ``(0, None)``."""
-        step, self.state, extra = self.checkpointer.restore_latest(self.state, self.state_shardings)
+        step, self.state, extra = self.checkpointer.restore_latest(
+            self.state, self.state_shardings, check_config=functools.partial(resume_check, self.cfg, self.checkpointer))
         if step:
             self.kl_coef = float(extra["kl_coef"])
         return step, extra

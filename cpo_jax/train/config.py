@@ -118,8 +118,26 @@ class RLConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ResumeConfig:
+    """Rerunning ``train`` on an ``output_dir`` that holds checkpoints resumes the run.
+
+    The config stored with the checkpoint is compared with the new one. Keys that change what the run
+    means (model, loss and its hyperparameters, optimiser, data and tokenisation, batch layout, seeds) are
+    refused with a diff unless ``allow_config_change``; the others (``steps``, logging, evaluation and
+    checkpoint cadence, mesh) are accepted and logged. See :mod:`cpo_jax.train.resume`.
+    """
+
+    allow_config_change: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """A whole run. ``mesh`` maps axis names to sizes (-1: the remaining devices)."""
+    """A whole run. ``mesh`` maps axis names to sizes (-1: the remaining devices).
+
+    ``max_nonfinite_steps``: consecutive non-finite steps (skipped) before training stops.
+    ``max_update_ratio``: stop when one update is larger than this fraction of the parameters' norm
+    (``||delta theta|| / ||theta||``): a divergence that produces no NaN, e.g. a learning rate of 1e6. None: off.
+    """
 
     output_dir: str = "runs/default"
     model: ModelConfig = ModelConfig()
@@ -127,6 +145,7 @@ class TrainConfig:
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     rl: RLConfig = RLConfig()
+    resume: ResumeConfig = ResumeConfig()
     mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
     steps: int = 100
     grad_accum: int = 1
@@ -138,6 +157,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     max_nonfinite_steps: int = 5
+    max_update_ratio: float | None = 1.0
     peak_tflops_per_device: float | None = None
     tensorboard: bool = True
     wandb_project: str | None = None

@@ -1,15 +1,23 @@
 """Metric sinks: ``metrics.jsonl`` (one object per logged step), TensorBoard (tensorboardX), optional
-wandb, and a tqdm progress bar. Only process 0 writes."""
+wandb, and a tqdm progress bar. Only process 0 writes.
+
+A kill during a write can leave a torn (partial) last line in ``metrics.jsonl``. Every reader here
+(:func:`read_metrics`, the resume truncation) drops unparseable lines with a warning naming ``file:line``
+instead of failing, and the resume rewrites the file atomically (temp file + ``os.replace``).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
 
 import jax
+
+log = logging.getLogger(__name__)
 
 
 def _plain(value):
@@ -18,6 +26,47 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf
     return value
+
+
+def parse_metrics(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """``(line, record)`` for every readable line of the JSONL file ``path``, in order.
+
+    A line that is not a JSON object with a numeric (or absent) ``step`` (a torn last write, garbage) is dropped
+    with a warning naming ``file:line``; blank lines are skipped silently."""
+    out = []
+    for number, line in enumerate(Path(path).read_text(errors="replace").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        step = record.get("step", 0) if isinstance(record, dict) else None
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            log.warning("%s:%d: dropping an unreadable metrics line (a write cut short by a kill?): %.80r",
+                        path, number, line)
+            continue
+        out.append((line, record))
+    return out
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of the metrics JSONL file ``path``, unreadable lines dropped (see :func:`parse_metrics`)."""
+    return [record for _, record in parse_metrics(path)]
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` so that a kill at any moment leaves either the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class MetricsWriter:
@@ -47,12 +96,13 @@ class MetricsWriter:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines logged after ``step`` by a run that is now resumed from ``step``."""
+        """Drop lines logged after ``step`` by a run that is now resumed from ``step``, and unreadable (torn)
+        lines; the file is rewritten atomically, and only when that changes it."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        text = "".join(line + "\n" for line, record in parse_metrics(self.path) if record.get("step", 0) <= step)
+        if text != self.path.read_text(errors="replace"):
+            write_atomically(self.path, text)
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> dict:
         """Log ``metrics`` at ``step``; returns the plain-Python record written."""

@@ -5,6 +5,9 @@ chat template, special ids) and the reference checkpoint (``config.json`` and ev
 streamed), so any change to data or model computes a new cache. Files are written atomically
 (``.tmp`` + rename). Training then holds no reference weights: each batch gets ``ref_chosen`` /
 ``ref_rejected`` looked up by example index.
+
+A cache file is never trusted blindly: one that is not a plain ``.npy`` array (truncated, garbage, a pickle, an
+archive) or not ``[rows, 2]`` float32 is recomputed with a warning and replaced; pickles are never loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +26,8 @@ from flax import nnx
 
 from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, build_dataset
 from cpo_jax.train.objectives import pair_logps, token_logps_from_batch
+
+log = logging.getLogger(__name__)
 
 
 def _hash_file(h, path: Path, chunk: int = 1 << 24) -> None:
@@ -71,11 +77,33 @@ def compute_reference_logps(model, records, sources, tokenizer, tokenize: Tokeni
     return (out, lengths) if return_lengths else out
 
 
-def load_or_compute(cache_dir: str | os.PathLike, key: str, compute) -> np.ndarray:
-    """The cached ``[N, 2]`` array for ``key``, computing and atomically writing it on a miss."""
+def read_cache(path: str | os.PathLike, rows: int) -> np.ndarray:
+    """The ``[rows, 2]`` float32 array stored in the ``.npy`` file ``path``.
+
+    Raises ``ValueError`` saying why the file cannot be used: not an ``.npy`` array (never unpickled), truncated,
+    or another shape or dtype. The header is checked before the data is read, so a foreign file costs nothing."""
+    try:
+        values = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - garbage makes np.load raise almost anything
+        raise ValueError(f"is not a readable .npy array ({type(err).__name__}: {err})") from err
+    if not isinstance(values, np.ndarray):  # an .npz archive
+        values.close()
+        raise ValueError(f"is a {type(values).__name__} archive, not a single .npy array")
+    if values.shape != (rows, 2) or values.dtype != np.float32:
+        raise ValueError(f"holds a {values.dtype} array of shape {list(values.shape)}, expected float32 [{rows}, 2]")
+    return np.array(values)
+
+
+def load_or_compute(cache_dir: str | os.PathLike, key: str, compute, *, rows: int) -> np.ndarray:
+    """The cached ``[rows, 2]`` float32 array for ``key``, computing and atomically writing it on a miss.
+
+    A cache file that cannot be used (see :func:`read_cache`) is recomputed with a warning and replaced."""
     path = Path(cache_dir) / f"{key}.npy"
     if path.is_file():
-        return np.load(path)
+        try:
+            return read_cache(path, rows)
+        except ValueError as err:
+            log.warning("%s: the reference log-prob cache file %s; recomputing it", path, str(err)[:300])
     values = compute()
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,17 @@ def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
     return opt_state.notfinite_count, opt_state.total_notfinite
 
 
+def update_size(params, updates) -> dict[str, jax.Array]:
+    """``param_norm`` (before the update) and ``update_ratio = ||updates|| / ||params||``: an update as large as
+    the parameters themselves is an explosion even when nothing is NaN (checked against ``max_update_ratio``).
+
+    Two reductions over the parameters: ``2P`` FLOPs and one read of ``P`` values each, negligible next to a
+    forward and backward pass."""
+    param_norm = optax.tree.norm(params)
+    return {"param_norm": param_norm,
+            "update_ratio": optax.tree.norm(updates) / jnp.maximum(param_norm, jnp.finfo(jnp.float32).tiny)}
+
+
 def _reference_logps(cfg: TrainConfig, graphdef, ref_params, mb: Batch) -> SequenceLogps | None:
     mode = cfg.loss.reference
     if mode == "none" or cfg.loss.objective != "preference":
@@ -122,6 +133,7 @@ def train_step(state: TrainState, batch: Batch, ref_params, *, cfg: TrainConfig,
         **metrics,
         "loss": loss,
         "grad_norm": grad_norm,
+        **update_size(state.params, updates),
         "learning_rate": schedule(state.step),
         "finite": finite,
         "nonfinite/consecutive": consecutive,

@@ -21,18 +21,22 @@ from jax.sharding import NamedSharding
 
 from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, build_dataset, load_records
 from cpo_jax.data.batching import ROW_KEYS, row_fill
+from cpo_jax.errors import CheckpointError, DataError, TrainingDiverged
 from cpo_jax.hf.resolve import resolve_model_path
+from cpo_jax.hf.tokenizer import load_tokenizer
 from cpo_jax.models import from_pretrained, save_pretrained
 from cpo_jax.parallel.multihost import host_to_global, lockstep
 from cpo_jax.parallel.sharding import make_mesh
 from cpo_jax.train import flops as flops_lib
 from cpo_jax.train.checkpoint import Checkpointer
 from cpo_jax.train.config import TrainConfig, to_dict
+from cpo_jax.train.export import save_model_description
 from cpo_jax.train.metrics_writer import MetricsWriter
-from cpo_jax.train.objectives import reference_free_losses
 from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
 from cpo_jax.train.reference_cache import cache_key, compute_reference_logps, load_or_compute
+from cpo_jax.train.resume import check_resume
 from cpo_jax.train.step import eval_step, init_state, jit_train_step
+from cpo_jax.train.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,16 @@ def model_load_kwargs(cfg: TrainConfig, mesh) -> dict:
             "scan_layers": cfg.model.scan_layers, "remat": cfg.model.remat, "attention_impl": cfg.model.attention_impl}
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps; the message says what was non-finite and where."""
+def open_run(cfg: TrainConfig, output_dir: Path, start_step: int, model_path: Path) -> MetricsWriter:
+    """Create ``output_dir``, write the resolved ``config.json`` and the policy's config and tokenizer
+    (``model/``, what ``convert orbax-to-hf`` needs besides the checkpoint) on process 0, and open the metrics
+    writer at ``start_step``: the start of both trainers' ``run()``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+        save_model_description(model_path, output_dir)
+    return MetricsWriter(output_dir, total_steps=cfg.steps, start_step=start_step, tensorboard=cfg.tensorboard,
+                         wandb_project=cfg.wandb_project, progress_bar=cfg.progress_bar, config=to_dict(cfg))
 
 
 def stack_micro_batches(batches: list[dict], pad_id: int) -> dict[str, np.ndarray]:
@@ -61,6 +73,50 @@ def stack_micro_batches(batches: list[dict], pad_id: int) -> dict[str, np.ndarra
             arrays.append(x)
         out[key] = np.stack(arrays)
     return out
+
+
+DIVERGENCE_HINT = ("lower optim.learning_rate, keep optim.max_grad_norm set, use float32 or bf16 instead of float16, "
+                   "or check the loss hyperparameters; the run resumes from its last checkpoint when rerun")
+
+
+def divergence(cfg: TrainConfig, metrics: dict) -> str | None:
+    """Why training must stop after a step with ``metrics``, or None: ``max_nonfinite_steps`` consecutive skipped
+    non-finite steps, or an update larger than ``max_update_ratio`` times the parameters' norm (an explosion
+    that produces no NaN)."""
+    consecutive = int(metrics["nonfinite/consecutive"])
+    if consecutive >= cfg.max_nonfinite_steps:
+        return (f"{consecutive} consecutive non-finite steps (limit max_nonfinite_steps={cfg.max_nonfinite_steps}); "
+                f"those updates were skipped, so the parameters are still finite")
+    ratio = float(metrics.get("update_ratio", 0.0))
+    if cfg.max_update_ratio is not None and ratio > cfg.max_update_ratio:
+        return (f"the update exploded: its norm is {ratio:.3g} x the parameters' norm "
+                f"{float(metrics['param_norm']):.3g} (limit max_update_ratio={cfg.max_update_ratio})")
+    return None
+
+
+def resume_check(cfg: TrainConfig, checkpointer: Checkpointer, saved: dict, step: int) -> None:
+    """``check_config`` of :meth:`Checkpointer.restore_latest`: refuse a checkpoint of another run's config."""
+    check_resume(saved, cfg, step=step, where=str(checkpointer.directory))
+
+
+def refuse_changed_run(cfg: TrainConfig, checkpointer: Checkpointer) -> None:
+    """Before any model loads: compare ``cfg`` with the config of the newest readable checkpoint, so a rerun that
+    changed what the run means is refused in seconds (``restore_latest`` checks again, step by step)."""
+    for step in sorted(checkpointer.manager.all_steps(), reverse=True):
+        try:
+            saved = checkpointer.read_config(step)
+        except CheckpointError:
+            continue  # damaged: restore_latest reports it and falls back
+        resume_check(cfg, checkpointer, saved, step)
+        return
+
+
+def drop_hint(dropped: dict, max_length: int, prompt_limit: int) -> str:
+    """What to do when the tokeniser drops every example, by the reasons counted in ``dropped``."""
+    if set(dropped) <= {"identical_pair"}:
+        return "every pair has chosen == rejected; check how the data file was built"
+    return (f"raise data.max_length (now {max_length}) or data.max_prompt_length (now {prompt_limit}), "
+            f"or check that the data file holds what you expect")
 
 
 @dataclasses.dataclass
@@ -79,14 +135,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, tokenizer=None, devices=None):
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
+        validate_config(cfg)
         self.mesh = make_mesh(cfg.mesh, devices)
-        self._validate()
+        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=cfg.keep_checkpoints,
+                                         async_save=cfg.async_checkpoints)
+        refuse_changed_run(cfg, self.checkpointer)
         self.model_path = resolve_model_path(cfg.model.path)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
         model_kw = model_load_kwargs(cfg, self.mesh)
         policy = from_pretrained(self.model_path, **model_kw)
         self.model_config = policy.config
@@ -104,7 +159,7 @@ class Trainer:
                                            truncation=cfg.data.truncation, vocab_size=policy.config.vocab_size)
         self.batch_cfg = BatchConfig(pairs_per_batch=cfg.data.pairs_per_batch, max_length=cfg.data.max_length,
                                      pack=cfg.data.pack, rows_per_batch=cfg.data.rows_per_batch,
-                                     pad_id=tokenizer.pad_token_id or 0)
+                                     pad_id=self.tokenizer.pad_token_id or 0)
         self.train_set = load_records(list(cfg.data.train_files), "preference", skip_invalid=cfg.data.skip_invalid,
                                       split=cfg.data.split)
         self.eval_set = (load_records(list(cfg.data.eval_files), "preference", skip_invalid=cfg.data.skip_invalid,
@@ -121,31 +176,8 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.optim, cfg.steps)
         self.state = jax.jit(lambda p: init_state(p, self.optimizer, cfg.seed))(self.params)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=cfg.keep_checkpoints,
-                                         async_save=cfg.async_checkpoints)
 
     # ----------------------------------------------------------------------------------------------
-    def _validate(self) -> None:
-        cfg = self.cfg
-        if not cfg.model.path:
-            raise ValueError("config key model.path is empty: give an HF checkpoint directory")
-        if not cfg.data.train_files:
-            raise ValueError("config key data.train_files is empty")
-        if cfg.grad_accum < 1:
-            raise ValueError(f"config key grad_accum={cfg.grad_accum}: must be >= 1")
-        if cfg.loss.objective == "preference":
-            from cpo_jax import losses
-
-            losses.get(cfg.loss.name)  # unknown names list what exists
-            allowed = set(losses.hyperparameters(cfg.loss.name))
-            unknown = sorted(set(cfg.loss.hparams) - allowed)
-            if unknown:
-                raise KeyError(f"config key loss.hparams has {unknown}, not hyperparameters of loss "
-                               f"{cfg.loss.name!r}: {sorted(allowed)}")
-            free = cfg.loss.name in reference_free_losses()
-            if cfg.loss.reference == "none" and not free:
-                raise ValueError(f"loss.reference='none' but loss {cfg.loss.name!r} needs reference log-probs")
-
     def _check_lengths(self, records, key: str, sample: int = 2000) -> None:
         """Tokenise up to ``sample`` records: fail if the length policy drops all of them, warn on drops."""
         from cpo_jax.data import audit
@@ -154,18 +186,18 @@ class Trainer:
         report = audit(subset, self.tokenizer, self.tokenize_cfg, PipelineConfig(shard_index=0, shard_count=1),
                        sources=records.sources[:sample])
         if report.kept == 0:
-            raise ValueError(f"{key}: all {report.examples} checked pairs are dropped by the length policy "
-                             f"({dict(report.dropped)}); raise data.max_length (now {self.cfg.data.max_length}) "
-                             f"or data.max_prompt_length (now {self.tokenize_cfg.prompt_limit})")
+            raise DataError(f"config key {key}", f"all {report.examples} checked pairs are dropped "
+                            f"({dict(report.dropped)})", hint=drop_hint(report.dropped, self.cfg.data.max_length,
+                                                                         self.tokenize_cfg.prompt_limit))
         if report.dropped:
-            log.warning("%s: %d of the first %d pairs are dropped by the length policy (%s)", key,
+            log.warning("%s: %d of the first %d pairs are dropped (%s)", key,
                         sum(report.dropped.values()), report.examples, dict(report.dropped))
 
     def _precompute(self, policy, records):
         key = cache_key(records.records, self.tokenizer, self.tokenize_cfg, self.model_path)
         return load_or_compute(self.output_dir / "reference_cache", key, lambda: compute_reference_logps(
             policy, records.records, records.sources, self.tokenizer, self.tokenize_cfg, self.batch_cfg,
-            chunk_size=self.cfg.model.logprob_chunk_size))
+            chunk_size=self.cfg.model.logprob_chunk_size), rows=len(records.records))
 
     def _pipeline(self, records, *, train: bool):
         cfg = self.cfg
@@ -218,16 +250,12 @@ class Trainer:
     def run(self) -> RunResult:
         """Train from the latest checkpoint (or from scratch) to ``cfg.steps``; returns what was logged."""
         cfg = self.cfg
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            (self.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
         data = iter(self._pipeline(self.train_set, train=True))
         start, data_state = self.restore_latest()
         if start:
             data.set_state(data_state)
             log.info("resumed from step %d in %s", start, self.output_dir)
-        writer = MetricsWriter(self.output_dir, total_steps=cfg.steps, start_step=start, tensorboard=cfg.tensorboard,
-                               wandb_project=cfg.wandb_project, progress_bar=cfg.progress_bar, config=to_dict(cfg))
+        writer = open_run(cfg, self.output_dir, start, self.model_path)
         peak = cfg.peak_tflops_per_device or flops_lib.peak_tflops(jax.devices()[0].device_kind)
         step_fn = None
         history = []
@@ -246,8 +274,10 @@ class Trainer:
                 metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - t0
                 step += 1
-                if metrics["nonfinite/consecutive"] >= cfg.max_nonfinite_steps:
-                    raise TrainingDiverged(self._diagnosis(step, metrics, micro))
+                problem = divergence(cfg, metrics)
+                if problem:
+                    raise TrainingDiverged(self._diagnosis(step, problem, metrics, micro),
+                                           where=f"step {step} of {self.output_dir}", hint=DIVERGENCE_HINT)
                 tokens = int(metrics["tokens"])
                 row_length = batch["input_ids"].shape[-1]
                 step_flops = flops_lib.step_flops(self.model_config, self.num_params, tokens, row_length,
@@ -274,22 +304,23 @@ class Trainer:
         return RunResult(history=history, start_step=start, final_step=step, output_dir=self.output_dir)
 
     def restore_latest(self) -> tuple[int, dict | None]:
-        """Load the newest checkpoint of ``output_dir`` into ``self.state``; ``(step, data state)`` or ``(0, None)``."""
-        step, self.state, data_state = self.checkpointer.restore_latest(self.state, self.state_shardings)
+        """Load the newest intact checkpoint of ``output_dir`` into ``self.state``; ``(step, data state)`` or
+        ``(0, None)``. A checkpoint saved under a config that changes the run's meaning is refused
+        (:func:`cpo_jax.train.resume.check_resume`)."""
+        step, self.state, data_state = self.checkpointer.restore_latest(
+            self.state, self.state_shardings, check_config=functools.partial(resume_check, self.cfg, self.checkpointer))
         return step, data_state
 
     def policy(self):
         """The current policy as an NNX model."""
         return nnx.merge(self.graphdef, self.state.params["model"])
 
-    def _diagnosis(self, step: int, metrics: dict, micro: list[dict]) -> str:
+    def _diagnosis(self, step: int, problem: str, metrics: dict, micro: list[dict]) -> str:
         indexes = sorted(int(i) for b in micro for i in b["index"] if i >= 0)
-        return (f"{int(metrics['nonfinite/consecutive'])} consecutive non-finite steps (limit "
-                f"{self.cfg.max_nonfinite_steps}) ending at step {step}: loss={metrics['loss']}, "
-                f"grad_norm={metrics['grad_norm']}, learning_rate={metrics['learning_rate']:.3g}. Updates were "
-                f"skipped, so the parameters and checkpoints are still finite. Last batch held dataset indexes "
-                f"{indexes[:16]}. Usual causes: a learning rate too high, float16/bf16 overflow, or an extreme loss "
-                f"hyperparameter.")
+        sources = [self.train_set.sources[i] for i in indexes[:4] if i < len(self.train_set.sources)]
+        return (f"{problem} (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}, "
+                f"learning_rate={metrics['learning_rate']:.3g}). The last batch held {sources}"
+                f"{' ...' if len(indexes) > 4 else ''}. The checkpoints on disk are from before it and intact.")
 
     def export(self, path) -> Path:
         """Write the current policy as an HF directory (with the tokenizer).

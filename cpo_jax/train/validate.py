@@ -1,0 +1,206 @@
+"""Range and consistency checks of a whole :class:`~cpo_jax.train.config.TrainConfig`, before anything loads.
+
+:func:`cpo_jax.train.config.from_dict` checks structure (unknown keys, types); :func:`validate_config` checks that
+the values can work: positive step counts and cadences, a positive finite learning rate, ``beta > 0``, loss
+hyperparameters the loss accepts, dtypes that exist, RL batch arithmetic. Every failure is a
+:class:`~cpo_jax.errors.ConfigError` that names the dotted config key, its value and what to do. Both trainers
+and the command line call it, so a library user gets the same checks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from cpo_jax.errors import ConfigError
+from cpo_jax.train.config import TrainConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+ATTENTION = ("xla", "auto")
+OPTIMIZERS = ("adamw", "adam", "lion", "sgd", "adafactor")
+TRUNCATION = ("keep_start", "keep_end")
+
+
+def _require(ok: bool, key: str, value, must: str, hint: str | None = None) -> None:
+    if not ok:
+        raise ConfigError(f"{value!r} {must}", where=f"config key {key}", hint=hint)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _at_least(cfg_value, key: str, low: int) -> None:
+    _require(isinstance(cfg_value, int) and cfg_value >= low, key, cfg_value, f"must be an integer >= {low}")
+
+
+#: Per-hyperparameter ranges shared by every loss that takes it: ``name -> (test, requirement)``.
+HPARAM_RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "beta": (lambda v: _number(v) and v > 0, "must be a finite number > 0 (the KL strength)"),
+    "label_smoothing": (lambda v: _number(v) and 0 <= v < 1, "must be a number in [0, 1)"),
+    "tau": (lambda v: _number(v) and v > 0, "must be a finite number > 0"),
+    "alpha": (lambda v: _number(v) and v > 0, "must be a finite number > 0"),
+    "discopop_tau": (lambda v: _number(v) and v > 0, "must be a finite number > 0"),
+    "nll_coef": (lambda v: _number(v) and v >= 0, "must be a finite number >= 0"),
+    "f_alpha_divergence_coef": (lambda v: _number(v) and 0 < v < 1, "must be a number in (0, 1)"),
+    "gamma": (lambda v: _number(v) and v >= 0, "must be a finite number >= 0"),
+    "length_normalize": (lambda v: isinstance(v, bool), "must be true or false"),
+}
+#: CPO holds its target margin above gamma > 0 (the paper's constraint); gamma = 0 is DPO's failure case.
+POSITIVE_GAMMA = ("cpo", "cpo_easy")
+
+
+def _check_loss(cfg: TrainConfig) -> None:
+    from cpo_jax import losses
+    from cpo_jax.train.objectives import reference_free_losses
+
+    name = cfg.loss.name
+    try:
+        losses.get(name)
+    except KeyError as err:
+        raise ConfigError(err.args[0], where="config key loss.name") from None
+    allowed = losses.hyperparameters(name)
+    unknown = sorted(set(cfg.loss.hparams) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{unknown} are not hyperparameters of loss {name!r}", where="config key loss.hparams",
+                          hint=f"loss {name!r} takes {sorted(allowed)}")
+    for key, value in cfg.loss.hparams.items():
+        if key in HPARAM_RANGES:
+            test, must = HPARAM_RANGES[key]
+            _require(test(value), f"loss.hparams.{key}", value, must)
+    gamma = cfg.loss.hparams.get("gamma", allowed.get("gamma"))
+    if name in POSITIVE_GAMMA:
+        _require(_number(gamma) and gamma > 0, "loss.hparams.gamma", gamma,
+                 f"must be > 0 for {name!r}: CPO holds the target margin above gamma > 0")
+    _dry_run_loss(name, dict(cfg.loss.hparams))
+    if cfg.loss.reference == "none" and name not in reference_free_losses():
+        raise ConfigError(f"loss {name!r} needs reference log-probs", where="config key loss.reference='none'",
+                          hint=f"use loss.reference=separate or precomputed, or a reference-free loss "
+                               f"{sorted(reference_free_losses())}")
+
+
+def _dry_run_loss(name: str, hparams: dict) -> None:
+    """Call the loss on four made-up pairs: a hyperparameter the loss rejects (wrong type, a value outside what
+    it supports) fails here, naming the key, instead of inside the first compiled step."""
+    import numpy as np
+
+    from cpo_jax import losses
+
+    pc, pr = np.array([-5.0, -7.0, -3.0, -9.0], np.float32), np.array([-6.0, -4.0, -8.0, -9.5], np.float32)
+    rc, rr = pc + 0.5, pr - 0.25
+    n = np.array([3.0, 5.0, 2.0, 7.0], np.float32)
+    try:
+        out = np.asarray(losses.get(name)(pc, pr, rc, rr, chosen_lengths=n, rejected_lengths=n + 1, **hparams))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"loss {name!r} rejects {hparams}: {err}", where="config key loss.hparams") from None
+    if not np.all(np.isfinite(out)):
+        raise ConfigError(f"loss {name!r} with {hparams} is not finite on ordinary log-probs",
+                          where="config key loss.hparams", hint="check the hyperparameter values")
+
+
+def _check_optim(cfg: TrainConfig) -> None:
+    o = cfg.optim
+    _require(o.name in OPTIMIZERS, "optim.name", o.name, f"is not one of {list(OPTIMIZERS)}")
+    _require(_number(o.learning_rate) and o.learning_rate > 0, "optim.learning_rate", o.learning_rate,
+             "must be a finite number > 0")
+    _require(o.learning_rate < 10, "optim.learning_rate", o.learning_rate,
+             "is far above any working learning rate (< 10)", hint="fine-tuning uses 1e-7 to 1e-3")
+    _require(_number(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    for key in ("b1", "b2"):
+        value = getattr(o, key)
+        _require(_number(value) and 0 <= value < 1, f"optim.{key}", value, "must be in [0, 1)")
+    _require(_number(o.eps) and o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _at_least(o.warmup_steps, "optim.warmup_steps", 0)
+    _require(_number(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio,
+             "must be in [0, 1]")
+    _require(o.max_grad_norm is None or (_number(o.max_grad_norm) and o.max_grad_norm > 0), "optim.max_grad_norm",
+             o.max_grad_norm, "must be > 0, or null for no clipping")
+
+
+def _check_model_and_data(cfg: TrainConfig) -> None:
+    m, d = cfg.model, cfg.data
+    _require(bool(m.path), "model.path", m.path, "is empty",
+             hint="give an HF checkpoint directory, 'smollm2' or 'tiny-random'")
+    for key in ("dtype", "param_dtype"):
+        _require(getattr(m, key) in DTYPES, f"model.{key}", getattr(m, key), f"is not one of {list(DTYPES)}")
+    _require(m.remat in REMAT, "model.remat", m.remat, f"is not one of {list(REMAT)}")
+    _require(m.attention_impl in ATTENTION, "model.attention_impl", m.attention_impl,
+             f"is not one of {list(ATTENTION)}")
+    _at_least(m.logprob_chunk_size, "model.logprob_chunk_size", 1)
+    _require(bool(d.train_files), "data.train_files", list(d.train_files), "is empty",
+             hint="list JSONL/Parquet files, saved datasets or bundled:<name> sources")
+    _at_least(d.max_length, "data.max_length", 2)
+    if d.max_prompt_length is not None:
+        _require(isinstance(d.max_prompt_length, int) and 1 <= d.max_prompt_length < d.max_length,
+                 "data.max_prompt_length", d.max_prompt_length,
+                 f"must be an integer in [1, data.max_length={d.max_length}) to leave room for the completion")
+    _require(d.truncation in TRUNCATION, "data.truncation", d.truncation, f"is not one of {list(TRUNCATION)}")
+    _at_least(d.pairs_per_batch, "data.pairs_per_batch", 1)
+    if d.rows_per_batch is not None:
+        _at_least(d.rows_per_batch, "data.rows_per_batch", 1)
+    rows = d.rows_per_batch if d.rows_per_batch is not None else d.pairs_per_batch
+    _require(not d.pack or rows >= 2, "data.pack", d.pack,
+             f"needs at least 2 rows per batch (chosen and rejected), got {rows}",
+             hint="raise data.rows_per_batch (default data.pairs_per_batch), or data.pack=false")
+    _at_least(d.num_workers, "data.num_workers", 0)
+
+
+def _check_cadence(cfg: TrainConfig) -> None:
+    for key, low in (("steps", 1), ("grad_accum", 1), ("log_every", 1), ("save_every", 1), ("eval_every", 0),
+                     ("eval_batches", 1), ("keep_checkpoints", 1), ("max_nonfinite_steps", 1),
+                     ("eval_generation_tokens", 1)):
+        _at_least(getattr(cfg, key), key, low)
+    _require(cfg.max_update_ratio is None or (_number(cfg.max_update_ratio) and cfg.max_update_ratio > 0),
+             "max_update_ratio", cfg.max_update_ratio, "must be > 0, or null to switch the explosion check off")
+    _require(cfg.peak_tflops_per_device is None or (_number(cfg.peak_tflops_per_device)
+                                                    and cfg.peak_tflops_per_device > 0),
+             "peak_tflops_per_device", cfg.peak_tflops_per_device, "must be > 0 or null")
+    _require(bool(cfg.output_dir), "output_dir", cfg.output_dir, "is empty")
+    if cfg.wandb_project:
+        import importlib.util
+
+        _require(importlib.util.find_spec("wandb") is not None, "wandb_project", cfg.wandb_project,
+                 "needs the wandb package, which is not installed", hint="pip install wandb, or unset wandb_project")
+
+
+def _check_rl(cfg: TrainConfig) -> None:
+    rl = cfg.rl
+    if rl.algorithm in ("rloo", "grpo"):
+        _require(rl.num_generations >= 2, "rl.num_generations", rl.num_generations,
+                 f"is too small: {rl.algorithm} needs at least 2 samples per prompt")
+    for key in ("ppo_epochs", "max_new_tokens", "prompts_per_step", "num_generations", "num_mini_batches",
+                "eval_max_new_tokens"):
+        _at_least(getattr(rl, key), f"rl.{key}", 1)
+    rows = rl.prompts_per_step * rl.num_generations
+    _require(rows % rl.num_mini_batches == 0, "rl.num_mini_batches", rl.num_mini_batches,
+             f"must divide the {rows} rollouts per step (rl.prompts_per_step x rl.num_generations)")
+    _require(_number(rl.kl_coef) and rl.kl_coef >= 0, "rl.kl_coef", rl.kl_coef, "must be >= 0")
+    _require(_number(rl.temperature) and rl.temperature > 0, "rl.temperature", rl.temperature, "must be > 0")
+    _require(_number(rl.top_p) and 0 < rl.top_p <= 1, "rl.top_p", rl.top_p, "must be in (0, 1]")
+    _at_least(rl.top_k, "rl.top_k", 0)
+    _require(_number(rl.clip_eps) and rl.clip_eps > 0, "rl.clip_eps", rl.clip_eps, "must be > 0")
+    if rl.adaptive_kl_target is not None:
+        _require(_number(rl.adaptive_kl_target) and rl.adaptive_kl_target > 0, "rl.adaptive_kl_target",
+                 rl.adaptive_kl_target, "must be > 0")
+    if rl.reward.startswith("verifier:"):
+        from cpo_jax.rlhf.rewards import VERIFIERS
+
+        name = rl.reward.split(":", 1)[1]
+        _require(name in VERIFIERS, "rl.reward", rl.reward, "names no verifier",
+                 hint=f"available: {['verifier:' + n for n in VERIFIERS]}, or a reward-model directory")
+    prompt = cfg.data.max_prompt_length or cfg.data.max_length - rl.max_new_tokens
+    _require(prompt >= 1 and prompt + rl.max_new_tokens <= cfg.data.max_length, "rl.max_new_tokens",
+             rl.max_new_tokens, f"plus data.max_prompt_length ({cfg.data.max_prompt_length}) must fit in "
+                                f"data.max_length ({cfg.data.max_length})")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the first key whose value cannot work (see the module docstring)."""
+    _check_model_and_data(cfg)
+    _check_optim(cfg)
+    _check_cadence(cfg)
+    if cfg.loss.objective == "preference":
+        _check_loss(cfg)
+    if cfg.loss.objective == "rlhf":
+        _check_rl(cfg)

@@ -1,0 +1,234 @@
+"""User errors at the command line: exit status 2, a few lines naming the key/file, no traceback unless --debug;
+config ranges; a rerun with a changed config is refused; convert reads only RUN_DIR and never replaces a
+non-empty destination; an update that explodes without NaN stops training with a diagnosis."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cpo_jax.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_user_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert err.startswith("error: "), err
+    assert len(err.strip().splitlines()) <= 8, err  # a few lines, not a dump
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("optim.learning_rate=-1", "optim.learning_rate"),
+    ("optim.learning_rate=0", "optim.learning_rate"),
+    ("optim.learning_rate=1e6", "optim.learning_rate"),
+    ("loss.hparams.beta=0", "loss.hparams.beta"),
+    ("loss.hparams.beta=-0.5", "loss.hparams.beta"),
+    ("loss.hparams.gamma=0", "loss.hparams.gamma"),
+    ("steps=0", "steps"),
+    ("save_every=0", "save_every"),
+    ("log_every=0", "log_every"),
+    ("keep_checkpoints=0", "keep_checkpoints"),
+    ("eval_every=-1", "eval_every"),
+    ("grad_accum=0", "grad_accum"),
+    ("model.dtype=float33", "model.dtype"),
+    ("model.remat=sometimes", "model.remat"),
+    ("data.pairs_per_batch=0", "data.pairs_per_batch"),
+    ("data.max_prompt_length=500", "data.max_prompt_length"),
+    ("data.truncation=middle", "data.truncation"),
+    ("optim.name=rmsprop2", "optim.name"),
+    ("optim.b2=1.5", "optim.b2"),
+    ("optim.max_grad_norm=0", "optim.max_grad_norm"),
+    ("loss.name=nope", "loss.name"),
+    ("loss.hparams.tau=-1", "loss.hparams.tau"),
+    ("mesh.data=64", "mesh"),
+    ("mesh.data=0", "mesh"),
+    ("max_update_ratio=0", "max_update_ratio"),
+    ("steps=1.5", "steps"),
+])
+def test_bad_config_values_name_the_key(capsys, tmp_path, override, needle):
+    code, _, err = run_main(capsys, "train", TINY, f"output_dir={tmp_path}", override)
+    assert_user_error(code, err, f"config key {needle}")
+    assert not (tmp_path / "checkpoints").exists()  # nothing was started
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_wandb_project_without_wandb_fails_at_start(capsys, tmp_path):
+    code, _, err = run_main(capsys, "train", TINY, f"output_dir={tmp_path}", "wandb_project=mine")
+    assert_user_error(code, err, "config key wandb_project", "pip install wandb")
+
+
+def test_config_file_problems_are_named(capsys, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  path: tiny-random\n data: [\n")
+    code, _, err = run_main(capsys, "train", broken)
+    assert_user_error(code, err, f"{broken}:", "YAML")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    assert_user_error(*run_main(capsys, "train", listing)[::2], str(listing), "mapping")
+    assert_user_error(*run_main(capsys, "train", tmp_path)[::2], str(tmp_path), "not a file")
+    assert_user_error(*run_main(capsys, "train", TINY, "steps")[::2], "key=value")
+
+
+def test_debug_switch_shows_the_traceback(capsys, monkeypatch):
+    code, _, err = run_main(capsys, "train", TINY, "steps=0", "--debug")
+    assert code == 2 and "Traceback" in err and "config key steps" in err
+    monkeypatch.setenv("CPO_JAX_DEBUG", "1")
+    code, _, err = run_main(capsys, "train", TINY, "steps=0")
+    assert code == 2 and "Traceback" in err
+
+
+def test_internal_bugs_keep_their_traceback(monkeypatch):
+    import cpo_jax.cli as cli
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "load_config", broken)
+    with pytest.raises(ZeroDivisionError):
+        main(["train", TINY])
+
+
+def test_usage_errors_exit_2(capsys):
+    code, _, err = run_main(capsys, "no-such-command")
+    assert code == 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--top-p", "0"], "--top-p"),
+    (["--temperature", "-1"], "--temperature"),
+])
+def test_generate_option_errors(capsys, args, needle):
+    code, _, err = run_main(capsys, "generate", "tiny-random", "--prompt", "hi", *args)
+    assert_user_error(code, err, needle)
+
+
+def test_missing_model_and_paths(capsys, tmp_path):
+    code, _, err = run_main(capsys, "generate", tmp_path / "nope", "--prompt", "hi")
+    assert_user_error(code, err, str(tmp_path / "nope"))
+    code, _, err = run_main(capsys, "convert", "orbax-to-hf", tmp_path / "nope", tmp_path / "out")
+    assert_user_error(code, err, str(tmp_path / "nope"), "checkpoints")
+
+
+def test_output_dir_that_is_a_file(capsys, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("mine")
+    code, _, err = run_main(capsys, "train", TINY, f"output_dir={target}")
+    assert_user_error(code, err, "output_dir")
+    assert target.read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# end to end, as a user runs it: one CPU device, subprocesses
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cpo_jax_cache")
+    return dict(os.environ, CPO_JAX_CACHE=str(cache), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def cli(env, *args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cpo_jax.cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=cwd)
+
+
+FAST = ["max_steps=2", "save_every=1", "eval_every=0", "data.eval_files=[]", "tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def run_a(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "a"
+    proc = cli(env, "train", TINY, f"output_dir={out}", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_rerun_with_a_changed_config_is_refused(env, run_a, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_a, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for change, key in (("loss.name=cpo_easy", "loss.name"), ("loss.hparams.beta=0.7", "loss.hparams.beta"),
+                        ("data.train_files=[bundled:arithmetic-train:64]", "data.train_files"),
+                        ("optim.learning_rate=1e-4", "optim.learning_rate")):
+        proc = cli(env, "train", TINY, f"output_dir={run}", *FAST, change)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and key in proc.stderr and "resume.allow_config_change" in proc.stderr
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # nothing written, config.json included
+
+    # Harmless changes resume and are logged; an explicit allow resumes a changed run.
+    proc = cli(env, "train", TINY, f"output_dir={run}", *FAST[1:], "max_steps=3", "log_every=2")
+    assert proc.returncode == 0 and "trained steps 2 -> 3" in proc.stdout, proc.stderr[-3000:]
+    assert "steps changed" in proc.stderr
+    proc = cli(env, "train", TINY, f"output_dir={run}", *FAST[1:], "max_steps=4", "optim.learning_rate=1e-4",
+               "resume.allow_config_change=true")
+    assert proc.returncode == 0 and "trained steps 3 -> 4" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_convert_reads_only_the_run_directory(env, run_a, tmp_path):
+    """A copied run exports its own weights even when the directory its config names holds another run."""
+    from safetensors.numpy import load_file
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run_a, moved)
+    other = tmp_path / "other"  # the same output_dir name as the config's, holding a different run
+    proc = cli(env, "train", TINY, f"output_dir={other}", *FAST, "seed=1", "optim.learning_rate=0.05")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((moved / "config.json").read_text())
+    config["output_dir"] = str(other)
+    config["model"]["path"] = str(tmp_path / "gone")  # the original model directory is gone too
+    (moved / "config.json").write_text(json.dumps(config))
+
+    proc = cli(env, "convert", "orbax-to-hf", moved, tmp_path / "hf", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported, own = load_file(tmp_path / "hf" / "model.safetensors"), load_file(run_a / "hf" / "model.safetensors")
+    for key in own:
+        np.testing.assert_array_equal(exported[key], own[key])
+
+    # A non-empty destination is refused and left alone; --overwrite replaces it.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    proc = cli(env, "convert", "orbax-to-hf", moved, mine)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert (mine / "notes.txt").read_text() == "keep me"
+    proc = cli(env, "convert", "orbax-to-hf", moved, mine, "--overwrite", "--step", "1")
+    assert proc.returncode == 0 and (mine / "model.safetensors").is_file(), proc.stderr[-3000:]
+    proc = cli(env, "convert", "orbax-to-hf", moved, moved.parent, "--overwrite")
+    assert proc.returncode == 2 and "contains the run" in proc.stderr and moved.is_dir()
+    proc = cli(env, "convert", "orbax-to-hf", moved, tmp_path / "x", "--step", "7")
+    assert proc.returncode == 2 and "step 7" in proc.stderr
+
+
+def test_an_exploding_update_stops_training_with_a_diagnosis(env, tmp_path):
+    """Adam at learning rate 5 moves every weight by ~5 at once: nothing is NaN, but the update is ~100x the
+    parameters' norm. Training stops at step 1, before saving, with the diagnosis; exit status 2."""
+    out = tmp_path / "boom"
+    proc = cli(env, "train", TINY, f"output_dir={out}", *FAST, "optim.learning_rate=5", "optim.warmup_steps=0")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "exploded" in proc.stderr and "max_update_ratio" in proc.stderr
+    assert not list((out / "checkpoints").glob("[0-9]*"))
+    # The check can be switched off.
+    proc = cli(env, "train", TINY, f"output_dir={tmp_path / 'off'}", *FAST, "optim.learning_rate=5",
+               "optim.warmup_steps=0", "max_update_ratio=null")
+    assert proc.returncode == 0, proc.stderr[-3000:]
