@@ -114,7 +114,9 @@ def train(runs: list[str]) -> None:
 
 def _metrics(run: str) -> tuple[list[dict], list[dict]]:
     """``(train_rows, eval_rows)`` from a run's metrics.jsonl (eval rows carry ``eval/`` keys)."""
-    rows = [json.loads(line) for line in (OUT / run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from cpo_jax.train.metrics_writer import read_metrics  # tolerates a torn last line (a kill during a write)
+
+    rows = read_metrics(OUT / run / "metrics.jsonl")
     evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
     trains = [r for r in rows if not any(k.startswith("eval/") for k in r)]
     return trains, evals
