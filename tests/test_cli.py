@@ -4,13 +4,12 @@ generate, audit, and clear errors for bad keys, types, paths and meshes."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.cli_fixtures import cli_env, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -18,17 +17,11 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cpo_jax_cache")
-    return dict(os.environ, CPO_JAX_CACHE=str(cache), XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return cli_env(tmp_path_factory.mktemp("cpo_jax_cache"))
 
 
 def cli(env, *args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "cpo_jax.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cpo-jax {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
-    return proc
+    return run_cli(env, *args, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,14 @@ non-empty destination; an update that explodes without NaN stops training with a
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cpo_jax.cli import main
+from tests.cli_fixtures import cli_env, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -128,6 +126,29 @@ def test_missing_model_and_paths(capsys, tmp_path):
     assert_user_error(code, err, str(tmp_path / "nope"), "checkpoints")
 
 
+def test_a_bad_model_config_is_reported_before_the_tokenizer_reads_it(capsys, tmp_path):
+    """transformers' tokenizer loading also reads config.json and fails on it with unrelated messages (a
+    ZeroDivisionError for 0 heads): the model's config is translated first, so the message names the key."""
+    from cpo_jax.hf.resolve import resolve_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(resolve_model_path("tiny-random"), model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    code, _, err = run_main(capsys, "train", TINY, f"output_dir={tmp_path / 'out'}", f"model.path={model}")
+    assert_user_error(code, err, f"{model / 'config.json'}", "num_attention_heads=0")
+    (model / "config.json").write_text('{\n  "model_type": "llama",\n  oops\n}')
+    code, _, err = run_main(capsys, "generate", model, "--prompt", "hi")
+    assert_user_error(code, err, f"{model / 'config.json'}:3:3", "not valid JSON")
+
+
+def test_objectives_refuse_hyperparameters_they_do_not_take(capsys, tmp_path):
+    code, _, err = run_main(capsys, "train", TINY, f"output_dir={tmp_path}", "loss.objective=reward")
+    assert_user_error(code, err, "config key loss.hparams", "'beta'", "margin")
+    code, _, err = run_main(capsys, "train", TINY, f"output_dir={tmp_path}", "loss.objective=sft")
+    assert_user_error(code, err, "config key loss.hparams", "takes no loss.hparams")
+
+
 def test_output_dir_that_is_a_file(capsys, tmp_path):
     target = tmp_path / "file"
     target.write_text("mine")
@@ -142,14 +163,11 @@ def test_output_dir_that_is_a_file(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cpo_jax_cache")
-    return dict(os.environ, CPO_JAX_CACHE=str(cache), XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return cli_env(tmp_path_factory.mktemp("cpo_jax_cache"))
 
 
 def cli(env, *args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cpo_jax.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=cwd)
+    return run_cli(env, *args, cwd=cwd)
 
 
 FAST = ["max_steps=2", "save_every=1", "eval_every=0", "data.eval_files=[]", "tensorboard=false"]

@@ -271,7 +271,8 @@ def test_restore_onto_a_different_mesh(assets, tmp_path):
 
 
 def test_sft_and_reward_objectives_train(assets, tmp_path):
-    sft = make(config(assets, tmp_path / "sft", steps=12, loss={"objective": "sft", "reference": "none"})).run()
+    sft = make(config(assets, tmp_path / "sft", steps=12,
+                      loss={"objective": "sft", "hparams": {}, "reference": "none"})).run()
     assert np.mean(losses_of(sft)[-3:]) < np.mean(losses_of(sft)[:3])
     from cpo_jax.data import write_jsonl
 

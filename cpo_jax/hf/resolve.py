@@ -91,13 +91,22 @@ def require_model_dir(path: str | os.PathLike) -> Path:
     return directory
 
 
-def resolve_model_path(path: str | os.PathLike) -> Path:
-    """The checkpoint directory for ``path`` (an alias or a directory); see :func:`require_model_dir` for errors."""
+def resolve_model_path(path: str | os.PathLike, *, check_config: bool = True) -> Path:
+    """The checkpoint directory for ``path`` (an alias or a directory); see :func:`require_model_dir` for errors.
+
+    ``check_config``: also translate its ``config.json`` now, so that a bad or unsupported config is reported as
+    such (naming the key) before anything else reads the directory (transformers' tokenizer loading reads
+    config.json too, and fails on it with unrelated messages)."""
     if path == SMOLLM2:
         return _smollm2()
     if path == TINY:
         return _tiny()
-    return require_model_dir(path)
+    directory = require_model_dir(path)
+    if check_config:
+        from cpo_jax.hf.pretrained import config_from_hf, read_hf_config
+
+        config_from_hf(read_hf_config(directory), source=directory / "config.json")
+    return directory
 
 
 def read_json(file: str | os.PathLike, *, hint: str | None = None) -> Any:

@@ -55,6 +55,14 @@ def require_value(hf: Mapping, key: str, allowed, model_type: str) -> None:
         raise UnsupportedConfig(f"{model_type}: config.json sets {key}={hf[key]!r}; cpo_jax supports {list(allowed)}")
 
 
+def _required(hf: Mapping, key: str, name: str, model_type: str, required: bool):
+    """``hf[key]``; None when absent or null, or :class:`UnsupportedConfig` when ``required``."""
+    value = hf.get(key)
+    if value is None and required:
+        raise UnsupportedConfig(f"{model_type}: config.json has no {name} (required)", hint=_FIX_HINT)
+    return value
+
+
 def int_value(hf: Mapping, key: str, model_type: str, *, required: bool = True, minimum: int = 1,
               name: str | None = None) -> int | None:
     """``hf[key]`` as an integer ``>= minimum``; None when optional and absent or null.
@@ -64,10 +72,8 @@ def int_value(hf: Mapping, key: str, model_type: str, *, required: bool = True, 
     floats included) or a value below ``minimum``.
     """
     name = name or key
-    value = hf.get(key)
+    value = _required(hf, key, name, model_type, required)
     if value is None:
-        if required:
-            raise UnsupportedConfig(f"{model_type}: config.json has no {name} (required)", hint=_FIX_HINT)
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise UnsupportedConfig(f"{model_type}: config.json sets {name}={value!r}; it must be an integer",
@@ -82,10 +88,8 @@ def number_value(hf: Mapping, key: str, model_type: str, *, required: bool = Tru
                  name: str | None = None) -> float | None:
     """``hf[key]`` as a finite float (``> 0`` when ``positive``, else ``>= 0``); None when optional and absent."""
     name = name or key
-    value = hf.get(key)
+    value = _required(hf, key, name, model_type, required)
     if value is None:
-        if required:
-            raise UnsupportedConfig(f"{model_type}: config.json has no {name} (required)", hint=_FIX_HINT)
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UnsupportedConfig(f"{model_type}: config.json sets {name}={value!r}; it must be a finite number",

@@ -72,10 +72,18 @@ def _model_description(run_dir: Path, cfg: dict) -> Path:
 
 
 def _read_only_manager(directory: Path) -> ocp.CheckpointManager:
-    """A manager that can only read: a conversion never changes the run it reads."""
-    return ocp.CheckpointManager(directory.absolute(), item_handlers={
-        "state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    """A manager that can only read: a conversion never changes the run it reads. (Orbax logs two warnings
+    about read-only mode, which say nothing to a user: they are silenced here.)"""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        return ocp.CheckpointManager(directory.absolute(), item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler()}, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def _restore_params(manager: ocp.CheckpointManager, step: int, abstract_model_state) -> dict:

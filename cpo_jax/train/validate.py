@@ -80,6 +80,25 @@ def _check_loss(cfg: TrainConfig) -> None:
                                f"{sorted(reference_free_losses())}")
 
 
+#: ``loss.hparams`` each non-preference objective takes (sft and rlhf take none; RL settings live in ``rl:``).
+OBJECTIVE_HPARAMS = {"sft": (), "rlhf": (), "reward": ("margin", "center_rewards_coefficient")}
+
+
+def _check_objective_hparams(cfg: TrainConfig) -> None:
+    objective = cfg.loss.objective
+    allowed = OBJECTIVE_HPARAMS[objective]
+    unknown = sorted(set(cfg.loss.hparams) - set(allowed))
+    if unknown:
+        takes = f"only {list(allowed)}" if allowed else "no loss.hparams"
+        if objective == "rlhf":
+            takes += " (its settings live in rl:)"
+        raise ConfigError(f"{unknown} are not settings of loss.objective={objective!r}", where="config key loss.hparams",
+                          hint=f"loss.objective={objective!r} takes {takes}; remove the others from the config file")
+    for key in ("margin", "center_rewards_coefficient"):
+        value = cfg.loss.hparams.get(key)
+        _require(value is None or _number(value), f"loss.hparams.{key}", value, "must be a finite number")
+
+
 def _dry_run_loss(name: str, hparams: dict) -> None:
     """Call the loss on four made-up pairs: a hyperparameter the loss rejects (wrong type, a value outside what
     it supports) fails here, naming the key, instead of inside the first compiled step."""
@@ -202,5 +221,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_cadence(cfg)
     if cfg.loss.objective == "preference":
         _check_loss(cfg)
+    else:
+        _check_objective_hparams(cfg)
     if cfg.loss.objective == "rlhf":
         _check_rl(cfg)
