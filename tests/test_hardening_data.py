@@ -349,16 +349,18 @@ def test_prompt_over_the_bound_is_dropped_without_tokenising(tok):
     # At the bound it is tokenised, and the token count decides (the same decision: dropped).
     out = rt((0, "f:9", {"prompt": "p" * bound, "chosen": "a", "rejected": "b"}))
     assert isinstance(out, Dropped) and "tokens exceeds max_prompt_length 32" in out.reason
-    assert counting.calls == [bound, 1]  # the prompt, then the first completion (its fit drops the pair)
+    eos = len(tok.eos_token)  # plain-text completions are tokenised with the prompt and the eos text (TRL)
+    assert counting.calls == [bound, bound + 1 + eos, bound + 1 + eos]  # prompt, prompt + chosen, prompt + rejected
 
 
 def test_each_record_is_tokenised_once(tok):
     counting = CountingTokenizer(tok)
     rt = RecordTokenizer(counting, TokenizeConfig(max_length=64))
+    eos = len(tok.eos_token)
     rt((0, "f:1", {"prompt": "Q: 2+2? ", "chosen": "4!", "rejected": "five"}))
-    assert counting.calls == [8, 2, 4]  # the prompt once, then each completion alone
+    assert counting.calls == [8, 8 + 2 + eos, 8 + 4 + eos]  # the prompt once, then each completion with it
     rt((0, "f:1", {"prompt": "Q ", "completion": "yes", "label": True}), "unpaired")
-    assert counting.calls[3:] == [2, 3]
+    assert counting.calls[3:] == [2, 2 + 3 + eos]
     # One pass of the grain pipeline tokenises each record once too (the filter and batching re-read nothing).
     from cpo_jax.data import BatchConfig, build_dataset
 
@@ -367,7 +369,8 @@ def test_each_record_is_tokenised_once(tok):
     batches = list(build_dataset(records, counting, TokenizeConfig(max_length=64), BatchConfig(4, 64),
                                  PipelineConfig(seed=1), sources=[f"f:{i}" for i in range(10)]))
     assert sum(int(b["pair_mask"].sum()) for b in batches) == 10
-    assert sorted(counting.calls) == sorted([i + 2 for i in range(10)] + [i + 1 for i in range(10)] + [1] * 10)
+    assert sorted(counting.calls) == sorted([i + 2 for i in range(10)] + [2 * i + 3 + eos for i in range(10)]
+                                            + [i + 3 + eos for i in range(10)])
 
 
 def _words(n_chars: int, seed: int, space: bool = True) -> str:
@@ -380,18 +383,21 @@ def _words(n_chars: int, seed: int, space: bool = True) -> str:
     return (" " if space else "").join(out)[:n_chars]
 
 
-def _reference(tokenizer, prompt, completion, cfg: TokenizeConfig):
-    """prompt + completion ids tokenised whole, then truncated by the policy (no character bound)."""
+def _reference(tokenizer, prompt, chosen, rejected, cfg: TokenizeConfig):
+    """TRL 1.x's ids of the whole texts (no character bound): prompt ids, prompt + completion ids, one cut point for
+    both completions (the shortest common prefix), then the truncation policy; ``(chosen ids, rejected ids)``."""
     if isinstance(prompt, str):
         prompt_ids = tokenizer(prompt)["input_ids"]
-        ids = prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        full = [tokenizer(prompt + c + tokenizer.eos_token)["input_ids"] for c in (chosen, rejected)]
     else:
         prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                                    return_dict=False)
-        ids = list(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=False))
-    room = cfg.max_length - len(prompt_ids)
-    kept = ids[len(prompt_ids):][:room] if cfg.truncation == "keep_start" else ids[len(prompt_ids):][-room:]
-    return prompt_ids + kept
+        full = [list(tokenizer.apply_chat_template(prompt + c, tokenize=True, return_dict=False))
+                for c in (chosen, rejected)]
+    n = min(len(os.path.commonprefix([list(prompt_ids), list(ids)])) for ids in full)
+    room = cfg.max_length - n
+    kept = [ids[n:][:room] if cfg.truncation == "keep_start" else ids[n:][-room:] for ids in full]
+    return [list(prompt_ids[:n]) + k for k in kept]
 
 
 @pytest.mark.parametrize("truncation", ["keep_start", "keep_end"])
@@ -413,8 +419,7 @@ def test_cutting_long_completions_before_tokenising_keeps_the_same_ids(truncatio
     bounded = rt.bound(record, "preference", "s:1")
     assert tokenize_module.text_chars(bounded["chosen"]) == bound < tokenize_module.text_chars(chosen)
     out = rt((0, "s:1", record))
-    for name, completion in (("chosen", chosen), ("rejected", rejected)):
-        want = _reference(tokenizer, prompt, completion, cfg)
+    for name, want in zip(("chosen", "rejected"), _reference(tokenizer, prompt, chosen, rejected, cfg)):
         np.testing.assert_array_equal(out[name], want, err_msg=name)
         assert len(out[name]) == 96
 

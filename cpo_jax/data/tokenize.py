@@ -1,13 +1,22 @@
-"""Records -> token ids, the way TRL does it, with an explicit truncation policy.
+"""Records -> token ids exactly as TRL 1.x's ``DPOTrainer`` tokenises them, with an explicit truncation policy.
 
-* Conversational records use the tokenizer's chat template:
-  ``prompt_ids = apply_chat_template(prompt, add_generation_prompt=True)`` and the completion is the
-  rest of ``apply_chat_template(prompt + completion)``. When the template does not reproduce the
-  prompt ids as a prefix (some BPE merges cross the boundary), the sequence is the full templated
-  conversation and the prompt part is its longest common prefix with ``prompt_ids``; each such case is
-  logged with a running count.
-* Standard (string) records: ``tokenizer(prompt)`` (with the tokenizer's special tokens, e.g. BOS) and
-  ``tokenizer(completion, add_special_tokens=False) + [eos]``.
+The rule (TRL 1.16 ``DPOTrainer._prepare_dataset``), the same for both record forms:
+
+1. ``prompt_ids``: the prompt alone, as generation sees it: ``apply_chat_template(prompt,
+   add_generation_prompt=True)`` for messages, ``tokenizer(prompt)`` (with the tokenizer's special tokens, e.g.
+   BOS) for a string.
+2. Each completion is tokenised *together with the prompt*: ``apply_chat_template(prompt + completion)`` for
+   messages; for strings ``tokenizer(prompt + completion + eos_token)``, the end-of-sequence token appended as text
+   unless the completion already ends with it.
+3. The prompt part is the longest common prefix of ``prompt_ids`` with *both* full sequences (chosen and rejected
+   are cut at the same point); each completion is the rest of its full sequence.
+
+Step 3 matters when the prompt ends in whitespace (a trailing space, a blank line, a newline before indented
+code): BPE merges that whitespace with the completion's first word, so ``tokenizer(prompt)`` is not a prefix of
+``tokenizer(prompt + completion)``. The merged token then belongs to the completion, as in TRL. The same holds for
+chat templates that render the prompt alone differently from the prompt inside the conversation. Either way the end
+of ``prompt_ids`` past the common prefix is left out of the training sequence; each such record is logged with a
+running count (``RecordTokenizer.prefix_mismatches``).
 
 Truncation (:class:`TokenizeConfig`): a sequence is ``prompt + completion``, at most ``max_length``
 tokens. A prompt longer than ``max_prompt_length`` is never cut: the example is dropped and counted
@@ -215,21 +224,33 @@ class RecordTokenizer:
                                                            return_dict=False))
         return _ids(self.tokenizer(prompt)["input_ids"])
 
-    def sequence(self, prompt, completion, source: str, prompt_ids: list[int] | None = None) -> tuple[list[int], int]:
-        """``(ids of prompt + completion, prompt length)`` before truncation (``prompt_ids`` if precomputed)."""
-        prompt_ids = self.prompt_ids(prompt) if prompt_ids is None else prompt_ids
+    def full_ids(self, prompt, completion) -> list[int]:
+        """Ids of prompt and completion rendered and tokenised together (step 2 of the module docstring)."""
         if is_conversational(completion):
-            full = _ids(self.tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=True,
+            return _ids(self.tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=True,
                                                            return_dict=False))
-            n = _common_prefix(prompt_ids, full)
-            if n < len(prompt_ids):
-                self.prefix_mismatches += 1
-                log.warning("%s: chat template does not reproduce the prompt ids as a prefix (%d of %d prompt "
-                            "tokens match; %d mismatch(es) so far in this process)", source, n, len(prompt_ids),
-                            self.prefix_mismatches)
-            return full, n
-        completion_ids = _ids(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
-        return prompt_ids + completion_ids + [self.tokenizer.eos_token_id], len(prompt_ids)
+        eos = self.tokenizer.eos_token
+        return _ids(self.tokenizer(prompt + completion + ("" if completion.endswith(eos) else eos))["input_ids"])
+
+    def split(self, prompt, completions, source: str) -> tuple[list[int], list[list[int]]]:
+        """``(prompt ids, [completion ids, ...])``: every completion cut from its full sequence at one point, the
+        longest prefix that ``prompt_ids`` shares with all of them (step 3)."""
+        prompt_ids = self.prompt_ids(prompt)
+        full = [self.full_ids(prompt, completion) for completion in completions]
+        n = min(_common_prefix(prompt_ids, ids) for ids in full)
+        if n < len(prompt_ids):
+            self.prefix_mismatches += 1
+            if _tenfold(self.prefix_mismatches):  # the first, then the 10th, 100th, ...: every epoch repeats them
+                log.warning("%s: the prompt's own ids are not a prefix of prompt + completion (%d of %d prompt tokens "
+                            "match; the rest, %r, is left out of the training sequence as in TRL; %d such record(s) "
+                            "so far in this process)", source, n, len(prompt_ids),
+                            self.tokenizer.decode(prompt_ids[n:]), self.prefix_mismatches)
+        return prompt_ids[:n], [ids[n:] for ids in full]
+
+    def sequence(self, prompt, completion, source: str) -> tuple[list[int], int]:
+        """``(ids of prompt + completion, prompt length)`` of one completion, before truncation."""
+        prompt_ids, (completion_ids,) = self.split(prompt, [completion], source)
+        return prompt_ids + completion_ids, len(prompt_ids)
 
     def _fit(self, ids: list[int], prompt_len: int, source: str, what: str) -> np.ndarray | Dropped:
         cfg = self.config
@@ -250,7 +271,7 @@ class RecordTokenizer:
 
     # -- records -----------------------------------------------------------------------------------
     def __call__(self, item: tuple[int, str, dict], kind: str = "preference") -> dict | Dropped:
-        """Tokenise ``(index, source, record)``; the prompt once, each completion once.
+        """Tokenise ``(index, source, record)``: the prompt once, each completion once (with the prompt).
 
         Returns (int32 arrays; ``*_prompt_len`` counts the leading prompt tokens of each sequence):
 
@@ -274,10 +295,11 @@ class RecordTokenizer:
                                         f"{self.config.vocab_size}")
             return {"prompt": ids, "index": np.int64(index)}
         out: dict[str, Any] = {"index": np.int64(index)}
-        prompt_ids = self.prompt_ids(record["prompt"])
-        for name in COMPLETIONS[kind]:
-            ids, prompt_len = self.sequence(record["prompt"], record[name], source, prompt_ids)
-            fitted = self._fit(ids, prompt_len, source, name)
+        names = COMPLETIONS[kind]
+        prompt_ids, completions = self.split(record["prompt"], [record[name] for name in names], source)
+        for name, completion_ids in zip(names, completions):
+            prompt_len = len(prompt_ids)
+            fitted = self._fit(prompt_ids + completion_ids, prompt_len, source, name)
             if isinstance(fitted, Dropped):
                 return fitted
             out[name] = fitted
@@ -289,6 +311,11 @@ class RecordTokenizer:
         return out
 
 
+def _tenfold(count: int) -> bool:
+    """True for 1, 10, 100, ...: how often a repeated warning is logged."""
+    return count == 10 ** (len(str(count)) - 1)
+
+
 def identical_pair(source: str, length: int) -> Dropped:
     """The :class:`Dropped` marker of a pair whose chosen and rejected ids are the same.
 
@@ -297,7 +324,7 @@ def identical_pair(source: str, length: int) -> Dropped:
     """
     _IDENTICAL_PAIRS["seen"] += 1
     count = _IDENTICAL_PAIRS["seen"]
-    if count == 10 ** (len(str(count)) - 1):
+    if _tenfold(count):
         log.warning("%s: chosen and rejected are the same %d tokens after truncation; the pair carries no "
                     "preference and is dropped (%d such pair(s) so far in this process; audit() counts them all)",
                     source, length, count)

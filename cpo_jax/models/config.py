@@ -80,6 +80,9 @@ class TransformerConfig:
       remat: activation checkpointing policy per layer (``"none"``, ``"full"``, ``"dots"``,
         ``"dots_no_batch"``); one string applies to all layers.
       attention_impl: ``"xla"`` or ``"auto"`` (see :mod:`cpo_jax.ops.attention`).
+      padding_idx: the embedding row whose lookups get no gradient, as in HF's ``nn.Embedding(padding_idx=
+        pad_token_id)`` (Llama and Gemma families; GPT-2 has none). The forward value is unchanged, and with tied
+        embeddings the output projection's gradient still reaches that row, exactly as in PyTorch.
       hf_config: the source ``config.json`` as a dict, written back on export.
     """
 
@@ -112,6 +115,7 @@ class TransformerConfig:
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
     tie_embeddings: bool = False
+    padding_idx: int | None = None
     dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: str | tuple[str, ...] = "none"

@@ -17,6 +17,7 @@ from cpo_jax.models.hf_config import (
     decoder_dims,
     layer_types,
     number_value,
+    padding_row,
     require_model_type,
     require_value,
     rope_specs,
@@ -58,6 +59,7 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         layer_types=types,
         sliding_window=sliding_window(hf, types, model_type),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        padding_idx=padding_row(hf, dims["vocab_size"]),
         hf_config=hf,
     )
 

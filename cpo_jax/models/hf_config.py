@@ -224,3 +224,13 @@ def decoder_dims(hf: Mapping, default_max_positions: int, model_type: str) -> di
         max_position_embeddings=default_max_positions if max_positions is None else max_positions,
         norm_eps=1e-6 if eps is None else eps,
     )
+
+
+def padding_row(hf: Mapping, vocab_size: int) -> int | None:
+    """The row HF's ``nn.Embedding(vocab_size, hidden, padding_idx=pad_token_id)`` freezes, or None.
+
+    ``pad_token_id`` may be absent or null (no frozen row); a negative id counts from the end, as in PyTorch."""
+    pad = hf.get("pad_token_id")
+    if pad is None or isinstance(pad, bool) or not isinstance(pad, int) or not -vocab_size <= pad < vocab_size:
+        return None
+    return pad % vocab_size

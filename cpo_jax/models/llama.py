@@ -17,6 +17,7 @@ from cpo_jax.models.hf_config import (
     decoder_dims,
     int_value,
     layer_types,
+    padding_row,
     require_model_type,
     require_value,
     rope_specs,
@@ -57,6 +58,7 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         layer_types=types,
         sliding_window=window,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        padding_idx=padding_row(hf, dims["vocab_size"]),
         hf_config=hf,
     )
 

@@ -224,6 +224,8 @@ class Transformer(nnx.Module):
         )
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.dtype)
+        if cfg.padding_idx is not None:  # nn.Embedding(padding_idx): no gradient into that row through the lookup
+            x = jnp.where((input_ids == cfg.padding_idx)[..., None], jax.lax.stop_gradient(x), x)
         if cfg.embed_scale is not None:
             x = x * jnp.asarray(cfg.embed_scale, cfg.dtype)
         if self.pos_embed is not None:

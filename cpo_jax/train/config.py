@@ -11,7 +11,12 @@ from typing import Any, Literal
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The policy: an HF checkpoint directory, compute/param dtypes, remat and scan."""
+    """The policy: an HF checkpoint directory, compute/param dtypes, remat and scan.
+
+    ``freeze_padding_embedding``: as HF's Llama/Mistral/Qwen/Gemma modules (``nn.Embedding(padding_idx=
+    pad_token_id)``), the embedding row of ``pad_token_id`` gets no gradient through the lookup (so TRL never
+    changes it; with tied embeddings the output projection still trains it, as in PyTorch). GPT-2 has no such row.
+    ``false`` trains that row like any other."""
 
     path: str = ""
     dtype: str = "float32"
@@ -20,6 +25,7 @@ class ModelConfig:
     scan_layers: bool = False
     attention_impl: str = "xla"
     logprob_chunk_size: int = 1024
+    freeze_padding_embedding: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +59,23 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """optax optimiser, schedule, clipping and weight-decay mask."""
+    """optax optimiser, schedule, clipping and weight-decay mask.
+
+    Unset (null) settings take the optimiser's own default, as optax, ``torch.optim`` and HF's ``optim=`` do
+    (:data:`cpo_jax.train.optim.OPTIMIZER_DEFAULTS`): ``b1``/``b2``/``eps`` are 0.9/0.999/1e-8 for ``adam`` and
+    ``adamw`` and 0.9/0.99 for ``lion``; ``momentum`` is 0 for ``sgd`` (``nesterov`` needs momentum > 0). A setting
+    the chosen optimiser does not take is an error. ``weight_decay`` is 0 (HF's ``TrainingArguments`` default;
+    ``torch.optim.AdamW``'s own is 0.01, optax's ``adamw`` 1e-4).
+    """
 
     name: str = "adamw"
     learning_rate: float = 5e-7
     weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+    b1: float | None = None
+    b2: float | None = None
+    eps: float | None = None
+    momentum: float | None = None
+    nesterov: bool = False
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
@@ -135,8 +150,9 @@ class TrainConfig:
     """A whole run. ``mesh`` maps axis names to sizes (-1: the remaining devices).
 
     ``max_nonfinite_steps``: consecutive non-finite steps (skipped) before training stops.
-    ``max_update_ratio``: stop when one update is larger than this fraction of the parameters' norm
-    (``||delta theta|| / ||theta||``): a divergence that produces no NaN, e.g. a learning rate of 1e6. None: off.
+    ``max_update_ratio``: stop when one update is larger than this multiple of the parameters' norm
+    (``||delta theta|| / ||theta||``, default 10): a divergence that produces no NaN, e.g. a learning rate of 1e6.
+    Healthy fine-tuning steps are below 0.1, and even aggressive SGD on a tiny model stays near 1. None: off.
     """
 
     output_dir: str = "runs/default"
@@ -157,7 +173,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     max_nonfinite_steps: int = 5
-    max_update_ratio: float | None = 1.0
+    max_update_ratio: float | None = 10.0
     peak_tflops_per_device: float | None = None
     tensorboard: bool = True
     wandb_project: str | None = None

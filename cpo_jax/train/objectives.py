@@ -78,15 +78,23 @@ def preference_objective(
     loss_name: str,
     hparams: dict[str, Any],
     chunk_size: int = 1024,
+    reference_is_policy: jax.Array | bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Sum over real pairs of ``losses.get(loss_name)``, and the TRL/paper metrics (batch means)."""
+    """Sum over real pairs of ``losses.get(loss_name)``, and the TRL/paper metrics (batch means).
+
+    ``reference_is_policy`` (a traced bool): the policy's weights *are* the reference's (the first step of a run),
+    so the reference log-probs are the policy's own, gradient stopped. XLA compiles the policy's forward inside
+    the gradient computation and the reference's alone with different fusions (summed log-probs differ by ~1e-5
+    on the CPU), so computing them twice would give rewards of ~1e-7 where TRL's are exactly 0."""
     policy = pair_logps(token_logps_from_batch(model, batch, chunk_size=chunk_size), batch)
     mask = batch["pair_mask"].astype(jnp.float32)
     # Padding slots have zero lengths and sums; give them length 1 so normalised losses stay finite.
     nc = jnp.maximum(policy.chosen_lengths, 1.0)
     nr = jnp.maximum(policy.rejected_lengths, 1.0)
-    rc = None if reference is None else reference.chosen
-    rr = None if reference is None else reference.rejected
+    rc = rr = None
+    if reference is not None:
+        rc, rr = (jnp.where(reference_is_policy, jax.lax.stop_gradient(own), ref)
+                  for own, ref in ((policy.chosen, reference.chosen), (policy.rejected, reference.rejected)))
     per_pair = losses.get(loss_name)(policy.chosen, policy.rejected, rc, rr, chosen_lengths=nc,
                                      rejected_lengths=nr, **hparams)
     metrics = losses.preference_metrics(policy.chosen, policy.rejected, rc, rr, beta=hparams.get("beta", 0.1),

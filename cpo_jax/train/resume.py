@@ -42,8 +42,13 @@ def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
 
 
 def _plain(cfg: TrainConfig | Mapping) -> dict:
-    tree = to_dict(cfg) if isinstance(cfg, TrainConfig) else cfg
-    return json.loads(json.dumps(tree, default=str))
+    """JSON-normalised config with the optimiser's effective settings (an unset ``b2`` equals its default)."""
+    from cpo_jax.train.optim import effective_settings
+
+    tree = json.loads(json.dumps(to_dict(cfg) if isinstance(cfg, TrainConfig) else cfg, default=str))
+    if isinstance(tree.get("optim"), dict):
+        tree["optim"] = effective_settings(tree["optim"])
+    return tree
 
 
 def is_harmless(key: str) -> bool:

@@ -81,13 +81,16 @@ def _reference_logps(cfg: TrainConfig, graphdef, ref_params, mb: Batch) -> Seque
     return jax.tree.map(jax.lax.stop_gradient, ref)
 
 
-def objective_sum(cfg: TrainConfig, graphdef, params, mb: Batch, reference) -> tuple[jax.Array, dict]:
-    """Sum over real examples of the configured objective, and its metrics (batch means)."""
+def objective_sum(cfg: TrainConfig, graphdef, params, mb: Batch, reference,
+                  reference_is_policy: jax.Array | bool = False) -> tuple[jax.Array, dict]:
+    """Sum over real examples of the configured objective, and its metrics (batch means).
+
+    ``reference_is_policy``: see :func:`cpo_jax.train.objectives.preference_objective`."""
     model = nnx.merge(graphdef, params["model"])
     chunk = cfg.model.logprob_chunk_size
     if cfg.loss.objective == "preference":
         return preference_objective(model, mb, reference, loss_name=cfg.loss.name, hparams=dict(cfg.loss.hparams),
-                                    chunk_size=chunk)
+                                    chunk_size=chunk, reference_is_policy=reference_is_policy)
     if cfg.loss.objective == "sft":
         return sft_objective(model, mb, chunk_size=chunk)
     if cfg.loss.objective == "reward":
@@ -107,7 +110,8 @@ def train_step(state: TrainState, batch: Batch, ref_params, *, cfg: TrainConfig,
 
     def micro_loss(params, mb):
         reference = _reference_logps(cfg, graphdef, ref_params, mb)
-        loss_sum, metrics = objective_sum(cfg, graphdef, params, mb, reference)
+        # Before the first update the policy's weights are the reference's (both load model.path).
+        loss_sum, metrics = objective_sum(cfg, graphdef, params, mb, reference, reference_is_policy=state.step == 0)
         return loss_sum / total, metrics
 
     def body(carry, mb):
@@ -144,12 +148,14 @@ def train_step(state: TrainState, batch: Batch, ref_params, *, cfg: TrainConfig,
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 
 
-def eval_step(params, batch: Batch, ref_params, *, cfg: TrainConfig, graphdef) -> dict:
-    """Loss and metrics of one micro-batch without gradients (for periodic evaluation)."""
+def eval_step(params, batch: Batch, ref_params, reference_is_policy=False, *, cfg: TrainConfig, graphdef) -> dict:
+    """Loss and metrics of one micro-batch without gradients (for periodic evaluation).
+
+    ``reference_is_policy``: ``params`` are the initial weights (the reference's); see :func:`objective_sum`."""
     batch = _micro_batches(batch)
     total = jnp.maximum(jnp.sum(batch["pair_mask"]), 1).astype(jnp.float32)
     reference = _reference_logps(cfg, graphdef, ref_params, batch)
-    loss_sum, metrics = objective_sum(cfg, graphdef, params, batch, reference)
+    loss_sum, metrics = objective_sum(cfg, graphdef, params, batch, reference, reference_is_policy)
     return {**metrics, "loss": loss_sum / total, "pairs": jnp.sum(batch["pair_mask"])}
 
 

@@ -44,8 +44,12 @@ log = logging.getLogger(__name__)
 
 def model_load_kwargs(cfg: TrainConfig, mesh) -> dict:
     """:func:`cpo_jax.models.from_pretrained` keyword arguments for the ``model:`` section of ``cfg`` on ``mesh``."""
-    return {"dtype": jnp.dtype(cfg.model.dtype), "param_dtype": jnp.dtype(cfg.model.param_dtype), "mesh": mesh,
-            "scan_layers": cfg.model.scan_layers, "remat": cfg.model.remat, "attention_impl": cfg.model.attention_impl}
+    kwargs = {"dtype": jnp.dtype(cfg.model.dtype), "param_dtype": jnp.dtype(cfg.model.param_dtype), "mesh": mesh,
+              "scan_layers": cfg.model.scan_layers, "remat": cfg.model.remat,
+              "attention_impl": cfg.model.attention_impl}
+    if not cfg.model.freeze_padding_embedding:
+        kwargs["padding_idx"] = None
+    return kwargs
 
 
 def open_run(cfg: TrainConfig, output_dir: Path, start_step: int, model_path: Path) -> MetricsWriter:
@@ -235,10 +239,13 @@ class Trainer:
             return {}
         sums: dict[str, float] = {}
         pairs = 0.0
+        # The untrained state's weights are the reference's: its reference log-probs are its own (as in TRL, the
+        # rewards before training are exactly 0).
+        initial = params is self.state.params and int(jax.device_get(self.state.step)) == 0
         for batch in lockstep(self._pipeline(self.eval_set, train=False), limit=self.cfg.eval_batches):
             batch = self._with_reference(batch, self.eval_reference_table)
             g = {k: v[0] for k, v in self._global(stack_micro_batches([batch], self.batch_cfg.pad_id)).items()}
-            metrics = jax.device_get(self._eval_fn(params, g, self.ref_params))
+            metrics = jax.device_get(self._eval_fn(params, g, self.ref_params, initial))
             n = float(metrics.pop("pairs"))
             if n == 0:  # every process had run out but one: nothing real in this global batch
                 continue

@@ -123,13 +123,22 @@ def _check_optim(cfg: TrainConfig) -> None:
     _require(o.name in OPTIMIZERS, "optim.name", o.name, f"is not one of {list(OPTIMIZERS)}")
     _require(_number(o.learning_rate) and o.learning_rate > 0, "optim.learning_rate", o.learning_rate,
              "must be a finite number > 0")
-    _require(o.learning_rate < 10, "optim.learning_rate", o.learning_rate,
-             "is far above any working learning rate (< 10)", hint="fine-tuning uses 1e-7 to 1e-3")
+    _require(o.learning_rate < 1000, "optim.learning_rate", o.learning_rate,
+             "is far above any working learning rate (< 1000)", hint="fine-tuning uses 1e-7 to 1e-3")
     _require(_number(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    for key in ("b1", "b2"):
+    from cpo_jax.train.optim import OPTIMIZER_DEFAULTS
+
+    takes = OPTIMIZER_DEFAULTS[o.name]
+    for key in ("b1", "b2", "eps", "momentum"):
         value = getattr(o, key)
-        _require(_number(value) and 0 <= value < 1, f"optim.{key}", value, "must be in [0, 1)")
-    _require(_number(o.eps) and o.eps > 0, "optim.eps", o.eps, "must be > 0")
+        _require(value is None or key in takes, f"optim.{key}", value, f"is not a setting of optim.name={o.name!r}",
+                 hint=f"{o.name} takes {sorted(takes) or 'none of b1, b2, eps, momentum'}; remove optim.{key}"
+                      + (" (SGD's momentum is optim.momentum)" if o.name == "sgd" and key == "b1" else ""))
+        if value is not None and key != "eps":
+            _require(_number(value) and 0 <= value < 1, f"optim.{key}", value, "must be in [0, 1)")
+    _require(o.eps is None or (_number(o.eps) and o.eps > 0), "optim.eps", o.eps, "must be > 0")
+    _require(not o.nesterov or (o.name == "sgd" and (o.momentum or 0) > 0), "optim.nesterov", o.nesterov,
+             "needs optim.name=sgd with optim.momentum > 0")
     _at_least(o.warmup_steps, "optim.warmup_steps", 0)
     _require(_number(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio,
              "must be in [0, 1]")
