@@ -141,7 +141,7 @@ def audit_preferences(
         ``chosen_tokens``, ``rejected_tokens`` and ``prompt``/``chosen``/``rejected`` previews
         (:data:`PREVIEW_CHARS` characters).
     """
-    from cpo_jax.models import from_pretrained
+    from cpo_jax.hf.pretrained import from_pretrained
     from cpo_jax.train.reference_cache import compute_reference_logps
 
     data_paths = [data_paths] if isinstance(data_paths, (str, os.PathLike)) else list(data_paths)

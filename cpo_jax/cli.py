@@ -61,6 +61,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None):
         raise ConfigError("the config file must hold a mapping of keys (model:, data:, loss:, ...)", where=str(path))
     try:
         merged = OmegaConf.merge(loaded, OmegaConf.from_dotlist(dotlist))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"mandatory value(s) {missing} are '???' in the config", where=str(path),
+                              hint="supply them on the command line, e.g. " + " ".join(f"{k}=..." for k in missing))
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError(str(err).strip(), where=str(path)) from None
@@ -108,13 +112,13 @@ def _check_output_dir(path: Path) -> None:
 
 def _restored_trainer(config: Path, overrides: list[str] | None, *, writes_output: bool = False):
     """``(cfg, trainer, step)``: a validated config, its Trainer, and the checkpoint step it restored (0: none)."""
-    from cpo_jax.train import Trainer
+    from cpo_jax.train.trainer import Trainer
 
     cfg = load_config(config, overrides)
     if writes_output:
         _check_output_dir(Path(cfg.output_dir))
     if cfg.loss.objective == "rlhf":
-        from cpo_jax.rlhf import RLTrainer
+        from cpo_jax.rlhf.trainer import RLTrainer
 
         trainer = RLTrainer(cfg)
     else:
@@ -195,11 +199,12 @@ def generate(
     import jax
     import jax.numpy as jnp
     import numpy as np
+
     from cpo_jax.data import BatchConfig, RecordTokenizer, TokenizeConfig
     from cpo_jax.data.batching import PROMPT_ONLY, BatchBuilder
+    from cpo_jax.hf.pretrained import from_pretrained
     from cpo_jax.hf.resolve import resolve_model_path
     from cpo_jax.hf.tokenizer import load_tokenizer
-    from cpo_jax.models import from_pretrained
     from cpo_jax.models.generate import SamplingConfig
     from cpo_jax.models.generate import generate as run_generate
 
@@ -236,8 +241,11 @@ def audit(
     data: list[str],
     out: Path = Path("runs/audit"),
     max_length: int = 512,
-    max_prompt_length: Annotated[int | None, typer.Option(help="prompt token limit; use the training config's "
-                                                               "data.max_prompt_length (default: max_length // 2)")] = None,
+    max_prompt_length: Annotated[
+        int | None,
+        typer.Option(help="prompt token limit; use the training config's "
+                          "data.max_prompt_length (default: max_length // 2)"),
+    ] = None,
     top_k: int = 20,
 ) -> None:
     """Before training: how often does the reference MODEL prefer the rejected answer on DATA (delta_ref < 0)?"""
@@ -278,8 +286,8 @@ def hf_to_orbax(src: str, dst: Path) -> None:
     import orbax.checkpoint as ocp
     from flax import nnx
 
+    from cpo_jax.hf.pretrained import from_pretrained
     from cpo_jax.hf.resolve import resolve_model_path
-    from cpo_jax.models import from_pretrained
 
     path = resolve_model_path(src)
     if dst.exists():

@@ -47,6 +47,10 @@ class ModelError(UserError, ValueError):
     """A model directory that cannot be loaded: config.json, tokenizer files, safetensors tensors."""
 
 
+class UnsupportedConfig(ModelError):
+    """A config.json value that cpo_jax cannot honour (it is never silently ignored); names the key and its value."""
+
+
 class CheckpointError(UserError, RuntimeError):
     """A run directory or checkpoint that cannot be resumed or converted safely."""
 

@@ -22,7 +22,8 @@ TINY = {
     "llama3_rope": ("LlamaConfig", dict(rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=16))),
-    "llama_linear_rope": ("LlamaConfig", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0))),
+    "llama_linear_rope": ("LlamaConfig", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0,
+                                                                   factor=4.0))),
     "mistral": ("MistralConfig", dict(sliding_window=4)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen2_sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1,

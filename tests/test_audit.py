@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from cpo_jax.audit import QUANTILES, audit_preferences, format_audit, preview, write_audit
-from cpo_jax.data import (BatchConfig, PipelineConfig, RecordTokenizer, TokenizeConfig, build_dataset,
-                          load_records)
+from cpo_jax.data import BatchConfig, PipelineConfig, RecordTokenizer, TokenizeConfig, build_dataset, load_records
 from tests.train_fixtures import arithmetic_files, tiny_policy
 
 pytest.importorskip("torch")
@@ -34,7 +33,7 @@ def expected(audited):
     """Margins recomputed from ``compute_reference_logps`` and the batches' own loss masks, in float64."""
     from transformers import AutoTokenizer
 
-    from cpo_jax.models import from_pretrained
+    from cpo_jax.hf.pretrained import from_pretrained
     from cpo_jax.train.reference_cache import compute_reference_logps
 
     tokenizer = AutoTokenizer.from_pretrained(audited["policy"])

@@ -61,7 +61,8 @@ def test_convert_both_ways_and_eval(env, run_dir, tmp_path):
     from safetensors.numpy import load_file
 
     cli(env, "convert", "orbax-to-hf", run_dir, tmp_path / "hf")
-    exported, trained = load_file(tmp_path / "hf" / "model.safetensors"), load_file(run_dir / "hf" / "model.safetensors")
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    trained = load_file(run_dir / "hf" / "model.safetensors")
     assert exported.keys() == trained.keys()
     for key in exported:
         np.testing.assert_array_equal(exported[key], trained[key])
@@ -79,7 +80,7 @@ def test_convert_both_ways_and_eval(env, run_dir, tmp_path):
     # The Orbax directory is ready to train from: model.path accepts it.
     import jax.numpy as jnp
 
-    from cpo_jax.models import from_pretrained
+    from cpo_jax.hf.pretrained import from_pretrained
 
     ids = jnp.arange(1, 13)[None] % 250 + 3
     np.testing.assert_array_equal(np.asarray(from_pretrained(tmp_path / "orbax")(ids)),

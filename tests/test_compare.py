@@ -15,7 +15,7 @@ from cpo_jax.experiments.compare import (
     rl_step_cost,
     sampled_kl,
 )
-from cpo_jax.models import from_pretrained
+from cpo_jax.hf.pretrained import from_pretrained
 from tests.train_fixtures import tiny_policy
 
 pytest.importorskip("torch")

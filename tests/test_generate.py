@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpo_jax.models import from_pretrained, init_cache
+from cpo_jax.hf.pretrained import from_pretrained
+from cpo_jax.models import init_cache
 from cpo_jax.models.generate import SamplingConfig, filter_logits, generate, sample_token
 from tests.hf_tiny import TINY, tiny_model
 

@@ -250,7 +250,7 @@ def test_smollm2_cpo_jax_port_matches_transformers(smollm2_hf, smollm2_models):
     import torch
     import transformers
 
-    from cpo_jax.models import from_pretrained
+    from cpo_jax.hf.pretrained import from_pretrained
     from cpo_jax.models.generate import generate
 
     reference, _ = smollm2_models

@@ -250,3 +250,21 @@ def test_an_exploding_update_stops_training_with_a_diagnosis(env, tmp_path):
     proc = cli(env, "train", TINY, f"output_dir={tmp_path / 'off'}", *FAST, "optim.learning_rate=5",
                "optim.warmup_steps=0", "max_update_ratio=null")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_convert_exports_a_ppo_run_without_its_value_head(env, tmp_path):
+    """An RLHF run's checkpoint holds the policy and (PPO) a value head: the export is the policy alone, equal to
+    the run's own hf/ export, read from the checkpoint without building a trainer."""
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "ppo"
+    proc = cli(env, "train", REPO / "configs" / "rlhf" / "tiny.yaml", f"output_dir={out}", "max_steps=1",
+               "save_every=1", "eval_every=0", "data.eval_files=[]", "rl.algorithm=ppo", "rl.prompts_per_step=2",
+               "rl.num_generations=2", "rl.max_new_tokens=4", "tensorboard=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli(env, "convert", "orbax-to-hf", out, tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported, own = load_file(tmp_path / "hf" / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
+    assert exported.keys() == own.keys() and not any("value" in k for k in exported)
+    for key in own:
+        np.testing.assert_array_equal(exported[key], own[key])

@@ -349,7 +349,8 @@ def tiny_config(assets, out: Path, *, steps: int = 4, save_every: int = 2, **los
 
 
 def tiny_trainer(assets, out: Path, **kwargs):
-    from cpo_jax.train import TrainConfig, Trainer, from_dict
+    from cpo_jax.train import TrainConfig, from_dict
+    from cpo_jax.train.trainer import Trainer
 
     return Trainer(from_dict(TrainConfig, tiny_config(assets, out, **kwargs)), devices=jax.devices()[:1])
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from cpo_jax.errors import ModelError, UserFileNotFoundError
+from cpo_jax.errors import ModelError, UnsupportedConfig, UserFileNotFoundError
 from cpo_jax.hf.pretrained import (
     INDEX_FILE,
     config_from_hf,
@@ -30,7 +30,6 @@ from cpo_jax.hf.pretrained import (
 )
 from cpo_jax.hf.resolve import resolve_model_path
 from cpo_jax.hf.tokenizer import load_tokenizer
-from cpo_jax.models import UnsupportedConfig
 
 # Hand-written config.json contents, one per family (independent of transformers' config classes).
 LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=260, hidden_size=32,

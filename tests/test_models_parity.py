@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from cpo_jax.models import from_pretrained, save_pretrained
+from cpo_jax.hf.pretrained import from_pretrained, save_pretrained
 from cpo_jax.ops.logprobs import sequence_logps_from_hidden, token_logps
 from tests.hf_tiny import TINY, tiny_model
 

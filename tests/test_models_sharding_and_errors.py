@@ -13,8 +13,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from cpo_jax.errors import ModelError
-from cpo_jax.models import UnsupportedConfig, from_pretrained
+from cpo_jax.errors import ModelError, UnsupportedConfig
+from cpo_jax.hf.pretrained import from_pretrained
 from cpo_jax.parallel import logical_spec, make_mesh
 from tests.hf_tiny import tiny_model
 
@@ -113,7 +113,7 @@ def test_unsupported_config_values_are_named(changes, message, root, tmp_path):
 def test_a_family_refuses_model_types_it_does_not_cover(family):
     import importlib
 
-    module = importlib.import_module(f"cpo_jax.models.{family}")
+    module = importlib.import_module(f"cpo_jax.hf.families.{family}")
     with pytest.raises(UnsupportedConfig, match=rf"{family} family does not cover model_type 'mixtral'"):
         module.config_from_hf({"model_type": "mixtral"})
 
@@ -178,7 +178,7 @@ def test_save_pretrained_writes_tokenizer_files(root, tmp_path):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     _, path = tiny_model("llama", root)
     out = tmp_path / "with_tok"
-    from cpo_jax.models import save_pretrained
+    from cpo_jax.hf.pretrained import save_pretrained
 
     save_pretrained(from_pretrained(path), out, tokenizer=tokenizer)
     again = AutoTokenizer.from_pretrained(out)
@@ -187,7 +187,7 @@ def test_save_pretrained_writes_tokenizer_files(root, tmp_path):
 
 def test_save_pretrained_replaces_existing_directory_atomically(root, tmp_path, monkeypatch):
     import cpo_jax.hf.pretrained as pretrained
-    from cpo_jax.models import save_pretrained
+    from cpo_jax.hf.pretrained import save_pretrained
 
     _, path = tiny_model("llama", root)
     model = from_pretrained(path)

@@ -23,7 +23,8 @@ from cpo_jax.parallel import initialize
 pid = int(sys.argv[1])
 assert initialize("localhost:{port}", 2, pid)
 import jax, jax.numpy as jnp
-from cpo_jax.train import Trainer, TrainConfig, from_dict
+from cpo_jax.train import TrainConfig, from_dict
+from cpo_jax.train.trainer import Trainer
 cfg = from_dict(TrainConfig, json.loads({cfg!r}))
 trainer = Trainer(cfg)
 result = trainer.run()
@@ -84,7 +85,7 @@ cfg_path = {out!r} + "/rl.yaml"
 app(["train", cfg_path], standalone_mode=False)  # `cpo-jax train` on both processes (joins via the environment)
 import jax, jax.numpy as jnp
 from cpo_jax.parallel import gather_json
-from cpo_jax.rlhf import RLTrainer
+from cpo_jax.rlhf.trainer import RLTrainer
 trainer = RLTrainer(load_config(cfg_path))
 step, extra = trainer.restore_latest()
 # One more rollout: every global row must answer the prompt of the record it is scored against.

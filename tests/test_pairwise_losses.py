@@ -38,7 +38,7 @@ def batch(seed: int, size: int = 16, spread: float = 2.0):
 def call(name, pc, pr, rc, rr, nc, nr, **kw):
     fn = losses.get(name)
     args = [jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr)]
-    out = fn(*args, chosen_lengths=jnp.asarray(nc), rejected_lengths=jnp.asarray(nr), **kw)
+    out = fn(losses.PairLogps(*args, chosen_lengths=jnp.asarray(nc), rejected_lengths=jnp.asarray(nr)), **kw)
     assert out.shape == pc.shape and out.dtype == jnp.float32
     return np.asarray(out, np.float64)
 
@@ -74,7 +74,8 @@ def test_f_divergence_variants_match_reference(name, fdiv):
     if name in ("exo_pair", "robust"):
         kw["label_smoothing"] = 0.05
     got = call(name, pc, pr, rc, rr, nc, nr, **kw)
-    want = ref.dpo_family(name, pc, pr, rc, rr, nc, nr, beta=0.5, eps=kw.get("label_smoothing", 0.0), fdiv=fdiv, falpha=0.3)
+    want = ref.dpo_family(name, pc, pr, rc, rr, nc, nr, beta=0.5, eps=kw.get("label_smoothing", 0.0), fdiv=fdiv,
+                          falpha=0.3)
     np.testing.assert_allclose(got, want, rtol=5e-5, atol=5e-5)
 
 
@@ -118,7 +119,8 @@ def test_reference_free_losses_match_reference_and_ignore_the_reference(name, kw
         ref_kw["nll_coef"] = kw["nll_coef"]
     np.testing.assert_allclose(got, ref.reference_free(name, pc, pr, nc, nr, **ref_kw), rtol=2e-5, atol=2e-6)
     fn = losses.get(name)
-    no_ref = fn(jnp.asarray(pc), jnp.asarray(pr), chosen_lengths=jnp.asarray(nc), rejected_lengths=jnp.asarray(nr), **kw)
+    no_ref = fn(losses.PairLogps(jnp.asarray(pc), jnp.asarray(pr), chosen_lengths=jnp.asarray(nc),
+                                 rejected_lengths=jnp.asarray(nr)), **kw)
     np.testing.assert_allclose(np.asarray(no_ref), got, rtol=1e-6)
 
 
@@ -176,21 +178,21 @@ def test_cpo_smooth_target_worked_values():
 def test_cpo_needs_lengths_when_length_normalised():
     pc, pr, rc, rr, _, _ = (jnp.asarray(x) for x in batch(0))
     with pytest.raises(ValueError, match="chosen_lengths"):
-        losses.cpo_loss(pc, pr, rc, rr)
-    assert losses.cpo_loss(pc, pr, rc, rr, length_normalize=False).shape == pc.shape
+        losses.cpo_loss(losses.PairLogps(pc, pr, rc, rr))
+    assert losses.cpo_loss(losses.PairLogps(pc, pr, rc, rr), length_normalize=False).shape == pc.shape
 
 
 def test_losses_needing_a_reference_say_so():
     pc, pr = jnp.ones(3) * -2, jnp.ones(3) * -3
     for name in DPO_FAMILY + CPO_FAMILY:
-        with pytest.raises(ValueError, match="reference_"):
-            losses.get(name)(pc, pr, chosen_lengths=jnp.ones(3), rejected_lengths=jnp.ones(3))
+        with pytest.raises(ValueError, match="needs ref_chosen"):
+            losses.get(name)(losses.PairLogps(pc, pr, chosen_lengths=jnp.ones(3), rejected_lengths=jnp.ones(3)))
 
 
 def test_no_gradient_flows_through_the_cpo_target():
     pc, pr, rc, rr, nc, nr = (jnp.asarray(x, jnp.float32) for x in batch(12))
     for name in CPO_FAMILY:
-        grad = jax.grad(lambda r: losses.get(name)(pc, pr, r, rr, chosen_lengths=nc, rejected_lengths=nr).sum())(rc)
+        grad = jax.grad(lambda r: losses.get(name)(losses.PairLogps(pc, pr, r, rr, nc, nr)).sum())(rc)
         np.testing.assert_array_equal(np.asarray(grad), 0.0)
 
 
@@ -258,7 +260,7 @@ def test_gradients_match_finite_differences(name):
         nc64, nr64, rc64, rr64 = (jnp.asarray(x, jnp.float64) for x in (nc, nr, rc, rr))
 
         def f(policy_chosen, policy_rejected):
-            out = fn(policy_chosen, policy_rejected, rc64, rr64, chosen_lengths=nc64, rejected_lengths=nr64, **kw)
+            out = fn(losses.PairLogps(policy_chosen, policy_rejected, rc64, rr64, nc64, nr64), **kw)
             return jnp.sum(out * jnp.arange(1, 7))
 
         check_grads(f, (jnp.asarray(pc, jnp.float64), jnp.asarray(pr, jnp.float64)), order=1, modes=["rev"], eps=1e-4)
@@ -275,7 +277,7 @@ def test_finite_values_and_gradients_at_extreme_inputs(name, extreme):
     fn = losses.get(name)
 
     def total(policy_chosen, policy_rejected):
-        return fn(policy_chosen, policy_rejected, rc, rr, chosen_lengths=nc, rejected_lengths=nr, **kw).sum()
+        return fn(losses.PairLogps(policy_chosen, policy_rejected, rc, rr, nc, nr), **kw).sum()
 
     value, grads = jax.value_and_grad(total, argnums=(0, 1))(pc, pr)
     assert np.isfinite(float(value)), name
@@ -286,7 +288,8 @@ def test_finite_values_and_gradients_at_extreme_inputs(name, extreme):
 def test_f_divergences_stay_finite_at_extreme_inputs(fdiv):
     pc, pr = jnp.array([-1e4, -1.0]), jnp.array([-1.0, -1e4])
     rc = rr = jnp.array([-1.0, -1.0])
-    grads = jax.grad(lambda a, b: losses.sigmoid_loss(a, b, rc, rr, f_divergence=fdiv).sum(), argnums=(0, 1))(pc, pr)
+    grads = jax.grad(lambda a, b: losses.sigmoid_loss(losses.PairLogps(a, b, rc, rr), f_divergence=fdiv).sum(),
+                     argnums=(0, 1))(pc, pr)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
 
 
@@ -296,7 +299,7 @@ def test_cpo_is_finite_when_the_softplus_argument_is_huge():
     pc, pr = jnp.array([-1.0, -1.0]), jnp.array([-2.0, -2.0])
     rc, rr = delta_ref - 1.0, jnp.full((2,), -1.0)
     value, grad = jax.value_and_grad(
-        lambda a: losses.cpo_loss(a, pr, rc, rr, tau=2.0, gamma=0.5, length_normalize=False).sum()
+        lambda a: losses.cpo_loss(losses.PairLogps(a, pr, rc, rr), tau=2.0, gamma=0.5, length_normalize=False).sum()
     )(pc)
     assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
     np.testing.assert_allclose(np.asarray(losses.smooth_target(delta_ref, gamma=0.5, tau=2.0)), 0.5, atol=1e-3)
@@ -305,7 +308,8 @@ def test_cpo_is_finite_when_the_softplus_argument_is_huge():
 def test_combine_is_the_weighted_sum_and_routes_hyperparameters():
     pc, pr, rc, rr, nc, nr = batch(17)
     mpo = losses.combine([("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)])
-    got = call_fn = mpo(*(jnp.asarray(x) for x in (pc, pr, rc, rr)), chosen_lengths=nc, rejected_lengths=nr, beta=0.3)
+    logps = losses.PairLogps(*(jnp.asarray(x) for x in (pc, pr, rc, rr, nc, nr)))
+    got = call_fn = mpo(logps, beta=0.3)
     want = (
         0.8 * ref.dpo_family("sigmoid", pc, pr, rc, rr, nc, nr, beta=0.3)
         + 0.2 * ref.dpo_family("bco_pair", pc, pr, rc, rr, nc, nr, beta=0.3)
@@ -314,7 +318,7 @@ def test_combine_is_the_weighted_sum_and_routes_hyperparameters():
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5)
     assert call_fn.shape == pc.shape
     with pytest.raises(TypeError, match="gamma"):
-        mpo(*(jnp.asarray(x) for x in (pc, pr, rc, rr)), chosen_lengths=nc, rejected_lengths=nr, gamma=1.0)
+        mpo(logps, gamma=1.0)
 
 
 def test_bco_reward_shift_running_mean():
@@ -332,7 +336,9 @@ def test_bco_reward_shift_running_mean():
 
 
 def test_hyperparameters_lists_keyword_defaults():
-    assert losses.hyperparameters("cpo") == {"beta": 0.1, "gamma": 0.5, "tau": 2.0, "alpha": 1.0, "length_normalize": True}
+    assert losses.hyperparameters("cpo") == {
+        "beta": 0.1, "gamma": 0.5, "tau": 2.0, "alpha": 1.0, "length_normalize": True,
+    }
     assert losses.hyperparameters("discopop")["discopop_tau"] == 0.05
 
 
@@ -340,10 +346,13 @@ def test_losses_are_jittable_and_vmappable():
     pc, pr, rc, rr, nc, nr = (jnp.asarray(x, jnp.float32) for x in batch(19))
     for name in ALL:
         fn = losses.get(name)
-        jitted = jax.jit(lambda a, b, c, d, e, f, fn=fn: fn(a, b, c, d, chosen_lengths=e, rejected_lengths=f))
+        jitted = jax.jit(lambda logps, fn=fn: fn(logps))
+        logps = losses.PairLogps(pc, pr, rc, rr, nc, nr)
         np.testing.assert_allclose(
-            np.asarray(jitted(pc, pr, rc, rr, nc, nr)),
-            np.asarray(fn(pc, pr, rc, rr, chosen_lengths=nc, rejected_lengths=nr)),
+            np.asarray(jitted(logps)),
+            np.asarray(fn(logps)),
             rtol=1e-6,
             atol=1e-6,
         )
+        stacked = jax.tree.map(lambda x: jnp.stack([x, x[::-1]]), logps)
+        np.testing.assert_allclose(np.asarray(jax.vmap(fn)(stacked)[0]), np.asarray(fn(logps)), rtol=1e-6, atol=1e-6)

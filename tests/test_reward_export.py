@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpo_jax.models import from_pretrained, save_pretrained
+from cpo_jax.hf.pretrained import from_pretrained, save_pretrained
 from cpo_jax.train.objectives import sequence_rewards
 from tests.hf_tiny import tiny_model
 

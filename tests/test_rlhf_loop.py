@@ -24,8 +24,10 @@ from flax import nnx
 
 from cpo_jax.data import write_jsonl
 from cpo_jax.models.generate import generate
-from cpo_jax.rlhf import VERIFIERS, LearnedReward, RLTrainer, make_reward
-from cpo_jax.train import TrainConfig, Trainer, from_dict
+from cpo_jax.rlhf.rewards import VERIFIERS, LearnedReward, make_reward
+from cpo_jax.rlhf.trainer import RLTrainer
+from cpo_jax.train import TrainConfig, from_dict
+from cpo_jax.train.trainer import Trainer
 from tests.train_fixtures import tiny_policy
 
 pytest.importorskip("torch")

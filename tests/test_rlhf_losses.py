@@ -86,7 +86,8 @@ def test_rloo_and_grpo_advantages_match_loops():
 def test_reinforce_advantages():
     rewards = jnp.array([1.0, 2.0, 4.0])
     np.testing.assert_allclose(np.asarray(losses.reinforce_advantages(rewards)), [1.0, 2.0, 4.0])
-    np.testing.assert_allclose(np.asarray(losses.reinforce_advantages(rewards, jnp.mean(rewards))), [-4 / 3, -1 / 3, 5 / 3], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(losses.reinforce_advantages(rewards, jnp.mean(rewards))),
+                               [-4 / 3, -1 / 3, 5 / 3], rtol=1e-6)
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 1.0), (0.99, 0.0)])
@@ -128,14 +129,16 @@ def test_ppo_sequence_level_advantages_broadcast():
     adv = np.array([0.5, -1.0])
     mask = np.ones((2, 5))
     loss, _ = losses.ppo_policy_loss(*(jnp.asarray(x) for x in (logp, old, adv, mask)))
-    np.testing.assert_allclose(float(loss), ref.ppo(logp, old, adv[:, None] * mask, mask, 0.2, 0.2, "token_mean"), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), ref.ppo(logp, old, adv[:, None] * mask, mask, 0.2, 0.2, "token_mean"),
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
 def test_value_loss_matches_numpy(aggregation):
     v, v_old, ret = rng_arrays(7, (3, 5), (3, 5), (3, 5))
     mask = right_padded_mask(7, 3, 5)
-    loss, stats = losses.value_loss(*(jnp.asarray(x) for x in (v, v_old, ret, mask)), clip_eps=0.2, aggregation=aggregation)
+    loss, stats = losses.value_loss(*(jnp.asarray(x) for x in (v, v_old, ret, mask)), clip_eps=0.2,
+                                    aggregation=aggregation)
     np.testing.assert_allclose(float(loss), ref.value(v, v_old, ret, mask, 0.2, aggregation), rtol=1e-5)
     plain, _ = losses.value_loss(*(jnp.asarray(x) for x in (v, v_old, ret, mask)), clip_eps=None)
     np.testing.assert_allclose(float(plain), 0.5 * ref.aggregate((v - ret) ** 2, mask, "token_mean"), rtol=1e-5)
@@ -162,7 +165,8 @@ def test_kto_matches_reference_and_kl_estimate_is_clamped():
     )  # fmt: skip
     want = ref.kto(policy, reference, desirable, 2.0, beta=0.2, wd=1.0, wu=1.33)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
-    apo = losses.kto_loss(jnp.asarray(policy), jnp.asarray(reference), jnp.asarray(desirable), loss_type="apo_zero_unpaired")
+    apo = losses.kto_loss(jnp.asarray(policy), jnp.asarray(reference), jnp.asarray(desirable),
+                          loss_type="apo_zero_unpaired")
     u = policy - reference
     np.testing.assert_allclose(np.asarray(apo), np.where(desirable, 1 - ref.sig(0.1 * u), ref.sig(0.1 * u)), rtol=1e-5)
 
@@ -174,7 +178,8 @@ def test_kto_kl_has_no_gradient():
 
 def test_bradley_terry_loss():
     rc, rr, margin = rng_arrays(10, (8,), (8,), (8,))
-    got = losses.bradley_terry_loss(jnp.asarray(rc), jnp.asarray(rr), margin=jnp.abs(jnp.asarray(margin)), center_rewards_coefficient=0.01)
+    got = losses.bradley_terry_loss(jnp.asarray(rc), jnp.asarray(rr), margin=jnp.abs(jnp.asarray(margin)),
+                                    center_rewards_coefficient=0.01)
     want = -ref.logsig(rc - rr - np.abs(margin)) + 0.01 * (rc + rr) ** 2
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
     np.testing.assert_allclose(float(losses.bradley_terry_loss(jnp.zeros(1), jnp.zeros(1))[0]), np.log(2), rtol=1e-6)
@@ -186,10 +191,8 @@ def test_preference_metrics_match_numpy():
     nc, nr = rng.integers(1, 30, 12).astype(float), rng.integers(1, 30, 12).astype(float)
     mask = np.ones(12)
     mask[-2:] = 0
-    m = losses.preference_metrics(
-        *(jnp.asarray(x) for x in (pc, pr, rc, rr)), beta=0.2, chosen_lengths=jnp.asarray(nc),
-        rejected_lengths=jnp.asarray(nr), gamma=0.5, mask=jnp.asarray(mask),
-    )  # fmt: skip
+    logps = losses.PairLogps(*(jnp.asarray(x) for x in (pc, pr, rc, rr, nc, nr)), mask=jnp.asarray(mask))
+    m = losses.preference_metrics(logps, beta=0.2, gamma=0.5)
     keep = mask == 1
     pc, pr, rc, rr, nc, nr = (x[keep] for x in (pc, pr, rc, rr, nc, nr))
     cr, rj = 0.2 * (pc - rc), 0.2 * (pr - rr)
@@ -198,17 +201,19 @@ def test_preference_metrics_match_numpy():
     want = {
         "rewards/chosen": cr.mean(), "rewards/rejected": rj.mean(), "rewards/accuracies": (cr > rj).mean(),
         "rewards/margins": (cr - rj).mean(), "logps/chosen": pc.mean(), "logps/rejected": pr.mean(),
-        "diagnostics/frac_in_U": ((dr < dt) & (dt < 0)).mean(), "diagnostics/frac_ref_prefers_rejected": (dr < 0).mean(),
+        "diagnostics/frac_in_U": ((dr < dt) & (dt < 0)).mean(),
+        "diagnostics/frac_ref_prefers_rejected": (dr < 0).mean(),
         "diagnostics/abs_accuracy": (dt > 0).mean(), "diagnostics/frac_ref_below_gamma": (dr < 0.5).mean(),
         "diagnostics/delta_theta_mean": dt.mean(), "diagnostics/delta_ref_mean": dr.mean(),
-        "diagnostics/frac_in_U_norm": ((drn < dtn) & (dtn < 0)).mean(), "diagnostics/abs_accuracy_norm": (dtn > 0).mean(),
+        "diagnostics/frac_in_U_norm": ((drn < dtn) & (dtn < 0)).mean(),
+        "diagnostics/abs_accuracy_norm": (dtn > 0).mean(),
     }  # fmt: skip
     for key, value in want.items():
         np.testing.assert_allclose(float(m[key]), value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_metrics_without_reference_use_policy_rewards():
-    m = losses.preference_metrics(jnp.array([-1.0, -5.0]), jnp.array([-2.0, -4.0]), beta=0.5)
+    m = losses.preference_metrics(losses.PairLogps(jnp.array([-1.0, -5.0]), jnp.array([-2.0, -4.0])), beta=0.5)
     assert float(m["rewards/chosen"]) == pytest.approx(0.5 * -3.0)
     assert float(m["diagnostics/abs_accuracy"]) == 0.5
     assert "diagnostics/frac_in_U" not in m
@@ -217,11 +222,12 @@ def test_metrics_without_reference_use_policy_rewards():
 def test_a_policy_in_U_has_dpo_loss_below_log_two_yet_prefers_the_rejected_answer():
     """The paper's pathology in one pair: delta_ref = -4 < delta_theta = -1 < 0."""
     pc, pr, rc, rr = (jnp.array([x]) for x in (-6.0, -5.0, -7.0, -3.0))
-    assert float(losses.sigmoid_loss(pc, pr, rc, rr)[0]) < np.log(2.0)
-    m = losses.preference_metrics(pc, pr, rc, rr)
+    logps = losses.PairLogps(pc, pr, rc, rr)
+    assert float(losses.sigmoid_loss(logps)[0]) < np.log(2.0)
+    m = losses.preference_metrics(logps)
     assert float(m["diagnostics/frac_in_U"]) == 1.0 and float(m["diagnostics/abs_accuracy"]) == 0.0
     assert float(m["rewards/accuracies"]) == 1.0  # the relative accuracy calls this pair "correct"
     # CPO's target sits above gamma, so the same policy is still penalised more than at the reference.
-    cpo = losses.cpo_loss(pc, pr, rc, rr, length_normalize=False)
-    at_reference = losses.cpo_loss(rc, rr, rc, rr, length_normalize=False)
+    cpo = losses.cpo_loss(logps, length_normalize=False)
+    at_reference = losses.cpo_loss(losses.PairLogps(rc, rr, rc, rr), length_normalize=False)
     assert float(cpo[0]) > np.log(2.0) and float(cpo[0]) < float(at_reference[0])

@@ -16,8 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from cpo_jax.errors import ConfigError
-from cpo_jax.train import TrainConfig, Trainer, TrainingDiverged, from_dict
+from cpo_jax.errors import ConfigError, TrainingDiverged
+from cpo_jax.train import TrainConfig, from_dict
+from cpo_jax.train.trainer import Trainer
 from tests.train_fixtures import arithmetic_files, tiny_policy
 
 pytest.importorskip("torch")
@@ -79,7 +80,8 @@ def test_sharded_step_matches_single_device(assets, tmp_path):
 
 
 def test_loss_falls_on_the_verifiable_dataset(assets, tmp_path):
-    result = make(config(assets, tmp_path / "run", steps=40, data={"eval_files": [assets["eval"]], "pairs_per_batch": 8},
+    result = make(config(assets, tmp_path / "run", steps=40,
+                         data={"eval_files": [assets["eval"]], "pairs_per_batch": 8},
                          loss={"hparams": {"beta": 0.5}}, optim={"learning_rate": 3e-3}, eval_every=40,
                          tensorboard=True)).run()
     losses = losses_of(result)
@@ -187,7 +189,8 @@ def test_resume_after_a_kill_is_bit_exact(assets, tmp_path):
     child = _script(f"""
         import json, time
         import jax
-        from cpo_jax.train import Trainer, TrainConfig, from_dict
+        from cpo_jax.train import TrainConfig, from_dict
+        from cpo_jax.train.trainer import Trainer
         import cpo_jax.train.trainer as t
         cfg = from_dict(TrainConfig, json.loads({json.dumps(json.dumps(_plain(cfg)))}))
         original = t.Checkpointer.save
@@ -227,7 +230,8 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(assets, tmp_path):
     child = _script(f"""
         import asyncio, json, pathlib
         from orbax.checkpoint._src.path import atomicity
-        from cpo_jax.train import Trainer, TrainConfig, from_dict
+        from cpo_jax.train import TrainConfig, from_dict
+        from cpo_jax.train.trainer import Trainer
         original = atomicity.AtomicRenameTemporaryPath.finalize
         async def finalize(self):
             if self._final_path.name == "4":

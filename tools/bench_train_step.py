@@ -58,7 +58,8 @@ def _peak_memory_gib() -> tuple[float, str]:
 def bench_ours(path: Path, data: Path, args) -> dict:
     import jax
 
-    from cpo_jax.train import TrainConfig, Trainer, from_dict
+    from cpo_jax.train import TrainConfig, from_dict
+    from cpo_jax.train.trainer import Trainer
 
     mesh = dict(item.split("=") for item in args.mesh.split(","))
     out = Path(tempfile.mkdtemp(prefix="bench_ours_"))

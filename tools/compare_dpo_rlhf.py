@@ -108,7 +108,7 @@ def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, refer
 
     Each of the three parts is cached in ``runs/compare/<name>/eval.json`` (``--fresh`` recomputes)."""
     from cpo_jax.experiments.compare import pair_diagnostics, sampled_kl
-    from cpo_jax.models import from_pretrained
+    from cpo_jax.hf.pretrained import from_pretrained
     from cpo_jax.report import generation_correct
 
     cache_path = OUT / name / "eval.json"
@@ -130,7 +130,8 @@ def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, refer
     correct = part("correct", lambda m: [bool(x) for x in generation_correct(
         m, tokenizer, prompts, max_new_tokens=c.rl.eval_max_new_tokens,
         max_prompt_length=c.data.max_prompt_length)])
-    kl_prompts = dataclasses.replace(prompts, records=prompts.records[:KL_PROMPTS], sources=prompts.sources[:KL_PROMPTS])
+    kl_prompts = dataclasses.replace(prompts, records=prompts.records[:KL_PROMPTS],
+                                     sources=prompts.sources[:KL_PROMPTS])
     kl = part("kl", lambda m: sampled_kl(m, reference, tokenizer, kl_prompts,
                                           prompt_length=c.data.max_prompt_length, max_new_tokens=c.rl.max_new_tokens))
     pairs = part("pairs", lambda m: pair_diagnostics(pair_logps(m, tokenizer, pair_records, c), reference_pairs))
@@ -158,8 +159,8 @@ def report(update_docs: bool, fresh: bool = False) -> str:
     from transformers import AutoTokenizer
 
     from cpo_jax.experiments.compare import mcnemar_exact
+    from cpo_jax.hf.pretrained import from_pretrained
     from cpo_jax.hf.resolve import resolve_model_path
-    from cpo_jax.models import from_pretrained
 
     c = _load("rloo")
     start_path = resolve_model_path("smollm2")

@@ -246,7 +246,8 @@ def main() -> None:
     plot_soft_margin(args.out / "fig4_cpo_soft_margin.png", method="cpo")
     sweep = beta_sweep(args.steps)
     plot_beta_sweep(sweep, args.out / "fig5_beta_sweep.png")
-    table = markdown_table(rows, trajectories) + "\nβ sweep (violated setting; Figure 5):\n\n" + sweep_table(sweep) + "\n"
+    table = (markdown_table(rows, trajectories) + "\nβ sweep (violated setting; Figure 5):\n\n"
+             + sweep_table(sweep) + "\n")
     (args.out / "table.md").write_text(table + "\n")
     (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     if args.update_docs:

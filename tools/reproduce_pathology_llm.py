@@ -1,6 +1,7 @@
 """The paper's failure mode on a real language model (issue 7, Part B): SmolLM2-135M-Instruct, verifiable arithmetic.
 
-    python tools/reproduce_pathology_llm.py all --update-docs   # mine, audit, train 5 runs, report (~50 min on 2 CPU cores)
+    python tools/reproduce_pathology_llm.py all --update-docs   # mine, audit, train 5 runs, report
+                                                                # (~50 min on 2 CPU cores)
     python tools/reproduce_pathology_llm.py mine                # 1. score candidate wrong answers with the reference
     python tools/reproduce_pathology_llm.py train               # 2. cpo-jax audit + cpo-jax train for every config
     python tools/reproduce_pathology_llm.py report              # 3. curves + table from the runs' metrics
@@ -50,8 +51,8 @@ def mine(problems: int, seed: int, eval_size: int, contrast_eval_size: int) -> d
 
     from cpo_jax.data import BatchConfig, TokenizeConfig, arithmetic_candidates, write_jsonl
     from cpo_jax.experiments import mining
+    from cpo_jax.hf.pretrained import from_pretrained
     from cpo_jax.hf.resolve import resolve_model_path
-    from cpo_jax.models import from_pretrained
     from cpo_jax.train.reference_cache import compute_reference_logps
 
     start = time.perf_counter()
@@ -66,7 +67,8 @@ def mine(problems: int, seed: int, eval_size: int, contrast_eval_size: int) -> d
         model = from_pretrained(path)
         logps, lengths = compute_reference_logps(
             model, candidates, [f"candidate:{i}" for i in range(len(candidates))], tokenizer,
-            TokenizeConfig(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, vocab_size=model.config.vocab_size),
+            TokenizeConfig(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
+                           vocab_size=model.config.vocab_size),
             BatchConfig(pairs_per_batch=16, max_length=MAX_LENGTH, pad_id=tokenizer.pad_token_id or 0),
             return_lengths=True,
         )  # fmt: skip
@@ -139,7 +141,8 @@ def audit_table() -> str:
 
     stats = json.loads((DATA / "mining_stats.json").read_text())
     lines = [f"Mining: {stats['problems']} problems, {stats['candidates']} candidate wrong answers scored in "
-             f"{stats['seconds']:.0f} s; the reference prefers the wrong answer on {stats['candidates_ref_prefers_wrong']} "
+             f"{stats['seconds']:.0f} s; the reference prefers the wrong answer on "
+             f"{stats['candidates_ref_prefers_wrong']} "
              f"candidates, covering {stats['problems_with_a_preferred_wrong_answer']} problems "
              f"({stats['problems_with_a_preferred_wrong_answer'] / stats['problems']:.0%}).", "",
              "| `cpo-jax audit` before training | pairs | δref < 0 (summed) | δref < 0 (per token) | median δref | "

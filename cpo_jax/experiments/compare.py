@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpo_jax.losses.metrics import preference_metrics
+from cpo_jax.losses.pair import PairLogps
 from cpo_jax.losses.rlhf import kl_estimate
 
 DIAGNOSTIC_KEYS = ("diagnostics/frac_in_U", "diagnostics/abs_accuracy", "diagnostics/frac_ref_prefers_rejected",
@@ -115,8 +116,8 @@ def pair_diagnostics(policy_logps: np.ndarray, reference_logps: np.ndarray, *, b
     """The paper's diagnostics from ``[N, 2]`` summed (chosen, rejected) log-probs; dropped (NaN) rows are skipped."""
     keep = np.isfinite(policy_logps).all(-1) & np.isfinite(reference_logps).all(-1)
     p, r = policy_logps[keep], reference_logps[keep]
-    metrics = preference_metrics(jnp.asarray(p[:, 0]), jnp.asarray(p[:, 1]), jnp.asarray(r[:, 0]),
-                                 jnp.asarray(r[:, 1]), beta=beta)
+    metrics = preference_metrics(PairLogps(*(jnp.asarray(x) for x in (p[:, 0], p[:, 1], r[:, 0], r[:, 1]))),
+                                 beta=beta)
     return {k: float(metrics[k]) for k in DIAGNOSTIC_KEYS} | {"pairs": float(keep.sum())}
 
 

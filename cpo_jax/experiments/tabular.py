@@ -168,10 +168,11 @@ def objective(theta: jax.Array, problem: Problem, method: str) -> jax.Array:
     log_policy = jax.nn.log_softmax(theta, axis=-1)
     log_ref = reference_log_policy(problem)
     ones = jnp.ones(prompt.shape, jnp.float32)
-    per_pair = losses.get(name)(
+    logps = losses.PairLogps(
         log_policy[prompt, chosen], log_policy[prompt, rejected], log_ref[prompt, chosen], log_ref[prompt, rejected],
-        chosen_lengths=ones, rejected_lengths=ones, **hparams,
+        chosen_lengths=ones, rejected_lengths=ones,
     )  # fmt: skip
+    per_pair = losses.get(name)(logps, **hparams)
     return jnp.sum(per_pair * count) / jnp.sum(count)
 
 
@@ -238,5 +239,5 @@ def scaled_loss_curve(method: str, delta_theta: np.ndarray, delta_ref: float, be
     zeros = jnp.zeros_like(theta)
     ref = jnp.full_like(theta, delta_ref)
     extra = {"length_normalize": False} if method.startswith("cpo") else {}
-    per_pair = losses.get(method)(theta, zeros, ref, zeros, beta=beta, **extra, **hparams)
+    per_pair = losses.get(method)(losses.PairLogps(theta, zeros, ref, zeros), beta=beta, **extra, **hparams)
     return np.asarray(per_pair, np.float64) / beta

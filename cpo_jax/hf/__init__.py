@@ -1,9 +1,12 @@
-"""Hugging Face checkpoint interop: declarative weight tables and the GGUF -> HF safetensors converter.
+"""Hugging Face checkpoint interop: config.json translation, weight tables, safetensors import/export, GGUF.
 
-``from_pretrained`` / ``save_pretrained`` live in :mod:`cpo_jax.hf.pretrained` and are re-exported from
-:mod:`cpo_jax.models`.
+Import the heavy parts from their modules: ``from cpo_jax.hf.pretrained import from_pretrained, save_pretrained``
+(JAX, Flax and the model code), :mod:`cpo_jax.hf.families` (per-family ``config_from_hf`` and ``weight_table``),
+:mod:`cpo_jax.hf.tokenizer` and :mod:`cpo_jax.hf.resolve`. This package itself imports only NumPy: the names below
+are the light ones (``gguf`` is imported inside the functions that read files).
 """
 
+from cpo_jax.errors import UnsupportedConfig
 from cpo_jax.hf.gguf import (
     gguf_state_dict,
     gguf_to_hf,
@@ -15,6 +18,7 @@ from cpo_jax.hf.gguf import (
 from cpo_jax.hf.weights import WeightRule
 
 __all__ = [
+    "UnsupportedConfig",
     "WeightRule",
     "gguf_state_dict",
     "gguf_to_hf",

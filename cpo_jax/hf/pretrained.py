@@ -24,7 +24,9 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from cpo_jax.errors import ModelError
+from cpo_jax.errors import ModelError, UnsupportedConfig
+from cpo_jax.hf.config import located
+from cpo_jax.hf.families import FAMILIES, family_of
 from cpo_jax.hf.resolve import read_json_object, require_model_dir
 from cpo_jax.hf.weights import (
     Binding,
@@ -35,24 +37,14 @@ from cpo_jax.hf.weights import (
     read_block,
     to_hf,
 )
-from cpo_jax.models import gemma, gpt2, llama
 from cpo_jax.models.config import TransformerConfig
-from cpo_jax.models.hf_config import UnsupportedConfig, located
 from cpo_jax.models.transformer import Transformer
 from cpo_jax.parallel.multihost import global_to_host
 
-FAMILIES = {t: module for module in (llama, gemma, gpt2) for t in module.MODEL_TYPES}
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
 INDEX_FILE = "model.safetensors.index.json"
 ORBAX_PARAMS = "params"  # an Orbax parameter checkpoint next to config.json (cpo-jax convert hf-to-orbax)
 REDOWNLOAD = "re-download or re-export the checkpoint (model.save_pretrained(dir) in transformers)"
-
-
-def family_of(model_type: str):
-    """The family module (``llama``, ``gemma`` or ``gpt2``) for an HF ``model_type``."""
-    if not isinstance(model_type, str) or model_type not in FAMILIES:
-        raise UnsupportedConfig(f"unsupported model_type {model_type!r}; cpo_jax supports {sorted(FAMILIES)}")
-    return FAMILIES[model_type]
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:

@@ -1,9 +1,13 @@
 """Pure preference and RLHF losses: (log-probs, hyperparameters) -> per-example losses.
 
-Pairwise losses share one signature (see :mod:`cpo_jax.losses.registry`) and are found by name::
+Pairwise losses share one signature, ``loss(logps: PairLogps, **hyperparameters) -> [B]`` (see
+:mod:`cpo_jax.losses.registry`), and are found by name::
 
     from cpo_jax import losses
-    per_pair = losses.get("cpo")(pc, pr, rc, rr, chosen_lengths=nc, rejected_lengths=nr, beta=0.1)
+    logps = losses.PairLogps(pc, pr, rc, rr, chosen_lengths=nc, rejected_lengths=nr, mask=real)
+    per_pair = losses.get("cpo")(logps, beta=0.1)            # [B]; mask it: jnp.where(real, per_pair, 0)
+
+``losses.couples_batch(name)`` tells which losses compute across pairs (and so need ``mask``).
 
 ``docs/losses.md`` tables every loss: formula, reference, and input units.
 """
@@ -42,8 +46,9 @@ from cpo_jax.losses.dpo import (
 )
 from cpo_jax.losses.kto import kto_kl_estimate, kto_loss
 from cpo_jax.losses.metrics import preference_metrics
+from cpo_jax.losses.pair import PairLogps
 from cpo_jax.losses.reference_free import chosen_nll, contrastive_loss, orpo_loss, sft_loss, simpo_loss
-from cpo_jax.losses.registry import PairwiseLoss, get, hyperparameters, names, register
+from cpo_jax.losses.registry import PairwiseLoss, couples_batch, get, hyperparameters, names, register
 from cpo_jax.losses.reward_model import bradley_terry_loss
 from cpo_jax.losses.rlhf import (
     aggregate_token_losses,
@@ -60,4 +65,12 @@ from cpo_jax.losses.rlhf import (
     value_loss,
 )
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = ["PairLogps", "PairwiseLoss", "aggregate_token_losses", "aot_loss", "aot_unpaired_loss", "apo_down_loss",
+    "apo_zero_loss", "bco_pair_loss", "bradley_terry_loss", "chosen_nll", "clip_target", "combine",
+    "contrastive_loss", "couples_batch", "cpo_clip_loss", "cpo_easy_loss", "cpo_loss", "discopop_loss",
+    "easy_target", "exo_pair_loss", "f_divergence_transform", "gae_advantages", "get", "grpo_advantages",
+    "hinge_loss", "hyperparameters", "ipo_loss", "kl_estimate", "kl_penalized_sequence_reward",
+    "kl_penalized_token_rewards", "kto_kl_estimate", "kto_loss", "log_ratios", "masked_mean", "masked_whiten",
+    "names", "nca_pair_loss", "orpo_loss", "ppo_policy_loss", "preference_deltas", "preference_metrics", "register",
+    "reinforce_advantages", "rloo_advantages", "robust_loss", "sft_loss", "sigmoid_loss", "sigmoid_norm_loss",
+    "simpo_loss", "smooth_target", "sppo_hard_loss", "update_reward_shift", "value_loss"]

@@ -11,7 +11,9 @@ Array = jax.Array
 def at_least_f32(x: Array) -> Array:
     """Casts to at least float32: bf16/fp16 inputs are computed in float32, float64 stays float64."""
     x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32)) if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x.astype(jnp.float32)
 
 
 def require(value: Array | None, name: str, loss: str) -> Array:

@@ -18,6 +18,8 @@ by a target ``t`` and minimises ``-log sigmoid(beta * (delta_theta - t))``:
   with the reference's per-token average log-probs. These are negative, so this *lowers* the
   target; it does not enforce ``delta_theta > 0``. Implemented as released.
 
+Inputs: a :class:`~cpo_jax.losses.pair.PairLogps`; every CPO loss is per pair (ignores the mask).
+
 Units: as in the released code, every delta is computed from **length-normalised** (per-token
 average) log-probs by default (``length_normalize=True``, which needs the lengths). Inputs are
 always *summed* log-probs; the loss divides by the lengths itself. The target ``t`` is a
@@ -29,33 +31,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cpo_jax.losses._common import Array, at_least_f32, per_token, require
+from cpo_jax.losses._common import Array
+from cpo_jax.losses.pair import PairLogps
 from cpo_jax.losses.registry import register
 
 # |average log-prob| below this is treated as this, so cpo_easy's 1/avg stays finite.
 EASY_MIN_ABS_AVG_LOGP = 1e-6
 
 
-def preference_deltas(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array,
-    reference_rejected_logps: Array,
-    *,
-    chosen_lengths: Array | None,
-    rejected_lengths: Array | None,
-    length_normalize: bool,
-    loss: str,
-) -> tuple[Array, Array]:
+def preference_deltas(logps: PairLogps, *, length_normalize: bool, loss: str) -> tuple[Array, Array]:
     """``(delta_theta, delta_ref)`` ``[B]`` from summed log-probs, optionally length-normalised."""
-    reference_chosen_logps = require(reference_chosen_logps, "reference_chosen_logps", loss)
-    reference_rejected_logps = require(reference_rejected_logps, "reference_rejected_logps", loss)
-    logps = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    (pc, pr), (rc, rr) = logps.policy(), logps.reference(loss)
     if length_normalize:
-        lengths = (chosen_lengths, rejected_lengths) * 2
-        names = ("chosen_lengths (or length_normalize=False)", "rejected_lengths (or length_normalize=False)") * 2
-        logps = tuple(per_token(lp, n, name=m, loss=loss) for lp, n, m in zip(logps, lengths, names))
-    pc, pr, rc, rr = (at_least_f32(x) for x in logps)
+        hint = " (or length_normalize=False)"
+        (pc, pr), (rc, rr) = logps.per_token(pc, pr, loss, hint), logps.per_token(rc, rr, loss, hint)
     return pc - pr, rc - rr
 
 
@@ -88,13 +77,8 @@ def _target_margin_loss(delta_theta: Array, target: Array, beta: float) -> Array
 
 @register("cpo")
 def cpo_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
     gamma: float = 0.5,
     tau: float = 2.0,
@@ -107,28 +91,14 @@ def cpo_loss(
     ``t = delta_ref + softplus(tau * (gamma - delta_ref)) / (tau * alpha)``.
     Deltas from per-token average log-probs unless ``length_normalize=False``.
     """
-    delta_theta, delta_ref = preference_deltas(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        reference_chosen_logps,
-        reference_rejected_logps,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        length_normalize=length_normalize,
-        loss="cpo",
-    )
+    delta_theta, delta_ref = preference_deltas(logps, length_normalize=length_normalize, loss="cpo")
     return _target_margin_loss(delta_theta, smooth_target(delta_ref, gamma=gamma, tau=tau, alpha=alpha), beta)
 
 
 @register("cpo_clip")
 def cpo_clip_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
     length_normalize: bool = True,
 ) -> Array:
@@ -137,28 +107,14 @@ def cpo_clip_loss(
     ``L = -log sigmoid(beta * (delta_theta - max(delta_ref, 0)))``.
     Deltas from per-token average log-probs unless ``length_normalize=False``.
     """
-    delta_theta, delta_ref = preference_deltas(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        reference_chosen_logps,
-        reference_rejected_logps,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        length_normalize=length_normalize,
-        loss="cpo_clip",
-    )
+    delta_theta, delta_ref = preference_deltas(logps, length_normalize=length_normalize, loss="cpo_clip")
     return _target_margin_loss(delta_theta, clip_target(delta_ref), beta)
 
 
 @register("cpo_easy")
 def cpo_easy_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
     gamma: float = 0.5,
     length_normalize: bool = True,
@@ -171,17 +127,7 @@ def cpo_easy_loss(
     length-normalised unless ``length_normalize=False``. It lowers the target (averages are
     negative) and does not enforce ``delta_theta > 0``.
     """
-    delta_theta, delta_ref = preference_deltas(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        reference_chosen_logps,
-        reference_rejected_logps,
-        chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths,
-        length_normalize=length_normalize,
-        loss="cpo_easy",
-    )
-    ref_chosen_avg = per_token(reference_chosen_logps, chosen_lengths, name="chosen_lengths", loss="cpo_easy")
-    ref_rejected_avg = per_token(reference_rejected_logps, rejected_lengths, name="rejected_lengths", loss="cpo_easy")
+    delta_theta, delta_ref = preference_deltas(logps, length_normalize=length_normalize, loss="cpo_easy")
+    ref_chosen_avg, ref_rejected_avg = logps.per_token(*logps.reference("cpo_easy"), "cpo_easy")
     target = easy_target(delta_ref, ref_chosen_avg, ref_rejected_avg, beta=beta, gamma=gamma)
     return _target_margin_loss(delta_theta, target, beta)

@@ -1,6 +1,7 @@
 """The DPO family, under TRL 1.x ``DPOTrainer`` ``loss_type`` names and formulas (TRL 1.13).
 
-Inputs are ``[B]`` **summed** completion log-probs. Notation used in the docstrings:
+Every loss takes a :class:`~cpo_jax.losses.pair.PairLogps` of ``[B]`` **summed** completion
+log-probs. Notation used in the docstrings:
 
 * ``u_w = log pi(y_w) - log pi_ref(y_w)``, ``u_l`` likewise (the log-ratios, "implicit rewards"/beta);
 * ``s = g(u)`` with the f-divergence transform ``g`` (identity for reverse KL, see
@@ -19,7 +20,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from cpo_jax.losses._common import Array, at_least_f32, per_token, require, smoothed_sigmoid_loss
+from cpo_jax.losses._common import Array, at_least_f32, smoothed_sigmoid_loss
+from cpo_jax.losses.pair import PairLogps, masked_sum, sort_real, to_real_slots
 from cpo_jax.losses.registry import register
 
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
@@ -52,48 +54,35 @@ def f_divergence_transform(log_ratio: Array, f_divergence: FDivergence = "revers
     )
 
 
-def log_ratios(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None,
-    reference_rejected_logps: Array | None,
-    *,
-    loss: str,
-) -> tuple[Array, Array]:
+def log_ratios(logps: PairLogps, *, loss: str) -> tuple[Array, Array]:
     """``(u_w, u_l)`` ``[B]``: policy minus reference summed log-probs; the reference is required."""
-    reference_chosen = require(reference_chosen_logps, "reference_chosen_logps", loss)
-    reference_rejected = require(reference_rejected_logps, "reference_rejected_logps", loss)
-    return at_least_f32(policy_chosen_logps) - reference_chosen, at_least_f32(policy_rejected_logps) - reference_rejected
+    reference_chosen, reference_rejected = logps.reference(loss)
+    policy_chosen, policy_rejected = logps.policy()
+    return policy_chosen - reference_chosen, policy_rejected - reference_rejected
 
 
-def _scores(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *, f_divergence, alpha, loss):
+def _scores(logps: PairLogps, *, f_divergence, alpha, loss) -> tuple[Array, Array]:
     """``(s_w, s_l)`` = ``g(u_w), g(u_l)``."""
-    chosen, rejected = log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected, loss=loss)
+    chosen, rejected = log_ratios(logps, loss=loss)
     return f_divergence_transform(chosen, f_divergence, alpha), f_divergence_transform(rejected, f_divergence, alpha)
 
 
-def _margin(*logps, f_divergence, alpha, loss) -> Array:
+def _margin(logps: PairLogps, *, f_divergence, alpha, loss) -> Array:
     """``Delta = g(u_w) - g(u_l)``."""
-    chosen, rejected = _scores(*logps, f_divergence=f_divergence, alpha=alpha, loss=loss)
+    chosen, rejected = _scores(logps, f_divergence=f_divergence, alpha=alpha, loss=loss)
     return chosen - rejected
 
 
-def _normalized_margin(*logps, chosen_lengths, rejected_lengths, f_divergence, alpha, loss) -> Array:
+def _normalized_margin(logps: PairLogps, *, f_divergence, alpha, loss) -> Array:
     """``Delta_bar = g(u_w) / n_w - g(u_l) / n_l``."""
-    chosen, rejected = _scores(*logps, f_divergence=f_divergence, alpha=alpha, loss=loss)
-    chosen = per_token(chosen, chosen_lengths, name="chosen_lengths", loss=loss)
-    return chosen - per_token(rejected, rejected_lengths, name="rejected_lengths", loss=loss)
+    chosen, rejected = logps.per_token(*_scores(logps, f_divergence=f_divergence, alpha=alpha, loss=loss), loss)
+    return chosen - rejected
 
 
 @register("sigmoid")
 def sigmoid_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     f_divergence: FDivergence = "reverse_kl",
@@ -105,21 +94,15 @@ def sigmoid_loss(
     ``-(1 - eps) log sigma(beta Delta) - eps log sigma(-beta Delta)``. TRL 1.x has eps = 0.
     """
     margin = _margin(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="sigmoid",
+        logps, f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="sigmoid",
     )  # fmt: skip
     return smoothed_sigmoid_loss(beta * margin, label_smoothing)
 
 
 @register("sigmoid_norm")
 def sigmoid_norm_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
     f_divergence: FDivergence = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
@@ -129,43 +112,30 @@ def sigmoid_norm_loss(
     Keeps the reference (unlike SimPO); needs the lengths.
     """
     margin = _normalized_margin(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-        f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="sigmoid_norm",
+        logps, f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="sigmoid_norm",
     )  # fmt: skip
     return -jax.nn.log_sigmoid(beta * margin)
 
 
 @register("hinge")
 def hinge_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
     f_divergence: FDivergence = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
 ) -> Array:
     """SLiC hinge (Zhao et al. 2023, arXiv 2305.10425, eq. 3; TRL ``hinge``): ``relu(1 - beta * Delta)``."""
     margin = _margin(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="hinge",
+        logps, f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="hinge",
     )  # fmt: skip
     return jax.nn.relu(1.0 - beta * margin)
 
 
 @register("ipo")
 def ipo_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
     f_divergence: FDivergence = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
@@ -175,22 +145,15 @@ def ipo_loss(
     As in TRL, the log-ratios are per completion token, so the lengths are required.
     """
     margin = _normalized_margin(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-        f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="ipo",
+        logps, f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="ipo",
     )  # fmt: skip
     return jnp.square(margin - 1.0 / (2.0 * beta))
 
 
 @register("exo_pair")
 def exo_pair_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
     label_smoothing: float = 1e-3,
     f_divergence: FDivergence = "reverse_kl",
@@ -205,8 +168,7 @@ def exo_pair_loss(
     if not 0.0 < label_smoothing < 1.0:
         raise ValueError(f"exo_pair needs 0 < label_smoothing < 1 (suggested 1e-3); got {label_smoothing}")
     z = beta * _margin(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="exo_pair",
+        logps, f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="exo_pair",
     )  # fmt: skip
     log_p, log_q = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
     return jnp.exp(log_p) * (log_p - jnp.log1p(-label_smoothing)) + jnp.exp(log_q) * (log_q - jnp.log(label_smoothing))
@@ -214,13 +176,8 @@ def exo_pair_loss(
 
 @register("robust")
 def robust_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     f_divergence: FDivergence = "reverse_kl",
@@ -234,8 +191,7 @@ def robust_loss(
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"robust needs 0 <= label_smoothing < 0.5; got {label_smoothing}")
     z = beta * _margin(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="robust",
+        logps, f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="robust",
     )  # fmt: skip
     numerator = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) + label_smoothing * jax.nn.log_sigmoid(-z)
     return numerator / (1.0 - 2.0 * label_smoothing)
@@ -243,13 +199,8 @@ def robust_loss(
 
 @register("discopop")
 def discopop_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
     discopop_tau: float = 0.05,
     f_divergence: FDivergence = "reverse_kl",
@@ -262,8 +213,7 @@ def discopop_loss(
     is below ``sigma(-80 / tau)`` ~ 0, so the cap changes nothing but keeps gradients finite.
     """
     z = beta * _margin(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="discopop",
+        logps, f_divergence=f_divergence, alpha=f_alpha_divergence_coef, loss="discopop",
     )  # fmt: skip
     modulation = jax.nn.sigmoid(z / discopop_tau)
     return (1.0 - modulation) * -jax.nn.log_sigmoid(z) + modulation * jnp.exp(jnp.minimum(-z, 80.0))
@@ -271,22 +221,15 @@ def discopop_loss(
 
 @register("nca_pair")
 def nca_pair_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
 ) -> Array:
     """NCA, pairwise (Chen et al. 2024, arXiv 2402.05369, eq. 12; TRL ``nca_pair``).
 
     ``-log sigma(beta u_w) - 1/2 log sigma(-beta u_w) - 1/2 log sigma(-beta u_l)``.
     """
-    chosen, rejected = log_ratios(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, loss="nca_pair"
-    )
+    chosen, rejected = log_ratios(logps, loss="nca_pair")
     chosen, rejected = beta * chosen, beta * rejected
     return (
         -jax.nn.log_sigmoid(chosen) - 0.5 * jax.nn.log_sigmoid(-chosen) - 0.5 * jax.nn.log_sigmoid(-rejected)
@@ -295,13 +238,8 @@ def nca_pair_loss(
 
 @register("bco_pair")
 def bco_pair_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
     reward_shift: Array | float = 0.0,
 ) -> Array:
@@ -311,32 +249,30 @@ def bco_pair_loss(
     TRL 0.x used a running mean of the rewards: keep it with :func:`update_reward_shift` and pass
     it as ``reward_shift``.
     """
-    chosen, rejected = log_ratios(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, loss="bco_pair"
-    )
+    chosen, rejected = log_ratios(logps, loss="bco_pair")
     shift = jax.lax.stop_gradient(at_least_f32(reward_shift))
     return -jax.nn.log_sigmoid(beta * chosen - shift) - jax.nn.log_sigmoid(-(beta * rejected - shift))
 
 
-def update_reward_shift(mean: Array, count: Array, batch_rewards: Array) -> tuple[Array, Array]:
+def update_reward_shift(
+    mean: Array, count: Array, batch_rewards: Array, mask: Array | None = None
+) -> tuple[Array, Array]:
     """Running mean of BCO's reward shift: folds the mean of ``batch_rewards`` (both ``beta * u_w``
     and ``beta * u_l``) into ``(mean, count)`` as one observation, as TRL 0.x's RunningMoments did.
+    ``mask`` (shaped like ``batch_rewards``, True for real pairs) keeps empty slots out of the mean.
     Returns the new ``(mean, count)``; start from ``(0.0, 0.0)``.
     """
-    observation = jax.lax.stop_gradient(jnp.mean(at_least_f32(batch_rewards)))
+    rewards = at_least_f32(batch_rewards)
+    real = jnp.ones(rewards.shape, bool) if mask is None else jnp.broadcast_to(jnp.asarray(mask) > 0, rewards.shape)
+    observation = jax.lax.stop_gradient(masked_sum(rewards, real) / jnp.maximum(jnp.sum(real), 1))
     count = count + 1.0
     return mean + (observation - mean) / count, count
 
 
 @register("sppo_hard")
 def sppo_hard_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
 ) -> Array:
     """SPPO with hard labels (Wu et al. 2024, arXiv 2405.00675, eq. 4.4; TRL ``sppo_hard``).
@@ -344,74 +280,57 @@ def sppo_hard_loss(
     ``(u_w - 1 / (2 beta))^2 + (u_l + 1 / (2 beta))^2``: the winner's log-ratio is pushed to
     ``1/(2 beta)`` and the loser's to ``-1/(2 beta)``.
     """
-    chosen, rejected = log_ratios(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, loss="sppo_hard"
-    )
+    chosen, rejected = log_ratios(logps, loss="sppo_hard")
     return jnp.square(chosen - 0.5 / beta) + jnp.square(rejected + 0.5 / beta)
 
 
-def _aot(chosen: Array, rejected: Array, *, beta: float, label_smoothing: float) -> Array:
-    """``-(1-eps) log sigma(beta d) - eps log sigma(-beta d)`` with ``d = sort(chosen) - sort(rejected)``."""
-    delta = jnp.sort(chosen) - jnp.sort(rejected)
+def _aot(chosen: Array, rejected: Array, real: Array, *, beta: float, label_smoothing: float) -> Array:
+    """``-(1-eps) log sigma(beta d) - eps log sigma(-beta d)`` with ``d = sort(chosen) - sort(rejected)`` over
+    the real pairs only; the j-th quantile's loss goes to the j-th real slot, 0 to the empty slots."""
+    delta = to_real_slots(sort_real(chosen, real) - sort_real(rejected, real), real)
     return smoothed_sigmoid_loss(beta * delta, label_smoothing)
 
 
-@register("aot")
+@register("aot", couples_batch=True)
 def aot_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
 ) -> Array:
     """AOT, paired (Melnyk et al. 2024, arXiv 2406.05882, eq. 9; TRL ``aot``).
 
     ``d = sort_batch(log pi(y_w) - log pi(y_l)) - sort_batch(log pi_ref(y_w) - log pi_ref(y_l))``
-    (ascending over the batch), loss ``-(1-eps) log sigma(beta d) - eps log sigma(-beta d)``. Entry
-    ``i`` is the i-th quantile pair, not pair ``i``: the loss couples the whole batch.
+    (ascending over the real pairs), loss ``-(1-eps) log sigma(beta d) - eps log sigma(-beta d)``. The
+    j-th real slot holds the j-th quantile pair, not its own pair. Couples the batch: the sorts use only the
+    pairs with ``logps.mask`` set, and empty slots get 0.
     """
-    reference_chosen = require(reference_chosen_logps, "reference_chosen_logps", "aot")
-    reference_rejected = require(reference_rejected_logps, "reference_rejected_logps", "aot")
-    policy = at_least_f32(policy_chosen_logps) - at_least_f32(policy_rejected_logps)
-    return _aot(policy, reference_chosen - reference_rejected, beta=beta, label_smoothing=label_smoothing)
+    reference_chosen, reference_rejected = logps.reference("aot")
+    policy_chosen, policy_rejected = logps.policy()
+    return _aot(policy_chosen - policy_rejected, reference_chosen - reference_rejected, logps.real(),
+                beta=beta, label_smoothing=label_smoothing)
 
 
-@register("aot_unpaired")
+@register("aot_unpaired", couples_batch=True)
 def aot_unpaired_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
 ) -> Array:
     """AOT, unpaired (Melnyk et al. 2024, arXiv 2406.05882, eq. 8; TRL ``aot_unpaired``).
 
     ``d = sort_batch(u_w) - sort_batch(u_l)``, loss ``-(1-eps) log sigma(beta d) - eps log sigma(-beta d)``.
+    Couples the batch like ``aot``: the sorts use only the real pairs (``logps.mask``), empty slots get 0.
     """
-    chosen, rejected = log_ratios(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        loss="aot_unpaired",
-    )  # fmt: skip
-    return _aot(chosen, rejected, beta=beta, label_smoothing=label_smoothing)
+    chosen, rejected = log_ratios(logps, loss="aot_unpaired")
+    return _aot(chosen, rejected, logps.real(), beta=beta, label_smoothing=label_smoothing)
 
 
 @register("apo_zero")
 def apo_zero_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
 ) -> Array:
     """APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 7; TRL ``apo_zero``).
@@ -419,21 +338,14 @@ def apo_zero_loss(
     ``(1 - sigma(beta u_w)) + sigma(beta u_l)``: raises the winner's and lowers the loser's
     likelihood; for when the winners are better than the model's own outputs.
     """
-    chosen, rejected = log_ratios(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, loss="apo_zero"
-    )
+    chosen, rejected = log_ratios(logps, loss="apo_zero")
     return (1.0 - jax.nn.sigmoid(beta * chosen)) + jax.nn.sigmoid(beta * rejected)
 
 
 @register("apo_down")
 def apo_down_loss(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
+    logps: PairLogps,
     *,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
     beta: float = 0.1,
 ) -> Array:
     """APO-down (D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 8; TRL ``apo_down``).
@@ -441,7 +353,5 @@ def apo_down_loss(
     ``sigma(beta u_w) + (1 - sigma(beta (u_w - u_l)))``: lowers both likelihoods while keeping the
     winner above the loser; for when the model's outputs are better than the winners.
     """
-    chosen, rejected = log_ratios(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, loss="apo_down"
-    )
+    chosen, rejected = log_ratios(logps, loss="apo_down")
     return jax.nn.sigmoid(beta * chosen) + (1.0 - jax.nn.sigmoid(beta * (chosen - rejected)))

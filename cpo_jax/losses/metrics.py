@@ -26,68 +26,59 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from cpo_jax.losses._common import Array, at_least_f32
+from cpo_jax.losses.pair import PairLogps, masked_sum
+from cpo_jax.losses.registry import accept_legacy_arrays
 
 
-def _mean(x: Array, mask: Array | None) -> Array:
-    x = at_least_f32(x)
-    if mask is None:
-        return jnp.mean(x)
-    mask = at_least_f32(mask)
-    return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+def _mean(x: Array, real: Array) -> Array:
+    """Mean of ``x`` over the real pairs (0 if there are none)."""
+    return masked_sum(at_least_f32(x), real) / jnp.maximum(jnp.sum(real), 1)
 
 
-def _diagnostics(delta_theta, delta_ref, *, gamma, mask, suffix) -> dict[str, Array]:
+def _diagnostics(delta_theta, delta_ref, *, gamma, real, suffix) -> dict[str, Array]:
     out = {
-        "diagnostics/abs_accuracy": _mean(delta_theta > 0, mask),
-        "diagnostics/delta_theta_mean": _mean(delta_theta, mask),
+        "diagnostics/abs_accuracy": _mean(delta_theta > 0, real),
+        "diagnostics/delta_theta_mean": _mean(delta_theta, real),
     }
     if delta_ref is not None:
-        out["diagnostics/frac_in_U"] = _mean((delta_ref < delta_theta) & (delta_theta < 0), mask)
-        out["diagnostics/frac_ref_prefers_rejected"] = _mean(delta_ref < 0, mask)
-        out["diagnostics/delta_ref_mean"] = _mean(delta_ref, mask)
+        out["diagnostics/frac_in_U"] = _mean((delta_ref < delta_theta) & (delta_theta < 0), real)
+        out["diagnostics/frac_ref_prefers_rejected"] = _mean(delta_ref < 0, real)
+        out["diagnostics/delta_ref_mean"] = _mean(delta_ref, real)
         if gamma is not None:
-            out["diagnostics/frac_ref_below_gamma"] = _mean(delta_ref < gamma, mask)
+            out["diagnostics/frac_ref_below_gamma"] = _mean(delta_ref < gamma, real)
     return {key + suffix: value for key, value in out.items()}
 
 
-def preference_metrics(
-    policy_chosen_logps: Array,
-    policy_rejected_logps: Array,
-    reference_chosen_logps: Array | None = None,
-    reference_rejected_logps: Array | None = None,
-    *,
-    beta: float = 0.1,
-    chosen_lengths: Array | None = None,
-    rejected_lengths: Array | None = None,
-    gamma: float | None = None,
-    mask: Array | None = None,
-) -> dict[str, Array]:
-    """TRL's reward/logp metrics and the paper's diagnostics, as scalar means over the batch.
+@accept_legacy_arrays
+def preference_metrics(logps: PairLogps, *, beta: float = 0.1, gamma: float | None = None) -> dict[str, Array]:
+    """TRL's reward/logp metrics and the paper's diagnostics, as scalar means over the real pairs.
 
     Args:
-      policy_*/reference_*: ``[B]`` summed completion log-probs. Without a reference (reference-free
-        losses), rewards are ``beta * log pi`` as in TRL's CPO/ORPO trainers, and only the
-        reference-free diagnostics are returned.
-      chosen_lengths, rejected_lengths: ``[B]`` token counts; adds the ``*_norm`` diagnostics.
+      logps: ``[B]`` summed completion log-probs (:class:`~cpo_jax.losses.pair.PairLogps`). Without a
+        reference (reference-free losses), rewards are ``beta * log pi`` as in TRL's CPO/ORPO trainers,
+        and only the reference-free diagnostics are returned. With both lengths, adds the ``*_norm``
+        diagnostics. Every mean is over the pairs with ``logps.mask`` set (all if ``None``).
+      beta: scales the rewards.
       gamma: CPO's margin; adds ``diagnostics/frac_ref_below_gamma``.
-      mask: ``[B]`` 1 for real pairs, 0 for padding pairs.
     """
-    pc, pr = at_least_f32(policy_chosen_logps), at_least_f32(policy_rejected_logps)
-    has_reference = reference_chosen_logps is not None and reference_rejected_logps is not None
-    rc, rr = (at_least_f32(reference_chosen_logps), at_least_f32(reference_rejected_logps)) if has_reference else (0.0, 0.0)
+    real = logps.real()
+    pc, pr = logps.policy()
+    has_reference = logps.ref_chosen is not None and logps.ref_rejected is not None
+    rc, rr = (at_least_f32(logps.ref_chosen), at_least_f32(logps.ref_rejected)) if has_reference else (0.0, 0.0)
     chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
     metrics = {
-        "rewards/chosen": _mean(chosen_rewards, mask),
-        "rewards/rejected": _mean(rejected_rewards, mask),
-        "rewards/accuracies": _mean(chosen_rewards > rejected_rewards, mask),
-        "rewards/margins": _mean(chosen_rewards - rejected_rewards, mask),
-        "logps/chosen": _mean(pc, mask),
-        "logps/rejected": _mean(pr, mask),
+        "rewards/chosen": _mean(chosen_rewards, real),
+        "rewards/rejected": _mean(rejected_rewards, real),
+        "rewards/accuracies": _mean(chosen_rewards > rejected_rewards, real),
+        "rewards/margins": _mean(chosen_rewards - rejected_rewards, real),
+        "logps/chosen": _mean(pc, real),
+        "logps/rejected": _mean(pr, real),
     }
     delta_ref = rc - rr if has_reference else None
-    metrics.update(_diagnostics(pc - pr, delta_ref, gamma=gamma, mask=mask, suffix=""))
-    if chosen_lengths is not None and rejected_lengths is not None:
-        n_c, n_r = jnp.maximum(at_least_f32(chosen_lengths), 1.0), jnp.maximum(at_least_f32(rejected_lengths), 1.0)
+    metrics.update(_diagnostics(pc - pr, delta_ref, gamma=gamma, real=real, suffix=""))
+    if logps.chosen_lengths is not None and logps.rejected_lengths is not None:
+        n_c = jnp.maximum(at_least_f32(logps.chosen_lengths), 1.0)
+        n_r = jnp.maximum(at_least_f32(logps.rejected_lengths), 1.0)
         delta_ref_norm = rc / n_c - rr / n_r if has_reference else None
-        metrics.update(_diagnostics(pc / n_c - pr / n_r, delta_ref_norm, gamma=gamma, mask=mask, suffix="_norm"))
+        metrics.update(_diagnostics(pc / n_c - pr / n_r, delta_ref_norm, gamma=gamma, real=real, suffix="_norm"))
     return metrics

@@ -2,55 +2,78 @@
 
 Every registered loss has the pairwise signature::
 
-    loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps=None,
-         reference_rejected_logps=None, *, chosen_lengths=None, rejected_lengths=None,
-         **hyperparameters) -> [B] per-pair losses
+    loss(logps: PairLogps, **hyperparameters) -> [B] per-pair losses
 
-with ``[B]`` *summed* completion log-probs and integer/float token counts. Losses that do not
-use the reference or the lengths accept and ignore them.
+where :class:`~cpo_jax.losses.pair.PairLogps` holds ``[B]`` *summed* completion log-probs
+(``chosen``, ``rejected``, optional ``ref_chosen``/``ref_rejected``), optional token counts
+(``chosen_lengths``/``rejected_lengths``) and ``mask`` (True for real pairs). Losses that do not use
+the reference or the lengths ignore them. Entries at masked (empty) slots are unspecified: callers
+mask them. A loss registered with ``couples_batch=True`` computes something across pairs (a token
+total, a sort); it uses only the real pairs, so padding never changes a real pair's loss.
+
+The legacy positional form ``loss(pc, pr, rc, rr, *, chosen_lengths=, rejected_lengths=, mask=, **hp)``
+is still accepted: :func:`register` turns it into a ``PairLogps`` before calling the one implementation.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable, Protocol
 
 import jax
 
+from cpo_jax.losses.pair import PairLogps, from_arrays
+
 Array = jax.Array
 
 
 class PairwiseLoss(Protocol):
-    """The common signature of every registered pairwise loss."""
+    """The common signature of every registered pairwise loss: ``[B]`` per-pair losses."""
 
-    def __call__(
-        self,
-        policy_chosen_logps: Array,
-        policy_rejected_logps: Array,
-        reference_chosen_logps: Array | None = None,
-        reference_rejected_logps: Array | None = None,
-        *,
-        chosen_lengths: Array | None = None,
-        rejected_lengths: Array | None = None,
-        **hyperparameters,
-    ) -> Array: ...
+    def __call__(self, logps: PairLogps, **hyperparameters) -> Array: ...
 
 
 _REGISTRY: dict[str, PairwiseLoss] = {}
+_COUPLES_BATCH: set[str] = set()
 _NOT_OURS = {
     "contrastive_cpo": "TRL's CPOTrainer loss (Xu et al. 2024) is registered here as 'contrastive'",
     "kto": "KTO takes unpaired data; call cpo_jax.losses.kto_loss directly",
 }
+_LEGACY_KEYWORDS = ("chosen_lengths", "rejected_lengths", "mask")
 
 
-def register(name: str) -> Callable[[PairwiseLoss], PairwiseLoss]:
-    """Decorator that registers a pairwise loss under ``name``."""
+def accept_legacy_arrays(fn: Callable[..., Array]) -> PairwiseLoss:
+    """Wraps ``fn(logps: PairLogps, **hp)`` so that it also takes ``(pc, pr, rc=None, rr=None, *,
+    chosen_lengths=None, rejected_lengths=None, mask=None, **hp)``; the signature shown is ``fn``'s."""
 
-    def wrap(fn: PairwiseLoss) -> PairwiseLoss:
+    @functools.wraps(fn)
+    def loss(logps, *arrays, **hyperparameters) -> Array:
+        legacy = {key: hyperparameters.pop(key) for key in _LEGACY_KEYWORDS if key in hyperparameters}
+        if isinstance(logps, PairLogps):
+            if arrays or legacy:
+                raise TypeError(f"{fn.__name__}: pass everything inside the PairLogps, not also "
+                                f"{len(arrays)} arrays / {sorted(legacy)}")
+            return fn(logps, **hyperparameters)
+        return fn(from_arrays(logps, *arrays, **legacy), **hyperparameters)
+
+    return loss
+
+
+def register(name: str, *, couples_batch: bool = False) -> Callable[[Callable[..., Array]], PairwiseLoss]:
+    """Decorator that registers a pairwise loss under ``name``.
+
+    ``couples_batch``: the loss computes something across the pairs of the batch (a token total, a sort),
+    so its per-pair values depend on the other pairs; it must honour ``logps.mask``.
+    """
+
+    def wrap(fn: Callable[..., Array]) -> PairwiseLoss:
         if name in _REGISTRY:
             raise ValueError(f"loss {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
+        _REGISTRY[name] = wrapped = accept_legacy_arrays(fn)
+        if couples_batch:
+            _COUPLES_BATCH.add(name)
+        return wrapped
 
     return wrap
 
@@ -69,8 +92,13 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def couples_batch(name: str) -> bool:
+    """Whether loss ``name`` couples the pairs of a batch (and so depends on ``PairLogps.mask``)."""
+    get(name)
+    return name in _COUPLES_BATCH
+
+
 def hyperparameters(name: str) -> dict[str, object]:
     """The keyword hyperparameters of loss ``name`` and their defaults (for config validation)."""
-    skip = {"chosen_lengths", "rejected_lengths"}
     params = inspect.signature(get(name)).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in skip}
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}

@@ -219,7 +219,10 @@ class Transformer(nnx.Module):
             for kind in set(cfg.layer_types)
         }
         ropes = (
-            {kind: rope_tables(positions, jnp.asarray(cfg.rope_for(kind).inv_freq(cfg.head_dim)), cfg.dtype) for kind in set(cfg.layer_types)}
+            {
+                kind: rope_tables(positions, jnp.asarray(cfg.rope_for(kind).inv_freq(cfg.head_dim)), cfg.dtype)
+                for kind in set(cfg.layer_types)
+            }
             if cfg.position == "rope" else None
         )
 

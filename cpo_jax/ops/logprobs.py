@@ -5,9 +5,7 @@ Two paths compute the same numbers:
 * from logits ``[B, T, V]`` (:func:`token_logps`), the plain ``log_softmax`` path;
 * from final hidden states ``[B, T, D]`` and the unembedding matrix ``[D, V]``
   (:func:`chunked_token_logps`), which never materialises the full ``[B, T, V]``
-  float32 logits. It walks over chunks of ``chunk_size`` tokens, and a custom VJP
-  recomputes each chunk's logits in the backward pass, so the peak extra memory is
-  a few ``[chunk_size, V]`` float32 buffers instead of ``[B, T, V]``.
+  float32 logits; the peak extra memory is about ``chunk_size * V`` float32 values.
 
 The forward walks over chunks of ``chunk_size`` tokens and keeps only the per-token log-prob
 and logsumexp. The backward (a custom VJP) walks over blocks of the *vocabulary*, sized so

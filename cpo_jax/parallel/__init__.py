@@ -11,11 +11,15 @@ from cpo_jax.parallel.multihost import (
 )
 from cpo_jax.parallel.sharding import (
     DEFAULT_RULES,
+    check_mesh_rules,
     logical_sharding,
     logical_spec,
     make_mesh,
-    resolve_mesh_shape,
+    merge_rules,
     param_shardings,
+    resolve_mesh_shape,
 )
 
-__all__ = ["DEFAULT_RULES", "any_process", "gather_json", "global_to_host", "host_to_global", "host_value_to_global", "initialize", "lockstep", "logical_sharding", "logical_spec", "make_mesh", "param_shardings", "resolve_mesh_shape"]
+__all__ = ["DEFAULT_RULES", "any_process", "check_mesh_rules", "gather_json", "global_to_host",
+           "host_to_global", "host_value_to_global", "initialize", "lockstep", "logical_sharding", "logical_spec",
+           "make_mesh", "merge_rules", "param_shardings", "resolve_mesh_shape"]

@@ -25,33 +25,34 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from cpo_jax.parallel.sharding import logical_spec
+from cpo_jax.parallel.sharding import Rules, logical_spec
 
 _NAMES = ("batch", "length")
 
 
 def host_to_global(local: np.ndarray, mesh: Mesh, names: Sequence[str | None] = _NAMES, *,
-                   batch_axis: int = 0) -> jax.Array:
+                   batch_axis: int = 0, rules: Rules | None = None) -> jax.Array:
     """Process-local rows ``[..., b, ...]`` -> global ``[..., b * process_count, ...]`` sharded by logical ``names``.
 
     ``names`` are the logical axes of ``local`` (truncated to its rank); ``batch_axis`` is the axis that
-    the processes' rows are concatenated along.
+    the processes' rows are concatenated along; ``rules``: the logical-axis rules (None: the defaults).
     """
     local = np.asarray(local)
     shape = list(local.shape)
     shape[batch_axis] *= jax.process_count()
-    spec = logical_spec(tuple(names)[: local.ndim], shape, mesh)
+    spec = logical_spec(tuple(names)[: local.ndim], shape, mesh, rules)
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, tuple(shape))
 
 
-def host_value_to_global(value: np.ndarray, mesh: Mesh | None, names: Sequence[str | None] = _NAMES) -> jax.Array:
+def host_value_to_global(value: np.ndarray, mesh: Mesh | None, names: Sequence[str | None] = _NAMES, *,
+                         rules: Rules | None = None) -> jax.Array:
     """The same full ``value`` on every process -> a global array of that value sharded by logical ``names``.
 
     ``mesh=None``: the value on the default device (a model that lives on one device)."""
     if mesh is None:
         return jnp.asarray(value)
     value = np.asarray(value)
-    spec = logical_spec(tuple(names)[: value.ndim], value.shape, mesh)
+    spec = logical_spec(tuple(names)[: value.ndim], value.shape, mesh, rules)
     return jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec), lambda index: value[index])
 
 

@@ -4,7 +4,13 @@ Parameters name their axes logically (``embed``, ``mlp``, ``heads``, ``kv_heads`
 ``head_dim``, ``norm``, ``positions``, ``layers``). A rules table maps each logical name to zero or more
 mesh axes, and :func:`logical_spec` turns a parameter's names into a ``PartitionSpec``. The default
 rules give FSDP over ``fsdp`` (the ``embed`` axis of every matrix) and tensor parallelism over
-``tensor`` (heads, MLP width, vocabulary); a mesh axis of size 1 switches either off.
+``tensor`` (heads, MLP width, vocabulary); a mesh axis of size 1 switches either off. A run's config may
+override single rules (``mesh_rules:``, merged over :data:`DEFAULT_RULES` by :func:`merge_rules` and checked
+against the mesh by :func:`check_mesh_rules`). The trainers pass the merged rules explicitly to model loading and
+to the batch helpers of :mod:`cpo_jax.parallel.multihost`; a helper given no rules uses the defaults.
+
+A dimension that a mesh axis does not divide is replicated over that axis, with one warning per
+(logical axis, dimension, mesh axes).
 
 Meshes are built with ``AxisType.Auto`` on purpose: jax >= 0.10 defaults ``jax.make_mesh`` to Explicit
 axes (sharding in types), and our jitted steps rely on GSPMD propagation from the parameter and
@@ -13,6 +19,7 @@ batch shardings instead.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -20,6 +27,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from cpo_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 Rules = Mapping[str, str | tuple[str, ...] | None]
 
@@ -37,6 +46,55 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "length": None,
     "micro": None,
 }
+
+
+def merge_rules(overrides: Rules | None = None) -> dict[str, str | tuple[str, ...] | None]:
+    """:data:`DEFAULT_RULES` with ``overrides`` (e.g. a config's ``mesh_rules``) replacing single entries."""
+    rules = dict(DEFAULT_RULES)
+    for name, rule in (overrides or {}).items():
+        rules[name] = tuple(rule) if isinstance(rule, list) else rule
+    return rules
+
+
+def rule_axes(rules: Rules) -> list[str]:
+    """Every mesh axis that some rule of ``rules`` maps a logical axis to, sorted."""
+    return sorted({axis for rule in rules.values() for axis in _mesh_axes(rule)})
+
+
+def check_mesh_rules(shape: Mapping[str, int], overrides: Rules | None = None) -> dict:
+    """The merged rules for mesh ``shape`` (axis -> size) and rule ``overrides``; raises :class:`ConfigError` when
+    an override names an unknown logical axis or a mesh axis the mesh lacks, or when a mesh axis is one no rule
+    uses (a typo such as ``dta`` would otherwise leave the batch replicated on every device). A default axis
+    (``data``, ``fsdp``, ``tensor``) of size 1 that the overrides leave unused is accepted: it is switched off."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(DEFAULT_RULES))
+    if unknown:
+        raise ConfigError(f"{unknown} are not logical axes", where="config key mesh_rules",
+                          hint=f"the logical axes are {list(DEFAULT_RULES)}")
+    for name, rule in overrides.items():
+        if not (rule is None or isinstance(rule, str)
+                or (isinstance(rule, (list, tuple)) and all(isinstance(a, str) for a in rule))):
+            raise ConfigError(f"{rule!r} is not a mesh axis, a list of mesh axes or null",
+                              where=f"config key mesh_rules.{name}")
+        missing = [axis for axis in _mesh_axes(rule) if axis not in shape]
+        if missing:
+            raise ConfigError(f"names mesh axis {missing[0]!r}, which the mesh {dict(shape)} lacks",
+                              where=f"config key mesh_rules.{name}", hint=f"the mesh axes are {list(shape)}; "
+                              "add the axis to mesh: or map the logical axis to an existing one")
+        if len(set(_mesh_axes(rule))) != len(_mesh_axes(rule)):
+            raise ConfigError(f"{rule!r} repeats a mesh axis", where=f"config key mesh_rules.{name}")
+    rules = merge_rules(overrides)
+    known = rule_axes(rules)
+    for axis, size in shape.items():
+        if axis not in known and not (size == 1 and axis in rule_axes(DEFAULT_RULES)):  # size 1: switched off
+            raise ConfigError(f"no logical axis is sharded over mesh axis {axis!r}, so it would only replicate",
+                              where=f"config key mesh.{axis}",
+                              hint=f"the known mesh axes are {known}; rename the axis, or map a logical axis to "
+                                   f"it in mesh_rules (e.g. mesh_rules.batch=[data, {axis}])")
+    return rules
+
+
+_WARNED: set[tuple] = set()
 
 
 def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -84,12 +142,16 @@ def _mesh_axes(rule) -> tuple[str, ...]:
     return (rule,) if isinstance(rule, str) else tuple(rule)
 
 
-def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules | None = None) -> PartitionSpec:
+def logical_spec(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules | None = None
+) -> PartitionSpec:
     """PartitionSpec for an array with logical axis ``names``.
 
-    A mesh axis absent from the mesh, already used by an earlier dimension, or whose size does not
-    divide the dimension is dropped for that dimension (the dimension is then replicated over it).
-    Unknown logical names raise ``KeyError``.
+    ``rules=None``: :data:`DEFAULT_RULES` (a config's ``mesh_rules`` reach here through the trainers). A mesh axis
+    absent from the mesh, already used by an earlier dimension, or whose size does not divide the dimension is
+    dropped for that dimension
+    (the dimension is then replicated over it); a dropped axis of size > 1 that does not divide is logged as a
+    warning, once per (logical axis, dimension, mesh axes). Unknown logical names raise ``KeyError``.
     """
     rules = DEFAULT_RULES if rules is None else rules
     used: set[str] = set()
@@ -100,18 +162,33 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, 
             continue
         if name not in rules:
             raise KeyError(f"no sharding rule for logical axis {name!r}; rules cover {sorted(rules)}")
-        axes = []
+        axes, dropped = [], []
         divisor = 1
         for axis in _mesh_axes(rules[name]):
             if axis not in mesh.shape or axis in used:
                 continue
             if size % (divisor * mesh.shape[axis]):
+                if mesh.shape[axis] > 1:
+                    dropped.append(axis)
                 continue
             axes.append(axis)
             divisor *= mesh.shape[axis]
         used.update(axes)
+        if dropped:
+            _warn_replicated(name, size, dropped, mesh)
         spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
     return PartitionSpec(*spec)
+
+
+def _warn_replicated(name: str, size: int, dropped: list[str], mesh: Mesh) -> None:
+    key = (name, int(size), tuple(dropped))
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    sizes = {axis: int(mesh.shape[axis]) for axis in dropped}
+    log.warning("logical axis %r of size %d does not divide over mesh axes %s: it is replicated over %s instead of "
+                "sharded (pick mesh sizes that divide it, or change mesh_rules.%s)", name, size, sizes,
+                list(dropped), name)
 
 
 def logical_sharding(names, shape, mesh: Mesh, rules: Rules | None = None) -> NamedSharding:

@@ -1,6 +1,12 @@
 """KL-regularised RLHF: rewards (verifiers and reward models), rollouts, RLOO/GRPO/PPO, and the on-policy loop.
 
-The pure losses (KL estimators, advantages, PPO/value losses) are in :mod:`cpo_jax.losses.rlhf`.
+Only the pure algorithms are imported here (JAX and :mod:`cpo_jax.losses.rlhf`, which holds the KL estimators,
+advantages and PPO/value losses). The rest is imported from its module, which loads what it needs:
+
+* :mod:`cpo_jax.rlhf.rewards`: ``RewardFunction``, ``VerifierReward``, ``LearnedReward``, ``VERIFIERS``, ``make_reward``
+* :mod:`cpo_jax.rlhf.rollout`: ``Rollout``, ``sample``, ``completion_logps``, ``completion_hidden`` (Flax models)
+* :mod:`cpo_jax.rlhf.step`: the jitted scoring pass and update
+* :mod:`cpo_jax.rlhf.trainer`: ``RLTrainer``, the loop (Orbax, grain, the data pipeline)
 """
 
 from cpo_jax.rlhf.algorithms import (
@@ -8,28 +14,9 @@ from cpo_jax.rlhf.algorithms import (
     advantages_and_returns,
     policy_objective,
 )
-from cpo_jax.rlhf.rewards import (
-    VERIFIERS,
-    LearnedReward,
-    RewardFunction,
-    VerifierReward,
-    make_reward,
-)
-from cpo_jax.rlhf.rollout import Rollout, completion_hidden, completion_logps, sample
-from cpo_jax.rlhf.trainer import RLTrainer
 
 __all__ = [
-    "VERIFIERS",
-    "LearnedReward",
-    "RLTrainer",
-    "RewardFunction",
-    "Rollout",
-    "VerifierReward",
     "adaptive_kl_coef",
     "advantages_and_returns",
-    "completion_hidden",
-    "completion_logps",
-    "make_reward",
     "policy_objective",
-    "sample",
 ]

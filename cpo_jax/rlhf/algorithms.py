@@ -14,7 +14,7 @@ Two stages, both jittable:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,9 @@ from cpo_jax.losses.rlhf import (
     rloo_advantages,
     value_loss,
 )
-from cpo_jax.train.config import RLConfig
+
+if TYPE_CHECKING:  # annotations only: this module is pure (jax and cpo_jax.losses), it never imports train/
+    from cpo_jax.train.config import RLConfig
 
 Array = jax.Array
 Algorithm = Literal["rloo", "grpo", "reinforce", "ppo"]

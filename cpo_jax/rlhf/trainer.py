@@ -1,6 +1,6 @@
 """The on-policy loop: prompts -> sample K completions -> score -> log-probs -> RLOO/GRPO/PPO update.
 
-``RLTrainer(cfg).run()`` mirrors :class:`cpo_jax.train.Trainer`: it resumes from the latest checkpoint in
+``RLTrainer(cfg).run()`` mirrors :class:`cpo_jax.train.trainer.Trainer`: it resumes from the latest checkpoint in
 ``cfg.output_dir`` (the KL coefficient of an adaptive controller included), logs TRL/verl metric names
 to ``metrics.jsonl`` and TensorBoard, evaluates greedy completions of ``data.eval_files`` with the reward,
 and exports the policy as an HF directory. The policy parameters live once, in the train state, in the
@@ -38,12 +38,12 @@ from cpo_jax.data import (
     load_records,
 )
 from cpo_jax.errors import ConfigError, DataError, TrainingDiverged
+from cpo_jax.hf.pretrained import from_pretrained, save_pretrained
 from cpo_jax.hf.resolve import resolve_model_path
 from cpo_jax.hf.tokenizer import load_tokenizer
-from cpo_jax.models import from_pretrained, save_pretrained
 from cpo_jax.models.generate import SamplingConfig
 from cpo_jax.parallel.multihost import global_to_host, host_to_global, host_value_to_global, lockstep
-from cpo_jax.parallel.sharding import make_mesh
+from cpo_jax.parallel.sharding import make_mesh, merge_rules
 from cpo_jax.rlhf.algorithms import adaptive_kl_coef
 from cpo_jax.rlhf.rewards import RewardFunction, make_reward
 from cpo_jax.rlhf.rollout import init_value_head, sample
@@ -75,9 +75,10 @@ class RLTrainer:
         self.output_dir = Path(cfg.output_dir)
         if cfg.loss.objective != "rlhf":
             raise ConfigError(f"RLTrainer trains loss.objective=rlhf, not {cfg.loss.objective!r}",
-                              where="config key loss.objective", hint="use cpo_jax.train.Trainer for it")
+                              where="config key loss.objective", hint="use cpo_jax.train.trainer.Trainer for it")
         validate_config(cfg)
         self.mesh = make_mesh(cfg.mesh, devices)
+        self.rules = merge_rules(cfg.mesh_rules)
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=cfg.keep_checkpoints,
                                          async_save=cfg.async_checkpoints)
         refuse_changed_run(cfg, self.checkpointer)
@@ -91,8 +92,9 @@ class RLTrainer:
         self.graphdef, model_state = nnx.split(policy)
         params = {"model": model_state}
         if self.rl.algorithm == "ppo":
-            params["value_head"] = jax.tree.map(lambda x: host_value_to_global(np.asarray(x), self.mesh, (None,)),
-                                                init_value_head(policy.config.hidden_size))
+            params["value_head"] = jax.tree.map(
+                lambda x: host_value_to_global(np.asarray(x), self.mesh, (None,), rules=self.rules),
+                init_value_head(policy.config.hidden_size))
         self.ref_params = {"model": nnx.split(from_pretrained(self.model_path, **model_kw))[1]}
         self.num_params = sum(x.size for x in jax.tree.leaves(model_state))
 
@@ -142,7 +144,7 @@ class RLTrainer:
 
     def _global(self, x: np.ndarray) -> jax.Array:
         """This process's prompt rows ``[P, ...]`` -> the global batch ``[P * process_count, ...]`` on the mesh."""
-        return host_to_global(x, self.mesh)
+        return host_to_global(x, self.mesh, rules=self.rules)
 
     def rollout_key(self, step: int) -> jax.Array:
         """The sampling key of (0-based) rollout ``step``: a function of the seed and the step only."""
@@ -188,7 +190,8 @@ class RLTrainer:
 
         t2 = time.perf_counter()
         rollout, metrics = self._score(self.state.params, self.ref_params, ids, mask, gen.tokens, gen.mask,
-                                       host_value_to_global(scores, self.mesh, ("batch",)), jnp.float32(self.kl_coef))
+                                       host_value_to_global(scores, self.mesh, ("batch",), rules=self.rules),
+                                       jnp.float32(self.kl_coef))
         metrics = jax.device_get(metrics)
         timings["timing_s/old_log_prob"] = time.perf_counter() - t2
 

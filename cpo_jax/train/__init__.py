@@ -1,25 +1,22 @@
-"""Training: config, objectives, jitted steps, Orbax checkpoints, metrics and the loop."""
+"""Training: config, objectives, jitted steps, Orbax checkpoints, metrics and the loop.
 
-from cpo_jax.train.checkpoint import Checkpointer
+Only the configuration (plain dataclasses, no JAX) is imported here, so reading and validating a config loads
+nothing heavy. The rest is imported from its module:
+
+* :mod:`cpo_jax.train.trainer`: ``Trainer``, ``RunResult``, ``stack_micro_batches`` (the loop: data, models, Orbax)
+* :mod:`cpo_jax.train.step`: ``TrainState``, ``init_state``, ``train_step``, ``eval_step``
+* :mod:`cpo_jax.train.checkpoint`: ``Checkpointer``
+* :mod:`cpo_jax.train.validate`: ``validate_config``
+"""
+
 from cpo_jax.train.config import DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig, from_dict, to_dict
-from cpo_jax.train.step import TrainState, eval_step, init_state, train_step
-from cpo_jax.train.trainer import RunResult, Trainer, TrainingDiverged, stack_micro_batches
 
 __all__ = [
-    "Checkpointer",
     "DataConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
-    "RunResult",
     "TrainConfig",
-    "TrainState",
-    "Trainer",
-    "TrainingDiverged",
-    "eval_step",
     "from_dict",
-    "init_state",
-    "stack_micro_batches",
     "to_dict",
-    "train_step",
 ]

@@ -8,6 +8,16 @@ import types
 import typing
 from typing import Any, Literal
 
+#: Closed value sets. Kept here (not imported from the modules that implement them) so that this module stays
+#: free of jax; tests/test_config_typing.py checks each against its implementation.
+Dtype = Literal["float32", "bfloat16", "float16"]
+Remat = Literal["none", "full", "dots", "dots_no_batch"]
+AttentionImpl = Literal["xla", "auto"]
+Truncation = Literal["keep_start", "keep_end"]
+OptimizerName = Literal["adamw", "adam", "lion", "sgd", "adafactor"]
+#: A logical-axis rule: one mesh axis, several (tried in order), or none (replicated).
+MeshRule = str | tuple[str, ...] | None
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -19,11 +29,11 @@ class ModelConfig:
     ``false`` trains that row like any other."""
 
     path: str = ""
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: str = "none"
+    dtype: Dtype = "float32"
+    param_dtype: Dtype = "float32"
+    remat: Remat = "none"
     scan_layers: bool = False
-    attention_impl: str = "xla"
+    attention_impl: AttentionImpl = "xla"
     logprob_chunk_size: int = 1024
     freeze_padding_embedding: bool = True
 
@@ -38,7 +48,7 @@ class DataConfig:
     skip_invalid: bool = False
     max_length: int = 512
     max_prompt_length: int | None = None
-    truncation: str = "keep_start"
+    truncation: Truncation = "keep_start"
     pairs_per_batch: int = 8
     pack: bool = False
     rows_per_batch: int | None = None
@@ -68,7 +78,7 @@ class OptimConfig:
     ``torch.optim.AdamW``'s own is 0.01, optax's ``adamw`` 1e-4).
     """
 
-    name: str = "adamw"
+    name: OptimizerName = "adamw"
     learning_rate: float = 5e-7
     weight_decay: float = 0.0
     b1: float | None = None
@@ -139,7 +149,7 @@ class ResumeConfig:
     The config stored with the checkpoint is compared with the new one. Keys that change what the run
     means (model, loss and its hyperparameters, optimiser, data and tokenisation, batch layout, seeds) are
     refused with a diff unless ``allow_config_change``; the others (``steps``, logging, evaluation and
-    checkpoint cadence, mesh) are accepted and logged. See :mod:`cpo_jax.train.resume`.
+    checkpoint cadence, mesh and mesh_rules) are accepted and logged. See :mod:`cpo_jax.train.resume`.
     """
 
     allow_config_change: bool = False
@@ -147,7 +157,12 @@ class ResumeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """A whole run. ``mesh`` maps axis names to sizes (-1: the remaining devices).
+    """A whole run. ``mesh`` maps axis names to sizes (-1: the remaining devices); every axis must be one that a
+    logical-axis rule uses (``data``, ``fsdp``, ``tensor`` by default).
+
+    ``mesh_rules``: logical axis -> mesh axis (or a list of them, or null: replicated), merged over
+    :data:`cpo_jax.parallel.sharding.DEFAULT_RULES`, e.g. ``{embed: null, mlp: fsdp}``. It changes how parameters
+    and batches are laid out on devices, not what is computed.
 
     ``max_nonfinite_steps``: consecutive non-finite steps (skipped) before training stops.
     ``max_update_ratio``: stop when one update is larger than this multiple of the parameters' norm
@@ -162,7 +177,8 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     rl: RLConfig = RLConfig()
     resume: ResumeConfig = ResumeConfig()
-    mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
+    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
+    mesh_rules: dict[str, MeshRule] = dataclasses.field(default_factory=dict)
     steps: int = 100
     grad_accum: int = 1
     seed: int = 0
@@ -187,25 +203,77 @@ def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, annotation: Any, path: str) -> Any:
-    if dataclasses.is_dataclass(annotation):
-        return from_dict(annotation, value, path)
-    origin = typing.get_origin(annotation)
-    if origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(value)
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+          type(None): "null"}
+_PLURALS = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+_GOT = {int: "an integer", float: "a float", bool: "a boolean", str: "a string", list: "a list", dict: "a mapping",
+        type(None): "null"}
+
+
+def describe(annotation: Any) -> str:
+    """What a value of ``annotation`` looks like, in the words of a config file (``a number or null``)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return f"one of {list(args)}"
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            if dataclasses.is_dataclass(option) and isinstance(value, dict):
-                return from_dict(option, value, path)
-        if value is None or any(typing.get_origin(a) is tuple for a in typing.get_args(annotation)):
-            return tuple(value) if isinstance(value, list) else value
-    if origin is Literal and value not in typing.get_args(annotation):
-        raise ValueError(f"config key {path}={value!r}: expected one of {list(typing.get_args(annotation))}")
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    expected = {int: int, float: float, bool: bool, str: str, dict: dict}.get(annotation)
-    if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
-        raise TypeError(f"config key {path}={value!r} is a {type(value).__name__}; expected {expected.__name__}")
+        return " or ".join(describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_PLURALS.get(args[0], 'values')}" if len(args) == 2 and args[1] is Ellipsis else "a list"
+    if origin is dict:
+        return f"a mapping of {describe(args[1])}" if args else "a mapping"
+    if dataclasses.is_dataclass(annotation):
+        return f"a mapping of {annotation.__name__} keys"
+    return _NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _wrong(value: Any, annotation: Any, path: str) -> TypeError:
+    got = _GOT.get(type(value), f"a {type(value).__name__}")
+    return TypeError(f"config key {path}={value!r} is {got}; expected {describe(annotation)}")
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    """``value`` checked against ``annotation`` (and lists made tuples, ints made floats where a float is expected).
+
+    Strict: a bool is not an int, an int is not a bool, a float is not an int, and ``X | None`` checks ``X``.
+    Raises ``TypeError`` (or ``ValueError`` for a value outside a ``Literal``) naming the dotted ``path``."""
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise _wrong(value, annotation, path)
+        return from_dict(annotation, value, path)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return _coerce(value, option, path)
+            except (TypeError, ValueError) as err:
+                if len(options) == 1 and not str(err).startswith(f"config key {path}="):
+                    raise  # a list item or mapping entry: its own key is the news
+        raise _wrong(value, annotation, path)
+    if origin is Literal:
+        if not any(type(value) is type(a) and value == a for a in args):
+            raise ValueError(f"config key {path}={value!r}: expected one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _wrong(value, annotation, path)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        return tuple(value)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise _wrong(value, annotation, path)
+        if not args:
+            return value
+        return {k: _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _wrong(value, annotation, path)
+    if annotation in (int, bool, str) and type(value) is not annotation:
+        raise _wrong(value, annotation, path)
     return value
 
 

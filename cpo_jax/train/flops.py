@@ -37,7 +37,9 @@ def peak_tflops(device_kind: str) -> float | None:
 def matmul_params(model_config, total_params: int) -> int:
     """Parameters that take part in matmuls: all, minus the embedding table when it is not tied."""
     embed = model_config.vocab_size * model_config.hidden_size
-    learned = model_config.max_position_embeddings * model_config.hidden_size if model_config.position == "learned" else 0
+    learned = (
+        model_config.max_position_embeddings * model_config.hidden_size if model_config.position == "learned" else 0
+    )
     return total_params - learned - (0 if model_config.tie_embeddings else embed)
 
 

@@ -16,10 +16,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from cpo_jax import losses
-from cpo_jax.losses import reference_free
+from cpo_jax.losses import PairLogps, reference_free
 from cpo_jax.ops.logprobs import chunked_token_logps
 
 Batch = dict[str, jax.Array]
@@ -28,16 +27,6 @@ Batch = dict[str, jax.Array]
 def reference_free_losses() -> frozenset[str]:
     """Registered losses that take no reference log-probs (SimPO, ORPO, contrastive, SFT)."""
     return frozenset(n for n in losses.names() if losses.get(n).__module__ == reference_free.__name__)
-
-
-@struct.dataclass
-class SequenceLogps:
-    """Per-slot sums over completion tokens: ``chosen``/``rejected`` ``[P]`` log-probs and lengths."""
-
-    chosen: jax.Array
-    rejected: jax.Array
-    chosen_lengths: jax.Array
-    rejected_lengths: jax.Array
 
 
 def hidden_from_batch(model, batch: Batch) -> jax.Array:
@@ -62,45 +51,47 @@ def sequence_sums(values: jax.Array, batch: Batch, num_sequences: int) -> jax.Ar
     return jax.ops.segment_sum(weighted, safe_ids, num_segments=num_sequences + 1)[:num_sequences]
 
 
-def pair_logps(token_logps: jax.Array, batch: Batch) -> SequenceLogps:
-    """Chosen/rejected summed log-probs and completion lengths ``[P]`` from token log-probs."""
+def pair_logps(token_logps: jax.Array, batch: Batch) -> PairLogps:
+    """Chosen/rejected summed log-probs, completion lengths and the real-pair mask ``[P]`` from token log-probs
+    (no reference log-probs); empty slots have zero sums and lengths."""
     p = batch["pair_mask"].shape[-1]
     sums = sequence_sums(token_logps, batch, 2 * p).reshape(p, 2)
     lengths = sequence_sums(jnp.ones_like(token_logps), batch, 2 * p).reshape(p, 2)
-    return SequenceLogps(sums[:, 0], sums[:, 1], lengths[:, 0], lengths[:, 1])
+    return PairLogps(sums[:, 0], sums[:, 1], chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1],
+                     mask=batch["pair_mask"] > 0)
 
 
 def preference_objective(
     model,
     batch: Batch,
-    reference: SequenceLogps | None,
+    reference: PairLogps | None,
     *,
     loss_name: str,
     hparams: dict[str, Any],
     chunk_size: int = 1024,
     reference_is_policy: jax.Array | bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Sum over real pairs of ``losses.get(loss_name)``, and the TRL/paper metrics (batch means).
+    """Sum over real pairs of ``losses.get(loss_name)``, and the TRL/paper metrics (means over real pairs).
+
+    ``reference``: its ``chosen``/``rejected`` are the reference's summed log-probs. The loss sees the batch's
+    ``pair_mask`` as ``PairLogps.mask``, so losses that couple the batch (``losses.couples_batch``) ignore
+    empty slots.
 
     ``reference_is_policy`` (a traced bool): the policy's weights *are* the reference's (the first step of a run),
     so the reference log-probs are the policy's own, gradient stopped. XLA compiles the policy's forward inside
     the gradient computation and the reference's alone with different fusions (summed log-probs differ by ~1e-5
     on the CPU), so computing them twice would give rewards of ~1e-7 where TRL's are exactly 0."""
     policy = pair_logps(token_logps_from_batch(model, batch, chunk_size=chunk_size), batch)
-    mask = batch["pair_mask"].astype(jnp.float32)
     # Padding slots have zero lengths and sums; give them length 1 so normalised losses stay finite.
-    nc = jnp.maximum(policy.chosen_lengths, 1.0)
-    nr = jnp.maximum(policy.rejected_lengths, 1.0)
-    rc = rr = None
+    logps = policy.replace(chosen_lengths=jnp.maximum(policy.chosen_lengths, 1.0),
+                           rejected_lengths=jnp.maximum(policy.rejected_lengths, 1.0))
     if reference is not None:
         rc, rr = (jnp.where(reference_is_policy, jax.lax.stop_gradient(own), ref)
                   for own, ref in ((policy.chosen, reference.chosen), (policy.rejected, reference.rejected)))
-    per_pair = losses.get(loss_name)(policy.chosen, policy.rejected, rc, rr, chosen_lengths=nc,
-                                     rejected_lengths=nr, **hparams)
-    metrics = losses.preference_metrics(policy.chosen, policy.rejected, rc, rr, beta=hparams.get("beta", 0.1),
-                                        chosen_lengths=nc, rejected_lengths=nr, gamma=hparams.get("gamma"),
-                                        mask=mask)
-    return jnp.sum(jnp.where(mask > 0, per_pair, 0.0)), metrics
+        logps = logps.replace(ref_chosen=rc, ref_rejected=rr)
+    per_pair = losses.get(loss_name)(logps, **hparams)
+    metrics = losses.preference_metrics(logps, beta=hparams.get("beta", 0.1), gamma=hparams.get("gamma"))
+    return jnp.sum(jnp.where(logps.real(), per_pair, 0.0)), metrics
 
 
 def sft_objective(model, batch: Batch, *, chunk_size: int = 1024) -> tuple[jax.Array, dict[str, jax.Array]]:

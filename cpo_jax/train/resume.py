@@ -25,8 +25,8 @@ HARMLESS = (
     "output_dir", "steps", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
     "async_checkpoints", "max_nonfinite_steps", "max_update_ratio", "peak_tflops_per_device", "tensorboard",
     "wandb_project", "progress_bar", "export_hf", "eval_generation_prompts", "eval_generation_tokens",
-    "data.eval_files", "rl.eval_max_new_tokens", "mesh.", "model.remat", "model.attention_impl",
-    "model.logprob_chunk_size", "resume.",
+    "data.eval_files", "rl.eval_max_new_tokens", "mesh.", "mesh_rules", "mesh_rules.", "model.remat",
+    "model.attention_impl", "model.logprob_chunk_size", "resume.",
 )
 
 

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from cpo_jax.losses import PairLogps
 from cpo_jax.train.config import TrainConfig
 from cpo_jax.train.objectives import (
-    SequenceLogps,
     pair_logps,
     preference_objective,
     reward_objective,
@@ -70,12 +70,12 @@ def update_size(params, updates) -> dict[str, jax.Array]:
             "update_ratio": optax.tree.norm(updates) / jnp.maximum(param_norm, jnp.finfo(jnp.float32).tiny)}
 
 
-def _reference_logps(cfg: TrainConfig, graphdef, ref_params, mb: Batch) -> SequenceLogps | None:
+def _reference_logps(cfg: TrainConfig, graphdef, ref_params, mb: Batch) -> PairLogps | None:
     mode = cfg.loss.reference
     if mode == "none" or cfg.loss.objective != "preference":
         return None
     if mode == "precomputed":
-        return SequenceLogps(mb["ref_chosen"], mb["ref_rejected"], None, None)
+        return PairLogps(mb["ref_chosen"], mb["ref_rejected"])
     ref_model = nnx.merge(graphdef, ref_params["model"])
     ref = pair_logps(token_logps_from_batch(ref_model, mb, chunk_size=cfg.model.logprob_chunk_size), mb)
     return jax.tree.map(jax.lax.stop_gradient, ref)

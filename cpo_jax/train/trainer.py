@@ -22,11 +22,11 @@ from jax.sharding import NamedSharding
 from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, build_dataset, load_records
 from cpo_jax.data.batching import ROW_KEYS, row_fill
 from cpo_jax.errors import CheckpointError, DataError, TrainingDiverged
+from cpo_jax.hf.pretrained import from_pretrained, save_pretrained
 from cpo_jax.hf.resolve import resolve_model_path
 from cpo_jax.hf.tokenizer import load_tokenizer
-from cpo_jax.models import from_pretrained, save_pretrained
 from cpo_jax.parallel.multihost import host_to_global, lockstep
-from cpo_jax.parallel.sharding import make_mesh
+from cpo_jax.parallel.sharding import make_mesh, merge_rules
 from cpo_jax.train import flops as flops_lib
 from cpo_jax.train.checkpoint import Checkpointer
 from cpo_jax.train.config import TrainConfig, to_dict
@@ -43,9 +43,11 @@ log = logging.getLogger(__name__)
 
 
 def model_load_kwargs(cfg: TrainConfig, mesh) -> dict:
-    """:func:`cpo_jax.models.from_pretrained` keyword arguments for the ``model:`` section of ``cfg`` on ``mesh``."""
+    """:func:`~cpo_jax.hf.pretrained.from_pretrained` keyword arguments for the ``model:`` section of ``cfg`` on
+    ``mesh``, with the config's logical-axis rules (``mesh_rules`` over the defaults)."""
+    rules = merge_rules(cfg.mesh_rules)
     kwargs = {"dtype": jnp.dtype(cfg.model.dtype), "param_dtype": jnp.dtype(cfg.model.param_dtype), "mesh": mesh,
-              "scan_layers": cfg.model.scan_layers, "remat": cfg.model.remat,
+              "rules": rules, "scan_layers": cfg.model.scan_layers, "remat": cfg.model.remat,
               "attention_impl": cfg.model.attention_impl}
     if not cfg.model.freeze_padding_embedding:
         kwargs["padding_idx"] = None
@@ -141,6 +143,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         validate_config(cfg)
         self.mesh = make_mesh(cfg.mesh, devices)
+        self.rules = merge_rules(cfg.mesh_rules)
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=cfg.keep_checkpoints,
                                          async_save=cfg.async_checkpoints)
         refuse_changed_run(cfg, self.checkpointer)
@@ -226,7 +229,8 @@ class Trainer:
         for key, local in batch.items():
             if key == "sequence_ids":  # local slots -> global slots (process p holds pairs [p*P, (p+1)*P))
                 local = np.where(local >= 0, local + jax.process_index() * 2 * pairs, local)
-            out[key] = host_to_global(local, self.mesh, ("micro", "batch", "length"), batch_axis=1)
+            out[key] = host_to_global(local, self.mesh, ("micro", "batch", "length"), batch_axis=1,
+                                      rules=self.rules)
         return out
 
     def _shardings_of(self, batch: dict) -> dict:

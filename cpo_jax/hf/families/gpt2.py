@@ -7,9 +7,9 @@ axis on import and concatenates them on export.
 
 from __future__ import annotations
 
+from cpo_jax.hf.config import attention_dims, int_value, number_value, require_model_type, require_value
 from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import TransformerConfig
-from cpo_jax.models.hf_config import attention_dims, int_value, number_value, require_model_type, require_value
 
 MODEL_TYPES = ("gpt2",)
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}

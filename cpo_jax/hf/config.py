@@ -1,7 +1,7 @@
 """Helpers for reading a transformers-5 ``config.json`` strictly: unknown options are errors.
 
-Every problem is an :class:`UnsupportedConfig` (a :class:`~cpo_jax.errors.ModelError`) that names the key and
-its value; :func:`located` adds the file.
+Every problem is an :class:`~cpo_jax.errors.UnsupportedConfig` (a :class:`~cpo_jax.errors.ModelError`) that names
+the key and its value; :func:`located` adds the file. The family modules in :mod:`cpo_jax.hf.families` use them.
 """
 
 from __future__ import annotations
@@ -11,15 +11,11 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from cpo_jax.errors import ModelError
+from cpo_jax.errors import ModelError, UnsupportedConfig
 from cpo_jax.models.config import FULL, SLIDING, RopeSpec
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _FIX_HINT = "use the config.json saved with these weights (transformers: model.config.save_pretrained(dir))"
-
-
-class UnsupportedConfig(ModelError):
-    """A config.json value that cpo_jax cannot honour (it is never silently ignored)."""
 
 
 @contextlib.contextmanager

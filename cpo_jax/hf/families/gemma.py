@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-from cpo_jax.hf.weights import WeightRule
-from cpo_jax.models.config import FULL, TransformerConfig
-from cpo_jax.models.hf_config import (
+from cpo_jax.hf.config import (
     decoder_dims,
     layer_types,
     number_value,
@@ -23,7 +21,9 @@ from cpo_jax.models.hf_config import (
     rope_specs,
     sliding_window,
 )
-from cpo_jax.models.llama import projection_rules
+from cpo_jax.hf.families.llama import projection_rules
+from cpo_jax.hf.weights import WeightRule
+from cpo_jax.models.config import FULL, TransformerConfig
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu")  # transformers maps Gemma's legacy "gelu" to the tanh form

@@ -11,9 +11,7 @@ Differences handled by :class:`~cpo_jax.models.config.TransformerConfig` flags:
 
 from __future__ import annotations
 
-from cpo_jax.hf.weights import WeightRule
-from cpo_jax.models.config import FULL, SLIDING, TransformerConfig
-from cpo_jax.models.hf_config import (
+from cpo_jax.hf.config import (
     decoder_dims,
     int_value,
     layer_types,
@@ -23,6 +21,8 @@ from cpo_jax.models.hf_config import (
     rope_specs,
     sliding_window,
 )
+from cpo_jax.hf.weights import WeightRule
+from cpo_jax.models.config import FULL, SLIDING, TransformerConfig
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -70,7 +70,8 @@ def projection_rules(cfg: TransformerConfig, layer: str = "model.layers.{i}") ->
     """
     rules = []
     for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
-        rules.append(WeightRule(f"{layer}.self_attn.{theirs}.weight", f"layers.{{i}}.attn.{ours}.kernel", transpose=True))
+        rules.append(WeightRule(f"{layer}.self_attn.{theirs}.weight", f"layers.{{i}}.attn.{ours}.kernel",
+                                transpose=True))
         if cfg.o_bias if ours == "o" else cfg.qkv_bias:
             rules.append(WeightRule(f"{layer}.self_attn.{theirs}.bias", f"layers.{{i}}.attn.{ours}.bias"))
     if cfg.qk_norm:
