@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from cpo_jax.errors import ConfigError, UserError
+from cpo_jax.errors import ConfigError, UserError, first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0],
                   pretty_exceptions_enable=False)
@@ -341,7 +341,7 @@ def _user_error_of(err: BaseException) -> UserError | None:
         return UserError(f"{what} ({type(err).__name__})", where=str(err.filename),
                          hint="check the path, its permissions and the free disk space")
     if isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)[:2000]:
-        return UserError(f"out of memory: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}",
+        return UserError(f"out of memory: {first_line(err, 300)}",
                          hint="lower data.pairs_per_batch or data.max_length, raise grad_accum, set "
                               "model.remat=full, or shard over more devices (mesh.fsdp)")
     return None

@@ -14,6 +14,16 @@ keeps working.
 from __future__ import annotations
 
 
+def first_line(err: BaseException, limit: int | None = None, *, with_type: bool = False) -> str:
+    """The first line of ``err``'s message (third-party messages run to many lines), at most ``limit`` characters,
+    or the exception's type name when the message is empty. ``with_type``: ``"<type>: <first line>"``."""
+    lines = str(err).strip().splitlines()
+    if not lines:
+        return type(err).__name__
+    text = lines[0] if limit is None else lines[0][:limit]
+    return f"{type(err).__name__}: {text}" if with_type else text
+
+
 class UserError(Exception):
     """Base of every error the user can fix.
 

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cpo_jax.errors import DataError, UserFileNotFoundError
+from cpo_jax.errors import DataError, UserFileNotFoundError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,6 @@ class RecordSet:
 
 # ------------------------------------------------------------------------------------------------
 # raw rows
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an exception's message (third-party messages can run to many lines)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def json_layout(head: bytes) -> str | None:
@@ -147,7 +141,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{path}:row {number}", row
     except (pa.ArrowException, OSError) as err:
         where = f" after row {number}" if number else ""
-        raise DataError(str(path), f"not a readable Parquet file{where}: {_first_line(err)}",
+        raise DataError(str(path), f"not a readable Parquet file{where}: {first_line(err)}",
                         hint="check that the file was written completely by a Parquet writer "
                              "(e.g. pyarrow.parquet.write_table or Dataset.to_parquet)") from err
 
@@ -158,7 +152,7 @@ def _hf_dataset_rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]
     try:
         data = datasets.load_from_disk(str(path))
     except Exception as err:  # noqa: BLE001 - datasets raises many types (FileNotFoundError, ValueError, Arrow errors)
-        raise DataError(str(path), f"a saved Hugging Face dataset that does not load: {_first_line(err)}",
+        raise DataError(str(path), f"a saved Hugging Face dataset that does not load: {first_line(err)}",
                         hint="re-create it with Dataset.save_to_disk, or give the JSONL/Parquet files it came "
                              "from") from err
     if isinstance(data, datasets.DatasetDict):

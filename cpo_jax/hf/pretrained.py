@@ -24,7 +24,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from cpo_jax.errors import ModelError, UnsupportedConfig
+from cpo_jax.errors import ModelError, UnsupportedConfig, first_line
 from cpo_jax.hf.config import located
 from cpo_jax.hf.families import FAMILIES, family_of
 from cpo_jax.hf.resolve import read_json_object, require_model_dir
@@ -81,8 +81,8 @@ def _bad_safetensors(file: Path, err: Exception, tensor: str | None = None) -> M
     if isinstance(err, OSError):
         return ModelError(f"cannot be read: {err.strerror or err}", where=where,
                           hint="check that the file exists, is a regular file and is readable")
-    message = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return ModelError(f"not a readable safetensors file (truncated, empty or corrupt?): {message}", where=where,
+    return ModelError(f"not a readable safetensors file (truncated, empty or corrupt?): {first_line(err)}",
+                      where=where,
                       hint=REDOWNLOAD)
 
 
@@ -271,8 +271,7 @@ def _unsupported_dtype(file: Path, name: str, stored: str) -> ModelError:
 
 def _first_line(err: BaseException, limit: int = 200) -> str:
     """The first line of an error message (without TensorStore's spec dump), at most ``limit`` characters."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    text = text.split(" See full TensorStore details", 1)[0]
+    text = first_line(err).split(" See full TensorStore details", 1)[0]
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cpo_jax.errors import ModelError, UserFileNotFoundError
+from cpo_jax.errors import ModelError, UserFileNotFoundError, first_line
 from cpo_jax.hf.resolve import read_json_object
 
 if TYPE_CHECKING:
@@ -51,9 +51,7 @@ def _diagnose(directory: Path, files: list[str], err: Exception) -> ModelError:
     if not _has_vocab(files):
         return ModelError(f"the tokenizer has no vocabulary file (has {files}; expected one of "
                           f"{list(VOCAB_FILES[:5])}, ...)", where=str(directory), hint=_SAVE_HINT)
-    text = str(err).strip()
-    first = text.splitlines()[0] if text else ""
-    return ModelError(f"transformers cannot load the tokenizer: {type(err).__name__}: {first}"[:400],
+    return ModelError(f"transformers cannot load the tokenizer: {first_line(err, with_type=True)}"[:400],
                       where=str(directory), hint=f"check that the tokenizer files belong together; {_SAVE_HINT}")
 
 

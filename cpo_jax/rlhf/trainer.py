@@ -39,16 +39,12 @@ from cpo_jax.data import (
 )
 from cpo_jax.errors import ConfigError, DataError, TrainingDiverged
 from cpo_jax.hf.pretrained import from_pretrained, save_pretrained
-from cpo_jax.hf.resolve import resolve_model_path
-from cpo_jax.hf.tokenizer import load_tokenizer
 from cpo_jax.models.generate import SamplingConfig
 from cpo_jax.parallel.multihost import global_to_host, host_to_global, host_value_to_global, lockstep
-from cpo_jax.parallel.sharding import make_mesh, merge_rules
 from cpo_jax.rlhf.algorithms import adaptive_kl_coef
 from cpo_jax.rlhf.rewards import RewardFunction, make_reward
 from cpo_jax.rlhf.rollout import init_value_head, sample
 from cpo_jax.rlhf.step import jit_score, jit_update
-from cpo_jax.train.checkpoint import Checkpointer
 from cpo_jax.train.config import TrainConfig, to_dict
 from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
 from cpo_jax.train.step import init_state
@@ -58,10 +54,9 @@ from cpo_jax.train.trainer import (
     divergence,
     model_load_kwargs,
     open_run,
-    refuse_changed_run,
+    prepare_run,
     resume_check,
 )
-from cpo_jax.train.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +71,8 @@ class RLTrainer:
         if cfg.loss.objective != "rlhf":
             raise ConfigError(f"RLTrainer trains loss.objective=rlhf, not {cfg.loss.objective!r}",
                               where="config key loss.objective", hint="use cpo_jax.train.trainer.Trainer for it")
-        validate_config(cfg)
-        self.mesh = make_mesh(cfg.mesh, devices)
-        self.rules = merge_rules(cfg.mesh_rules)
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=cfg.keep_checkpoints,
-                                         async_save=cfg.async_checkpoints)
-        refuse_changed_run(cfg, self.checkpointer)
-        self.model_path = resolve_model_path(cfg.model.path)
-        self.tokenizer = tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
+        self.mesh, self.rules, self.checkpointer, self.model_path, tokenizer = prepare_run(cfg, devices, tokenizer)
+        self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_id = tokenizer.eos_token_id
         model_kw = model_load_kwargs(cfg, self.mesh)

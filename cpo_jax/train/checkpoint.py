@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cpo_jax.errors import CheckpointError
+from cpo_jax.errors import CheckpointError, first_line
 from cpo_jax.parallel.multihost import any_process, gather_json
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,6 @@ log = logging.getLogger(__name__)
 def abstract_with_shardings(tree, shardings):
     """``ShapeDtypeStruct``s of ``tree`` placed as ``shardings`` (the restore target)."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def first_line(err: BaseException, limit: int = 300) -> str:
-    """``"<type>: <first line of the message>"`` of ``err``, at most ``limit`` characters of the message."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__
 
 
 def set_aside_path(damaged_dir: Path, step: int) -> Path:
@@ -99,7 +93,7 @@ class Checkpointer:
         try:
             config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
         except Exception as err:  # noqa: BLE001 - any failure to read the item means a damaged step
-            raise self._damaged(step, f"its config cannot be read ({first_line(err)})") from err
+            raise self._damaged(step, f"its config cannot be read ({first_line(err, 300, with_type=True)})") from err
         if not isinstance(config, dict):
             raise self._damaged(step, f"its stored config is a {type(config).__name__}, not a JSON object")
         return config
@@ -116,7 +110,7 @@ class Checkpointer:
             ))
             return out.state, self._own_data_state(out.data, step), out.config
         except Exception as err:  # noqa: BLE001 - any failure to read the step means a damaged (or foreign) step
-            raise self._damaged(step, f"it cannot be restored ({first_line(err)})") from err
+            raise self._damaged(step, f"it cannot be restored ({first_line(err, 300, with_type=True)})") from err
 
     def _damaged(self, step: int, reason: str) -> CheckpointError:
         """The error of an unreadable ``step``; ``reason`` (one line) is kept as its ``reason`` attribute."""

@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from cpo_jax.errors import CheckpointError, UserError, UserFileNotFoundError
+from cpo_jax.errors import CheckpointError, UserError, UserFileNotFoundError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,7 @@ def export_run(run_dir: str | Path, dst: str | Path, *, step: int | None = None,
             except UserError:
                 raise
             except Exception as err:  # noqa: BLE001 - a step that cannot be read is damaged or foreign
-                first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-                damaged = CheckpointError(f"checkpoint step {candidate} cannot be read: {first}",
+                damaged = CheckpointError(f"checkpoint step {candidate} cannot be read: {first_line(err, 300)}",
                                           where=str(run_dir / "checkpoints" / str(candidate)),
                                           hint=f"export another kept step with --step (kept: {steps})")
                 if i + 1 == len(candidates):

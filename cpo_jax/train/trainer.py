@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,30 @@ def refuse_changed_run(cfg: TrainConfig, checkpointer: Checkpointer) -> None:
         return
 
 
+class RunSetup(NamedTuple):
+    """What a trainer holds before any model loads (see :func:`prepare_run`)."""
+
+    mesh: jax.sharding.Mesh
+    rules: dict
+    checkpointer: Checkpointer
+    model_path: Path
+    tokenizer: object
+
+
+def prepare_run(cfg: TrainConfig, devices=None, tokenizer=None) -> RunSetup:
+    """The start both trainers share, cheapest checks first, before any model loads: validate ``cfg``, build the
+    mesh and its logical-axis rules, open the checkpoint directory and refuse a rerun whose config changed what the
+    run means, resolve ``model.path`` (its config.json checked) and load its tokenizer unless one is given."""
+    validate_config(cfg)
+    mesh = make_mesh(cfg.mesh, devices)
+    checkpointer = Checkpointer(Path(cfg.output_dir) / "checkpoints", keep=cfg.keep_checkpoints,
+                                async_save=cfg.async_checkpoints)
+    refuse_changed_run(cfg, checkpointer)
+    model_path = resolve_model_path(cfg.model.path)
+    return RunSetup(mesh, merge_rules(cfg.mesh_rules), checkpointer, model_path,
+                    tokenizer if tokenizer is not None else load_tokenizer(model_path))
+
+
 def drop_hint(dropped: dict, max_length: int, prompt_limit: int) -> str:
     """What to do when the tokeniser drops every example, by the reasons counted in ``dropped``."""
     if set(dropped) <= {"identical_pair"}:
@@ -141,14 +166,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, tokenizer=None, devices=None):
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
-        validate_config(cfg)
-        self.mesh = make_mesh(cfg.mesh, devices)
-        self.rules = merge_rules(cfg.mesh_rules)
-        self.checkpointer = Checkpointer(self.output_dir / "checkpoints", keep=cfg.keep_checkpoints,
-                                         async_save=cfg.async_checkpoints)
-        refuse_changed_run(cfg, self.checkpointer)
-        self.model_path = resolve_model_path(cfg.model.path)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
+        self.mesh, self.rules, self.checkpointer, self.model_path, self.tokenizer = prepare_run(cfg, devices,
+                                                                                                tokenizer)
         model_kw = model_load_kwargs(cfg, self.mesh)
         policy = from_pretrained(self.model_path, **model_kw)
         self.model_config = policy.config
