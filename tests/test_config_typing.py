@@ -32,6 +32,9 @@ BASE = {"model": {"path": "tiny-random"}, "data": {"train_files": ["bundled:tiny
 def _fields(cls, prefix: str = ""):
     """``(dotted key, annotation)`` of every leaf field of a config dataclass."""
     for name, annotation in typing.get_type_hints(cls).items():
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(options) == 1 and dataclasses.is_dataclass(options[0]):  # an optional section (rl:)
+            annotation = options[0]
         if dataclasses.is_dataclass(annotation):
             yield from _fields(annotation, f"{prefix}{name}.")
         else:
@@ -201,7 +204,7 @@ def test_a_dimension_that_does_not_divide_is_replicated_with_one_warning(mesh8, 
 def test_mesh_rules_from_the_config_change_parameter_and_batch_sharding(mesh8, tmp_path):
     pytest.importorskip("torch")
     from cpo_jax.hf.pretrained import from_pretrained
-    from cpo_jax.train.trainer import model_load_kwargs
+    from cpo_jax.train.loop import model_load_kwargs
     from tests.train_fixtures import tiny_policy
 
     path = tiny_policy(tmp_path / "policy", layers=1)

@@ -191,7 +191,7 @@ def test_resume_after_a_kill_is_bit_exact(assets, tmp_path):
         import jax
         from cpo_jax.train import TrainConfig, from_dict
         from cpo_jax.train.trainer import Trainer
-        import cpo_jax.train.trainer as t
+        import cpo_jax.train.checkpoint as t
         cfg = from_dict(TrainConfig, json.loads({json.dumps(json.dumps(_plain(cfg)))}))
         original = t.Checkpointer.save
         def slow_save(self, step, *a, **k):

@@ -25,6 +25,7 @@ from cpo_jax.rlhf.rollout import (
     completion_logps,
     value_predictions,
 )
+from cpo_jax.train import weighted
 from cpo_jax.train.config import TrainConfig
 from cpo_jax.train.step import TrainState, nonfinite_counts, update_size
 
@@ -101,7 +102,9 @@ def update(state: TrainState, rollout: Rollout, kl_coef, *, cfg: TrainConfig, gr
 
     (params, opt_state, step), metrics = jax.lax.scan(body, (state.params, state.opt_state, state.step), batches)
     largest_update = jnp.max(metrics["update_ratio"])  # the explosion check looks at the worst mini-batch
-    metrics = jax.tree.map(jnp.mean, metrics)
+    # Mini-batches hold equal numbers of rollouts: each metric is the mean of the mini-batches' values (TRL, verl).
+    metrics = weighted.means(weighted.sum_over(weighted.from_means(metrics, jnp.ones(rl.ppo_epochs
+                                                                                       * rl.num_mini_batches))))
     metrics["update_ratio"] = largest_update
     consecutive, total = nonfinite_counts(opt_state)
     metrics.update({"nonfinite/consecutive": consecutive, "nonfinite/total": total})

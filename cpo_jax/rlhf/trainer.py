@@ -20,116 +20,78 @@ scoring on the host), ``timing_s/old_log_prob`` (policy and reference scoring pa
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from cpo_jax.data import (
-    BatchConfig,
-    PipelineConfig,
-    TokenizeConfig,
-    build_dataset,
-    load_records,
-)
-from cpo_jax.errors import ConfigError, DataError, TrainingDiverged
-from cpo_jax.hf.pretrained import from_pretrained, save_pretrained
+from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig
+from cpo_jax.errors import ConfigError
 from cpo_jax.models.generate import SamplingConfig
 from cpo_jax.parallel.multihost import global_to_host, host_to_global, host_value_to_global, lockstep
 from cpo_jax.rlhf.algorithms import adaptive_kl_coef
 from cpo_jax.rlhf.rewards import RewardFunction, make_reward
 from cpo_jax.rlhf.rollout import init_value_head, sample
 from cpo_jax.rlhf.step import jit_score, jit_update
-from cpo_jax.train.config import TrainConfig, to_dict
-from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
-from cpo_jax.train.step import init_state
-from cpo_jax.train.trainer import (
-    DIVERGENCE_HINT,
-    RunResult,
-    divergence,
-    model_load_kwargs,
-    open_run,
-    prepare_run,
-    resume_check,
-)
+from cpo_jax.train import weighted
+from cpo_jax.train.config import TrainConfig
+from cpo_jax.train.loop import DIVERGENCE_HINT, TrainLoop
 
 log = logging.getLogger(__name__)
 
 
-class RLTrainer:
-    """Builds the policy, reference, reward and prompt pipeline from a :class:`TrainConfig`; ``run()`` trains."""
+class RLTrainer(TrainLoop):
+    """``loss.objective: rlhf``: builds the reference, reward and prompt pipeline; ``run()`` trains."""
+
+    record_kind = "prompt_only"
+    record_noun = "prompts"
+    progress_metric = "objective/scores"
+    divergence_hint = DIVERGENCE_HINT + "; or lower rl.kl_coef"
 
     def __init__(self, cfg: TrainConfig, *, tokenizer=None, devices=None, reward: RewardFunction | None = None):
-        self.cfg = cfg
-        self.rl = cfg.rl
-        self.output_dir = Path(cfg.output_dir)
         if cfg.loss.objective != "rlhf":
             raise ConfigError(f"RLTrainer trains loss.objective=rlhf, not {cfg.loss.objective!r}",
                               where="config key loss.objective", hint="use cpo_jax.train.trainer.Trainer for it")
-        self.mesh, self.rules, self.checkpointer, self.model_path, tokenizer = prepare_run(cfg, devices, tokenizer)
-        self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.eos_id = tokenizer.eos_token_id
-        model_kw = model_load_kwargs(cfg, self.mesh)
-        policy = from_pretrained(self.model_path, **model_kw)
-        self.model_config = policy.config
-        self.graphdef, model_state = nnx.split(policy)
-        params = {"model": model_state}
-        if self.rl.algorithm == "ppo":
+        super().__init__(cfg, tokenizer=tokenizer, devices=devices)
+        self.rl = rl = cfg.rl
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_id = self.tokenizer.eos_token_id
+        params = {"model": self.initial_model_state}
+        del self.initial_model_state  # the state holds the parameters
+        if rl.algorithm == "ppo":
             params["value_head"] = jax.tree.map(
                 lambda x: host_value_to_global(np.asarray(x), self.mesh, (None,), rules=self.rules),
-                init_value_head(policy.config.hidden_size))
-        self.ref_params = {"model": nnx.split(from_pretrained(self.model_path, **model_kw))[1]}
-        self.num_params = sum(x.size for x in jax.tree.leaves(model_state))
+                init_value_head(self.model_config.hidden_size))
+        self.ref_params = self.load_reference()
 
-        self.prompt_length = cfg.data.max_prompt_length or cfg.data.max_length - self.rl.max_new_tokens
-        self.tokenize_cfg = TokenizeConfig(max_length=self.prompt_length + self.rl.max_new_tokens,
-                                           max_prompt_length=self.prompt_length, vocab_size=policy.config.vocab_size)
+        self.prompt_length = cfg.data.max_prompt_length or cfg.data.max_length - rl.max_new_tokens
+        self.tokenize_cfg = TokenizeConfig(max_length=self.prompt_length + rl.max_new_tokens,
+                                           max_prompt_length=self.prompt_length,
+                                           vocab_size=self.model_config.vocab_size)
         # Every prompt fits the first bucket, so prompt batches have one static shape [P, prompt_length].
-        self.batch_cfg = BatchConfig(pairs_per_batch=self.rl.prompts_per_step, max_length=self.tokenize_cfg.max_length,
+        self.batch_cfg = BatchConfig(pairs_per_batch=rl.prompts_per_step, max_length=self.tokenize_cfg.max_length,
                                      buckets=(self.prompt_length, self.tokenize_cfg.max_length), pad_id=self.pad_id)
-        self.train_set = load_records(list(cfg.data.train_files), "prompt_only", skip_invalid=cfg.data.skip_invalid,
-                                      split=cfg.data.split)
-        self.eval_set = (load_records(list(cfg.data.eval_files), "prompt_only", skip_invalid=cfg.data.skip_invalid,
-                                      split=cfg.data.split) if cfg.data.eval_files else None)
-        self._check_lengths(self.train_set, "data.train_files")
-        self.reward = reward if reward is not None else make_reward(self.rl.reward, mesh=self.mesh)
+        self.check_lengths(self.train_set, "data.train_files")
+        self.reward = reward if reward is not None else make_reward(rl.reward, mesh=self.mesh)
 
-        self.updates_per_step = self.rl.ppo_epochs * self.rl.num_mini_batches
-        self.schedule = learning_rate_schedule(cfg.optim, cfg.steps * self.updates_per_step)
-        self.optimizer = make_optimizer(cfg.optim, cfg.steps * self.updates_per_step)
-        self.state = jax.jit(lambda p: init_state(p, self.optimizer, cfg.seed))(params)
-        self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-        self.kl_coef = self.rl.kl_coef
-        self.sampling = SamplingConfig(temperature=self.rl.temperature, top_k=self.rl.top_k, top_p=self.rl.top_p)
+        self.updates_per_step = rl.ppo_epochs * rl.num_mini_batches
+        self.init_state(params, cfg.steps * self.updates_per_step)
+        self.kl_coef = rl.kl_coef
+        self.sampling = SamplingConfig(temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p)
         self._score = jit_score(cfg, self.graphdef)
         self._update = jit_update(cfg, self.graphdef, self.optimizer, self.schedule, self.state_shardings)
 
     # ----------------------------------------------------------------------------------------------
-    def _check_lengths(self, records, key: str, sample_size: int = 2000) -> None:
-        from cpo_jax.data import audit
+    def drop_hint(self, dropped: dict) -> str:
+        return (f"every checked prompt is longer than the prompt limit of {self.prompt_length} tokens: raise "
+                f"data.max_prompt_length or data.max_length")
 
-        report = audit(records.records[:sample_size], self.tokenizer, self.tokenize_cfg,
-                       PipelineConfig(kind="prompt_only", shard_index=0, shard_count=1),
-                       sources=records.sources[:sample_size])
-        if report.kept == 0:
-            raise DataError(f"config key {key}", f"all {report.examples} checked prompts are longer than the prompt "
-                            f"limit of {self.prompt_length} tokens", hint="raise data.max_prompt_length or "
-                                                                           "data.max_length")
-        if report.dropped:
-            log.warning("%s: %d of the first %d prompts exceed %d tokens and are skipped", key,
-                        sum(report.dropped.values()), report.examples, self.prompt_length)
-
-    def _pipeline(self, records, *, train: bool):
-        pipe = PipelineConfig(kind="prompt_only", seed=self.cfg.data.seed, shuffle=train,
+    def pipeline_config(self, *, train: bool) -> PipelineConfig:
+        # One worker: a step samples from exactly prompts_per_step prompts, in order.
+        return PipelineConfig(kind="prompt_only", seed=self.cfg.data.seed, shuffle=train,
                               num_epochs=None if train else 1, num_workers=0)
-        return build_dataset(records.records, self.tokenizer, self.tokenize_cfg, self.batch_cfg, pipe,
-                             sources=records.sources)
 
     def _global(self, x: np.ndarray) -> jax.Array:
         """This process's prompt rows ``[P, ...]`` -> the global batch ``[P * process_count, ...]`` on the mesh."""
@@ -208,8 +170,8 @@ class RLTrainer:
         The CLI logs it at step 0 before training (``eval/...``); the loop every ``eval_every`` steps."""
         if self.eval_set is None:
             return {}
-        scores, lengths = [], []
-        for batch in lockstep(self._pipeline(self.eval_set, train=False)):
+
+        def batch_metrics(batch) -> dict:
             _, _, gen = self.generate(params, self._global(batch["input_ids"]), self._global(batch["attention_mask"]),
                                       jax.random.key(0), num_generations=1, sampling=SamplingConfig(),
                                       max_new_tokens=self.rl.eval_max_new_tokens)
@@ -217,65 +179,32 @@ class RLTrainer:
             index = global_to_host(self._global(batch["index"]))
             real = np.nonzero(global_to_host(self._global(batch["pair_mask"])))[0]
             records = [self.eval_set.records[int(index[i])] for i in real]
-            scores.extend(self.reward(records, self._decode(tokens[real], mask[real])))
-            lengths.extend(mask[real].sum(-1))
-        return {"objective/scores": float(np.mean(scores)), "response_length/mean": float(np.mean(lengths)),
-                "prompts": float(len(scores))}
+            scores = np.asarray(self.reward(records, self._decode(tokens[real], mask[real])), np.float64)
+            count = float(len(real))
+            return {"objective/scores": weighted.Weighted(scores.sum(), count),
+                    "response_length/mean": weighted.Weighted(float(mask[real].sum()), count)}
 
-    def run(self) -> RunResult:
-        """Train from the latest checkpoint (or from scratch) to ``cfg.steps`` rollout steps."""
-        cfg, rl = self.cfg, self.rl
-        data = iter(self._pipeline(self.train_set, train=True))
-        start, extra = self.restore_latest()
-        if start:
-            data.set_state(extra["data"])
-            log.info("resumed from step %d in %s (kl_coef %.4g)", start, self.output_dir, self.kl_coef)
-        writer = open_run(cfg, self.output_dir, start, self.model_path)
-        history = []
-        step = start
-        try:
-            while step < cfg.steps:
-                metrics, _ = self.rollout_step(step, next(data))
-                step += 1
-                problem = divergence(cfg, metrics)
-                if problem:
-                    raise TrainingDiverged(f"{problem} (loss/total={metrics['loss/total']}, grad_norm="
-                                           f"{metrics['grad_norm']}). The checkpoints on disk are from before it.",
-                                           where=f"rollout step {step} of {self.output_dir}",
-                                           hint=DIVERGENCE_HINT + "; or lower rl.kl_coef")
-                if rl.adaptive_kl_target is not None:
-                    self.kl_coef = adaptive_kl_coef(self.kl_coef, float(metrics["objective/kl"]),
-                                                    rl.prompts_per_step * rl.num_generations,
-                                                    target=rl.adaptive_kl_target, horizon=rl.adaptive_kl_horizon)
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    history.append(writer.write(step, metrics))
-                writer.advance(step, float(metrics["objective/scores"]))
-                if cfg.eval_every and step % cfg.eval_every == 0:
-                    writer.write(step, self.evaluate(self.state.params), prefix="eval/")
-                if step % cfg.save_every == 0 or step == cfg.steps:
-                    self.checkpointer.save(step, self.state, {"data": data.get_state(), "kl_coef": self.kl_coef},
-                                           to_dict(cfg))
-            self.checkpointer.wait()
-            if cfg.export_hf:
-                self.export(self.output_dir / "hf")
-        finally:
-            writer.close()
-            self.checkpointer.wait()
-        return RunResult(history=history, start_step=start, final_step=step, output_dir=self.output_dir)
+        sums = weighted.total(batch_metrics(b) for b in lockstep(self._pipeline(self.eval_set, train=False)))
+        return {**{k: float(v) for k, v in weighted.means(sums).items()},
+                "prompts": float(sums["objective/scores"].count)}
 
-    def restore_latest(self) -> tuple[int, dict | None]:
-        """Load the newest checkpoint into ``self.state`` and the KL coefficient; ``(step, extra)`` or ``(0, None)``."""
-        step, self.state, extra = self.checkpointer.restore_latest(
-            self.state, self.state_shardings, check_config=functools.partial(resume_check, self.cfg, self.checkpointer))
-        if step:
-            self.kl_coef = float(extra["kl_coef"])
-        return step, extra
+    def run_step(self, step: int, data) -> dict:
+        """One rollout step on the next prompt batch; then the adaptive KL controller, when configured."""
+        rl = self.rl
+        metrics, _ = self.rollout_step(step, next(data))
+        if rl.adaptive_kl_target is not None:
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, float(metrics["objective/kl"]),
+                                            rl.prompts_per_step * rl.num_generations,
+                                            target=rl.adaptive_kl_target, horizon=rl.adaptive_kl_horizon)
+        return metrics
 
-    def policy(self):
-        """The current policy as an NNX model."""
-        return nnx.merge(self.graphdef, self.state.params["model"])
+    def extra_state(self) -> dict:
+        return {"kl_coef": self.kl_coef}
 
-    def export(self, path) -> Path:
-        """Write the policy as an HF causal-LM directory (the PPO value head is not part of it)."""
-        return save_pretrained(self.policy(), path, tokenizer=self.tokenizer)
+    def load_extra_state(self, extra: dict) -> None:
+        self.kl_coef = float(extra["kl_coef"])
+        log.info("kl_coef %.4g restored", self.kl_coef)
 
+    def diagnose(self, step: int, problem: str, metrics: dict) -> str:
+        return (f"{problem} (loss/total={metrics['loss/total']}, grad_norm={metrics['grad_norm']}). "
+                f"The checkpoints on disk are from before it.")

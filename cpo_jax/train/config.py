@@ -164,6 +164,9 @@ class TrainConfig:
     :data:`cpo_jax.parallel.sharding.DEFAULT_RULES`, e.g. ``{embed: null, mlp: fsdp}``. It changes how parameters
     and batches are laid out on devices, not what is computed.
 
+    ``rl``: the on-policy RL settings, only for ``loss.objective: rlhf`` (its defaults when the section is left
+    out); a preference, SFT or reward run has none (``null``), and giving it one is an error.
+
     ``max_nonfinite_steps``: consecutive non-finite steps (skipped) before training stops.
     ``max_update_ratio``: stop when one update is larger than this multiple of the parameters' norm
     (``||delta theta|| / ||theta||``, default 10): a divergence that produces no NaN, e.g. a learning rate of 1e6.
@@ -175,7 +178,7 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
-    rl: RLConfig = RLConfig()
+    rl: RLConfig | None = None
     resume: ResumeConfig = ResumeConfig()
     mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
     mesh_rules: dict[str, MeshRule] = dataclasses.field(default_factory=dict)
@@ -197,6 +200,12 @@ class TrainConfig:
     export_hf: bool = True
     eval_generation_prompts: str | None = None
     eval_generation_tokens: int = 24
+
+    def __post_init__(self):
+        # The rl: section is the RL run's own: an rlhf run without one takes RLConfig's defaults, and any other
+        # objective carries none (validate_config refuses one that is given).
+        if self.loss.objective == "rlhf" and self.rl is None:
+            object.__setattr__(self, "rl", RLConfig())
 
 
 def _field_types(cls) -> dict[str, Any]:

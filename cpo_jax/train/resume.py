@@ -16,7 +16,7 @@ import logging
 from collections.abc import Mapping
 
 from cpo_jax.errors import ConfigError
-from cpo_jax.train.config import TrainConfig, to_dict
+from cpo_jax.train.config import RLConfig, TrainConfig, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,11 @@ def _plain(cfg: TrainConfig | Mapping) -> dict:
     """JSON-normalised config with the optimiser's effective settings (an unset ``b2`` equals its default)."""
     from cpo_jax.train.optim import effective_settings
 
-    tree = json.loads(json.dumps(to_dict(cfg) if isinstance(cfg, TrainConfig) else cfg, default=str))
+    tree = json.loads(json.dumps(cfg if isinstance(cfg, Mapping) else to_dict(cfg), default=str))
     if isinstance(tree.get("optim"), dict):
         tree["optim"] = effective_settings(tree["optim"])
+    if (tree.get("loss") or {}).get("objective", "preference") != "rlhf":
+        tree["rl"] = None  # written with RLConfig's defaults before the rl: section was the RL run's own
     return tree
 
 
@@ -60,7 +62,8 @@ def config_changes(saved: Mapping, current: TrainConfig | Mapping) -> dict[str, 
     """``{dotted key: (saved value, current value)}`` for every key that differs.
 
     A key the saved config lacks (written before the key existed) is compared with its default."""
-    defaults, old, new = flatten(_plain(TrainConfig())), flatten(_plain(saved)), flatten(_plain(current))
+    defaults = {**flatten(_plain(TrainConfig())), **flatten({"rl": json.loads(json.dumps(to_dict(RLConfig())))})}
+    old, new = flatten(_plain(saved)), flatten(_plain(current))
     changes = {}
     for key in sorted(set(old) | set(new)):
         before = old.get(key, defaults.get(key, "<absent>"))

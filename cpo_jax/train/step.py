@@ -19,6 +19,7 @@ import optax
 from flax import nnx, struct
 
 from cpo_jax.losses import PairLogps
+from cpo_jax.train import weighted
 from cpo_jax.train.config import TrainConfig
 from cpo_jax.train.objectives import (
     pair_logps,
@@ -83,19 +84,28 @@ def _reference_logps(cfg: TrainConfig, graphdef, ref_params, mb: Batch) -> PairL
 
 def objective_sum(cfg: TrainConfig, graphdef, params, mb: Batch, reference,
                   reference_is_policy: jax.Array | bool = False) -> tuple[jax.Array, dict]:
-    """Sum over real examples of the configured objective, and its metrics (batch means).
+    """Sum over real examples of the configured objective, and its metrics, each a
+    :class:`~cpo_jax.train.weighted.Weighted` over the real pairs of ``mb``.
 
     ``reference_is_policy``: see :func:`cpo_jax.train.objectives.preference_objective`."""
     model = nnx.merge(graphdef, params["model"])
     chunk = cfg.model.logprob_chunk_size
     if cfg.loss.objective == "preference":
-        return preference_objective(model, mb, reference, loss_name=cfg.loss.name, hparams=dict(cfg.loss.hparams),
-                                    chunk_size=chunk, reference_is_policy=reference_is_policy)
-    if cfg.loss.objective == "sft":
-        return sft_objective(model, mb, chunk_size=chunk)
-    if cfg.loss.objective == "reward":
-        return reward_objective(model, params["head"], mb, **dict(cfg.loss.hparams))
-    raise ValueError(f"loss.objective={cfg.loss.objective!r}: expected 'preference', 'sft' or 'reward'")
+        loss_sum, means = preference_objective(model, mb, reference, loss_name=cfg.loss.name,
+                                               hparams=dict(cfg.loss.hparams), chunk_size=chunk,
+                                               reference_is_policy=reference_is_policy)
+    elif cfg.loss.objective == "sft":
+        loss_sum, means = sft_objective(model, mb, chunk_size=chunk)
+    elif cfg.loss.objective == "reward":
+        loss_sum, means = reward_objective(model, params["head"], mb, **dict(cfg.loss.hparams))
+    else:
+        raise ValueError(f"loss.objective={cfg.loss.objective!r}: expected 'preference', 'sft' or 'reward'")
+    return loss_sum, weighted.from_means(means, real_pairs(mb))
+
+
+def real_pairs(mb: Batch) -> jax.Array:
+    """Real (non-empty) pair slots of a micro-batch, float32."""
+    return jnp.sum(mb["pair_mask"]).astype(jnp.float32)
 
 
 def _micro_batches(batch: Batch) -> Batch:
@@ -117,9 +127,7 @@ def train_step(state: TrainState, batch: Batch, ref_params, *, cfg: TrainConfig,
     def body(carry, mb):
         grads_acc, loss_acc, metrics_acc = carry
         (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, mb)
-        weight = jnp.sum(mb["pair_mask"]) / total
-        metrics_acc = jax.tree.map(lambda a, m: a + weight * m, metrics_acc, metrics)
-        return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss, metrics_acc), None
+        return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss, weighted.add(metrics_acc, metrics)), None
 
     first = jax.tree.map(lambda x: x[0], batch)
     metric_shapes = jax.eval_shape(lambda p: micro_loss(p, first)[1], state.params)
@@ -134,7 +142,7 @@ def train_step(state: TrainState, batch: Batch, ref_params, *, cfg: TrainConfig,
     params = optax.apply_updates(state.params, updates)
     consecutive, total_skipped = nonfinite_counts(opt_state)
     metrics = {
-        **metrics,
+        **weighted.means(metrics),
         "loss": loss,
         "grad_norm": grad_norm,
         **update_size(state.params, updates),
@@ -149,14 +157,14 @@ def train_step(state: TrainState, batch: Batch, ref_params, *, cfg: TrainConfig,
 
 
 def eval_step(params, batch: Batch, ref_params, reference_is_policy=False, *, cfg: TrainConfig, graphdef) -> dict:
-    """Loss and metrics of one micro-batch without gradients (for periodic evaluation).
+    """Loss and metrics of one batch without gradients (for periodic evaluation), each a
+    :class:`~cpo_jax.train.weighted.Weighted` over its real pairs, to be added over batches.
 
     ``reference_is_policy``: ``params`` are the initial weights (the reference's); see :func:`objective_sum`."""
     batch = _micro_batches(batch)
-    total = jnp.maximum(jnp.sum(batch["pair_mask"]), 1).astype(jnp.float32)
     reference = _reference_logps(cfg, graphdef, ref_params, batch)
     loss_sum, metrics = objective_sum(cfg, graphdef, params, batch, reference, reference_is_policy)
-    return {**metrics, "loss": loss_sum / total, "pairs": jnp.sum(batch["pair_mask"])}
+    return {**metrics, "loss": weighted.Weighted(loss_sum, real_pairs(batch))}
 
 
 def jit_train_step(cfg: TrainConfig, graphdef, optimizer, schedule, state_shardings, batch_shardings, ref_shardings):

@@ -234,3 +234,7 @@ def validate_config(cfg: TrainConfig) -> None:
         _check_objective_hparams(cfg)
     if cfg.loss.objective == "rlhf":
         _check_rl(cfg)
+    elif cfg.rl is not None:
+        raise ConfigError(f"an rl: section is given, but loss.objective={cfg.loss.objective!r} trains offline "
+                          f"from data files and reads none of it", where="config key rl",
+                          hint="remove the rl: section, or set loss.objective: rlhf for on-policy RL")
