@@ -181,16 +181,19 @@ def run_a(env, tmp_path_factory):
     return out
 
 
-def test_rerun_with_a_changed_config_is_refused(env, run_a, tmp_path):
+def test_rerun_with_a_changed_config_is_refused(env, run_a, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(run_a, run)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    for change, key in (("loss.name=cpo_easy", "loss.name"), ("loss.hparams.beta=0.7", "loss.hparams.beta"),
+    proc = cli(env, "train", TINY, f"output_dir={run}", *FAST, "loss.name=cpo_easy")  # as a user runs it
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "loss.name" in proc.stderr and "resume.allow_config_change" in proc.stderr
+    # The refusal comes before any model loads, so the other keys are checked in this process (seconds, not minutes).
+    for change, key in (("loss.hparams.beta=0.7", "loss.hparams.beta"),
                         ("data.train_files=[bundled:arithmetic-train:64]", "data.train_files"),
                         ("optim.learning_rate=1e-4", "optim.learning_rate")):
-        proc = cli(env, "train", TINY, f"output_dir={run}", *FAST, change)
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        assert "Traceback" not in proc.stderr and key in proc.stderr and "resume.allow_config_change" in proc.stderr
+        code, _, err = run_main(capsys, "train", TINY, f"output_dir={run}", *FAST, change)
+        assert_user_error(code, err, key, "resume.allow_config_change")
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before  # nothing written, config.json included
 
@@ -203,25 +206,54 @@ def test_rerun_with_a_changed_config_is_refused(env, run_a, tmp_path):
     assert proc.returncode == 0 and "trained steps 3 -> 4" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_convert_reads_only_the_run_directory(env, run_a, tmp_path):
-    """A copied run exports its own weights even when the directory its config names holds another run."""
-    from safetensors.numpy import load_file
-
+def _moved_run(run_a: Path, tmp_path: Path, output_dir: Path) -> Path:
+    """A copy of ``run_a`` whose config names ``output_dir`` and a model directory that no longer exists."""
     moved = tmp_path / "moved"
     shutil.copytree(run_a, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["output_dir"] = str(output_dir)
+    config["model"]["path"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    return moved
+
+
+def _assert_same_weights(exported_dir: Path, run: Path) -> None:
+    from safetensors.numpy import load_file
+
+    exported, own = load_file(exported_dir / "model.safetensors"), load_file(run / "hf" / "model.safetensors")
+    assert set(exported) == set(own)
+    for key in own:
+        np.testing.assert_array_equal(exported[key], own[key])
+
+
+def test_convert_reads_only_the_run_directory_fast(env, run_a, tmp_path, capsys):
+    """A copied run whose config names another output_dir and a deleted model exports its own weights; a non-empty
+    destination and a missing step are refused (in process: the fast variant of the test below)."""
+    moved = _moved_run(run_a, tmp_path, tmp_path / "elsewhere")
+    code, _, err = run_main(capsys, "convert", "orbax-to-hf", str(moved), str(tmp_path / "hf"))
+    assert code == 0, err[-3000:]
+    _assert_same_weights(tmp_path / "hf", run_a)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, _, err = run_main(capsys, "convert", "orbax-to-hf", str(moved), str(mine))
+    assert_user_error(code, err, "--overwrite")
+    assert (mine / "notes.txt").read_text() == "keep me"
+    code, _, err = run_main(capsys, "convert", "orbax-to-hf", str(moved), str(tmp_path / "x"), "--step", "7")
+    assert_user_error(code, err, "step 7")
+
+
+@pytest.mark.slow
+def test_convert_reads_only_the_run_directory(env, run_a, tmp_path):
+    """A copied run exports its own weights even when the directory its config names holds another run."""
     other = tmp_path / "other"  # the same output_dir name as the config's, holding a different run
     proc = cli(env, "train", TINY, f"output_dir={other}", *FAST, "seed=1", "optim.learning_rate=0.05")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config = json.loads((moved / "config.json").read_text())
-    config["output_dir"] = str(other)
-    config["model"]["path"] = str(tmp_path / "gone")  # the original model directory is gone too
-    (moved / "config.json").write_text(json.dumps(config))
+    moved = _moved_run(run_a, tmp_path, other)
 
     proc = cli(env, "convert", "orbax-to-hf", moved, tmp_path / "hf", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    exported, own = load_file(tmp_path / "hf" / "model.safetensors"), load_file(run_a / "hf" / "model.safetensors")
-    for key in own:
-        np.testing.assert_array_equal(exported[key], own[key])
+    _assert_same_weights(tmp_path / "hf", run_a)
 
     # A non-empty destination is refused and left alone; --overwrite replaces it.
     mine = tmp_path / "mine"

@@ -76,6 +76,42 @@ def test_two_processes_agree_on_losses_and_parameters(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
 
 
+RL_FAST_CHILD = """
+import json, sys
+from cpo_jax.parallel import initialize
+pid = int(sys.argv[1])
+assert initialize("localhost:{port}", 2, pid)
+import jax, jax.numpy as jnp
+from cpo_jax.train import TrainConfig, from_dict
+from cpo_jax.rlhf.trainer import RLTrainer
+trainer = RLTrainer(from_dict(TrainConfig, json.loads({cfg!r})))
+result = trainer.run()
+total = float(sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(trainer.state.params)))
+keep = lambda m: {{k: float(v) for k, v in m.items() if not k.startswith(("timing_s/", "perf/", "step_time"))}}
+out = {{"history": [keep(h) for h in result.history], "param_sum": total, "final_step": result.final_step}}
+open({out!r} + f"/rlfast_{{pid}}.json", "w").write(json.dumps(out))
+"""
+
+
+def test_rlhf_loop_on_two_processes_fast(tmp_path):
+    """The fast variant of the test below: one RLOO step of the library loop on two hosts, identical metrics and
+    parameters on both, and a checkpoint with both hosts' data states."""
+    policy = tiny_policy(tmp_path / "policy")
+    cfg = {"output_dir": str(tmp_path / "run"), "model": {"path": str(policy)},
+           "data": {"train_files": ["bundled:arithmetic-prompts:16"], "max_length": 72, "max_prompt_length": 64},
+           "loss": {"objective": "rlhf"},
+           "rl": {"algorithm": "rloo", "reward": "verifier:digits", "prompts_per_step": 2, "num_generations": 2,
+                  "max_new_tokens": 8},
+           "optim": {"learning_rate": 3e-3, "schedule": "constant"}, "steps": 1, "save_every": 1,
+           "progress_bar": False, "tensorboard": False, "export_hf": False,
+           "mesh": {"data": -1, "fsdp": 1, "tensor": 1}}
+    a, b = _run_two(tmp_path, RL_FAST_CHILD, cfg, "rlfast")
+    assert a["final_step"] == b["final_step"] == 1
+    assert a["history"] == b["history"] and a["param_sum"] == b["param_sum"]
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "1" / "data" / "metadata").read_text())
+    assert len(saved["hosts"]) == 2 and all("kl_coef" in h for h in saved["hosts"])
+
+
 RL_CHILD = """
 import json, os, sys
 pid = int(sys.argv[1])
@@ -104,6 +140,7 @@ open({out!r} + f"/rl_{{pid}}.json", "w").write(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_rlhf_loop_on_two_processes(tmp_path):
     """`cpo-jax train` with RLOO on two hosts: one global rollout of both hosts' prompts, scored row-aligned,
     identical updates, per-host data states in the checkpoint, uneven eval shards, one set of output files."""

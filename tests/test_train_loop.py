@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from cpo_jax.errors import ConfigError
-from cpo_jax.train import TrainConfig, from_dict, to_dict
-from cpo_jax.train import weighted
+from cpo_jax.train import TrainConfig, from_dict, to_dict, weighted
 from cpo_jax.train.loop import Hook, TrainLoop, checkpoint_extra
 from cpo_jax.train.resume import config_changes
 from cpo_jax.train.validate import validate_config
@@ -66,7 +65,8 @@ def test_rl_section_belongs_to_rl_runs_only():
     assert rl_run.rl is not None and rl_run.rl.algorithm == "rloo"  # the defaults when the section is left out
     dpo_with_rl = from_dict(TrainConfig, {"model": {"path": "m"}, "data": {"train_files": ["x.jsonl"]},
                                           "rl": {"kl_coef": 0.1}})
-    with pytest.raises(ConfigError, match=r"(?s)config key rl: an rl: section is given.*objective=.preference.*remove the rl: section"):
+    message = r"(?s)config key rl: an rl: section is given.*objective=.preference.*remove the rl: section"
+    with pytest.raises(ConfigError, match=message):
         validate_config(dpo_with_rl)
     with pytest.raises(TypeError, match=r"config key rl=3"):
         from_dict(TrainConfig, {"rl": 3})
