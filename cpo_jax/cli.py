@@ -269,12 +269,15 @@ def orbax_to_hf(
     dst: Path,
     step: Annotated[int | None, typer.Option(help="the checkpoint step to export (default: the newest)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace DST when it exists and is not empty")] = False,
+    adapter_only: Annotated[bool, typer.Option(help="write a LoRA run's adapters in PEFT's format instead of the "
+                                                    "merged model")] = False,
 ) -> None:
     """Export a training run's checkpoint (newest, or --step) as an HF directory with the tokenizer. RUN_DIR's own
-    checkpoints/ are the only source; an existing non-empty DST is refused without --overwrite."""
+    checkpoints/ are the only source (and, for a merged LoRA export, the base model.path); an existing non-empty DST
+    is refused without --overwrite."""
     from cpo_jax.train.export import export_run
 
-    typer.echo(f"wrote {export_run(run_dir, dst, step=step, overwrite=overwrite)}")
+    typer.echo(f"wrote {export_run(run_dir, dst, step=step, overwrite=overwrite, adapter_only=adapter_only)}")
 
 
 @convert_app.command("hf-to-orbax")

@@ -51,7 +51,15 @@ def _nested(key: str, value) -> dict:
     return out
 
 
-LITERALS = [(key, typing.get_args(a)) for key, a in _fields(TrainConfig) if typing.get_origin(a) is typing.Literal]
+def _literal(annotation):
+    """``annotation``'s Literal, also inside ``Literal[...] | None``; None otherwise."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return annotation
+    options = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return options[0] if len(options) == 1 and typing.get_origin(options[0]) is typing.Literal else None
+
+
+LITERALS = [(key, typing.get_args(_literal(a))) for key, a in _fields(TrainConfig) if _literal(a) is not None]
 
 
 def test_closed_sets_are_literals():

@@ -38,6 +38,7 @@ from cpo_jax.hf.weights import (
     to_hf,
 )
 from cpo_jax.models.config import TransformerConfig
+from cpo_jax.models.lora import has_lora
 from cpo_jax.models.transformer import Transformer
 from cpo_jax.parallel.multihost import global_to_host
 
@@ -404,7 +405,13 @@ def _parse_size(size: int | str) -> int:
 
 
 def export_tensors(model: Transformer, dtype=None):
-    """Yield ``(hf_name, numpy array)`` in table order, rebuilding HF layouts (transposes, fused qkv)."""
+    """Yield ``(hf_name, numpy array)`` in table order, rebuilding HF layouts (transposes, fused qkv).
+
+    Raises ``ValueError`` for a model with LoRA adapters, which the HF layout has no place for: export
+    ``cpo_jax.models.lora.merge_lora(model)``, or the adapters alone with ``cpo_jax.hf.peft.save_adapter``."""
+    if has_lora(model):
+        raise ValueError("the model has LoRA adapters: export merge_lora(model) (the merged weights) or save the "
+                         "adapters with cpo_jax.hf.peft.save_adapter")
     cfg = model.config
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     bindings = bind(family_of(cfg.model_type).weight_table(cfg), cfg.num_layers, cfg.scan_layers)

@@ -40,19 +40,34 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
 
 
 class Linear(nnx.Module):
-    """``y = x @ kernel (+ bias)`` with kernel ``[in, out]``."""
+    """``y = x @ kernel (+ bias)`` with kernel ``[in, out]``.
+
+    With LoRA adapters attached (:func:`cpo_jax.models.lora.add_lora`) it adds
+    ``lora_scale * (dropout(x) @ lora_a) @ lora_b``, ``lora_a`` ``[in, r]`` and ``lora_b`` ``[r, out]`` being
+    ``nnx.LoRAParam`` variables; without them (``lora_a is None``) the projection is exactly the plain one.
+    """
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *, bias: bool, dtype,
                  param_dtype, rngs: nnx.Rngs):
         self.kernel = param(rngs, (d_in, d_out), axes, "normal", param_dtype)
         self.bias = param(rngs, (d_out,), (axes[1],), "zeros", param_dtype) if bias else None
         self.dtype = dtype
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+        self.lora_dropout = nnx.data(None)  # an nnx.Dropout when the adapter has dropout
+        self.lora_scale = 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[..., in] -> [..., out]`` in the compute dtype."""
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        h = x.astype(self.dtype)
+        y = jnp.dot(h, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            if self.lora_dropout is not None:
+                h = self.lora_dropout(h)
+            delta = jnp.dot(jnp.dot(h, self.lora_a[...].astype(self.dtype)), self.lora_b[...].astype(self.dtype))
+            y = y + delta * jnp.asarray(self.lora_scale, self.dtype)
         return y
 
 

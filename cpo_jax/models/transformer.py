@@ -106,6 +106,12 @@ def _select(flag, a, b):
     return jax.tree.map(lambda u, v: jnp.where(flag, u, v), a, b)
 
 
+def _draws_random(module: nnx.Module) -> bool:
+    """True when ``module`` holds an active dropout (rate > 0, not deterministic), whose RNG stream the layer loops
+    must carry out of ``jax.checkpoint`` / ``jax.lax.scan`` so that the next call draws a new mask."""
+    return any(isinstance(m, nnx.Dropout) and m.rate > 0 and not m.deterministic for _, m in nnx.iter_modules(module))
+
+
 def _checkpointed(fn, policy: str):
     if policy == "none":
         return fn
@@ -259,12 +265,16 @@ class Transformer(nnx.Module):
         for i, (block, policy) in enumerate(zip(self.layers, cfg.remat_policies())):
             mask, rope = self._layer_inputs(cfg.layer_types[i] == SLIDING, masks, ropes)
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            graphdef, state = nnx.split(block)
+            graphdef, rng_state, state = nnx.split(block, nnx.RngState, ...)
 
-            def run(state, x, mask, rope, kv, index, graphdef=graphdef):
-                return nnx.merge(graphdef, state)(x, mask, rope, kv, index)
+            def run(rng_state, state, x, mask, rope, kv, index, graphdef=graphdef):
+                layer = nnx.merge(graphdef, rng_state, state)
+                x, kv = layer(x, mask, rope, kv, index)
+                return x, kv, nnx.state(layer, nnx.RngState)
 
-            x, kv = _checkpointed(run, policy)(state, x, mask, rope, kv, index)
+            x, kv, rng_state = _checkpointed(run, policy)(rng_state, state, x, mask, rope, kv, index)
+            if _draws_random(block):
+                nnx.update(block, rng_state)  # advance the dropout RNG streams (LoRA dropout in train mode)
             if kv is not None:
                 ks.append(kv[0])
                 vs.append(kv[1])
@@ -275,16 +285,19 @@ class Transformer(nnx.Module):
         policies = set(cfg.remat_policies())
         if len(policies) != 1:
             raise ValueError(f"scan_layers needs one remat policy for all layers, got {sorted(policies)}")
-        graphdef, state = nnx.split(self.layers)
+        graphdef, rng_state, state = nnx.split(self.layers, nnx.RngState, ...)
         is_sliding = jnp.asarray([kind == SLIDING for kind in cfg.layer_types])
 
         def body(x, xs):
-            layer_state, sliding, kv = xs
+            layer_rng, layer_state, sliding, kv = xs
             mask, rope = self._layer_inputs(sliding, masks, ropes)
-            x, kv = nnx.merge(graphdef, layer_state)(x, mask, rope, kv, index)
-            return x, kv
+            layer = nnx.merge(graphdef, layer_rng, layer_state)
+            x, kv = layer(x, mask, rope, kv, index)
+            return x, (kv, nnx.state(layer, nnx.RngState))
 
         body = _checkpointed(body, policies.pop())
         kv_in = None if cache is None else (cache.k, cache.v)
-        x, kv_out = jax.lax.scan(body, x, (state, is_sliding, kv_in))
+        x, (kv_out, rng_state) = jax.lax.scan(body, x, (rng_state, state, is_sliding, kv_in))
+        if _draws_random(self.layers):
+            nnx.update(self.layers, rng_state)  # advance the dropout RNG streams (LoRA dropout in train mode)
         return x, kv_out

@@ -20,13 +20,35 @@ MeshRule = str | tuple[str, ...] | None
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the decoder's linear projections (PEFT's ``LoraConfig``; see
+    :class:`cpo_jax.models.lora.LoraSpec`). Only the adapters train; the base weights stay frozen and, with
+    ``loss.reference: base``, are the reference too.
+
+    ``targets``: HF module names (``q_proj``, ``v_proj``, ``gate_proj``; GPT-2's ``c_attn``, ``c_fc``, ``c_proj``);
+    null: every linear projection of the decoder layers. ``use_rslora``: scale by ``alpha / sqrt(rank)`` instead of
+    ``alpha / rank``."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | None = None
+    use_rslora: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The policy: an HF checkpoint directory, compute/param dtypes, remat and scan.
 
     ``freeze_padding_embedding``: as HF's Llama/Mistral/Qwen/Gemma modules (``nn.Embedding(padding_idx=
     pad_token_id)``), the embedding row of ``pad_token_id`` gets no gradient through the lookup (so TRL never
     changes it; with tied embeddings the output projection still trains it, as in PyTorch). GPT-2 has no such row.
-    ``false`` trains that row like any other."""
+    ``false`` trains that row like any other.
+
+    ``lora``: train low-rank adapters instead of every weight (:class:`LoraConfig`). ``adapter_path``: a PEFT
+    adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) to start from; its settings are
+    the adapters' (a ``lora:`` section, if given, must agree). ``quantize``: store the frozen base as ``nf4`` or
+    ``int8`` (QLoRA; needs adapters)."""
 
     path: str = ""
     dtype: Dtype = "float32"
@@ -36,6 +58,9 @@ class ModelConfig:
     attention_impl: AttentionImpl = "xla"
     logprob_chunk_size: int = 1024
     freeze_padding_embedding: bool = True
+    lora: LoraConfig | None = None
+    adapter_path: str | None = None
+    quantize: Literal["none", "nf4", "int8"] = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +84,18 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """The objective: a registered pairwise loss (with its hyperparameters), ``sft``, ``reward``, or
-    ``rlhf`` (on-policy RL from prompts; its settings live in :class:`RLConfig`)."""
+    ``rlhf`` (on-policy RL from prompts; its settings live in :class:`RLConfig`).
+
+    ``reference`` (preference losses): ``separate`` (a second copy of ``model.path``), ``precomputed`` (its
+    log-probs computed once before training), ``none`` (reference-free losses), ``base`` (with adapters: the
+    frozen base with the adapters off, no second copy) or ``adapter`` (with ``model.adapter_path``: the base plus
+    the imported adapter, frozen). Unset, as TRL's ``DPOTrainer`` does: ``adapter`` when training an imported adapter
+    (``model.adapter_path``), ``base`` for fresh adapters (``model.lora``), else ``separate``."""
 
     objective: Literal["preference", "sft", "reward", "rlhf"] = "preference"
     name: str = "sigmoid"
     hparams: dict = dataclasses.field(default_factory=dict)
-    reference: Literal["separate", "precomputed", "none"] = "separate"
+    reference: Literal["separate", "precomputed", "none", "base", "adapter"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +237,10 @@ class TrainConfig:
         # objective carries none (validate_config refuses one that is given).
         if self.loss.objective == "rlhf" and self.rl is None:
             object.__setattr__(self, "rl", RLConfig())
+        if self.loss.reference is None:  # TRL's choices: a copy of an imported adapter, the base under new ones
+            reference = ("adapter" if self.model.adapter_path is not None else
+                         "base" if self.model.lora is not None else "separate")
+            object.__setattr__(self, "loss", dataclasses.replace(self.loss, reference=reference))
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -258,8 +293,9 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
             try:
                 return _coerce(value, option, path)
             except (TypeError, ValueError) as err:
-                if len(options) == 1 and not str(err).startswith(f"config key {path}="):
-                    raise  # a list item or mapping entry: its own key is the news
+                if len(options) == 1 and (isinstance(err, ValueError)
+                                          or not str(err).startswith(f"config key {path}=")):
+                    raise  # a value outside a Literal, or a list item / mapping entry: its own message is the news
         raise _wrong(value, annotation, path)
     if origin is Literal:
         if not any(type(value) is type(a) and value == a for a in args):

@@ -12,9 +12,12 @@ and a destination that contains the run directory is always refused.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -25,6 +28,7 @@ from cpo_jax.errors import CheckpointError, UserError, UserFileNotFoundError, fi
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"  # config.json + tokenizer files of the policy, written into the run directory at start
+LORA_SPEC = "lora.json"  # in MODEL_DIR: the adapters' settings, for adapter runs
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json",
                     "generation_config.json")
@@ -101,22 +105,85 @@ def _restore_params(manager: ocp.CheckpointManager, step: int, abstract_model_st
     return out.state["params"]
 
 
-def _read_step(manager: ocp.CheckpointManager, run_dir: Path, step: int):
-    """``(graphdef, params, model description folder)`` of checkpoint ``step``."""
+def save_lora_spec(spec, run_dir: str | Path) -> Path:
+    """Record the adapters' :class:`~cpo_jax.models.lora.LoraSpec` in ``run_dir/model/lora.json`` (the adapters of
+    a checkpoint cannot be read without it, and an imported adapter's directory may be gone by export time)."""
+    out = Path(run_dir) / MODEL_DIR / LORA_SPEC
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+    return out
+
+
+def _lora_spec(description: Path):
+    from cpo_jax.models.lora import LoraSpec
+
+    file = description / LORA_SPEC
+    if not file.is_file():
+        return None
+    saved = json.loads(file.read_text())
+    targets = saved.get("targets")
+    return LoraSpec(**{**saved, "targets": tuple(targets) if targets is not None else None})
+
+
+class RunStep(NamedTuple):
+    """What a checkpoint step holds, read without building a trainer."""
+
+    graphdef: object
+    params: dict
+    description: Path
+    config: dict
+    lora_spec: object  # LoraSpec, or None for full fine-tuning
+    frozen: object  # the abstract frozen base (adapter runs), or None
+
+
+def _read_step(manager: ocp.CheckpointManager, run_dir: Path, step: int) -> RunStep:
+    """Checkpoint ``step``: its parameters (only the adapters for an adapter run) and how to rebuild the model."""
     from cpo_jax.hf.pretrained import abstract_model, config_from_hf, read_hf_config
 
     cfg = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
     description = _model_description(run_dir, cfg)
     scan = bool(cfg.get("model", {}).get("scan_layers", False))
     arch = config_from_hf(read_hf_config(description), source=description / "config.json", scan_layers=scan)
-    graphdef, abstract_state = nnx.split(abstract_model(arch))
-    return graphdef, _restore_params(manager, step, abstract_state), description
+    spec = _lora_spec(description)
+    if spec is None:
+        graphdef, abstract_state = nnx.split(abstract_model(arch))
+        return RunStep(graphdef, _restore_params(manager, step, abstract_state), description, cfg, None, None)
+    from cpo_jax.hf.peft import add_adapter
+    from cpo_jax.models.transformer import Transformer
+
+    model = nnx.eval_shape(lambda: add_adapter(Transformer(arch, rngs=nnx.Rngs(0)), spec, rngs=nnx.Rngs(1)))
+    graphdef, abstract_lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    return RunStep(graphdef, _restore_params(manager, step, abstract_lora), description, cfg, spec, frozen)
 
 
-def export_run(run_dir: str | Path, dst: str | Path, *, step: int | None = None, overwrite: bool = False) -> Path:
+def _merged_adapter_model(run: RunStep, run_dir: Path):
+    """The base of ``model.path`` with the checkpoint's adapters merged into its kernels."""
+    from cpo_jax.hf.peft import add_adapter
+    from cpo_jax.hf.pretrained import from_pretrained
+    from cpo_jax.hf.resolve import resolve_model_path
+    from cpo_jax.models.lora import merge_lora
+
+    path = run.config.get("model", {}).get("path", "")
+    try:
+        base_path = resolve_model_path(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"the run trained adapters, and a merged export needs their base model.path {path!r}, "
+                              f"which is gone", where=str(run_dir),
+                              hint="export the adapters alone with --adapter-only, or restore the base model "
+                                   "directory") from None
+    model = from_pretrained(base_path, scan_layers=run.config.get("model", {}).get("scan_layers", False))
+    add_adapter(model, run.lora_spec, rngs=nnx.Rngs(0))
+    nnx.update(model, run.params["model"])
+    return merge_lora(model)
+
+
+def export_run(run_dir: str | Path, dst: str | Path, *, step: int | None = None, overwrite: bool = False,
+               adapter_only: bool = False) -> Path:
     """Write checkpoint ``step`` (default: the newest intact one) of the run in ``run_dir`` as an HF directory.
 
-    A reward run (``loss.objective: reward``) is written as ``*ForSequenceClassification``."""
+    A reward run (``loss.objective: reward``) is written as ``*ForSequenceClassification``. An adapter run is
+    written merged (``W + scale * A @ B``, which needs its base ``model.path``), or with ``adapter_only`` as a PEFT
+    adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``, from the run alone)."""
     from cpo_jax.hf.pretrained import save_pretrained
     from cpo_jax.hf.tokenizer import load_tokenizer
 
@@ -137,7 +204,7 @@ def export_run(run_dir: str | Path, dst: str | Path, *, step: int | None = None,
     try:
         for i, candidate in enumerate(candidates):
             try:
-                graphdef, params, description = _read_step(manager, run_dir, candidate)
+                run = _read_step(manager, run_dir, candidate)
                 break
             except UserError:
                 raise
@@ -150,5 +217,16 @@ def export_run(run_dir: str | Path, dst: str | Path, *, step: int | None = None,
                 log.warning("%s; exporting an older step", damaged)
     finally:
         manager.close()
-    model = nnx.merge(graphdef, params["model"])
-    return save_pretrained(model, dst, tokenizer=load_tokenizer(description), score_head=params.get("head"))
+    if adapter_only:
+        if run.lora_spec is None:
+            raise CheckpointError("--adapter-only exports adapters, and this run fine-tuned every weight",
+                                  where=str(run_dir), hint="leave out --adapter-only to export the whole model")
+        from cpo_jax.hf.peft import save_adapter
+
+        return save_adapter(nnx.merge(run.graphdef, run.params["model"], run.frozen), run.lora_spec, dst,
+                            base_model_name_or_path=run.config.get("model", {}).get("path"))
+    if run.lora_spec is None:
+        model = nnx.merge(run.graphdef, run.params["model"])
+    else:
+        model = _merged_adapter_model(run, run_dir)
+    return save_pretrained(model, dst, tokenizer=load_tokenizer(run.description), score_head=run.params.get("head"))

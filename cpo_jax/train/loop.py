@@ -44,11 +44,11 @@ from cpo_jax.hf.tokenizer import load_tokenizer
 from cpo_jax.parallel.sharding import make_mesh, merge_rules
 from cpo_jax.train.checkpoint import Checkpointer
 from cpo_jax.train.config import TrainConfig, to_dict
-from cpo_jax.train.export import save_model_description
+from cpo_jax.train.export import save_lora_spec, save_model_description
 from cpo_jax.train.metrics_writer import MetricsWriter
 from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
 from cpo_jax.train.resume import check_resume
-from cpo_jax.train.step import init_state
+from cpo_jax.train.step import init_state, model_of
 from cpo_jax.train.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,43 @@ def divergence(cfg: TrainConfig, metrics: dict) -> str | None:
     return None
 
 
+def lora_spec_of(cfg: TrainConfig):
+    """The :class:`~cpo_jax.models.lora.LoraSpec` of ``model.lora`` (None without the section)."""
+    from cpo_jax.models.lora import LoraSpec
+
+    lora = cfg.model.lora
+    if lora is None:
+        return None
+    return LoraSpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets,
+                    use_rslora=lora.use_rslora)
+
+
+def attach_adapters(policy, cfg: TrainConfig):
+    """Give ``policy`` its adapters, in place: the PEFT adapter of ``model.adapter_path`` (whose settings must agree
+    with a ``model.lora`` section, when one is given), or fresh ones (``B = 0``) of ``model.lora``. Returns their
+    :class:`~cpo_jax.models.lora.LoraSpec`, or None for full fine-tuning."""
+    from cpo_jax.errors import ConfigError
+    from cpo_jax.hf.peft import add_adapter, load_adapter
+
+    wanted = lora_spec_of(cfg)
+    rngs = nnx.Rngs(params=cfg.seed, dropout=jax.random.fold_in(jax.random.key(cfg.seed), 1))
+    if cfg.model.adapter_path is None:
+        if wanted is not None:
+            add_adapter(policy, wanted, rngs=rngs)
+        return wanted
+    spec = load_adapter(policy, cfg.model.adapter_path, rngs=rngs)
+    if wanted is not None:
+        for key in ("rank", "alpha", "dropout", "targets", "use_rslora"):
+            ours, theirs = getattr(wanted, key), getattr(spec, key)
+            if key == "targets" and ours is None:
+                continue
+            if (sorted(ours) if key == "targets" else ours) != (sorted(theirs) if key == "targets" else theirs):
+                raise ConfigError(f"is {ours!r}, but the adapter in model.adapter_path has {theirs!r}",
+                                  where=f"config key model.lora.{key}",
+                                  hint="remove the model.lora section to take the adapter's own settings")
+    return spec
+
+
 def checkpoint_extra(saved: dict | None) -> dict | None:
     """A checkpoint's data item as ``{"data": iterator state, ...}``; a preference checkpoint written before the
     one loop stored the bare iterator state."""
@@ -203,8 +240,13 @@ class TrainLoop:
         self.model_kwargs = model_load_kwargs(cfg, self.mesh)
         policy = from_pretrained(self.model_path, **self.model_kwargs)
         self.model_config = policy.config
-        self.graphdef, self.initial_model_state = nnx.split(policy)
-        self.num_params = sum(x.size for x in jax.tree.leaves(self.initial_model_state))
+        self.lora_spec = attach_adapters(policy, cfg)
+        if self.lora_spec is None:  # full fine-tuning: every weight trains
+            self.graphdef, self.initial_model_state = nnx.split(policy)
+            self.frozen = None
+        else:  # only the adapters train; the base is held once, frozen (and is the reference with loss.reference=base)
+            self.graphdef, self.initial_model_state, self.frozen = nnx.split(policy, nnx.LoRAParam, ...)
+        self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(policy)))
         self.train_set = self.load_split(cfg.data.train_files)
         self.eval_set = self.load_split(cfg.data.eval_files) if cfg.data.eval_files else None
         self._hooks: list[Hook] = []
@@ -316,6 +358,8 @@ class TrainLoop:
                 data.set_state(extra["data"])
                 log.info("resumed from step %d in %s", start, self.output_dir)
             writer = open_run(cfg, self.output_dir, start, self.model_path)
+            if self.lora_spec is not None and jax.process_index() == 0:
+                save_lora_spec(self.lora_spec, self.output_dir)
             hooks = self._built_in_hooks(writer, data, history) + self._hooks
             step = start
             while step < cfg.steps:
@@ -352,12 +396,22 @@ class TrainLoop:
         return step, extra
 
     def policy(self):
-        """The current policy as an NNX model."""
-        return nnx.merge(self.graphdef, self.state.params["model"])
+        """The current policy as an NNX model (with its adapters, when they train)."""
+        return model_of(self.graphdef, self.state.params["model"], self.frozen)
 
     def export(self, path) -> Path:
         """Write the current policy as an HF directory (with the tokenizer). A reward model (``params["head"]``)
         is written as ``*ForSequenceClassification`` with ``num_labels=1``, its head as ``score.weight``; other
-        heads (the PPO value head) are not part of the export."""
-        return save_pretrained(self.policy(), path, tokenizer=self.tokenizer,
+        heads (the PPO value head) are not part of the export. With adapters, ``path`` holds the merged weights
+        (``W + scale * A @ B``) and ``path``'s sibling ``<name>_adapter`` the adapters in PEFT's format."""
+        policy = self.policy()
+        if self.lora_spec is None:
+            return save_pretrained(policy, path, tokenizer=self.tokenizer, score_head=self.state.params.get("head"))
+        from cpo_jax.hf.peft import save_adapter
+        from cpo_jax.models.lora import merge_lora
+
+        path = Path(path)
+        save_adapter(policy, self.lora_spec, path.with_name(path.name + "_adapter"),
+                     base_model_name_or_path=self.cfg.model.path)
+        return save_pretrained(merge_lora(policy), path, tokenizer=self.tokenizer,
                                score_head=self.state.params.get("head"))

@@ -71,24 +71,50 @@ def update_size(params, updates) -> dict[str, jax.Array]:
             "update_ratio": optax.tree.norm(updates) / jnp.maximum(param_norm, jnp.finfo(jnp.float32).tiny)}
 
 
-def _reference_logps(cfg: TrainConfig, graphdef, ref_params, mb: Batch) -> PairLogps | None:
+def model_of(graphdef, model_state, frozen=None):
+    """The NNX model of ``model_state`` (the trained variables) and, with adapters, the ``frozen`` base."""
+    return nnx.merge(graphdef, model_state) if frozen is None else nnx.merge(graphdef, model_state, frozen)
+
+
+def starts_at_reference(cfg: TrainConfig) -> bool:
+    """Whether the untrained policy *is* the reference: both load ``model.path`` (``separate``), or adapters whose
+    reference is their own start (fresh adapters with ``base``: ``B = 0``; ``adapter``: the imported ones)."""
+    return not (cfg.loss.reference == "base" and cfg.model.adapter_path is not None)
+
+
+def _reference_logps(cfg: TrainConfig, graphdef, ref_params, mb: Batch, params, frozen) -> PairLogps | None:
     mode = cfg.loss.reference
     if mode == "none" or cfg.loss.objective != "preference":
         return None
     if mode == "precomputed":
         return PairLogps(mb["ref_chosen"], mb["ref_rejected"])
-    ref_model = nnx.merge(graphdef, ref_params["model"])
+    if mode == "base":  # the adapters off: B = 0 adds exactly 0 to every adapted projection
+        from cpo_jax.models.lora import zero_adapters
+
+        ref_model = model_of(graphdef, zero_adapters(params["model"]), frozen)
+    else:  # separate: a full second model; adapter: the imported adapters, frozen, on the shared base
+        ref_model = model_of(graphdef, ref_params["model"], frozen)
     ref = pair_logps(token_logps_from_batch(ref_model, mb, chunk_size=cfg.model.logprob_chunk_size), mb)
     return jax.tree.map(jax.lax.stop_gradient, ref)
 
 
 def objective_sum(cfg: TrainConfig, graphdef, params, mb: Batch, reference,
-                  reference_is_policy: jax.Array | bool = False) -> tuple[jax.Array, dict]:
+                  reference_is_policy: jax.Array | bool = False, frozen=None,
+                  dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Sum over real examples of the configured objective, and its metrics, each a
     :class:`~cpo_jax.train.weighted.Weighted` over the real pairs of ``mb``.
 
-    ``reference_is_policy``: see :func:`cpo_jax.train.objectives.preference_objective`."""
-    model = nnx.merge(graphdef, params["model"])
+    ``reference_is_policy``: see :func:`cpo_jax.train.objectives.preference_objective`. ``frozen``: the frozen
+    base weights when only adapters train (``params["model"]`` holds the adapters). ``dropout_key``: train mode
+    (the adapters' dropout on, its streams seeded from this key); None: every dropout off (evaluation)."""
+    if dropout_key is not None:
+        # Fresh variables at this trace level (the dropout streams are mutated while the model runs); the arrays
+        # are the same, nothing is copied.
+        frozen = jax.tree.map(lambda x: x, frozen)
+    model = model_of(graphdef, params["model"], frozen)
+    if dropout_key is not None:
+        model.train()
+        nnx.reseed(model, dropout=dropout_key, policy="match_shape")
     chunk = cfg.model.logprob_chunk_size
     if cfg.loss.objective == "preference":
         loss_sum, means = preference_objective(model, mb, reference, loss_name=cfg.loss.name,
@@ -112,28 +138,36 @@ def _micro_batches(batch: Batch) -> Batch:
     return {k: v for k, v in batch.items() if k != "index"}
 
 
-def train_step(state: TrainState, batch: Batch, ref_params, *, cfg: TrainConfig, graphdef,
+def train_step(state: TrainState, batch: Batch, ref_params, frozen=None, *, cfg: TrainConfig, graphdef,
                optimizer: optax.GradientTransformation, schedule: Callable) -> tuple[TrainState, dict]:
-    """One optimiser update from ``batch`` (leading axis: micro-batches). Returns ``(state, metrics)``."""
+    """One optimiser update from ``batch`` (leading axis: micro-batches). Returns ``(state, metrics)``.
+
+    ``frozen``: the frozen base weights when ``state.params["model"]`` holds only adapters (None otherwise)."""
     batch = _micro_batches(batch)
     total = jnp.maximum(jnp.sum(batch["pair_mask"]), 1).astype(jnp.float32)
+    initial = (state.step == 0) & starts_at_reference(cfg)
+    dropout = cfg.model.lora is not None and cfg.model.lora.dropout > 0
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-    def micro_loss(params, mb):
-        reference = _reference_logps(cfg, graphdef, ref_params, mb)
+    def micro_loss(params, mb, index):
+        reference = _reference_logps(cfg, graphdef, ref_params, mb, params, frozen)
         # Before the first update the policy's weights are the reference's (both load model.path).
-        loss_sum, metrics = objective_sum(cfg, graphdef, params, mb, reference, reference_is_policy=state.step == 0)
+        loss_sum, metrics = objective_sum(cfg, graphdef, params, mb, reference, reference_is_policy=initial,
+                                          frozen=frozen,
+                                          dropout_key=jax.random.fold_in(step_key, index) if dropout else None)
         return loss_sum / total, metrics
 
-    def body(carry, mb):
+    def body(carry, xs):
         grads_acc, loss_acc, metrics_acc = carry
-        (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, mb)
+        (loss, metrics), grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, *xs)
         return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss, weighted.add(metrics_acc, metrics)), None
 
     first = jax.tree.map(lambda x: x[0], batch)
-    metric_shapes = jax.eval_shape(lambda p: micro_loss(p, first)[1], state.params)
+    metric_shapes = jax.eval_shape(lambda p: micro_loss(p, first, 0)[1], state.params)
     zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-    (grads, loss, metrics), _ = jax.lax.scan(body, zeros, batch)
+    micro = batch["pair_mask"].shape[0]
+    (grads, loss, metrics), _ = jax.lax.scan(body, zeros, (batch, jnp.arange(micro)))
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -156,19 +190,21 @@ def train_step(state: TrainState, batch: Batch, ref_params, *, cfg: TrainConfig,
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 
 
-def eval_step(params, batch: Batch, ref_params, reference_is_policy=False, *, cfg: TrainConfig, graphdef) -> dict:
+def eval_step(params, batch: Batch, ref_params, reference_is_policy=False, frozen=None, *, cfg: TrainConfig,
+              graphdef) -> dict:
     """Loss and metrics of one batch without gradients (for periodic evaluation), each a
     :class:`~cpo_jax.train.weighted.Weighted` over its real pairs, to be added over batches.
 
     ``reference_is_policy``: ``params`` are the initial weights (the reference's); see :func:`objective_sum`."""
     batch = _micro_batches(batch)
-    reference = _reference_logps(cfg, graphdef, ref_params, batch)
-    loss_sum, metrics = objective_sum(cfg, graphdef, params, batch, reference, reference_is_policy)
+    reference = _reference_logps(cfg, graphdef, ref_params, batch, params, frozen)
+    loss_sum, metrics = objective_sum(cfg, graphdef, params, batch, reference, reference_is_policy, frozen)
     return {**metrics, "loss": weighted.Weighted(loss_sum, real_pairs(batch))}
 
 
-def jit_train_step(cfg: TrainConfig, graphdef, optimizer, schedule, state_shardings, batch_shardings, ref_shardings):
+def jit_train_step(cfg: TrainConfig, graphdef, optimizer, schedule, state_shardings, batch_shardings, ref_shardings,
+                   frozen_shardings=None):
     """``jax.jit`` of :func:`train_step` with explicit in/out shardings and the state donated."""
     fn = functools.partial(train_step, cfg=cfg, graphdef=graphdef, optimizer=optimizer, schedule=schedule)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings, ref_shardings),
+    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings, ref_shardings, frozen_shardings),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))

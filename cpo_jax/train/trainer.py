@@ -26,7 +26,7 @@ from cpo_jax.train import weighted
 from cpo_jax.train.config import TrainConfig
 from cpo_jax.train.loop import TrainLoop
 from cpo_jax.train.reference_cache import cache_key, compute_reference_logps, load_or_compute
-from cpo_jax.train.step import eval_step, jit_train_step
+from cpo_jax.train.step import eval_step, jit_train_step, model_of, starts_at_reference
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ class Trainer(TrainLoop):
         self.ref_params = None
         if cfg.loss.objective == "preference" and cfg.loss.reference == "separate":
             self.ref_params = self.load_reference()
+        elif cfg.loss.objective == "preference" and cfg.loss.reference == "adapter":
+            # The imported adapters as they start, frozen: a few MB on the shared base (arrays are immutable, and
+            # the train state holds its own buffers).
+            self.ref_params = {"model": self.initial_model_state}
 
         self.tokenize_cfg = TokenizeConfig(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                                            truncation=cfg.data.truncation, vocab_size=self.model_config.vocab_size)
@@ -81,9 +85,7 @@ class Trainer(TrainLoop):
 
     # ----------------------------------------------------------------------------------------------
     def policy_at_start(self):
-        from flax import nnx
-
-        return nnx.merge(self.graphdef, self.initial_model_state)
+        return model_of(self.graphdef, self.initial_model_state, self.frozen)
 
     def _precompute(self, policy, records):
         key = cache_key(records.records, self.tokenizer, self.tokenize_cfg, self.model_path)
@@ -119,12 +121,13 @@ class Trainer(TrainLoop):
             return {}
         # The untrained state's weights are the reference's: its reference log-probs are its own (as in TRL, the
         # rewards before training are exactly 0).
-        initial = params is self.state.params and int(jax.device_get(self.state.step)) == 0
+        initial = (params is self.state.params and int(jax.device_get(self.state.step)) == 0
+                   and starts_at_reference(self.cfg))
 
         def batch_metrics(batch):
             batch = self._with_reference(batch, self.eval_reference_table)
             g = {k: v[0] for k, v in self._global(stack_micro_batches([batch], self.batch_cfg.pad_id)).items()}
-            return jax.device_get(self._eval_fn(params, g, self.ref_params, initial))
+            return jax.device_get(self._eval_fn(params, g, self.ref_params, initial, self.frozen))
 
         sums = weighted.total(batch_metrics(b) for b in lockstep(self._pipeline(self.eval_set, train=False),
                                                                  limit=self.cfg.eval_batches))
@@ -138,10 +141,12 @@ class Trainer(TrainLoop):
         batch = self._global(stack_micro_batches(micro, self.batch_cfg.pad_id))
         if self._step_fn is None:
             ref_shardings = None if self.ref_params is None else jax.tree.map(lambda x: x.sharding, self.ref_params)
+            frozen_shardings = None if self.frozen is None else jax.tree.map(self._sharding_of, self.frozen)
             self._step_fn = jit_train_step(cfg, self.graphdef, self.optimizer, self.schedule, self.state_shardings,
-                                           {k: v.sharding for k, v in batch.items()}, ref_shardings)
+                                           {k: v.sharding for k, v in batch.items()}, ref_shardings,
+                                           frozen_shardings)
         t0 = time.perf_counter()
-        self.state, metrics = self._step_fn(self.state, batch, self.ref_params)
+        self.state, metrics = self._step_fn(self.state, batch, self.ref_params, self.frozen)
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - t0
         tokens = int(metrics["tokens"])
@@ -152,6 +157,12 @@ class Trainer(TrainLoop):
         if peak:
             metrics["mfu"] = step_flops / elapsed / (peak * 1e12 * jax.device_count())
         return metrics
+
+    def _sharding_of(self, x: jax.Array):
+        """``x.sharding``; a typed PRNG key (the adapters' dropout streams) is replicated as a scalar."""
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return NamedSharding(self.mesh, jax.sharding.PartitionSpec(*([None] * x.ndim)))
+        return x.sharding
 
     def diagnose(self, step: int, problem: str, metrics: dict) -> str:
         indexes = self._last_indexes

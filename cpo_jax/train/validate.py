@@ -165,6 +165,33 @@ def _check_model_and_data(cfg: TrainConfig) -> None:
     _at_least(d.num_workers, "data.num_workers", 0)
 
 
+def _check_adapters(cfg: TrainConfig) -> None:
+    """LoRA / QLoRA settings and the reference modes that need adapters."""
+    m, reference = cfg.model, cfg.loss.reference
+    adapters = m.lora is not None or m.adapter_path is not None
+    if m.lora is not None:
+        lora = m.lora
+        _at_least(lora.rank, "model.lora.rank", 1)
+        _require(_number(lora.alpha) and lora.alpha > 0, "model.lora.alpha", lora.alpha, "must be a number > 0")
+        _require(_number(lora.dropout) and 0 <= lora.dropout < 1, "model.lora.dropout", lora.dropout,
+                 "must be in [0, 1)")
+        _require(lora.targets is None or len(lora.targets) > 0, "model.lora.targets", lora.targets,
+                 "is empty", hint="list HF module names such as [q_proj, v_proj], or null for every projection")
+    _require(m.quantize == "none" or adapters, "model.quantize", m.quantize,
+             "quantises the frozen base, so it needs adapters to train (QLoRA)",
+             hint="add a model.lora section, or set model.quantize=none")
+    if cfg.loss.objective != "preference":
+        return
+    _require(reference not in ("base", "adapter") or adapters, "loss.reference", reference,
+             "needs adapters (model.lora or model.adapter_path): without them the base is the policy itself",
+             hint="use loss.reference=separate or precomputed for full fine-tuning")
+    _require(reference != "adapter" or m.adapter_path is not None, "loss.reference", reference,
+             "uses the imported adapter as the reference, and model.adapter_path is not set")
+    _require(reference != "separate" or not adapters, "loss.reference", reference,
+             "would load a second full copy of the base next to the adapters' frozen base",
+             hint="use loss.reference=base: the same reference log-probs with no second copy")
+
+
 def _check_cadence(cfg: TrainConfig) -> None:
     for key, low in (("steps", 1), ("grad_accum", 1), ("log_every", 1), ("save_every", 1), ("eval_every", 0),
                      ("eval_batches", 1), ("keep_checkpoints", 1), ("max_nonfinite_steps", 1),
@@ -225,6 +252,7 @@ def _check_mesh(cfg: TrainConfig) -> None:
 def validate_config(cfg: TrainConfig) -> None:
     """Raise :class:`ConfigError` naming the first key whose value cannot work (see the module docstring)."""
     _check_model_and_data(cfg)
+    _check_adapters(cfg)
     _check_mesh(cfg)
     _check_optim(cfg)
     _check_cadence(cfg)
