@@ -14,7 +14,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from cpo_jax.losses.rlhf import masked_mean
 from cpo_jax.rlhf.algorithms import advantages_and_returns, policy_objective
@@ -27,14 +26,16 @@ from cpo_jax.rlhf.rollout import (
 )
 from cpo_jax.train import weighted
 from cpo_jax.train.config import TrainConfig
-from cpo_jax.train.step import TrainState, nonfinite_counts, update_size
+from cpo_jax.train.step import TrainState, model_of, nonfinite_counts, update_size
 
 
-def score_rollout(params, ref_params, prompt_ids, prompt_mask, tokens, mask, scores, kl_coef, *, cfg: TrainConfig,
-                  graphdef) -> tuple[Rollout, dict]:
-    """Old-policy and reference log-probs, values and advantages of sampled completions ``[B, N]``."""
+def score_rollout(params, ref_params, prompt_ids, prompt_mask, tokens, mask, scores, kl_coef, frozen=None, *,
+                  cfg: TrainConfig, graphdef) -> tuple[Rollout, dict]:
+    """Old-policy and reference log-probs, values and advantages of sampled completions ``[B, N]``.
+
+    ``frozen``: the frozen base when ``params["model"]`` and ``ref_params["model"]`` hold only adapters."""
     rl, chunk = cfg.rl, cfg.model.logprob_chunk_size
-    policy = nnx.merge(graphdef, params["model"])
+    policy = model_of(graphdef, params["model"], frozen)
     hidden = completion_hidden(policy, prompt_ids, prompt_mask, tokens, mask)
     old_logps = completion_logps(policy, hidden, tokens, temperature=rl.temperature, chunk_size=chunk)
     entropy = completion_entropy(policy, hidden, temperature=rl.temperature, chunk_size=chunk)
@@ -42,7 +43,7 @@ def score_rollout(params, ref_params, prompt_ids, prompt_mask, tokens, mask, sco
         values = value_predictions(hidden, params["value_head"])
     else:
         values = jnp.zeros(tokens.shape, jnp.float32)
-    reference = nnx.merge(graphdef, ref_params["model"])
+    reference = model_of(graphdef, ref_params["model"], frozen)
     ref_hidden = completion_hidden(reference, prompt_ids, prompt_mask, tokens, mask)
     ref_logps = completion_logps(reference, ref_hidden, tokens, temperature=rl.temperature, chunk_size=chunk)
     old_logps, ref_logps, values = (jax.lax.stop_gradient(x) for x in (old_logps, ref_logps, values))
@@ -73,15 +74,18 @@ def _minibatches(rollout: Rollout, key: jax.Array, epochs: int, num_mini_batches
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *per_epoch)
 
 
-def update(state: TrainState, rollout: Rollout, kl_coef, *, cfg: TrainConfig, graphdef,
+def update(state: TrainState, rollout: Rollout, kl_coef, frozen=None, *, cfg: TrainConfig, graphdef,
            optimizer: optax.GradientTransformation, schedule: Callable) -> tuple[TrainState, dict]:
-    """``ppo_epochs x num_mini_batches`` optimiser updates on ``rollout``; metrics are means over them."""
+    """``ppo_epochs x num_mini_batches`` optimiser updates on ``rollout``; metrics are means over them.
+
+    Adapters' dropout stays off, as in TRL's RL trainers (``disable_dropout``): the probability ratios compare the
+    policy with itself."""
     rl, chunk = cfg.rl, cfg.model.logprob_chunk_size
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     batches = _minibatches(rollout, key, rl.ppo_epochs, rl.num_mini_batches)
 
     def loss_fn(params, mb: Rollout):
-        model = nnx.merge(graphdef, params["model"])
+        model = model_of(graphdef, params["model"], frozen)
         hidden = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask)
         logps = completion_logps(model, hidden, mb.tokens, temperature=rl.temperature, chunk_size=chunk)
         values = value_predictions(hidden, params["value_head"]) if "value_head" in params else None

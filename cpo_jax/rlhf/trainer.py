@@ -26,10 +26,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig
 from cpo_jax.errors import ConfigError
 from cpo_jax.models.generate import SamplingConfig
+from cpo_jax.models.lora import zero_adapters
 from cpo_jax.parallel.multihost import global_to_host, host_to_global, host_value_to_global, lockstep
 from cpo_jax.rlhf.algorithms import adaptive_kl_coef
 from cpo_jax.rlhf.rewards import RewardFunction, make_reward
@@ -59,12 +61,16 @@ class RLTrainer(TrainLoop):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_id = self.tokenizer.eos_token_id
         params = {"model": self.initial_model_state}
-        del self.initial_model_state  # the state holds the parameters
         if rl.algorithm == "ppo":
             params["value_head"] = jax.tree.map(
                 lambda x: host_value_to_global(np.asarray(x), self.mesh, (None,), rules=self.rules),
                 init_value_head(self.model_config.hidden_size))
-        self.ref_params = self.load_reference()
+        if self.lora_spec is None:
+            self.ref_params = self.load_reference()
+        else:  # on the one frozen base: fresh adapters switched off, or an imported adapter's frozen copy
+            self.ref_params = {"model": self.initial_model_state if cfg.model.adapter_path is not None
+                               else zero_adapters(self.initial_model_state)}
+        del self.initial_model_state  # the state holds the parameters
 
         self.prompt_length = cfg.data.max_prompt_length or cfg.data.max_length - rl.max_new_tokens
         self.tokenize_cfg = TokenizeConfig(max_length=self.prompt_length + rl.max_new_tokens,
@@ -105,7 +111,8 @@ class RLTrainer(TrainLoop):
     def generate(self, params, prompt_ids, prompt_mask, key, *, num_generations: int, sampling: SamplingConfig,
                  max_new_tokens: int):
         """Sample ``[P * K, N]`` completions from ``params`` (the live train-state arrays)."""
-        return sample(self.graphdef, params["model"], prompt_ids, prompt_mask, key, num_generations=num_generations,
+        state = params["model"] if self.frozen is None else nnx.merge_state(params["model"], self.frozen)
+        return sample(self.graphdef, state, prompt_ids, prompt_mask, key, num_generations=num_generations,
                       max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=self.eos_id,
                       pad_token_id=self.pad_id)
 
@@ -142,12 +149,12 @@ class RLTrainer(TrainLoop):
         t2 = time.perf_counter()
         rollout, metrics = self._score(self.state.params, self.ref_params, ids, mask, gen.tokens, gen.mask,
                                        host_value_to_global(scores, self.mesh, ("batch",), rules=self.rules),
-                                       jnp.float32(self.kl_coef))
+                                       jnp.float32(self.kl_coef), self.frozen)
         metrics = jax.device_get(metrics)
         timings["timing_s/old_log_prob"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        self.state, update_metrics = self._update(self.state, rollout, jnp.float32(self.kl_coef))
+        self.state, update_metrics = self._update(self.state, rollout, jnp.float32(self.kl_coef), self.frozen)
         update_metrics = jax.device_get(update_metrics)
         timings["timing_s/update_actor"] = time.perf_counter() - t3
         timings["timing_s/step"] = time.perf_counter() - t0
