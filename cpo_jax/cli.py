@@ -27,8 +27,15 @@ app.add_typer(convert_app, name="convert")
 _ALIASES = {"max_steps": "steps"}
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None):
+#: What ``cpo-jax plan`` puts in place of data files it never reads, when a config leaves them ``???``.
+PLAN_DATA = "(not read by plan)"
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, *, for_plan: bool = False):
     """YAML + ``key=value`` overrides -> a validated :class:`TrainConfig` (structure, value ranges, paths, mesh).
+
+    ``for_plan``: the config of ``cpo-jax plan``, which reads only the model's ``config.json``: missing data files
+    are allowed and the mesh is checked against the planned devices later.
 
     Every problem is a :class:`ConfigError` naming the file (and line) or the key."""
     import yaml
@@ -61,6 +68,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None):
         raise ConfigError("the config file must hold a mapping of keys (model:, data:, loss:, ...)", where=str(path))
     try:
         merged = OmegaConf.merge(loaded, OmegaConf.from_dotlist(dotlist))
+        if for_plan and "data.train_files" in OmegaConf.missing_keys(merged):
+            merged = OmegaConf.merge(merged, OmegaConf.create({"data": {"train_files": [PLAN_DATA]}}))
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"mandatory value(s) {missing} are '???' in the config", where=str(path),
@@ -73,7 +82,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None):
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(str(err.args[0] if err.args else err), where=str(path)) from None
     validate_config(cfg)
-    _check_paths_and_mesh(cfg)
+    if for_plan:
+        from cpo_jax.hf.resolve import resolve_model_path
+
+        try:
+            resolve_model_path(cfg.model.path)
+        except UserError as err:
+            raise ConfigError(f"{cfg.model.path!r}: {err.problem}", where="config key model.path",
+                              hint="plan reads only config.json: give a model directory, or one of configs/shapes/"
+                              ) from None
+    else:
+        _check_paths_and_mesh(cfg)
     return cfg
 
 
@@ -261,6 +280,43 @@ def audit(
     files = write_audit(report, out)
     typer.echo(format_audit(report))
     typer.echo(f"report: {files['json']}  histogram: {files['png']}")
+
+
+@app.command("plan")
+def plan_memory(
+    config: Path,
+    overrides: Annotated[list[str] | None, typer.Argument()] = None,
+    devices: Annotated[int | None, typer.Option(help="plan for this many devices (on a CPU they are simulated); "
+                                                     "default: the devices this process has")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the plan as JSON")] = None,
+) -> None:
+    """Per-device memory of one train step of CONFIG (weights, optimiser, gradients, activations), compiled from
+    model.path's config.json alone: no weights are read or allocated. configs/shapes/ holds Llama and Qwen shapes."""
+    if devices is not None and devices < 1:
+        raise ConfigError(f"--devices {devices} must be >= 1", where="command line")
+    if devices is not None and "jax" not in sys.modules:  # CPU devices are simulated; set before JAX starts
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={devices}").strip()
+    cfg = load_config(config, overrides, for_plan=True)
+    import jax
+
+    from cpo_jax.hf.pretrained import read_hf_config
+    from cpo_jax.train.plan import markdown, plan, plan_dict
+
+    available = jax.devices()
+    count = devices or len(available)
+    if count > len(available):
+        raise ConfigError(f"--devices {count}, and this process has {len(available)} {jax.default_backend()} "
+                          f"device(s)", where="command line",
+                          hint="plan for at most that many, or run cpo-jax plan in a fresh process")
+    from cpo_jax.hf.resolve import resolve_model_path
+
+    result = plan(cfg, read_hf_config(resolve_model_path(cfg.model.path)), devices=available[:count])
+    typer.echo(markdown([(Path(cfg.model.path).name, result)]))
+    typer.echo(f"activations: compiled temporaries at {cfg.data.max_length} tokens minus those at 16 "
+               f"({jax.default_backend()} compiler); total = the sum, an estimate of the peak per device")
+    if json_out is not None:
+        json_out.write_text(json.dumps(plan_dict(result), indent=2))
 
 
 @convert_app.command("orbax-to-hf")
