@@ -228,6 +228,8 @@ def test_bad_adapters_at_the_command_line(assets, tmp_path, capsys):
 
     code, err = run({"lora": {"rank": 2, "targets": ["q_proj", "qkv"]}})
     assert code == 2 and "Traceback" not in err and "qkv" in err and "q_proj" in err and "v_proj" in err
+    code, err = run({"lora": {"rank": 2}, "quantize": "nf4"})  # in-features 32: no whole NF4 block of 64
+    assert code == 2 and "Traceback" not in err and "block" in err, err
     code, err = run({"adapter_path": str(tmp_path / "missing")})
     assert code == 2 and "Traceback" not in err and "missing" in err
     adapter = _random_peft_adapter(assets["policy"], tmp_path / "adapter", targets=["q_proj"])
@@ -298,3 +300,43 @@ def test_sharded_lora_training_equals_single_device(assets, tmp_path):
     assert len(kernel.sharding.device_set) == 8
     assert q["lora_a"][...].sharding.spec[1] == kernel.sharding.spec[1]  # A [L, in, r] splits `in` like W
     assert q["lora_b"][...].sharding.spec[2] == kernel.sharding.spec[2]  # B [L, r, out] splits `out` like W
+
+
+def test_qlora_trains_on_a_quantised_base_and_exports_what_it_trained(tmp_path):
+    """model.quantize=nf4: the frozen decoder weights are NF4 codes (0.5625 B/param), the first loss is log 2
+    (the reference is the same quantised base), the merged export (dequantised base + adapters) reproduces the
+    trained policy's logits in transformers, and convert from the checkpoint writes the same tensors."""
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from cpo_jax.data import byte_chat_tokenizer
+
+    torch.manual_seed(0)
+    policy = tmp_path / "policy"  # in-features that the NF4 block of 64 divides
+    AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, bos_token_id=None, eos_token_id=3,
+        pad_token_id=0)).save_pretrained(policy)
+    byte_chat_tokenizer().save_pretrained(policy)
+    train, _ = arithmetic_files(tmp_path, train=16, eval=4)
+    assets = {"policy": str(policy), "train": str(train)}
+    trainer = _trainer(_config(assets, tmp_path / "run", model={"quantize": "nf4"}, steps=3, save_every=3))
+    frozen_layers = trainer.frozen["layers"]
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(frozen_layers)]
+    codes, kernels = [p for p in paths if "codes" in p], [p for p in paths if "'kernel'" in p]
+    assert codes and not kernels  # no float copy of a decoder weight is held
+    history = trainer.run().history
+    assert history[0]["loss"] == pytest.approx(np.log(2.0), abs=1e-7)
+    assert history[-1]["loss"] != history[0]["loss"]
+
+    ids = np.array([[5, 17, 42, 99, 7, 3]])
+    ours = np.asarray(trainer.policy()(jax.numpy.asarray(ids)))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = merged(torch.tensor(ids)).logits.numpy()
+    assert np.abs(ours - theirs).max() < 1e-4
+    assert main(["convert", "orbax-to-hf", str(tmp_path / "run"), str(tmp_path / "again")]) == 0
+    again, own = load_file(tmp_path / "again" / "model.safetensors"), load_file(tmp_path / "run" / "hf" /
+                                                                              "model.safetensors")
+    for key in own:
+        np.testing.assert_array_equal(again[key], own[key], err_msg=key)

@@ -321,8 +321,8 @@ def load_adapter(model, path: str | os.PathLike, *, rngs: nnx.Rngs | None = None
     expected = {}
     for module in modules:
         parts = [layer_linears(model, p)[0] for p in module.ours]
-        d_in = parts[0].kernel.shape[-2]
-        d_out = sum(p.kernel.shape[-1] for p in parts)
+        d_in = parts[0].kernel_shape[-2]
+        d_out = sum(p.kernel_shape[-1] for p in parts)
         for layer in range(cfg.num_layers):
             key = PREFIX + module.hf.format(i=layer)
             expected[f"{key}.lora_A.weight"] = (spec.rank, d_in)
@@ -333,7 +333,7 @@ def load_adapter(model, path: str | os.PathLike, *, rngs: nnx.Rngs | None = None
     add_lora(model, spec, rngs=rngs or nnx.Rngs(0), sites=lora_sites(cfg))
     for module in modules:
         parts = [layer_linears(model, p) for p in module.ours]
-        widths = np.cumsum([p[0].kernel.shape[-1] for p in parts])[:-1]
+        widths = np.cumsum([p[0].kernel_shape[-1] for p in parts])[:-1]
         a_layers, b_layers = [], []
         for layer in range(cfg.num_layers):
             key = PREFIX + module.hf.format(i=layer)

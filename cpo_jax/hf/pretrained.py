@@ -39,6 +39,7 @@ from cpo_jax.hf.weights import (
 )
 from cpo_jax.models.config import TransformerConfig
 from cpo_jax.models.lora import has_lora
+from cpo_jax.models.quantize import is_quantized
 from cpo_jax.models.transformer import Transformer
 from cpo_jax.parallel.multihost import global_to_host
 
@@ -408,10 +409,15 @@ def export_tensors(model: Transformer, dtype=None):
     """Yield ``(hf_name, numpy array)`` in table order, rebuilding HF layouts (transposes, fused qkv).
 
     Raises ``ValueError`` for a model with LoRA adapters, which the HF layout has no place for: export
-    ``cpo_jax.models.lora.merge_lora(model)``, or the adapters alone with ``cpo_jax.hf.peft.save_adapter``."""
+    ``cpo_jax.models.lora.merge_lora(model)``, or the adapters alone with ``cpo_jax.hf.peft.save_adapter``; and for
+    a model whose decoder weights are stored quantised (QLoRA), which has no float kernels to write: export
+    ``merge_lora(model)`` or ``cpo_jax.models.quantize.dequantize_model(model)``, both plain float models."""
     if has_lora(model):
         raise ValueError("the model has LoRA adapters: export merge_lora(model) (the merged weights) or save the "
                          "adapters with cpo_jax.hf.peft.save_adapter")
+    if is_quantized(model):
+        raise ValueError("the model's decoder weights are stored quantised (QLoRA): export merge_lora(model) or "
+                         "dequantize_model(model) (plain float models with the dequantised weights)")
     cfg = model.config
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     bindings = bind(family_of(cfg.model_type).weight_table(cfg), cfg.num_layers, cfg.scan_layers)

@@ -5,16 +5,25 @@ Every parameter carries its logical axes as ``out_sharding`` metadata (for examp
 kernels are stored ``[in, out]`` with heads flattened into the feature axis (``[D, N * H]``), so HF
 weights load with a transpose only, and a tensor-parallel split of ``heads`` keeps whole heads
 together whenever ``N`` divides evenly.
+
+A :class:`Linear` may hold its kernel quantised instead (QLoRA, :func:`cpo_jax.models.quantize.quantize_model`): the
+codes and scales of :class:`cpo_jax.ops.quant.QuantizedTensor` as two :class:`QuantizedWeight` variables, its static
+fields as the Python attribute ``Linear.quant`` (a :class:`QuantFormat`, part of the graphdef), and no ``kernel``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cpo_jax.models.config import TransformerConfig
 from cpo_jax.ops.attention import dot_product_attention
+from cpo_jax.ops.quant import QuantizedTensor, dequantize, quantized_matmul
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -39,12 +48,71 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+class QuantizedWeight(nnx.Variable):
+    """The codes or the scales of a quantised frozen kernel (QLoRA).
+
+    Not an ``nnx.Param``: ``nnx.state(model, nnx.Param)`` leaves it out, ``nnx.split(model, nnx.LoRAParam, ...)`` puts
+    it in the frozen rest, and an optimiser over ``nnx.Param`` or ``nnx.LoRAParam`` never sees it. Metadata:
+    ``out_sharding``, the logical axes the array is placed by (the kernel's, with ``in`` set to None when its shards
+    do not hold whole blocks), and ``kernel_axes``, the kernel's own logical axes (restored by dequantisation)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantFormat:
+    """The static fields of a quantised kernel (:class:`~cpo_jax.ops.quant.QuantizedTensor`'s meta fields).
+
+    Attributes:
+      kind: ``"nf4"`` or ``"int8"``.
+      block_size: rows of ``in`` per absmax scale.
+      dtype: dtype of the kernel that was quantised (dequantisation restores it).
+      shape: ``(in, out)`` of one matrix (a stacked kernel's leading ``layers`` axis lives only in the arrays).
+    """
+
+    kind: str
+    block_size: int
+    dtype: np.dtype
+    shape: tuple[int, int]
+
+    def tensor(self, codes: jax.Array, scales: jax.Array) -> QuantizedTensor:
+        """The :class:`QuantizedTensor` of ``codes`` and ``scales`` (one matrix, or a stack)."""
+        return QuantizedTensor(codes=codes, scales=scales, shape=self.shape, dtype=self.dtype,
+                               block_size=self.block_size, kind=self.kind)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def frozen_quantized_matmul(fmt: QuantFormat, h: jax.Array, codes: jax.Array, scales: jax.Array) -> jax.Array:
+    """``h @ dequantize(codes, scales)`` in ``h.dtype``, differentiable in ``h`` only (the weight is frozen).
+
+    The custom VJP keeps only ``codes`` and ``scales`` for the backward pass and dequantises again there
+    (``dh = g @ W.T``), as bitsandbytes' ``MatMul4Bit`` does: plain autodiff would keep every layer's dequantised
+    ``[in, out]`` weight alive from the forward to the backward pass (without remat), i.e. the full-precision base
+    that quantising was meant to drop. No gradient flows to ``codes`` or ``scales``; forward-mode autodiff
+    (``jax.jvp``) is not defined through it."""
+    return quantized_matmul(h, fmt.tensor(codes, scales), h.dtype)
+
+
+def _frozen_quantized_matmul_fwd(fmt, h, codes, scales):
+    return quantized_matmul(h, fmt.tensor(codes, scales), h.dtype), (codes, scales)
+
+
+def _frozen_quantized_matmul_bwd(fmt, residuals, g):
+    codes, scales = residuals
+    return jnp.matmul(g, dequantize(fmt.tensor(codes, scales), g.dtype).T), None, None
+
+
+frozen_quantized_matmul.defvjp(_frozen_quantized_matmul_fwd, _frozen_quantized_matmul_bwd)
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel (+ bias)`` with kernel ``[in, out]``.
 
     With LoRA adapters attached (:func:`cpo_jax.models.lora.add_lora`) it adds
     ``lora_scale * (dropout(x) @ lora_a) @ lora_b``, ``lora_a`` ``[in, r]`` and ``lora_b`` ``[r, out]`` being
     ``nnx.LoRAParam`` variables; without them (``lora_a is None``) the projection is exactly the plain one.
+
+    Quantised (``quant`` not None, :func:`cpo_jax.models.quantize.quantize_model`): ``kernel`` is None and the weight
+    is ``kernel_codes`` / ``kernel_scales`` (:class:`QuantizedWeight`), dequantised blockwise inside the matmul in
+    the compute dtype (:func:`frozen_quantized_matmul`); bias and LoRA are added as before.
     """
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *, bias: bool, dtype,
@@ -56,11 +124,30 @@ class Linear(nnx.Module):
         self.lora_b = nnx.data(None)
         self.lora_dropout = nnx.data(None)  # an nnx.Dropout when the adapter has dropout
         self.lora_scale = 0.0
+        self.kernel_codes = nnx.data(None)  # QuantizedWeight when quantised
+        self.kernel_scales = nnx.data(None)
+        self.quant: QuantFormat | None = None
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """``(*layers, in, out)`` of the weight, stored plain or quantised."""
+        if self.quant is None:
+            return tuple(self.kernel[...].shape)
+        return (*self.kernel_codes[...].shape[:-2], *self.quant.shape)
+
+    def quantized_kernel(self) -> QuantizedTensor:
+        """The stored weight as a :class:`QuantizedTensor` (stacked under ``scan_layers``); only when quantised."""
+        if self.quant is None:
+            raise ValueError("this projection is not quantised")
+        return self.quant.tensor(self.kernel_codes[...], self.kernel_scales[...])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[..., in] -> [..., out]`` in the compute dtype."""
         h = x.astype(self.dtype)
-        y = jnp.dot(h, self.kernel[...].astype(self.dtype))
+        if self.quant is not None:
+            y = frozen_quantized_matmul(self.quant, h, self.kernel_codes[...], self.kernel_scales[...])
+        else:
+            y = jnp.dot(h, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None:

@@ -30,6 +30,11 @@ no dropout module and no RNG state. (PEFT draws one mask for a fused ``c_attn``;
 Base behaviour with the adapters off, without a copy of the base: :func:`zero_adapters` sets every ``B`` of a state
 to zero. The added term is then ``(x @ A) @ 0 = 0`` exactly (for finite activations), so the logits equal the base
 model's bit for bit; the cost is the two thin matmuls per projection.
+
+QLoRA: adapters work the same on a model whose frozen base is stored quantised
+(:func:`cpo_jax.models.quantize.quantize_model`, before or after :func:`add_lora`): ``A`` and ``B`` take the original
+kernel's dtype and the codes' placement, and :func:`merge_lora` dequantises, so the merged model is a plain float
+model.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cpo_jax.errors import ConfigError
 from cpo_jax.models.layers import Linear
+from cpo_jax.models.quantize import dequantize_model
 
 LoraSites = Mapping[str, Sequence[Sequence[str]]]
 """HF module name (``q_proj``, ``c_attn``) -> the HF modules of one decoder layer it names, each as the paths of our
@@ -151,6 +157,15 @@ def place_like(value, kernel: jax.Array, dims: tuple[int | None, ...]) -> jax.Ar
     return jax.make_array_from_callback(host.shape, _sharding_like(kernel, dims), lambda index: host[index])
 
 
+def _base_weight(module: Linear) -> tuple[nnx.Variable, jax.Array, tuple[int, ...], np.dtype]:
+    """``(variable with the logical axes, array with the placement, (*layers, in, out), dtype)`` of the weight an
+    adapter of ``module`` adapts: its kernel, or its codes when quantised (placed like the kernel, same rank)."""
+    if module.quant is None:
+        k = module.kernel[...]
+        return module.kernel, k, tuple(k.shape), k.dtype
+    return module.kernel_codes, module.kernel_codes[...], module.kernel_shape, module.quant.dtype
+
+
 def _adapter_axes(kernel_var, lead: int) -> tuple[tuple, tuple]:
     """Logical axes of ``A`` and ``B`` from the kernel's ``out_sharding`` (``(*lead, in, out)``)."""
     axes = kernel_var.get_metadata().get("out_sharding") or (None,) * (lead + 2)
@@ -193,19 +208,18 @@ def add_lora(model, spec: LoraSpec, *, rngs: nnx.Rngs, sites: LoraSites):
         for group in sites[name]:
             per_part = [layer_linears(model, path) for path in group]  # [part][layer or stacked]
             for modules in zip(*per_part):
-                first = modules[0].kernel
-                kernel = first[...]
-                d_in = kernel.shape[-2]
+                first, kernel, shape, dtype = _base_weight(modules[0])
+                d_in = shape[-2]
                 a_axes, _ = _adapter_axes(first, len(lead))
                 bound = 1.0 / math.sqrt(d_in)
                 a = jax.random.uniform(rngs.params(), (*lead, d_in, spec.rank), jnp.float32, -bound, bound)
                 nd = kernel.ndim
-                a_var = nnx.LoRAParam(place_like(a.astype(kernel.dtype), kernel, (*range(nd - 2), nd - 2, None)),
+                a_var = nnx.LoRAParam(place_like(a.astype(dtype), kernel, (*range(nd - 2), nd - 2, None)),
                                       out_sharding=a_axes, eager_sharding=False)
                 for module in modules:
-                    k = module.kernel[...]
-                    _, b_axes = _adapter_axes(module.kernel, len(lead))
-                    b = jnp.zeros((*lead, spec.rank, k.shape[-1]), k.dtype)
+                    var, k, shape, dtype = _base_weight(module)
+                    _, b_axes = _adapter_axes(var, len(lead))
+                    b = jnp.zeros((*lead, spec.rank, shape[-1]), dtype)
                     module.lora_a = a_var  # shared by the parts of a fused projection
                     module.lora_b = nnx.LoRAParam(place_like(b, k, (*range(nd - 2), None, nd - 1)), out_sharding=b_axes,
                                                   eager_sharding=False)
@@ -235,8 +249,12 @@ def remove_lora(model):
 def merge_lora(model):
     """A copy of ``model`` whose kernels are ``W + scale * A @ B`` (computed in float32, stored in ``W``'s dtype),
     with no adapters: a plain model, e.g. for :func:`cpo_jax.hf.pretrained.save_pretrained`. ``model`` is unchanged;
-    the copy shares every array but the merged kernels, which keep their sharding."""
-    merged = nnx.clone(model)
+    the copy shares every array but the merged kernels, which keep their sharding.
+
+    A quantised model (QLoRA) is dequantised first (:func:`cpo_jax.models.quantize.dequantize_model`, ``W`` the
+    dequantised kernel in the original dtype), so the copy is a plain float model: ``merge_lora(model)`` equals
+    ``merge_lora(dequantize_model(nnx.clone(model)))``."""
+    merged = dequantize_model(nnx.clone(model))
     modules = lora_modules(merged)
     for _, module in modules:
         w = module.kernel[...]

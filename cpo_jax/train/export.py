@@ -157,7 +157,8 @@ def _read_step(manager: ocp.CheckpointManager, run_dir: Path, step: int) -> RunS
 
 
 def _merged_adapter_model(run: RunStep, run_dir: Path):
-    """The base of ``model.path`` with the checkpoint's adapters merged into its kernels."""
+    """The base of ``model.path`` with the checkpoint's adapters merged into its kernels (for a QLoRA run, into the
+    base quantised as in training and dequantised, which is what the adapters were trained on)."""
     from cpo_jax.hf.peft import add_adapter
     from cpo_jax.hf.pretrained import from_pretrained
     from cpo_jax.hf.resolve import resolve_model_path
@@ -171,9 +172,15 @@ def _merged_adapter_model(run: RunStep, run_dir: Path):
                               f"which is gone", where=str(run_dir),
                               hint="export the adapters alone with --adapter-only, or restore the base model "
                                    "directory") from None
-    model = from_pretrained(base_path, scan_layers=run.config.get("model", {}).get("scan_layers", False))
+    saved = run.config.get("model", {})
+    model = from_pretrained(base_path, scan_layers=saved.get("scan_layers", False))
     add_adapter(model, run.lora_spec, rngs=nnx.Rngs(0))
     nnx.update(model, run.params["model"])
+    if saved.get("quantize", "none") != "none":
+        # The adapters were trained on the quantised base: merge into that (dequantised), as the run's own hf/ export.
+        from cpo_jax.models.quantize import quantize_model
+
+        quantize_model(model, saved["quantize"])
     return merge_lora(model)
 
 

@@ -241,6 +241,10 @@ class TrainLoop:
         policy = from_pretrained(self.model_path, **self.model_kwargs)
         self.model_config = policy.config
         self.lora_spec = attach_adapters(policy, cfg)
+        if cfg.model.quantize != "none":  # QLoRA: the frozen base in nf4/int8 from here on (adapters stay as they are)
+            from cpo_jax.models.quantize import quantize_model
+
+            quantize_model(policy, cfg.model.quantize)
         if self.lora_spec is None:  # full fine-tuning: every weight trains
             self.graphdef, self.initial_model_state = nnx.split(policy)
             self.frozen = None
