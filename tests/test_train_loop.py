@@ -137,3 +137,25 @@ def test_eval_metrics_do_not_depend_on_how_the_eval_set_is_batched(assets, tmp_p
     for key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-6, err_msg=key)
     np.testing.assert_allclose(a["loss"], np.log(2.0), rtol=1e-6)  # step 0: the policy is the reference
+
+
+def test_optimizer_moments_are_sharded_like_their_parameters(assets, tmp_path):
+    """Under FSDP each device holds 1/8 of Adam's moments, as of the parameters (the compiler, left alone,
+    replicated them: the whole optimiser state on every device)."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    from cpo_jax.train.trainer import Trainer
+
+    trainer = Trainer(_config(assets, tmp_path / "fsdp", mesh={"data": 1, "fsdp": 8, "tensor": 1}),
+                      devices=jax.devices()[:8])
+    params = dict(jax.tree_util.tree_leaves_with_path(trainer.state.params))
+    moments = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(trainer.state.opt_state):
+        key = jax.tree_util.keystr(path)
+        if ".mu" in key or ".nu" in key:
+            param = next(v for p, v in params.items() if key.endswith(jax.tree_util.keystr(p)))
+            assert leaf.sharding.is_equivalent_to(param.sharding, leaf.ndim), key
+            moments += 1
+    assert moments == 2 * len(params)
+    kernel = trainer.state.opt_state.inner_state[1][0].mu["model"]["layers"][0]["mlp"]["up"]["kernel"][...]
+    assert kernel.addressable_shards[0].data.size == kernel.size // 8

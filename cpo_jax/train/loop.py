@@ -48,7 +48,7 @@ from cpo_jax.train.export import save_lora_spec, save_model_description
 from cpo_jax.train.metrics_writer import MetricsWriter
 from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
 from cpo_jax.train.resume import check_resume
-from cpo_jax.train.step import init_state, model_of
+from cpo_jax.train.step import init_state, model_of, state_shardings
 from cpo_jax.train.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,11 @@ class TrainLoop:
         """The optimiser (its schedule over ``num_updates``) and a fresh train state for ``params``."""
         self.schedule = learning_rate_schedule(self.cfg.optim, num_updates)
         self.optimizer = make_optimizer(self.cfg.optim, num_updates)
-        self.state = jax.jit(lambda p: init_state(p, self.optimizer, self.cfg.seed))(params)
+        init = lambda p: init_state(p, self.optimizer, self.cfg.seed)  # noqa: E731
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        shardings = state_shardings(jax.tree.map(lambda x: x.sharding, params), self.optimizer,
+                                    jax.eval_shape(init, params), replicated)
+        self.state = jax.jit(init, out_shardings=shardings)(params)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
 
     def check_lengths(self, records, key: str, sample: int = 2000) -> None:

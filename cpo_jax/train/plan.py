@@ -143,7 +143,7 @@ def plan(cfg: TrainConfig, hf: dict, devices=None) -> Plan:
     """Per-device memory of one train step of ``cfg`` on a model of architecture ``hf`` (a ``config.json`` dict),
     on ``devices`` (default: every local device) laid out as ``cfg.mesh``."""
     from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
-    from cpo_jax.train.step import init_state, train_step
+    from cpo_jax.train.step import init_state, state_shardings, train_step
 
     mesh = make_mesh(cfg.mesh, devices)
     rules = merge_rules(cfg.mesh_rules)
@@ -163,9 +163,10 @@ def plan(cfg: TrainConfig, hf: dict, devices=None) -> Plan:
 
     optimizer = make_optimizer(cfg.optim, cfg.steps)
     params, params_s = {"model": trainable}, {"model": trainable_s}
-    init = jax.jit(lambda p: init_state(p, optimizer, cfg.seed), in_shardings=(params_s,))
+    init = lambda p: init_state(p, optimizer, cfg.seed)  # noqa: E731
     state = jax.eval_shape(init, params)
-    state_s = init.lower(params).compile().output_shardings
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_s = state_shardings(params_s, optimizer, state, replicated)
     step = functools.partial(train_step, cfg=cfg, graphdef=graphdef, optimizer=optimizer,
                              schedule=learning_rate_schedule(cfg.optim, cfg.steps))
 

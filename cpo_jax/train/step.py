@@ -55,6 +55,18 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
                       rng=jax.random.key_data(jax.random.key(seed)))
 
 
+def state_shardings(params_shardings, optimizer: optax.GradientTransformation, abstract_state: TrainState,
+                    replicated) -> TrainState:
+    """Shardings of a train state: every optimiser leaf that mirrors a parameter (Adam's moments, momentum) takes
+    that parameter's sharding, everything else (counters, the step, the RNG) is ``replicated``.
+
+    Without this, ``jax.jit(init_state)`` lets the compiler choose, and it replicates the moments: under FSDP each
+    device would hold the whole optimiser state (2x the model in fp32 for Adam)."""
+    opt = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_state.opt_state, params_shardings,
+                                transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=params_shardings, opt_state=opt, rng=replicated)
+
+
 def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
     """``(consecutive, total)`` skipped non-finite steps from ``apply_if_finite``'s state."""
     return opt_state.notfinite_count, opt_state.total_notfinite
