@@ -153,7 +153,12 @@ def plan(cfg: TrainConfig, hf: dict, devices=None) -> Plan:
         graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
     else:
         (graphdef, trainable), frozen = nnx.split(model), None
-    place = functools.partial(param_shardings, mesh=mesh, rules=rules)
+    def place(state):
+        """Each Variable of ``state`` holding its NamedSharding (the shape of a train state's sharding tree)."""
+        shardings = param_shardings(state, mesh, rules)
+        return jax.tree.map(lambda var, sharding: var.replace(sharding), state, shardings,
+                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+
     trainable_s = place(trainable)
     frozen_s = None if frozen is None else place(frozen)
     reference = cfg.loss.reference if cfg.loss.objective == "preference" else "none"
