@@ -33,10 +33,12 @@ smollm2: $(SMOLLM2)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check cpo_jax tests tools
+	$(VENV)/bin/ruff format --check cpo_jax tests tools
 	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
 test-all: $(STAMP) $(SMOLLM2)
 	$(VENV)/bin/ruff check cpo_jax tests tools
+	$(VENV)/bin/ruff format --check cpo_jax tests tools
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 bench: $(STAMP) $(SMOLLM2)

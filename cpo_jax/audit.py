@@ -155,18 +155,23 @@ def audit_preferences(
 
         tokenizer = load_tokenizer(model_path)
     model = from_pretrained(model_path)
-    tokenize_cfg = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length, truncation=truncation,
-                                  vocab_size=model.config.vocab_size)
-    batch_cfg = BatchConfig(pairs_per_batch=pairs_per_batch, max_length=max_length,
-                            pad_id=tokenizer.pad_token_id or 0)
+    tokenize_cfg = TokenizeConfig(
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation=truncation,
+        vocab_size=model.config.vocab_size,
+    )
+    batch_cfg = BatchConfig(pairs_per_batch=pairs_per_batch, max_length=max_length, pad_id=tokenizer.pad_token_id or 0)
 
     # Scored token counts come from the same pass as the log-probs; drops are counted by reason.
     n = len(data)
-    logps, lengths = compute_reference_logps(model, data.records, data.sources, tokenizer, tokenize_cfg, batch_cfg,
-                                             return_lengths=True)
+    logps, lengths = compute_reference_logps(
+        model, data.records, data.sources, tokenizer, tokenize_cfg, batch_cfg, return_lengths=True
+    )
     logps, lengths = np.asarray(logps, np.float64), np.asarray(lengths, np.float64)
-    dropped = tokenisation_report(data.records, tokenizer, tokenize_cfg, PipelineConfig(shard_index=0, shard_count=1),
-                                  sources=data.sources).dropped
+    dropped = tokenisation_report(
+        data.records, tokenizer, tokenize_cfg, PipelineConfig(shard_index=0, shard_count=1), sources=data.sources
+    ).dropped
     kept = ~np.isnan(logps).any(axis=1)
     idx = np.flatnonzero(kept)
     delta = logps[idx, 0] - logps[idx, 1]
@@ -178,20 +183,33 @@ def audit_preferences(
     top = []
     for i in order:
         k, record = position[int(i)], data.records[i]
-        top.append({
-            "index": int(i), "source": data.sources[i], "at_risk": bool(delta_norm[k] < 0),
-            "delta_ref": float(delta[k]), "delta_ref_norm": float(delta_norm[k]),
-            "ref_chosen_logp": float(logps[i, 0]), "ref_rejected_logp": float(logps[i, 1]),
-            "chosen_tokens": int(lengths[i, 0]), "rejected_tokens": int(lengths[i, 1]),
-            "prompt": preview(record["prompt"]), "chosen": preview(record["chosen"]),
-            "rejected": preview(record["rejected"]),
-        })
+        top.append(
+            {
+                "index": int(i),
+                "source": data.sources[i],
+                "at_risk": bool(delta_norm[k] < 0),
+                "delta_ref": float(delta[k]),
+                "delta_ref_norm": float(delta_norm[k]),
+                "ref_chosen_logp": float(logps[i, 0]),
+                "ref_rejected_logp": float(logps[i, 1]),
+                "chosen_tokens": int(lengths[i, 0]),
+                "rejected_tokens": int(lengths[i, 1]),
+                "prompt": preview(record["prompt"]),
+                "chosen": preview(record["chosen"]),
+                "rejected": preview(record["rejected"]),
+            }
+        )
 
     return {
         "model_path": str(model_path),
         "data_paths": [str(p) for p in data_paths],
-        "settings": {"max_length": max_length, "max_prompt_length": tokenize_cfg.prompt_limit,
-                     "truncation": truncation, "pairs_per_batch": pairs_per_batch, "top_k": top_k},
+        "settings": {
+            "max_length": max_length,
+            "max_prompt_length": tokenize_cfg.prompt_limit,
+            "truncation": truncation,
+            "pairs_per_batch": pairs_per_batch,
+            "top_k": top_k,
+        },
         "num_pairs": n,
         "num_scored": int(idx.size),
         "num_dropped": int(n - idx.size),
@@ -235,8 +253,10 @@ def _plot(report: dict, path: Path) -> None:
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
-    panels = (("summed", "frac_ref_prefers_rejected", "delta_ref (summed log-probs)"),
-              ("normalised", "frac_ref_prefers_rejected_norm", "delta_ref (per-token average log-probs)"))
+    panels = (
+        ("summed", "frac_ref_prefers_rejected", "delta_ref (summed log-probs)"),
+        ("normalised", "frac_ref_prefers_rejected_norm", "delta_ref (per-token average log-probs)"),
+    )
     for ax, (key, share, label) in zip(fig.subplots(1, 2), panels):
         hist = report["histogram"][key]
         if hist["counts"]:
@@ -266,20 +286,30 @@ def write_audit(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
 
 def format_audit(report: dict) -> str:
     """A few lines for a terminal: counts, the shares below zero, the margins' spread, the worst pair."""
-    lines = [f"delta_ref audit of {report['num_scored']} pair(s) ({report['num_dropped']} dropped by the length "
-             f"policy) under {report['model_path']}"]
+    lines = [
+        f"delta_ref audit of {report['num_scored']} pair(s) ({report['num_dropped']} dropped by the length "
+        f"policy) under {report['model_path']}"
+    ]
     shares = [_percent(report[f"frac_ref_prefers_rejected{s}"]) for s in ("", "_norm", "_both")]
-    lines.append(f"reference prefers the rejected answer (delta_ref < 0): {shares[0]} summed, {shares[1]} per-token,"
-                 f" {shares[2]} both")
+    lines.append(
+        f"reference prefers the rejected answer (delta_ref < 0): {shares[0]} summed, {shares[1]} per-token,"
+        f" {shares[2]} both"
+    )
     for key, name in (("delta_ref", "summed"), ("delta_ref_norm", "per-token")):
         s = report[key]
         if s["mean"] is not None:
-            lines.append(f"  {name:9s} delta_ref: median {s['q50']:+.3f}, 5%..95% [{s['q05']:+.3f}, {s['q95']:+.3f}],"
-                         f" min {s['min']:+.3f}")
+            lines.append(
+                f"  {name:9s} delta_ref: median {s['q50']:+.3f}, 5%..95% [{s['q05']:+.3f}, {s['q95']:+.3f}],"
+                f" min {s['min']:+.3f}"
+            )
     if report["top_at_risk"] and report["top_at_risk"][0]["at_risk"]:
         worst = report["top_at_risk"][0]
-        lines.append(f"most at risk: {worst['source']} (per-token {worst['delta_ref_norm']:+.3f},"
-                     f" summed {worst['delta_ref']:+.3f})")
-    lines.append("On pairs with delta_ref < 0, DPO can lower its loss while the policy still prefers the rejected "
-                 "answer (region U = {delta_ref < delta_theta < 0}).")
+        lines.append(
+            f"most at risk: {worst['source']} (per-token {worst['delta_ref_norm']:+.3f},"
+            f" summed {worst['delta_ref']:+.3f})"
+        )
+    lines.append(
+        "On pairs with delta_ref < 0, DPO can lower its loss while the policy still prefers the rejected "
+        "answer (region U = {delta_ref < delta_theta < 0})."
+    )
     return "\n".join(lines)

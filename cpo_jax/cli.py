@@ -19,8 +19,9 @@ import typer
 
 from cpo_jax.errors import ConfigError, UserError, first_line
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0],
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0], pretty_exceptions_enable=False
+)
 convert_app = typer.Typer(no_args_is_help=True, help="Convert between HF directories and Orbax checkpoints.")
 app.add_typer(convert_app, name="convert")
 
@@ -47,13 +48,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, for_pla
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("the config file does not exist" if not path.exists() else "the config path is not a file",
-                          where=str(path), hint="give a YAML file, e.g. configs/tiny.yaml")
+        raise ConfigError(
+            "the config file does not exist" if not path.exists() else "the config path is not a file",
+            where=str(path),
+            hint="give a YAML file, e.g. configs/tiny.yaml",
+        )
     dotlist = []
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value", where="command line",
-                              hint="write overrides as key=value, e.g. optim.learning_rate=1e-6")
+            raise ConfigError(
+                f"override {item!r} is not key=value",
+                where="command line",
+                hint="write overrides as key=value, e.g. optim.learning_rate=1e-6",
+            )
         key, value = item.split("=", 1)
         dotlist.append(f"{_ALIASES.get(key, key)}={value}")
     try:
@@ -72,8 +79,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, for_pla
             merged = OmegaConf.merge(merged, OmegaConf.create({"data": {"train_files": [PLAN_DATA]}}))
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
-            raise ConfigError(f"mandatory value(s) {missing} are '???' in the config", where=str(path),
-                              hint="supply them on the command line, e.g. " + " ".join(f"{k}=..." for k in missing))
+            raise ConfigError(
+                f"mandatory value(s) {missing} are '???' in the config",
+                where=str(path),
+                hint="supply them on the command line, e.g. " + " ".join(f"{k}=..." for k in missing),
+            )
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError(str(err).strip(), where=str(path)) from None
@@ -88,9 +98,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, for_pla
         try:
             resolve_model_path(cfg.model.path)
         except UserError as err:
-            raise ConfigError(f"{cfg.model.path!r}: {err.problem}", where="config key model.path",
-                              hint="plan reads only config.json: give a model directory, or one of configs/shapes/"
-                              ) from None
+            raise ConfigError(
+                f"{cfg.model.path!r}: {err.problem}",
+                where="config key model.path",
+                hint="plan reads only config.json: give a model directory, or one of configs/shapes/",
+            ) from None
     else:
         _check_paths_and_mesh(cfg)
     return cfg
@@ -108,25 +120,35 @@ def _check_paths_and_mesh(cfg) -> None:
         try:
             require_model_dir(cfg.model.path)
         except UserFileNotFoundError as err:
-            raise ConfigError(f"{cfg.model.path!r}: {err.problem}", where="config key model.path",
-                              hint=err.hint) from None
+            raise ConfigError(
+                f"{cfg.model.path!r}: {err.problem}", where="config key model.path", hint=err.hint
+            ) from None
     for key in ("train_files", "eval_files"):
         for file in getattr(cfg.data, key):
             if not is_bundled(file) and not Path(file).exists():
-                raise ConfigError(f"names {file!r}, which does not exist", where=f"config key data.{key}",
-                                  hint="check the path (relative paths start from the current directory)")
+                raise ConfigError(
+                    f"names {file!r}, which does not exist",
+                    where=f"config key data.{key}",
+                    hint="check the path (relative paths start from the current directory)",
+                )
     resolve_mesh_shape(cfg.mesh, jax.device_count())
 
 
 def _check_output_dir(path: Path) -> None:
     """``output_dir`` is (or can become) a writable directory: fail before the model loads, not after training."""
     if path.exists() and not path.is_dir():
-        raise ConfigError("exists and is not a directory", where=f"config key output_dir={str(path)!r}",
-                          hint="choose another output_dir")
+        raise ConfigError(
+            "exists and is not a directory",
+            where=f"config key output_dir={str(path)!r}",
+            hint="choose another output_dir",
+        )
     path.mkdir(parents=True, exist_ok=True)
     if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError("is not writable", where=f"config key output_dir={str(path)!r}",
-                          hint="fix its permissions or choose another output_dir")
+        raise ConfigError(
+            "is not writable",
+            where=f"config key output_dir={str(path)!r}",
+            hint="fix its permissions or choose another output_dir",
+        )
 
 
 def _restored_trainer(config: Path, overrides: list[str] | None, *, writes_output: bool = False):
@@ -151,8 +173,14 @@ def _evaluate(trainer, cfg) -> dict:
 
     metrics = trainer.evaluate(trainer.state.params) if trainer.eval_set is not None else {}
     if cfg.eval_generation_prompts:
-        metrics.update(generation_accuracy(trainer.policy(), trainer.tokenizer, cfg.eval_generation_prompts,
-                                           max_new_tokens=cfg.eval_generation_tokens))
+        metrics.update(
+            generation_accuracy(
+                trainer.policy(),
+                trainer.tokenizer,
+                cfg.eval_generation_prompts,
+                max_new_tokens=cfg.eval_generation_tokens,
+            )
+        )
     return metrics
 
 
@@ -160,8 +188,13 @@ def _evaluate(trainer, cfg) -> dict:
 def train(
     config: Path,
     overrides: Annotated[list[str] | None, typer.Argument()] = None,
-    distributed: Annotated[bool, typer.Option(help="join a multi-host run via JAX cluster detection (TPU pods, "
-                                                   "SLURM); CPO_JAX_COORDINATOR etc. also start one")] = False,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            help="join a multi-host run via JAX cluster detection (TPU pods, "
+            "SLURM); CPO_JAX_COORDINATOR etc. also start one"
+        ),
+    ] = False,
 ) -> None:
     """Train (DPO, CPO or any loss by name; SFT; reward model; RLOO/GRPO/PPO) from CONFIG.yaml with key=value
     overrides."""
@@ -236,22 +269,34 @@ def generate(
     tokenizer = load_tokenizer(path)
     # The data pipeline's own prompt tokenisation and left-padded prompt batches.
     record_tokenizer = RecordTokenizer(tokenizer, TokenizeConfig())  # only prompt_ids is used: no limits apply
-    encoded = [np.asarray(record_tokenizer.prompt_ids([{"role": "user", "content": p}] if chat else p), np.int32)
-               for p in prompt]
+    encoded = [
+        np.asarray(record_tokenizer.prompt_ids([{"role": "user", "content": p}] if chat else p), np.int32)
+        for p in prompt
+    ]
     pad = tokenizer.pad_token_id or 0
-    builder = BatchBuilder(BatchConfig(pairs_per_batch=len(prompt), max_length=max(map(len, encoded)), pad_id=pad),
-                           PROMPT_ONLY)
+    builder = BatchBuilder(
+        BatchConfig(pairs_per_batch=len(prompt), max_length=max(map(len, encoded)), pad_id=pad), PROMPT_ONLY
+    )
     for i, ids in enumerate(encoded):
         builder.add({"prompt": ids, "index": i})
     batch = builder.build()
-    out = run_generate(from_pretrained(path), jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
-                       max_new_tokens=max_new_tokens,
-                       sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p),
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, rng=jax.random.key(seed))
+    out = run_generate(
+        from_pretrained(path),
+        jnp.asarray(batch["input_ids"]),
+        jnp.asarray(batch["attention_mask"]),
+        max_new_tokens=max_new_tokens,
+        sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+        rng=jax.random.key(seed),
+    )
     tokens, keep = np.asarray(out.tokens), np.asarray(out.mask)
     for p, row, m in zip(prompt, tokens, keep):
-        typer.echo(json.dumps({"prompt": p, "completion": tokenizer.decode(row[m > 0], skip_special_tokens=True)},
-                              ensure_ascii=False))
+        typer.echo(
+            json.dumps(
+                {"prompt": p, "completion": tokenizer.decode(row[m > 0], skip_special_tokens=True)}, ensure_ascii=False
+            )
+        )
 
 
 @app.command()
@@ -262,8 +307,9 @@ def audit(
     max_length: int = 512,
     max_prompt_length: Annotated[
         int | None,
-        typer.Option(help="prompt token limit; use the training config's "
-                          "data.max_prompt_length (default: max_length // 2)"),
+        typer.Option(
+            help="prompt token limit; use the training config's data.max_prompt_length (default: max_length // 2)"
+        ),
     ] = None,
     top_k: int = 20,
 ) -> None:
@@ -272,8 +318,12 @@ def audit(
     from cpo_jax.hf.resolve import resolve_model_path
 
     _require_option(max_length >= 2, "--max-length", max_length, "must be >= 2")
-    _require_option(max_prompt_length is None or 1 <= max_prompt_length < max_length, "--max-prompt-length",
-                    max_prompt_length, f"must be in [1, --max-length={max_length})")
+    _require_option(
+        max_prompt_length is None or 1 <= max_prompt_length < max_length,
+        "--max-prompt-length",
+        max_prompt_length,
+        f"must be in [1, --max-length={max_length})",
+    )
     _require_option(top_k >= 0, "--top-k", top_k, "must be >= 0")
     path = resolve_model_path(model)
     report = audit_preferences(path, data, max_length=max_length, max_prompt_length=max_prompt_length, top_k=top_k)
@@ -286,8 +336,12 @@ def audit(
 def plan_memory(
     config: Path,
     overrides: Annotated[list[str] | None, typer.Argument()] = None,
-    devices: Annotated[int | None, typer.Option(help="plan for this many devices (on a CPU they are simulated); "
-                                                     "default: the devices this process has")] = None,
+    devices: Annotated[
+        int | None,
+        typer.Option(
+            help="plan for this many devices (on a CPU they are simulated); default: the devices this process has"
+        ),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the plan as JSON")] = None,
 ) -> None:
     """Per-device memory of one train step of CONFIG (weights, optimiser, gradients, activations), compiled from
@@ -295,8 +349,9 @@ def plan_memory(
     if devices is not None and devices < 1:
         raise ConfigError(f"--devices {devices} must be >= 1", where="command line")
     if devices is not None and "jax" not in sys.modules:  # CPU devices are simulated; set before JAX starts
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={devices}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+        ).strip()
     cfg = load_config(config, overrides, for_plan=True)
     import jax
 
@@ -306,15 +361,19 @@ def plan_memory(
     available = jax.devices()
     count = devices or len(available)
     if count > len(available):
-        raise ConfigError(f"--devices {count}, and this process has {len(available)} {jax.default_backend()} "
-                          f"device(s)", where="command line",
-                          hint="plan for at most that many, or run cpo-jax plan in a fresh process")
+        raise ConfigError(
+            f"--devices {count}, and this process has {len(available)} {jax.default_backend()} device(s)",
+            where="command line",
+            hint="plan for at most that many, or run cpo-jax plan in a fresh process",
+        )
     from cpo_jax.hf.resolve import resolve_model_path
 
     result = plan(cfg, read_hf_config(resolve_model_path(cfg.model.path)), devices=available[:count])
     typer.echo(markdown([(Path(cfg.model.path).name, result)]))
-    typer.echo(f"activations: compiled temporaries at {cfg.data.max_length} tokens minus those at 16 "
-               f"({jax.default_backend()} compiler); total = the sum, an estimate of the peak per device")
+    typer.echo(
+        f"activations: compiled temporaries at {cfg.data.max_length} tokens minus those at 16 "
+        f"({jax.default_backend()} compiler); total = the sum, an estimate of the peak per device"
+    )
     if json_out is not None:
         json_out.write_text(json.dumps(plan_dict(result), indent=2))
 
@@ -325,8 +384,9 @@ def orbax_to_hf(
     dst: Path,
     step: Annotated[int | None, typer.Option(help="the checkpoint step to export (default: the newest)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace DST when it exists and is not empty")] = False,
-    adapter_only: Annotated[bool, typer.Option(help="write a LoRA run's adapters in PEFT's format instead of the "
-                                                    "merged model")] = False,
+    adapter_only: Annotated[
+        bool, typer.Option(help="write a LoRA run's adapters in PEFT's format instead of the merged model")
+    ] = False,
 ) -> None:
     """Export a training run's checkpoint (newest, or --step) as an HF directory with the tokenizer. RUN_DIR's own
     checkpoints/ are the only source (and, for a merged LoRA export, the base model.path); an existing non-empty DST
@@ -373,9 +433,15 @@ def _require_option(ok: bool, option: str, value, must: str) -> None:
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="show the Python traceback of an error (also "
-                                                            "CPO_JAX_DEBUG=1); accepted anywhere on the line")] = False
-          ) -> None:
+def _root(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="show the Python traceback of an error (also CPO_JAX_DEBUG=1); accepted anywhere on the line",
+        ),
+    ] = False,
+) -> None:
     """Commands; user errors end with a short message and exit status 2."""
 
 
@@ -397,12 +463,17 @@ def _user_error_of(err: BaseException) -> UserError | None:
         return err
     if isinstance(err, OSError) and err.filename is not None:
         what = err.strerror or type(err).__name__
-        return UserError(f"{what} ({type(err).__name__})", where=str(err.filename),
-                         hint="check the path, its permissions and the free disk space")
+        return UserError(
+            f"{what} ({type(err).__name__})",
+            where=str(err.filename),
+            hint="check the path, its permissions and the free disk space",
+        )
     if isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)[:2000]:
-        return UserError(f"out of memory: {first_line(err, 300)}",
-                         hint="lower data.pairs_per_batch or data.max_length, raise grad_accum, set "
-                              "model.remat=full, or shard over more devices (mesh.fsdp)")
+        return UserError(
+            f"out of memory: {first_line(err, 300)}",
+            hint="lower data.pairs_per_batch or data.max_length, raise grad_accum, set "
+            "model.remat=full, or shard over more devices (mesh.fsdp)",
+        )
     return None
 
 

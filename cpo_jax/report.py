@@ -25,17 +25,22 @@ SUMMARY_KEYS = (
 )
 
 
-def generation_accuracy(model, tokenizer, prompts_path, *, max_new_tokens: int = 24, batch: int = 16,
-                        max_prompt_length: int = 256) -> dict[str, float]:
+def generation_accuracy(
+    model, tokenizer, prompts_path, *, max_new_tokens: int = 24, batch: int = 16, max_prompt_length: int = 256
+) -> dict[str, float]:
     """Greedy answers to prompt-only arithmetic records, scored by :func:`cpo_jax.data.score_arithmetic`."""
-    correct = generation_correct(model, tokenizer, prompts_path, max_new_tokens=max_new_tokens, batch=batch,
-                                 max_prompt_length=max_prompt_length)
-    return {"generation/accuracy": float(correct.mean()) if correct.size else 0.0,
-            "generation/prompts": float(correct.size)}
+    correct = generation_correct(
+        model, tokenizer, prompts_path, max_new_tokens=max_new_tokens, batch=batch, max_prompt_length=max_prompt_length
+    )
+    return {
+        "generation/accuracy": float(correct.mean()) if correct.size else 0.0,
+        "generation/prompts": float(correct.size),
+    }
 
 
-def generation_correct(model, tokenizer, prompts_path, *, max_new_tokens: int = 24, batch: int = 16,
-                       max_prompt_length: int = 256) -> np.ndarray:
+def generation_correct(
+    model, tokenizer, prompts_path, *, max_new_tokens: int = 24, batch: int = 16, max_prompt_length: int = 256
+) -> np.ndarray:
     """bool ``[N]``: whether the greedy answer to each kept prompt (in file order) is right.
 
     ``prompts_path``: a data spec/path of prompt-only arithmetic records, or a loaded ``RecordSet``."""
@@ -57,9 +62,14 @@ def generation_correct(model, tokenizer, prompts_path, *, max_new_tokens: int = 
     place = functools.partial(host_value_to_global, mesh=_multihost_mesh(model))
     correct = {}
     for b in build_dataset(records.records, tokenizer, tok_cfg, batch_cfg, pipe, sources=records.sources):
-        out = generate(model, place(b["input_ids"]), place(b["attention_mask"]),
-                       max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id or 0)
+        out = generate(
+            model,
+            place(b["input_ids"]),
+            place(b["attention_mask"]),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
         tokens, mask = global_to_host(out.tokens), global_to_host(out.mask)
         for slot in np.nonzero(b["pair_mask"])[0]:
             text = tokenizer.decode(tokens[slot][mask[slot] > 0], skip_special_tokens=True)
@@ -88,15 +98,25 @@ def format_before_after(before: dict, after: dict) -> str:
 
 
 #: ``(metric, title)`` panels of :func:`plot_curves` for preference runs and for RLHF runs.
-PREFERENCE_PANELS = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"),
-                     ("diagnostics/frac_in_U", "share of pairs in U"),
-                     ("diagnostics/abs_accuracy", "policy prefers chosen"))
-RL_PANELS = (("objective/scores", "reward (sampled; eval: greedy)"), ("objective/kl", "KL to reference (nats/seq)"),
-             ("policy/entropy_avg", "token entropy"), ("response_length/mean", "completion length"))
+PREFERENCE_PANELS = (
+    ("loss", "loss"),
+    ("rewards/accuracies", "reward accuracy"),
+    ("diagnostics/frac_in_U", "share of pairs in U"),
+    ("diagnostics/abs_accuracy", "policy prefers chosen"),
+)
+RL_PANELS = (
+    ("objective/scores", "reward (sampled; eval: greedy)"),
+    ("objective/kl", "KL to reference (nats/seq)"),
+    ("policy/entropy_avg", "token entropy"),
+    ("response_length/mean", "completion length"),
+)
 
 
-def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike,
-                panels: tuple[tuple[str, str], ...] = PREFERENCE_PANELS) -> Path:
+def plot_curves(
+    metrics_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    panels: tuple[tuple[str, str], ...] = PREFERENCE_PANELS,
+) -> Path:
     """PNG of ``panels`` (metric, title) over steps, train and eval (``eval/<metric>``) when logged.
 
     Unreadable lines of ``metrics_path`` (a torn last write) are skipped with a warning."""
@@ -111,8 +131,9 @@ def plot_curves(metrics_path: str | os.PathLike, out_path: str | os.PathLike,
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for prefix, style in (("", "-"), ("eval/", "o--")):
-            points = [(r.get("step", 0), r[prefix + key]) for r in records
-                      if isinstance(r.get(prefix + key), (int, float))]
+            points = [
+                (r.get("step", 0), r[prefix + key]) for r in records if isinstance(r.get(prefix + key), (int, float))
+            ]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, style, label="eval" if prefix else "train")

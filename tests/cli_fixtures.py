@@ -12,14 +12,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cli_env(cache: Path) -> dict[str, str]:
     """The environment of a one-device ``cpo-jax`` subprocess whose aliases (tiny-random) live in ``cache``."""
-    return dict(os.environ, CPO_JAX_CACHE=str(cache), XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return dict(
+        os.environ,
+        CPO_JAX_CACHE=str(cache),
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
 
 
 def run_cli(env: dict, *args, check: bool = False, cwd=None) -> subprocess.CompletedProcess:
     """``cpo-jax ARGS``; with ``check``, an AssertionError carrying stderr's tail when it does not exit 0."""
-    proc = subprocess.run([sys.executable, "-m", "cpo_jax.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=cwd)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cpo_jax.cli", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"cpo-jax {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc

@@ -10,36 +10,87 @@ import functools
 from pathlib import Path
 
 VOCAB = 256
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=128, initializer_range=0.15,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    initializer_range=0.15,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 # name -> (config class name, kwargs)
 TINY = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
     "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True, num_key_value_heads=4)),
     "llama_bias": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True)),
-    "llama3_rope": ("LlamaConfig", dict(rope_parameters=dict(
-        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=16))),
-    "llama_linear_rope": ("LlamaConfig", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0,
-                                                                   factor=4.0))),
+    "llama3_rope": (
+        "LlamaConfig",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            )
+        ),
+    ),
+    "llama_linear_rope": (
+        "LlamaConfig",
+        dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
+    ),
     "mistral": ("MistralConfig", dict(sliding_window=4)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
-    "qwen2_sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1,
-                                          num_hidden_layers=3)),
+    "qwen2_sliding": (
+        "Qwen2Config",
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=1, num_hidden_layers=3),
+    ),
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=True)),
     "gemma": ("GemmaConfig", dict(num_key_value_heads=1)),
-    "gemma2": ("Gemma2Config", dict(num_hidden_layers=3, sliding_window=4, query_pre_attn_scalar=24,
-                                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
-    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=3, sliding_window=4, query_pre_attn_scalar=24,
-                                        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                                        rope_parameters={
-                                            "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
-                                            "full_attention": dict(rope_type="linear", rope_theta=1000000.0,
-                                                                   factor=8.0)})),
-    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                initializer_range=0.15, bos_token_id=1, eos_token_id=2)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            num_hidden_layers=3,
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            num_hidden_layers=3,
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                "full_attention": dict(rope_type="linear", rope_theta=1000000.0, factor=8.0),
+            },
+        ),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            initializer_range=0.15,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
 }
 
 

@@ -23,8 +23,14 @@ def audited(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
     policy = tiny_policy(root / "policy")
     train, evaluation = arithmetic_files(root, train=48, eval=16)
-    report = audit_preferences(policy, [train, evaluation], max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT,
-                               pairs_per_batch=PAIRS, top_k=TOP_K)
+    report = audit_preferences(
+        policy,
+        [train, evaluation],
+        max_length=MAX_LENGTH,
+        max_prompt_length=MAX_PROMPT,
+        pairs_per_batch=PAIRS,
+        top_k=TOP_K,
+    )
     return {"policy": policy, "paths": [train, evaluation], "report": report}
 
 
@@ -56,8 +62,10 @@ def expected(audited):
     for i, item in enumerate(zip(data.sources, data.records)):
         ex = rt((i, *item), "preference")
         if isinstance(ex, dict):
-            np.testing.assert_array_equal(lengths[i], [len(ex["chosen"]) - ex["chosen_prompt_len"],
-                                                       len(ex["rejected"]) - ex["rejected_prompt_len"]])
+            np.testing.assert_array_equal(
+                lengths[i],
+                [len(ex["chosen"]) - ex["chosen_prompt_len"], len(ex["rejected"]) - ex["rejected_prompt_len"]],
+            )
             full = [len(rt.sequence(item[1]["prompt"], item[1][k], item[0])[0]) for k in ("chosen", "rejected")]
             truncated += max(full) > MAX_LENGTH
 
@@ -65,8 +73,16 @@ def expected(audited):
     np.testing.assert_array_equal(kept, ~np.isnan(lengths).any(axis=1))
     delta = logps[kept, 0] - logps[kept, 1]
     norm = logps[kept, 0] / lengths[kept, 0] - logps[kept, 1] / lengths[kept, 1]
-    return {"n": len(data), "kept": kept, "delta": delta, "norm": norm, "index": np.flatnonzero(kept),
-            "truncated": truncated, "records": data.records, "sources": data.sources}
+    return {
+        "n": len(data),
+        "kept": kept,
+        "delta": delta,
+        "norm": norm,
+        "index": np.flatnonzero(kept),
+        "truncated": truncated,
+        "records": data.records,
+        "sources": data.sources,
+    }
 
 
 def test_the_fixture_exercises_drops_truncation_and_both_signs(expected):
@@ -85,17 +101,21 @@ def test_counts_and_shares_match_the_recomputation(audited, expected):
     assert r["frac_ref_prefers_rejected_norm"] == np.mean(norm < 0)
     assert r["frac_ref_prefers_rejected_both"] == np.mean((delta < 0) & (norm < 0))
     assert r["num_ref_prefers_rejected"] == int((delta < 0).sum())
-    assert r["num_ref_prefers_rejected_both"] <= min(r["num_ref_prefers_rejected"],
-                                                     r["num_ref_prefers_rejected_norm"])
+    assert r["num_ref_prefers_rejected_both"] <= min(r["num_ref_prefers_rejected"], r["num_ref_prefers_rejected_norm"])
 
 
 @pytest.mark.parametrize("key, values", [("delta_ref", "delta"), ("delta_ref_norm", "norm")])
 def test_statistics_match_numpy(audited, expected, key, values):
     stats, x = audited["report"][key], expected[values]
-    np.testing.assert_allclose([stats[f"q{round(q * 100):02d}"] for q in QUANTILES], np.quantile(x, QUANTILES),
-                               rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose([stats["mean"], stats["std"], stats["min"], stats["max"]],
-                               [x.mean(), x.std(), x.min(), x.max()], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        [stats[f"q{round(q * 100):02d}"] for q in QUANTILES], np.quantile(x, QUANTILES), rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        [stats["mean"], stats["std"], stats["min"], stats["max"]],
+        [x.mean(), x.std(), x.min(), x.max()],
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 def test_histograms_count_every_scored_pair_and_span_zero(audited, expected):
@@ -128,8 +148,13 @@ def test_report_names_its_inputs_and_settings(audited):
     r = audited["report"]
     assert r["model_path"] == str(audited["policy"])
     assert r["data_paths"] == [str(p) for p in audited["paths"]]
-    assert r["settings"] == {"max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT, "truncation": "keep_start",
-                             "pairs_per_batch": PAIRS, "top_k": TOP_K}
+    assert r["settings"] == {
+        "max_length": MAX_LENGTH,
+        "max_prompt_length": MAX_PROMPT,
+        "truncation": "keep_start",
+        "pairs_per_batch": PAIRS,
+        "top_k": TOP_K,
+    }
 
 
 def test_write_audit_writes_json_and_png(audited, tmp_path):
@@ -160,7 +185,9 @@ def test_missing_data_file_names_the_path(audited, tmp_path):
 
 
 def test_preview_flattens_messages_and_cuts_at_120_characters():
-    assert preview([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]) == \
-        "user: hi\nassistant: yo"
+    assert (
+        preview([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+        == "user: hi\nassistant: yo"
+    )
     assert preview("x" * 200) == "x" * 120 + "…"
     assert preview("x" * 120) == "x" * 120

@@ -34,8 +34,15 @@ def run_dir(env, tmp_path_factory):
 
 
 def test_train_writes_everything(run_dir):
-    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png", "hf/config.json",
-                 "hf/model.safetensors", "hf/tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "curves.png",
+        "hf/config.json",
+        "hf/model.safetensors",
+        "hf/tokenizer_config.json",
+    ):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -52,8 +59,9 @@ def test_same_command_resumes_from_the_latest_checkpoint(env, run_dir, tmp_path)
     shutil.copytree(run_dir, resumed)
     proc = cli(env, "train", TINY, f"output_dir={resumed}", "max_steps=6", "save_every=2", "eval_every=0")
     assert "trained steps 4 -> 6" in proc.stdout
-    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(x)]
+    steps = [
+        json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
@@ -73,8 +81,11 @@ def test_convert_both_ways_and_eval(env, run_dir, tmp_path):
 
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore((tmp_path / "orbax" / "params").absolute())
-    embed = np.asarray(restored["model"]["embed"]["value"] if isinstance(restored["model"]["embed"], dict)
-                       else restored["model"]["embed"])
+    embed = np.asarray(
+        restored["model"]["embed"]["value"]
+        if isinstance(restored["model"]["embed"], dict)
+        else restored["model"]["embed"]
+    )
     np.testing.assert_array_equal(embed, trained["model.embed_tokens.weight"])
 
     # The Orbax directory is ready to train from: model.path accepts it.
@@ -83,14 +94,23 @@ def test_convert_both_ways_and_eval(env, run_dir, tmp_path):
     from cpo_jax.hf.pretrained import from_pretrained
 
     ids = jnp.arange(1, 13)[None] % 250 + 3
-    np.testing.assert_array_equal(np.asarray(from_pretrained(tmp_path / "orbax")(ids)),
-                                  np.asarray(from_pretrained(tmp_path / "hf")(ids)))
-    proc = cli(env, "train", TINY, f"model.path={tmp_path / 'orbax'}", f"output_dir={tmp_path / 'from_orbax'}",
-               "max_steps=2", "eval_every=0", "data.eval_files=[]")
+    np.testing.assert_array_equal(
+        np.asarray(from_pretrained(tmp_path / "orbax")(ids)), np.asarray(from_pretrained(tmp_path / "hf")(ids))
+    )
+    proc = cli(
+        env,
+        "train",
+        TINY,
+        f"model.path={tmp_path / 'orbax'}",
+        f"output_dir={tmp_path / 'from_orbax'}",
+        "max_steps=2",
+        "eval_every=0",
+        "data.eval_files=[]",
+    )
     assert "trained steps 0 -> 2" in proc.stdout
 
     proc = cli(env, "eval", TINY, f"output_dir={run_dir}", "max_steps=4")
-    metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
+    metrics = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert metrics["step"] == 4 and "rewards/accuracies" in metrics and "diagnostics/frac_in_U" in metrics
 
 
@@ -100,14 +120,17 @@ def test_generate(env):
     assert [x["prompt"] for x in lines] == ["What is 1 + 1?", "Hi"] and all("completion" in x for x in lines)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("optim.lerning_rate=1", "optim.lerning_rate"),
-    ("steps=abc", "steps='abc'"),
-    ("model.path=/no/such/model", "config key model.path: '/no/such/model'"),
-    ("data.train_files=[/no/such.jsonl]", "data.train_files: names '/no/such.jsonl'"),
-    ("mesh.tensor=3", "mesh"),
-    ("loss.reference=sometimes", "loss.reference='sometimes'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lerning_rate=1", "optim.lerning_rate"),
+        ("steps=abc", "steps='abc'"),
+        ("model.path=/no/such/model", "config key model.path: '/no/such/model'"),
+        ("data.train_files=[/no/such.jsonl]", "data.train_files: names '/no/such.jsonl'"),
+        ("mesh.tensor=3", "mesh"),
+        ("loss.reference=sometimes", "loss.reference='sometimes'"),
+    ],
+)
 def test_config_errors_name_the_key(env, override, message):
     proc = cli(env, "train", TINY, override, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -121,8 +144,18 @@ def test_missing_config_file_is_named(env, tmp_path):
 
 
 def test_audit_writes_report_and_histogram(env, tmp_path):
-    proc = cli(env, "audit", "tiny-random", "bundled:arithmetic-eval:24", "--out", tmp_path / "audit",
-               "--max-length", "128", "--max-prompt-length", "100")
+    proc = cli(
+        env,
+        "audit",
+        "tiny-random",
+        "bundled:arithmetic-eval:24",
+        "--out",
+        tmp_path / "audit",
+        "--max-length",
+        "128",
+        "--max-prompt-length",
+        "100",
+    )
     report = json.loads((tmp_path / "audit" / "audit.json").read_text())
     assert report["num_pairs"] == 24 and 0.0 <= report["frac_ref_prefers_rejected"] <= 1.0
     assert report["settings"]["max_prompt_length"] == 100

@@ -64,8 +64,18 @@ LITERALS = [(key, typing.get_args(_literal(a))) for key, a in _fields(TrainConfi
 
 def test_closed_sets_are_literals():
     keys = {key for key, _ in LITERALS}
-    assert {"model.dtype", "model.param_dtype", "model.remat", "model.attention_impl", "data.truncation",
-            "optim.name", "optim.schedule", "loss.objective", "loss.reference", "rl.algorithm"} <= keys
+    assert {
+        "model.dtype",
+        "model.param_dtype",
+        "model.remat",
+        "model.attention_impl",
+        "data.truncation",
+        "optim.name",
+        "optim.schedule",
+        "loss.objective",
+        "loss.reference",
+        "rl.algorithm",
+    } <= keys
 
 
 @pytest.mark.parametrize("key,allowed", LITERALS, ids=[k for k, _ in LITERALS])
@@ -93,15 +103,40 @@ def test_literals_match_what_they_name():
 
 
 BAD_TYPES = [
-    ("data.max_prompt_length", "abc"), ("data.max_prompt_length", 2.5), ("data.max_prompt_length", True),
-    ("optim.max_grad_norm", "big"), ("optim.max_grad_norm", True), ("data.rows_per_batch", 2.5),
-    ("data.split", 3), ("optim.b1", "0.9"), ("rl.adaptive_kl_target", "x"), ("rl.clip_eps_high", [1]),
-    ("max_update_ratio", False), ("peak_tflops_per_device", "lots"), ("wandb_project", 3),
-    ("eval_generation_prompts", 1), ("steps", True), ("steps", 1.5), ("steps", 2.0), ("steps", "10"),
-    ("data.pack", 1), ("data.pack", "yes"), ("model.scan_layers", 0), ("optim.learning_rate", "1e-3"),
-    ("data.train_files", "a.jsonl"), ("data.train_files", [1]), ("data.eval_files", [None]), ("model.path", None),
-    ("mesh", {"data": "2"}), ("mesh", {"data": 2.0}), ("mesh", None), ("mesh_rules", {"embed": 3}),
-    ("mesh_rules", {"embed": ["fsdp", 1]}), ("loss.hparams", [1]), ("model", "tiny-random"), ("rl.top_k", 1.0),
+    ("data.max_prompt_length", "abc"),
+    ("data.max_prompt_length", 2.5),
+    ("data.max_prompt_length", True),
+    ("optim.max_grad_norm", "big"),
+    ("optim.max_grad_norm", True),
+    ("data.rows_per_batch", 2.5),
+    ("data.split", 3),
+    ("optim.b1", "0.9"),
+    ("rl.adaptive_kl_target", "x"),
+    ("rl.clip_eps_high", [1]),
+    ("max_update_ratio", False),
+    ("peak_tflops_per_device", "lots"),
+    ("wandb_project", 3),
+    ("eval_generation_prompts", 1),
+    ("steps", True),
+    ("steps", 1.5),
+    ("steps", 2.0),
+    ("steps", "10"),
+    ("data.pack", 1),
+    ("data.pack", "yes"),
+    ("model.scan_layers", 0),
+    ("optim.learning_rate", "1e-3"),
+    ("data.train_files", "a.jsonl"),
+    ("data.train_files", [1]),
+    ("data.eval_files", [None]),
+    ("model.path", None),
+    ("mesh", {"data": "2"}),
+    ("mesh", {"data": 2.0}),
+    ("mesh", None),
+    ("mesh_rules", {"embed": 3}),
+    ("mesh_rules", {"embed": ["fsdp", 1]}),
+    ("loss.hparams", [1]),
+    ("model", "tiny-random"),
+    ("rl.top_k", 1.0),
 ]
 
 
@@ -113,9 +148,14 @@ def test_wrong_types_are_rejected_naming_the_key(key, value):
 
 
 def test_right_types_are_accepted_and_normalised():
-    cfg = from_dict(TrainConfig, {"optim": {"learning_rate": 1, "max_grad_norm": None, "b1": 0},
-                                  "data": {"max_prompt_length": None, "rows_per_batch": 4, "train_files": ["a"]},
-                                  "mesh_rules": {"embed": None, "mlp": ["fsdp", "tensor"], "vocab": "tensor"}})
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "optim": {"learning_rate": 1, "max_grad_norm": None, "b1": 0},
+            "data": {"max_prompt_length": None, "rows_per_batch": 4, "train_files": ["a"]},
+            "mesh_rules": {"embed": None, "mlp": ["fsdp", "tensor"], "vocab": "tensor"},
+        },
+    )
     assert type(cfg.optim.learning_rate) is float and type(cfg.optim.b1) is float
     assert cfg.optim.max_grad_norm is None and cfg.data.rows_per_batch == 4 and cfg.data.train_files == ("a",)
     assert cfg.mesh_rules == {"embed": None, "mlp": ("fsdp", "tensor"), "vocab": "tensor"}
@@ -132,18 +172,21 @@ def run_main(capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("data.max_prompt_length=abc", "config key data.max_prompt_length"),
-    ("optim.max_grad_norm=big", "config key optim.max_grad_norm"),
-    ("data.rows_per_batch=2.5", "config key data.rows_per_batch"),
-    ("data.pack=1", "config key data.pack"),
-    ("model.attention_impl=flash", "config key model.attention_impl"),
-    ("model.param_dtype=fp8", "config key model.param_dtype"),
-    ("mesh.data=two", "config key mesh.data"),
-    ("mesh.dta=-1", "config key mesh.dta"),
-    ("mesh_rules.embd=fsdp", "config key mesh_rules"),
-    ("mesh_rules.embed=fdsp", "config key mesh_rules.embed"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("data.max_prompt_length=abc", "config key data.max_prompt_length"),
+        ("optim.max_grad_norm=big", "config key optim.max_grad_norm"),
+        ("data.rows_per_batch=2.5", "config key data.rows_per_batch"),
+        ("data.pack=1", "config key data.pack"),
+        ("model.attention_impl=flash", "config key model.attention_impl"),
+        ("model.param_dtype=fp8", "config key model.param_dtype"),
+        ("mesh.data=two", "config key mesh.data"),
+        ("mesh.dta=-1", "config key mesh.dta"),
+        ("mesh_rules.embd=fsdp", "config key mesh_rules"),
+        ("mesh_rules.embed=fdsp", "config key mesh_rules.embed"),
+    ],
+)
 def test_the_command_line_reports_them_in_a_few_lines(capsys, tmp_path, override, needle):
     code, err = run_main(capsys, "train", TINY, f"output_dir={tmp_path}", override)
     assert code == 2 and "Traceback" not in err and err.startswith("error: "), err
@@ -161,18 +204,21 @@ def test_a_mesh_axis_no_rule_uses_is_an_error():
     assert err.value.where == "config key mesh.dta" and "'dta'" in str(err.value)
     assert "['data', 'fsdp', 'tensor']" in str(err.value)  # the known axes
     _validated(mesh={"dta": -1}, mesh_rules={"batch": "dta"})  # a rule that uses it makes it fine
-    _validated(mesh={"data": -1, "fsdp": 1, "tensor": 1}, mesh_rules={k: None for k in ("vocab", "mlp", "heads",
-                                                                                        "kv_heads")})
+    _validated(
+        mesh={"data": -1, "fsdp": 1, "tensor": 1}, mesh_rules={k: None for k in ("vocab", "mlp", "heads", "kv_heads")}
+    )
     with pytest.raises(ConfigError, match="config key mesh.tensor"):  # unused and > 1: it would only replicate
-        _validated(mesh={"data": -1, "tensor": 2}, mesh_rules={k: None for k in ("vocab", "mlp", "heads",
-                                                                                 "kv_heads")})
+        _validated(mesh={"data": -1, "tensor": 2}, mesh_rules={k: None for k in ("vocab", "mlp", "heads", "kv_heads")})
 
 
-@pytest.mark.parametrize("rules,where", [
-    ({"embd": "fsdp"}, "config key mesh_rules"),
-    ({"embed": "fdsp"}, "config key mesh_rules.embed"),
-    ({"embed": ["fsdp", "fsdp"]}, "config key mesh_rules.embed"),
-])
+@pytest.mark.parametrize(
+    "rules,where",
+    [
+        ({"embd": "fsdp"}, "config key mesh_rules"),
+        ({"embed": "fdsp"}, "config key mesh_rules.embed"),
+        ({"embed": ["fsdp", "fsdp"]}, "config key mesh_rules.embed"),
+    ],
+)
 def test_bad_mesh_rules_are_errors(rules, where):
     with pytest.raises(ConfigError) as err:
         _validated(mesh_rules=rules)
@@ -216,16 +262,22 @@ def test_mesh_rules_from_the_config_change_parameter_and_batch_sharding(mesh8, t
     from tests.train_fixtures import tiny_policy
 
     path = tiny_policy(tmp_path / "policy", layers=1)
-    default = from_pretrained(path, **model_load_kwargs(from_dict(TrainConfig, {"mesh": {"fsdp": 4, "tensor": 2}}),
-                                                        mesh8))
+    default = from_pretrained(
+        path, **model_load_kwargs(from_dict(TrainConfig, {"mesh": {"fsdp": 4, "tensor": 2}}), mesh8)
+    )
     assert default.embed[...].sharding.spec == P("tensor", "fsdp")
     assert default.layers[0].mlp.gate.kernel[...].sharding.spec == P("fsdp", "tensor")
     assert host_to_global(np.zeros((8, 4), np.int32), mesh8).sharding.spec == P("fsdp", None)
 
-    cfg = from_dict(TrainConfig, {"mesh": {"fsdp": 4, "tensor": 2},
-                                  "mesh_rules": {"embed": None, "mlp": ["tensor", "fsdp"], "batch": "tensor"}})
-    validate_config(dataclasses.replace(cfg, model=from_dict(type(cfg.model), {"path": "x"}),
-                                        data=from_dict(type(cfg.data), {"train_files": ["x"]})))
+    cfg = from_dict(
+        TrainConfig,
+        {"mesh": {"fsdp": 4, "tensor": 2}, "mesh_rules": {"embed": None, "mlp": ["tensor", "fsdp"], "batch": "tensor"}},
+    )
+    validate_config(
+        dataclasses.replace(
+            cfg, model=from_dict(type(cfg.model), {"path": "x"}), data=from_dict(type(cfg.data), {"train_files": ["x"]})
+        )
+    )
     custom = from_pretrained(path, **model_load_kwargs(cfg, mesh8))
     assert custom.embed[...].sharding.spec == P("tensor", None)
     assert custom.layers[0].mlp.gate.kernel[...].sharding.spec == P(None, ("tensor", "fsdp"))

@@ -38,12 +38,11 @@ def _tokenize(tok, record, kind="preference", **cfg):
 def test_chat_template_prompt_and_completion_ids(tok):
     record = tiny_chat()[1]
     out = _tokenize(tok, record)
-    prompt_ids = tok.apply_chat_template(record["prompt"], add_generation_prompt=True, tokenize=True,
-                                         return_dict=False)
+    prompt_ids = tok.apply_chat_template(record["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
     full = tok.apply_chat_template(record["prompt"] + record["chosen"], tokenize=True, return_dict=False)
     assert out["chosen_prompt_len"] == len(prompt_ids)
     assert list(out["chosen"]) == list(full)
-    assert tok.decode(out["chosen"][len(prompt_ids):]) == "Rome.<|im_end|>\n"
+    assert tok.decode(out["chosen"][len(prompt_ids) :]) == "Rome.<|im_end|>\n"
     assert out["index"] == 7
 
 
@@ -59,7 +58,8 @@ def test_prefix_mismatch_is_a_warning_with_counts(tok, caplog):
     odd.chat_template = (
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + (':' if m['role'] == 'assistant' else '') + '\\n' "
         "+ m['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
-        "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+        "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
     tokenizer = RecordTokenizer(odd, TokenizeConfig(max_length=256))
     with caplog.at_level(logging.WARNING):
         for i, record in enumerate(tiny_chat()[:3]):
@@ -67,7 +67,7 @@ def test_prefix_mismatch_is_a_warning_with_counts(tok, caplog):
     assert tokenizer.prefix_mismatches == 3  # once per record: chosen and rejected are cut at one point
     warnings = [r.message for r in caplog.records if "not a prefix" in r.message]
     assert len(warnings) == 1 and "f:1" in warnings[0] and "1 such record(s) so far" in warnings[0]
-    assert odd.decode(out["chosen"][out["chosen_prompt_len"]:]).startswith(":\n")
+    assert odd.decode(out["chosen"][out["chosen_prompt_len"] :]).startswith(":\n")
 
 
 def test_truncation_policies_and_prompt_drop(tok):
@@ -92,17 +92,29 @@ def test_token_id_beyond_vocab_is_named(tok):
 
 def test_audit_counts_drops(tok):
     records = [{"prompt": "x" * n, "chosen": "a", "rejected": "b"} for n in (5, 50, 8, 60)]
-    report = audit(records, tok, TokenizeConfig(max_length=64, max_prompt_length=32),
-                   PipelineConfig(), sources=[f"f:{i}" for i in range(4)])
+    report = audit(
+        records,
+        tok,
+        TokenizeConfig(max_length=64, max_prompt_length=32),
+        PipelineConfig(),
+        sources=[f"f:{i}" for i in range(4)],
+    )
     assert (report.examples, report.kept, dict(report.dropped)) == (4, 2, {"prompt_too_long": 2})
 
 
 # ------------------------------------------------------------------------------------------------
 def _batches(records, tok, *, pack, pairs=4, length=128, rows=None, kind="preference", **pipe):
-    cfg = BatchConfig(pairs_per_batch=pairs, max_length=length, pack=pack, rows_per_batch=rows,
-                      buckets=(32, 64, length))
-    ds = build_dataset(records, tok, TokenizeConfig(max_length=length), cfg,
-                       PipelineConfig(kind=kind, **pipe), sources=[f"r:{i}" for i in range(len(records))])
+    cfg = BatchConfig(
+        pairs_per_batch=pairs, max_length=length, pack=pack, rows_per_batch=rows, buckets=(32, 64, length)
+    )
+    ds = build_dataset(
+        records,
+        tok,
+        TokenizeConfig(max_length=length),
+        cfg,
+        PipelineConfig(kind=kind, **pipe),
+        sources=[f"r:{i}" for i in range(len(records))],
+    )
     return list(ds)
 
 
@@ -134,7 +146,7 @@ def test_batch_layout_reconstructs_every_sequence(pack, tok):
             for k, name in enumerate(("chosen", "rejected")):
                 ids, completion = sequences[2 * slot + k]
                 np.testing.assert_array_equal(ids, want[name])
-                np.testing.assert_array_equal(completion, want[name][want[f"{name}_prompt_len"]:])
+                np.testing.assert_array_equal(completion, want[name][want[f"{name}_prompt_len"] :])
             seen.append(index)
         if not pack:
             assert batch["input_ids"].shape[1] in (32, 64, 128)
@@ -191,7 +203,7 @@ def _assert_resume_exact(ds, stops):
         state = it.get_state()
         restored = iter(ds)
         restored.set_state(state)
-        for want in batches[stop:stop + 2]:
+        for want in batches[stop : stop + 2]:
             got = next(restored)
             assert got.keys() == want.keys()
             for key in want:
@@ -202,8 +214,14 @@ def _assert_resume_exact(ds, stops):
 def test_resume_is_exact(pack, tok):
     records = arithmetic_preferences(30, seed=1) + tiny_chat()
     cfg = BatchConfig(pairs_per_batch=3, max_length=128, pack=pack, rows_per_batch=3)
-    ds = build_dataset(records, tok, TokenizeConfig(max_length=128), cfg, PipelineConfig(seed=3, num_epochs=None),
-                       sources=[str(i) for i in range(len(records))])
+    ds = build_dataset(
+        records,
+        tok,
+        TokenizeConfig(max_length=128),
+        cfg,
+        PipelineConfig(seed=3, num_epochs=None),
+        sources=[str(i) for i in range(len(records))],
+    )
     _assert_resume_exact(ds, stops=[0, 1, 5, 17])
 
 
@@ -213,8 +231,14 @@ def test_worker_processes_are_deterministic_cover_an_epoch_and_resume_exactly(to
     sources = [str(i) for i in range(len(records))]
 
     def dataset(epochs):
-        return build_dataset(records, tok, TokenizeConfig(max_length=128), cfg,
-                             PipelineConfig(seed=3, num_epochs=epochs, num_workers=2), sources=sources)
+        return build_dataset(
+            records,
+            tok,
+            TokenizeConfig(max_length=128),
+            cfg,
+            PipelineConfig(seed=3, num_epochs=epochs, num_workers=2),
+            sources=sources,
+        )
 
     one_epoch = list(dataset(1))
     assert sorted(int(i) for b in one_epoch for i in b["index"] if i >= 0) == list(range(40))
@@ -246,19 +270,34 @@ def test_packed_and_padded_batches_give_the_same_sequence_logps(tok):
     from cpo_jax.models import Transformer, TransformerConfig
     from cpo_jax.ops.logprobs import token_logps
 
-    cfg = TransformerConfig(family="llama", model_type="llama", vocab_size=len(tok), hidden_size=32,
-                            intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    cfg = TransformerConfig(
+        family="llama",
+        model_type="llama",
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+    )
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     records = arithmetic_preferences(6, seed=9) + tiny_chat()[:2]
 
     def logps(batch):
-        logits = model(jnp.asarray(batch["input_ids"]), attention_mask=jnp.asarray(batch["segment_ids"] > 0),
-                       positions=jnp.asarray(batch["positions"]), segment_ids=jnp.asarray(batch["segment_ids"]))
+        logits = model(
+            jnp.asarray(batch["input_ids"]),
+            attention_mask=jnp.asarray(batch["segment_ids"] > 0),
+            positions=jnp.asarray(batch["positions"]),
+            segment_ids=jnp.asarray(batch["segment_ids"]),
+        )
         per_token = token_logps(logits, jnp.asarray(batch["targets"])) * batch["loss_mask"]
-        sums = jax.ops.segment_sum(per_token.ravel(), jnp.asarray(np.maximum(batch["sequence_ids"], 0)).ravel(),
-                                   num_segments=2 * len(batch["pair_mask"]))
-        return {int(batch["index"][s]): np.asarray(sums[2 * s:2 * s + 2])
-                for s in np.nonzero(batch["pair_mask"])[0]}
+        sums = jax.ops.segment_sum(
+            per_token.ravel(),
+            jnp.asarray(np.maximum(batch["sequence_ids"], 0)).ravel(),
+            num_segments=2 * len(batch["pair_mask"]),
+        )
+        return {int(batch["index"][s]): np.asarray(sums[2 * s : 2 * s + 2]) for s in np.nonzero(batch["pair_mask"])[0]}
 
     padded, packed = {}, {}
     for batch in _batches(records, tok, pack=False, pairs=8, length=256, shuffle=False):
@@ -282,11 +321,21 @@ def test_tfds_array_record_source_feeds_the_same_pipeline(tok, tmp_path):
     assert source[2][0] == f"{test}:3"
 
     cfg = BatchConfig(pairs_per_batch=4, max_length=128, pack=True, rows_per_batch=4)
-    from_tfds = list(build_dataset(tfds_records(tmp_path / "tfds", split="train"), tok, TokenizeConfig(max_length=128),
-                                   cfg, PipelineConfig(seed=2)))
+    from_tfds = list(
+        build_dataset(
+            tfds_records(tmp_path / "tfds", split="train"),
+            tok,
+            TokenizeConfig(max_length=128),
+            cfg,
+            PipelineConfig(seed=2),
+        )
+    )
     loaded = load_records(train)
-    from_jsonl = list(build_dataset(loaded.records, tok, TokenizeConfig(max_length=128), cfg, PipelineConfig(seed=2),
-                                    sources=loaded.sources))
+    from_jsonl = list(
+        build_dataset(
+            loaded.records, tok, TokenizeConfig(max_length=128), cfg, PipelineConfig(seed=2), sources=loaded.sources
+        )
+    )
     assert len(from_tfds) == len(from_jsonl)
     for a, b in zip(from_tfds, from_jsonl):
         for key in a:

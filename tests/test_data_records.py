@@ -18,8 +18,10 @@ from cpo_jax.data import (
     write_jsonl,
 )
 
-STANDARD = [{"prompt": "Q1 ", "chosen": "good", "rejected": "bad"},
-            {"prompt": "Q2 ", "chosen": "yes", "rejected": "no"}]
+STANDARD = [
+    {"prompt": "Q1 ", "chosen": "good", "rejected": "bad"},
+    {"prompt": "Q2 ", "chosen": "yes", "rejected": "no"},
+]
 
 
 def test_jsonl_parquet_and_hf_datasets_read_the_same_records(tmp_path):
@@ -65,10 +67,17 @@ def test_implicit_prompt_standard_keeps_the_space_with_the_completion(tmp_path):
 
 
 def test_unpaired_and_prompt_only_kinds(tmp_path):
-    unpaired = write_jsonl([{"prompt": "Q", "completion": "A", "label": True},
-                            {"prompt": [{"role": "user", "content": "Q"}],
-                             "completion": [{"role": "assistant", "content": "A"}], "label": False}],
-                           tmp_path / "u.jsonl")
+    unpaired = write_jsonl(
+        [
+            {"prompt": "Q", "completion": "A", "label": True},
+            {
+                "prompt": [{"role": "user", "content": "Q"}],
+                "completion": [{"role": "assistant", "content": "A"}],
+                "label": False,
+            },
+        ],
+        tmp_path / "u.jsonl",
+    )
     assert [r["label"] for r in load_records(unpaired, "unpaired").records] == [True, False]
     prompts = write_jsonl(arithmetic_prompts(3), tmp_path / "p.jsonl")
     got = load_records(prompts, "prompt_only").records
@@ -84,8 +93,10 @@ BAD_LINES = [
     (b'{"prompt": "q", "chosen": 3, "rejected": "b"}', "'chosen' is a int"),
     (b'{"prompt": "q", "chosen": "  ", "rejected": "b"}', "'chosen' is empty"),
     (b'{"prompt": "q", "chosen": "a\xff", "rejected": "b"}', "invalid UTF-8"),
-    (b'{"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": [{"role": "assistant", "content": "b"}]}',
-     r"chosen\[0\] has no string 'content'"),
+    (
+        b'{"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": [{"role": "assistant", "content": "b"}]}',
+        r"chosen\[0\] has no string 'content'",
+    ),
     (b'{"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}', "mix strings"),
     (b'["not", "an", "object"]', "expected a JSON object"),
 ]

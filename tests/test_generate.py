@@ -35,8 +35,14 @@ def test_greedy_matches_transformers_generate(name, root):
     ids, mask = _prompts()
     new = 10
     with torch.no_grad():
-        ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                          max_new_tokens=new, min_new_tokens=new, pad_token_id=0).numpy()[:, ids.shape[1]:]
+        ref = hf.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=0,
+        ).numpy()[:, ids.shape[1] :]
     out = generate(from_pretrained(path), jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=new, pad_token_id=0)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
     assert np.asarray(out.mask).all()
@@ -52,8 +58,9 @@ def test_prefill_then_decode_equals_full_forward(name, root):
     hidden, cache = model.forward(jnp.asarray(ids[:, :6]), attention_mask=jnp.asarray(mask[:, :6]), cache=cache)
     steps = [np.asarray(model.logits(hidden))]
     for t in range(6, 9):
-        hidden, cache = model.forward(jnp.asarray(ids[:, t:t + 1]), attention_mask=jnp.asarray(mask[:, t:t + 1]),
-                                      cache=cache)
+        hidden, cache = model.forward(
+            jnp.asarray(ids[:, t : t + 1]), attention_mask=jnp.asarray(mask[:, t : t + 1]), cache=cache
+        )
         steps.append(np.asarray(model.logits(hidden)))
     got = np.concatenate(steps, axis=1)
     valid = mask.astype(bool)
@@ -70,8 +77,8 @@ def test_eos_stops_rows_and_pads(root):
     out = generate(model, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
     tokens, m = np.asarray(out.tokens), np.asarray(out.mask)
     first = int(np.argmax(np.asarray(free.tokens[0]) == eos))
-    assert m[0, : first + 1].all() and not m[0, first + 1:].any()
-    assert (tokens[0, first + 1:] == 0).all()
+    assert m[0, : first + 1].all() and not m[0, first + 1 :].any()
+    assert (tokens[0, first + 1 :] == 0).all()
 
 
 def test_generate_rejects_right_padding(root):

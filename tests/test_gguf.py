@@ -261,7 +261,7 @@ def test_smollm2_cpo_jax_port_matches_transformers(smollm2_hf, smollm2_models):
 
     with torch.no_grad():
         ref_logits = reference(ids).logits.numpy()
-        ref_answer = reference.generate(**prompt, do_sample=False, max_new_tokens=20)[0, ids.shape[1]:].numpy()
+        ref_answer = reference.generate(**prompt, do_sample=False, max_new_tokens=20)[0, ids.shape[1] :].numpy()
     logits = np.asarray(model(jnp.asarray(ids.numpy())))
     assert np.abs(logits - ref_logits).max() < 1e-3  # 30 layers in float32; tiny models are held to 1e-4
     out = generate(model, jnp.asarray(ids.numpy()), max_new_tokens=20, eos_token_id=tokenizer.eos_token_id)

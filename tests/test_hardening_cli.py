@@ -33,34 +33,37 @@ def assert_user_error(code: int, err: str, *needles: str) -> None:
         assert needle in err, (needle, err)
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("optim.learning_rate=-1", "optim.learning_rate"),
-    ("optim.learning_rate=0", "optim.learning_rate"),
-    ("optim.learning_rate=1e6", "optim.learning_rate"),
-    ("loss.hparams.beta=0", "loss.hparams.beta"),
-    ("loss.hparams.beta=-0.5", "loss.hparams.beta"),
-    ("loss.hparams.gamma=0", "loss.hparams.gamma"),
-    ("steps=0", "steps"),
-    ("save_every=0", "save_every"),
-    ("log_every=0", "log_every"),
-    ("keep_checkpoints=0", "keep_checkpoints"),
-    ("eval_every=-1", "eval_every"),
-    ("grad_accum=0", "grad_accum"),
-    ("model.dtype=float33", "model.dtype"),
-    ("model.remat=sometimes", "model.remat"),
-    ("data.pairs_per_batch=0", "data.pairs_per_batch"),
-    ("data.max_prompt_length=500", "data.max_prompt_length"),
-    ("data.truncation=middle", "data.truncation"),
-    ("optim.name=rmsprop2", "optim.name"),
-    ("optim.b2=1.5", "optim.b2"),
-    ("optim.max_grad_norm=0", "optim.max_grad_norm"),
-    ("loss.name=nope", "loss.name"),
-    ("loss.hparams.tau=-1", "loss.hparams.tau"),
-    ("mesh.data=64", "mesh"),
-    ("mesh.data=0", "mesh"),
-    ("max_update_ratio=0", "max_update_ratio"),
-    ("steps=1.5", "steps"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("optim.learning_rate=-1", "optim.learning_rate"),
+        ("optim.learning_rate=0", "optim.learning_rate"),
+        ("optim.learning_rate=1e6", "optim.learning_rate"),
+        ("loss.hparams.beta=0", "loss.hparams.beta"),
+        ("loss.hparams.beta=-0.5", "loss.hparams.beta"),
+        ("loss.hparams.gamma=0", "loss.hparams.gamma"),
+        ("steps=0", "steps"),
+        ("save_every=0", "save_every"),
+        ("log_every=0", "log_every"),
+        ("keep_checkpoints=0", "keep_checkpoints"),
+        ("eval_every=-1", "eval_every"),
+        ("grad_accum=0", "grad_accum"),
+        ("model.dtype=float33", "model.dtype"),
+        ("model.remat=sometimes", "model.remat"),
+        ("data.pairs_per_batch=0", "data.pairs_per_batch"),
+        ("data.max_prompt_length=500", "data.max_prompt_length"),
+        ("data.truncation=middle", "data.truncation"),
+        ("optim.name=rmsprop2", "optim.name"),
+        ("optim.b2=1.5", "optim.b2"),
+        ("optim.max_grad_norm=0", "optim.max_grad_norm"),
+        ("loss.name=nope", "loss.name"),
+        ("loss.hparams.tau=-1", "loss.hparams.tau"),
+        ("mesh.data=64", "mesh"),
+        ("mesh.data=0", "mesh"),
+        ("max_update_ratio=0", "max_update_ratio"),
+        ("steps=1.5", "steps"),
+    ],
+)
 def test_bad_config_values_name_the_key(capsys, tmp_path, override, needle):
     code, _, err = run_main(capsys, "train", TINY, f"output_dir={tmp_path}", override)
     assert_user_error(code, err, f"config key {needle}")
@@ -109,11 +112,14 @@ def test_usage_errors_exit_2(capsys):
     assert code == 2 and "Traceback" not in err
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--top-p", "0"], "--top-p"),
-    (["--temperature", "-1"], "--temperature"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--top-p", "0"], "--top-p"),
+        (["--temperature", "-1"], "--temperature"),
+    ],
+)
 def test_generate_option_errors(capsys, args, needle):
     code, _, err = run_main(capsys, "generate", "tiny-random", "--prompt", "hi", *args)
     assert_user_error(code, err, needle)
@@ -189,9 +195,11 @@ def test_rerun_with_a_changed_config_is_refused(env, run_a, tmp_path, capsys):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "loss.name" in proc.stderr and "resume.allow_config_change" in proc.stderr
     # The refusal comes before any model loads, so the other keys are checked in this process (seconds, not minutes).
-    for change, key in (("loss.hparams.beta=0.7", "loss.hparams.beta"),
-                        ("data.train_files=[bundled:arithmetic-train:64]", "data.train_files"),
-                        ("optim.learning_rate=1e-4", "optim.learning_rate")):
+    for change, key in (
+        ("loss.hparams.beta=0.7", "loss.hparams.beta"),
+        ("data.train_files=[bundled:arithmetic-train:64]", "data.train_files"),
+        ("optim.learning_rate=1e-4", "optim.learning_rate"),
+    ):
         code, _, err = run_main(capsys, "train", TINY, f"output_dir={run}", *FAST, change)
         assert_user_error(code, err, key, "resume.allow_config_change")
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -201,8 +209,16 @@ def test_rerun_with_a_changed_config_is_refused(env, run_a, tmp_path, capsys):
     proc = cli(env, "train", TINY, f"output_dir={run}", *FAST[1:], "max_steps=3", "log_every=2")
     assert proc.returncode == 0 and "trained steps 2 -> 3" in proc.stdout, proc.stderr[-3000:]
     assert "steps changed" in proc.stderr
-    proc = cli(env, "train", TINY, f"output_dir={run}", *FAST[1:], "max_steps=4", "optim.learning_rate=1e-4",
-               "resume.allow_config_change=true")
+    proc = cli(
+        env,
+        "train",
+        TINY,
+        f"output_dir={run}",
+        *FAST[1:],
+        "max_steps=4",
+        "optim.learning_rate=1e-4",
+        "resume.allow_config_change=true",
+    )
     assert proc.returncode == 0 and "trained steps 3 -> 4" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -279,8 +295,16 @@ def test_an_exploding_update_stops_training_with_a_diagnosis(env, tmp_path):
     assert "Traceback" not in proc.stderr and "exploded" in proc.stderr and "max_update_ratio" in proc.stderr
     assert not list((out / "checkpoints").glob("[0-9]*"))
     # The check can be switched off.
-    proc = cli(env, "train", TINY, f"output_dir={tmp_path / 'off'}", *FAST, "optim.learning_rate=5",
-               "optim.warmup_steps=0", "max_update_ratio=null")
+    proc = cli(
+        env,
+        "train",
+        TINY,
+        f"output_dir={tmp_path / 'off'}",
+        *FAST,
+        "optim.learning_rate=5",
+        "optim.warmup_steps=0",
+        "max_update_ratio=null",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -290,9 +314,21 @@ def test_convert_exports_a_ppo_run_without_its_value_head(env, tmp_path):
     from safetensors.numpy import load_file
 
     out = tmp_path / "ppo"
-    proc = cli(env, "train", REPO / "configs" / "rlhf" / "tiny.yaml", f"output_dir={out}", "max_steps=1",
-               "save_every=1", "eval_every=0", "data.eval_files=[]", "rl.algorithm=ppo", "rl.prompts_per_step=2",
-               "rl.num_generations=2", "rl.max_new_tokens=4", "tensorboard=false")
+    proc = cli(
+        env,
+        "train",
+        REPO / "configs" / "rlhf" / "tiny.yaml",
+        f"output_dir={out}",
+        "max_steps=1",
+        "save_every=1",
+        "eval_every=0",
+        "data.eval_files=[]",
+        "rl.algorithm=ppo",
+        "rl.prompts_per_step=2",
+        "rl.num_generations=2",
+        "rl.max_new_tokens=4",
+        "tensorboard=false",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = cli(env, "convert", "orbax-to-hf", out, tmp_path / "hf")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -51,11 +51,16 @@ def bpe():
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=800,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train_from_iterator([" ".join(rng.choice(words) for _ in range(50)) for _ in range(200)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<|im_end|>",
-                                   chat_template=CHATML_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<|im_end|>", chat_template=CHATML_TEMPLATE
+    )
 
 
 def _lines(path, *rows) -> str:
@@ -72,10 +77,20 @@ def _message(role, content):
 
 
 def test_unknown_role_names_file_line_message_and_allowed_roles(tmp_path):
-    bad = {"prompt": _message("user", "Hi") + _message("human", "Hello?"),
-           "chosen": _message("assistant", "Hey."), "rejected": _message("assistant", "Go away.")}
-    path = _lines(tmp_path / "chat.jsonl", {"prompt": _message("user", "Hi"), "chosen": _message("assistant", "a"),
-                                            "rejected": _message("assistant", "b")}, bad)
+    bad = {
+        "prompt": _message("user", "Hi") + _message("human", "Hello?"),
+        "chosen": _message("assistant", "Hey."),
+        "rejected": _message("assistant", "Go away."),
+    }
+    path = _lines(
+        tmp_path / "chat.jsonl",
+        {
+            "prompt": _message("user", "Hi"),
+            "chosen": _message("assistant", "a"),
+            "rejected": _message("assistant", "b"),
+        },
+        bad,
+    )
     with pytest.raises(DataError) as err:
         load_records(path)
     assert err.value.source == f"{path}:2"
@@ -88,8 +103,14 @@ def test_unknown_role_names_file_line_message_and_allowed_roles(tmp_path):
 
 @pytest.mark.parametrize("role", ROLES)
 def test_every_known_role_is_accepted(role, tmp_path):
-    path = _lines(tmp_path / "r.jsonl", {"prompt": _message(role, "x") + _message("user", "q"),
-                                         "chosen": _message("assistant", "a"), "rejected": _message("assistant", "b")})
+    path = _lines(
+        tmp_path / "r.jsonl",
+        {
+            "prompt": _message(role, "x") + _message("user", "q"),
+            "chosen": _message("assistant", "a"),
+            "rejected": _message("assistant", "b"),
+        },
+    )
     assert len(load_records(path)) == 1
 
 
@@ -100,12 +121,20 @@ def test_every_known_role_is_accepted(role, tmp_path):
 def test_identical_pair_is_dropped_counted_and_warned_once(tok, caplog, monkeypatch):
     monkeypatch.setattr(tokenize_module, "_IDENTICAL_PAIRS", tokenize_module.collections.Counter())
     same = {"prompt": "Q ", "chosen": "same", "rejected": "same"}
-    chat_same = {"prompt": _message("user", "Q"), "chosen": _message("assistant", "A"),
-                 "rejected": _message("assistant", "A")}
+    chat_same = {
+        "prompt": _message("user", "Q"),
+        "chosen": _message("assistant", "A"),
+        "rejected": _message("assistant", "A"),
+    }
     records = [GOOD, same, chat_same, same]
     with caplog.at_level(logging.WARNING, logger="cpo_jax.data.tokenize"):
-        report = audit(records, tok, TokenizeConfig(max_length=64), PipelineConfig(shuffle=False),
-                       sources=[f"d.jsonl:{i + 1}" for i in range(4)])
+        report = audit(
+            records,
+            tok,
+            TokenizeConfig(max_length=64),
+            PipelineConfig(shuffle=False),
+            sources=[f"d.jsonl:{i + 1}" for i in range(4)],
+        )
     assert (report.examples, report.kept, dict(report.dropped)) == (4, 1, {"identical_pair": 3})
     warnings = [r.message for r in caplog.records if "no preference" in r.message]
     assert len(warnings) == 1 and warnings[0].startswith("d.jsonl:2:") and "1 such pair(s) so far" in warnings[0]
@@ -116,7 +145,8 @@ def test_pairs_identical_only_after_truncation_are_dropped_by_the_kept_side(tok)
     record = {"prompt": "P ", "chosen": "x" * 40 + "good", "rejected": "x" * 40 + "bad"}
     start = RecordTokenizer(tok, TokenizeConfig(max_length=20, max_prompt_length=4))((0, "s:1", record))
     end = RecordTokenizer(tok, TokenizeConfig(max_length=20, max_prompt_length=4, truncation="keep_end"))(
-        (0, "s:1", record))
+        (0, "s:1", record)
+    )
     assert isinstance(start, Dropped) and start.code == "identical_pair" and start.source == "s:1"
     assert not isinstance(end, Dropped) and tok.decode(end["rejected"]).endswith("bad<|im_end|>")
 
@@ -136,8 +166,11 @@ def test_empty_file_is_named_with_a_hint(content, tmp_path):
 
 
 def test_file_whose_every_row_was_skipped_is_an_error(tmp_path):
-    path = _lines(tmp_path / "kto.jsonl", {"prompt": "q", "completion": "a", "label": True},
-                  {"prompt": "q", "completion": "b", "label": False})
+    path = _lines(
+        tmp_path / "kto.jsonl",
+        {"prompt": "q", "completion": "a", "label": True},
+        {"prompt": "q", "completion": "b", "label": False},
+    )
     with pytest.raises(DataError) as err:
         load_records([_lines(tmp_path / "ok.jsonl", GOOD), path], skip_invalid=True)
     assert err.value.source == path
@@ -171,17 +204,20 @@ def test_empty_parquet_table_and_bundled_sizes(tmp_path):
 RECORDS = [GOOD, {"prompt": "Q2 ", "chosen": "a", "rejected": "b"}]
 
 
-@pytest.mark.parametrize("name,text,layout", [
-    ("pretty.json", json.dumps(RECORDS, indent=2), "array"),
-    ("one_line.jsonl", json.dumps(RECORDS), "array"),
-    ("bom.json", "\ufeff\n\n  " + json.dumps(RECORDS), "array"),
-    ("doc.json", json.dumps({"data": RECORDS}, indent=2), "document"),
-    ("record.jsonl", json.dumps(GOOD, indent=1), "document"),
-])
+@pytest.mark.parametrize(
+    "name,text,layout",
+    [
+        ("pretty.json", json.dumps(RECORDS, indent=2), "array"),
+        ("one_line.jsonl", json.dumps(RECORDS), "array"),
+        ("bom.json", "\ufeff\n\n  " + json.dumps(RECORDS), "array"),
+        ("doc.json", json.dumps({"data": RECORDS}, indent=2), "document"),
+        ("record.jsonl", json.dumps(GOOD, indent=1), "document"),
+    ],
+)
 def test_json_array_or_document_is_one_clear_error(name, text, layout, tmp_path):
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
-    assert json_layout(path.read_bytes()[:1 << 16]) == layout
+    assert json_layout(path.read_bytes()[: 1 << 16]) == layout
     with pytest.raises(DataError) as err:
         load_records(path, skip_invalid=True)  # a file-level problem: not skipped row by row
     assert err.value.source == str(path)
@@ -199,22 +235,26 @@ def test_converting_a_json_array_as_the_hint_says_gives_the_records(tmp_path):
         load_records(path)
     command = err.value.hint.split("without jq: ")[1].replace(" > out.jsonl", "")
     assert command.startswith("python -c")
-    converted = subprocess.run(command.replace("python", sys.executable, 1), shell=True, check=True,
-                               capture_output=True, text=True).stdout
+    converted = subprocess.run(
+        command.replace("python", sys.executable, 1), shell=True, check=True, capture_output=True, text=True
+    ).stdout
     (tmp_path / "out.jsonl").write_text(converted)
     assert load_records(tmp_path / "out.jsonl").records == RECORDS
 
 
-@pytest.mark.parametrize("head,want", [
-    (b'{"prompt": "q", "chosen": "a", "rejected": \n{"prompt": "q", "chosen": "a", "rejected": "b"}\n', None),
-    (b'{"prompt": "q", "chosen": "a" "rejected": "b"}\n{"a": 1}\n', None),  # broken inside the line
-    (b'{"prompt": "q"}\n', None),
-    (b'{"prompt": "q"}', None),
-    (b"{\n", "document"),
-    (b"   [\n", "array"),
-    (b"", None),
-    (b'{"prompt": "' + b"x" * 70000, None),  # first line longer than the bytes read: not judged
-])
+@pytest.mark.parametrize(
+    "head,want",
+    [
+        (b'{"prompt": "q", "chosen": "a", "rejected": \n{"prompt": "q", "chosen": "a", "rejected": "b"}\n', None),
+        (b'{"prompt": "q", "chosen": "a" "rejected": "b"}\n{"a": 1}\n', None),  # broken inside the line
+        (b'{"prompt": "q"}\n', None),
+        (b'{"prompt": "q"}', None),
+        (b"{\n", "document"),
+        (b"   [\n", "array"),
+        (b"", None),
+        (b'{"prompt": "' + b"x" * 70000, None),  # first line longer than the bytes read: not judged
+    ],
+)
 def test_json_layout_reads_only_the_first_lines(head, want):
     assert json_layout(head) == want
 
@@ -366,11 +406,20 @@ def test_each_record_is_tokenised_once(tok):
 
     counting.calls.clear()
     records = [{"prompt": "Q" * (i + 1) + " ", "chosen": "a" * (i + 1), "rejected": "b"} for i in range(10)]
-    batches = list(build_dataset(records, counting, TokenizeConfig(max_length=64), BatchConfig(4, 64),
-                                 PipelineConfig(seed=1), sources=[f"f:{i}" for i in range(10)]))
+    batches = list(
+        build_dataset(
+            records,
+            counting,
+            TokenizeConfig(max_length=64),
+            BatchConfig(4, 64),
+            PipelineConfig(seed=1),
+            sources=[f"f:{i}" for i in range(10)],
+        )
+    )
     assert sum(int(b["pair_mask"].sum()) for b in batches) == 10
-    assert sorted(counting.calls) == sorted([i + 2 for i in range(10)] + [2 * i + 3 + eos for i in range(10)]
-                                            + [i + 3 + eos for i in range(10)])
+    assert sorted(counting.calls) == sorted(
+        [i + 2 for i in range(10)] + [2 * i + 3 + eos for i in range(10)] + [i + 3 + eos for i in range(10)]
+    )
 
 
 def _words(n_chars: int, seed: int, space: bool = True) -> str:
@@ -390,10 +439,11 @@ def _reference(tokenizer, prompt, chosen, rejected, cfg: TokenizeConfig):
         prompt_ids = tokenizer(prompt)["input_ids"]
         full = [tokenizer(prompt + c + tokenizer.eos_token)["input_ids"] for c in (chosen, rejected)]
     else:
-        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False)
-        full = [list(tokenizer.apply_chat_template(prompt + c, tokenize=True, return_dict=False))
-                for c in (chosen, rejected)]
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        full = [
+            list(tokenizer.apply_chat_template(prompt + c, tokenize=True, return_dict=False))
+            for c in (chosen, rejected)
+        ]
     n = min(len(os.path.commonprefix([list(prompt_ids), list(ids)])) for ids in full)
     room = cfg.max_length - n
     kept = [ids[n:][:room] if cfg.truncation == "keep_start" else ids[n:][-room:] for ids in full]
@@ -425,8 +475,11 @@ def test_cutting_long_completions_before_tokenising_keeps_the_same_ids(truncatio
 
 
 def test_clip_text_keeps_the_start_or_the_end_of_message_contents():
-    messages = [{"role": "assistant", "content": "abc"}, {"role": "user", "content": "de", "name": "x"},
-                {"role": "assistant", "content": "fghi"}]
+    messages = [
+        {"role": "assistant", "content": "abc"},
+        {"role": "user", "content": "de", "name": "x"},
+        {"role": "assistant", "content": "fghi"},
+    ]
     start, end = clip_text(messages, 4, "keep_start"), clip_text(messages, 5, "keep_end")
     assert [m["content"] for m in start] == ["abc", "d", ""]
     assert [m["content"] for m in end] == ["", "e", "fghi"]
@@ -452,8 +505,11 @@ def test_a_20mb_line_is_handled_quickly_in_little_memory(where, tok, tmp_path):
     record = {
         "prompt": {"prompt": big, "chosen": "a", "rejected": "b"},
         "completion": {"prompt": "Q ", "chosen": big, "rejected": "b"},
-        "chat_completion": {"prompt": _message("user", "Q"), "chosen": _message("assistant", big),
-                            "rejected": _message("assistant", "b")},
+        "chat_completion": {
+            "prompt": _message("user", "Q"),
+            "chosen": _message("assistant", big),
+            "rejected": _message("assistant", "b"),
+        },
         "implicit_prompt": {"chosen": big + "yes", "rejected": big + "no"},
     }[where]
     path = write_jsonl([GOOD, record], tmp_path / "big.jsonl")
@@ -472,7 +528,7 @@ def test_a_20mb_line_is_handled_quickly_in_little_memory(where, tok, tmp_path):
     assert isinstance(out[1], Dropped) == dropped and (not dropped or out[1].code == "prompt_too_long")
     if not dropped:
         assert len(out[1]["chosen"]) == 512
-    assert seconds < 20, seconds   # about 0.1 s; before the bound: 25-30 s and 4 GB
+    assert seconds < 20, seconds  # about 0.1 s; before the bound: 25-30 s and 4 GB
     assert peak < 250_000_000, peak  # the line, its decoded text and the parsed string: about 60 MB
 
 
@@ -480,12 +536,15 @@ def test_a_20mb_line_is_handled_quickly_in_little_memory(where, tok, tmp_path):
 # 6. config and tokenizer errors
 
 
-@pytest.mark.parametrize("kwargs,key,text", [
-    (dict(max_length=20, max_prompt_length=20), "data.max_prompt_length", "leaves no room"),
-    (dict(max_length=20, max_prompt_length=0), "data.max_prompt_length", "below 1"),
-    (dict(max_length=1), "data.max_length", "leaves no room"),
-    (dict(truncation="middle"), "data.truncation", "'middle'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,key,text",
+    [
+        (dict(max_length=20, max_prompt_length=20), "data.max_prompt_length", "leaves no room"),
+        (dict(max_length=20, max_prompt_length=0), "data.max_prompt_length", "below 1"),
+        (dict(max_length=1), "data.max_length", "leaves no room"),
+        (dict(truncation="middle"), "data.truncation", "'middle'"),
+    ],
+)
 def test_tokenize_config_errors_name_the_config_key(kwargs, key, text):
     with pytest.raises(ConfigError, match=text) as err:
         TokenizeConfig(**kwargs)

@@ -50,8 +50,11 @@ def restore_latest(checkpointer: Checkpointer, **kwargs):
 
 def tree_bytes(directory: Path) -> dict[str, str]:
     """``{relative path: sha256}`` of every file under ``directory``."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def array_files(step_dir: Path) -> list[Path]:
@@ -214,7 +217,8 @@ def test_a_torn_last_line_is_dropped_on_resume_and_earlier_records_kept(tmp_path
     writer.write(5, {"loss": 0.5})
     writer.close()
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
-        {"step": s, "loss": 1.0 / s} for s in range(1, 5)] + [{"step": 5, "loss": 0.5}]
+        {"step": s, "loss": 1.0 / s} for s in range(1, 5)
+    ] + [{"step": 5, "loss": 0.5}]
 
 
 def test_garbage_in_the_middle_is_dropped_and_the_rest_kept(tmp_path, caplog):
@@ -289,8 +293,9 @@ def bad_cache(path: Path, kind: str, rows: int) -> None:
             np.savez(f, good)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "empty", "garbage", "pickle", "object_array", "other_run",
-                                  "wrong_dtype", "archive"])
+@pytest.mark.parametrize(
+    "kind", ["truncated", "empty", "garbage", "pickle", "object_array", "other_run", "wrong_dtype", "archive"]
+)
 def test_a_bad_reference_cache_is_recomputed_and_replaced(tmp_path, caplog, kind):
     rows, key = 5, "k" * 64
     path = tmp_path / "cache" / f"{key}.npy"
@@ -319,8 +324,7 @@ def test_a_bad_reference_cache_is_recomputed_and_replaced(tmp_path, caplog, kind
 def test_a_good_cache_is_read_without_computing(tmp_path):
     values = np.array([[-1.5, np.nan], [-2.0, -0.25]], np.float32)  # NaN marks a dropped example
     np.save(tmp_path / "key.npy", values)
-    np.testing.assert_array_equal(load_or_compute(tmp_path, "key", lambda: pytest.fail("recomputed"), rows=2),
-                                  values)
+    np.testing.assert_array_equal(load_or_compute(tmp_path, "key", lambda: pytest.fail("recomputed"), rows=2), values)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -339,12 +343,18 @@ def assets(tmp_path_factory):
 
 def tiny_config(assets, out: Path, *, steps: int = 4, save_every: int = 2, **loss) -> dict:
     return {
-        "output_dir": str(out), "model": {"path": assets["policy"]},
+        "output_dir": str(out),
+        "model": {"path": assets["policy"]},
         "data": {"train_files": [assets["train"]], "max_length": 96, "pairs_per_batch": 4},
         "loss": {"name": "sigmoid", "hparams": {"beta": 0.1}, **loss},
         "optim": {"learning_rate": 1e-2, "warmup_steps": 0, "schedule": "constant"},
-        "steps": steps, "save_every": save_every, "async_checkpoints": False, "progress_bar": False,
-        "tensorboard": False, "export_hf": False, "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        "steps": steps,
+        "save_every": save_every,
+        "async_checkpoints": False,
+        "progress_bar": False,
+        "tensorboard": False,
+        "export_hf": False,
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
     }
 
 
@@ -445,8 +455,11 @@ def test_two_processes_fall_back_together_and_move_once(tmp_path):
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    )
 
     def run_two(phase: str) -> list[dict]:
         with socket.socket() as s:
@@ -454,8 +467,15 @@ def test_two_processes_fall_back_together_and_move_once(tmp_path):
             port = s.getsockname()[1]
         script = tmp_path / f"{phase}.py"
         script.write_text(MULTIHOST_CHILD.format(port=port))
-        procs = [subprocess.Popen([sys.executable, str(script), str(pid), phase, str(tmp_path / "checkpoints")],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for pid in (0, 1)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), str(pid), phase, str(tmp_path / "checkpoints")],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for pid in (0, 1)
+        ]
         for proc in procs:
             _, err = proc.communicate(timeout=240)
             assert proc.returncode == 0, err.decode()[-4000:]

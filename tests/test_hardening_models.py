@@ -32,13 +32,37 @@ from cpo_jax.hf.resolve import resolve_model_path
 from cpo_jax.hf.tokenizer import load_tokenizer
 
 # Hand-written config.json contents, one per family (independent of transformers' config classes).
-LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=260, hidden_size=32,
-             intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-             max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
-             pad_token_id=0, eos_token_id=3)
-GEMMA2 = dict(model_type="gemma2", vocab_size=260, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
-              sliding_window=4, layer_types=["sliding_attention", "full_attention"], rope_theta=10000.0)
+LLAMA = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    eos_token_id=3,
+)
+GEMMA2 = dict(
+    model_type="gemma2",
+    vocab_size=260,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    query_pre_attn_scalar=8,
+    sliding_window=4,
+    layer_types=["sliding_attention", "full_attention"],
+    rope_theta=10000.0,
+)
 GPT2 = dict(model_type="gpt2", vocab_size=260, n_embd=32, n_layer=2, n_head=4, n_positions=64)
 QWEN2 = dict(LLAMA, model_type="qwen2", layer_types=["sliding_attention", "full_attention"], sliding_window=4)
 MISTRAL = dict(LLAMA, model_type="mistral", sliding_window=4)
@@ -88,48 +112,55 @@ def test_the_base_configs_translate():
     """Positive control: the dicts the error cases start from are valid, with the dimensions they state."""
     llama, gemma, gpt2 = config_from_hf(LLAMA), config_from_hf(GEMMA2), config_from_hf(GPT2)
     assert (llama.num_heads, llama.num_kv_heads, llama.head_dim, llama.num_layers) == (4, 2, 8, 2)
-    assert gemma.sliding_window == 4 and gemma.query_scale == pytest.approx(8 ** -0.5)
+    assert gemma.sliding_window == 4 and gemma.query_scale == pytest.approx(8**-0.5)
     assert (gpt2.hidden_size, gpt2.head_dim, gpt2.intermediate_size) == (32, 8, 128)  # n_inner absent: 4 * n_embd
     assert config_from_hf(_changed(LLAMA, {"head_dim": None})).head_dim == 8  # null: hidden_size // heads
     assert config_from_hf(_changed(LLAMA, {"num_key_value_heads": None})).num_kv_heads == 4
     assert config_from_hf(QWEN2).sliding_window == 4 and config_from_hf(MISTRAL).sliding_window == 4
 
 
-@pytest.mark.parametrize("family,changes,needle", [
-    ("llama", {"num_attention_heads": 0}, "num_attention_heads=0; it must be >= 1"),  # ZeroDivisionError before
-    ("llama", {"hidden_size": DROP}, "has no hidden_size"),  # KeyError before
-    ("llama", {"num_hidden_layers": DROP}, "has no num_hidden_layers"),
-    ("llama", {"vocab_size": DROP}, "has no vocab_size"),
-    ("llama", {"intermediate_size": DROP}, "has no intermediate_size"),
-    ("llama", {"num_attention_heads": DROP}, "has no num_attention_heads"),
-    ("llama", {"vocab_size": -5}, "vocab_size=-5"),
-    ("llama", {"num_hidden_layers": 0}, "num_hidden_layers=0"),
-    ("llama", {"intermediate_size": 0}, "intermediate_size=0"),
-    ("llama", {"hidden_size": "32"}, "hidden_size='32'; it must be an integer"),
-    ("llama", {"hidden_size": 32.0}, "hidden_size=32.0; it must be an integer"),
-    ("llama", {"num_hidden_layers": True}, "num_hidden_layers=True; it must be an integer"),
-    ("llama", {"head_dim": DROP, "hidden_size": 30}, "hidden_size=30, which is not divisible by num_attention_heads=4"),
-    ("llama", {"num_key_value_heads": 3}, "num_key_value_heads=3, which does not divide num_attention_heads=4"),
-    ("llama", {"head_dim": -8}, "head_dim=-8"),
-    ("llama", {"rms_norm_eps": "tiny"}, "rms_norm_eps='tiny'; it must be a finite number"),
-    ("llama", {"layer_types": ["full_attention"]}, "lists 1 layer_types for num_hidden_layers=2"),
-    ("llama", {"layer_types": "full_attention"}, "layer_types='full_attention'; it must be a list"),
-    ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "has no rope_parameters.factor"),
-    ("llama", {"rope_parameters": {"rope_theta": "big"}}, "rope_parameters.rope_theta='big'"),
-    ("llama", {"rope_parameters": "default"}, "rope_parameters='default'; it must be an object"),
-    ("llama", {"hidden_act": ["silu"]}, "hidden_act=['silu']"),  # unhashable: a TypeError before
-    ("llama", {"model_type": ["llama"]}, "model_type"),
-    ("qwen2", {"sliding_window": DROP}, "has no sliding_window"),
-    ("mistral", {"sliding_window": -4}, "sliding_window=-4"),
-    ("gemma2", {"query_pre_attn_scalar": DROP}, "has no query_pre_attn_scalar"),
-    ("gemma2", {"attn_logit_softcapping": 0}, "attn_logit_softcapping=0; it must be > 0"),
-    ("gemma2", {"sliding_window": 0}, "sliding_window=0"),
-    ("gpt2", {"n_head": 0}, "n_head=0"),
-    ("gpt2", {"n_embd": 30}, "n_embd=30, which is not divisible by n_head=4"),
-    ("gpt2", {"n_layer": DROP}, "has no n_layer"),
-    ("gpt2", {"n_positions": DROP}, "has no n_positions"),
-    ("gpt2", {"n_inner": -1}, "n_inner=-1"),
-])
+@pytest.mark.parametrize(
+    "family,changes,needle",
+    [
+        ("llama", {"num_attention_heads": 0}, "num_attention_heads=0; it must be >= 1"),  # ZeroDivisionError before
+        ("llama", {"hidden_size": DROP}, "has no hidden_size"),  # KeyError before
+        ("llama", {"num_hidden_layers": DROP}, "has no num_hidden_layers"),
+        ("llama", {"vocab_size": DROP}, "has no vocab_size"),
+        ("llama", {"intermediate_size": DROP}, "has no intermediate_size"),
+        ("llama", {"num_attention_heads": DROP}, "has no num_attention_heads"),
+        ("llama", {"vocab_size": -5}, "vocab_size=-5"),
+        ("llama", {"num_hidden_layers": 0}, "num_hidden_layers=0"),
+        ("llama", {"intermediate_size": 0}, "intermediate_size=0"),
+        ("llama", {"hidden_size": "32"}, "hidden_size='32'; it must be an integer"),
+        ("llama", {"hidden_size": 32.0}, "hidden_size=32.0; it must be an integer"),
+        ("llama", {"num_hidden_layers": True}, "num_hidden_layers=True; it must be an integer"),
+        (
+            "llama",
+            {"head_dim": DROP, "hidden_size": 30},
+            "hidden_size=30, which is not divisible by num_attention_heads=4",
+        ),
+        ("llama", {"num_key_value_heads": 3}, "num_key_value_heads=3, which does not divide num_attention_heads=4"),
+        ("llama", {"head_dim": -8}, "head_dim=-8"),
+        ("llama", {"rms_norm_eps": "tiny"}, "rms_norm_eps='tiny'; it must be a finite number"),
+        ("llama", {"layer_types": ["full_attention"]}, "lists 1 layer_types for num_hidden_layers=2"),
+        ("llama", {"layer_types": "full_attention"}, "layer_types='full_attention'; it must be a list"),
+        ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "has no rope_parameters.factor"),
+        ("llama", {"rope_parameters": {"rope_theta": "big"}}, "rope_parameters.rope_theta='big'"),
+        ("llama", {"rope_parameters": "default"}, "rope_parameters='default'; it must be an object"),
+        ("llama", {"hidden_act": ["silu"]}, "hidden_act=['silu']"),  # unhashable: a TypeError before
+        ("llama", {"model_type": ["llama"]}, "model_type"),
+        ("qwen2", {"sliding_window": DROP}, "has no sliding_window"),
+        ("mistral", {"sliding_window": -4}, "sliding_window=-4"),
+        ("gemma2", {"query_pre_attn_scalar": DROP}, "has no query_pre_attn_scalar"),
+        ("gemma2", {"attn_logit_softcapping": 0}, "attn_logit_softcapping=0; it must be > 0"),
+        ("gemma2", {"sliding_window": 0}, "sliding_window=0"),
+        ("gpt2", {"n_head": 0}, "n_head=0"),
+        ("gpt2", {"n_embd": 30}, "n_embd=30, which is not divisible by n_head=4"),
+        ("gpt2", {"n_layer": DROP}, "has no n_layer"),
+        ("gpt2", {"n_positions": DROP}, "has no n_positions"),
+        ("gpt2", {"n_inner": -1}, "n_inner=-1"),
+    ],
+)
 def test_bad_config_values_name_key_value_and_file(family, changes, needle):
     source = "some/dir/config.json"
     with pytest.raises(UnsupportedConfig) as err:
@@ -227,8 +258,11 @@ def test_cli_reports_a_bad_model_path_in_a_few_lines(fresh, capsys):
 def test_unreadable_safetensors_name_the_file(fresh, damage):
     file = fresh / "model.safetensors"
     data = file.read_bytes()
-    file.write_bytes({"truncated": data[:-100], "empty": b"", "garbage": b"not a safetensors file " * 8,
-                      "header_only": data[:20]}[damage])
+    file.write_bytes(
+        {"truncated": data[:-100], "empty": b"", "garbage": b"not a safetensors file " * 8, "header_only": data[:20]}[
+            damage
+        ]
+    )
     with pytest.raises(ModelError) as err:
         from_pretrained(fresh)
     assert _message(err).startswith(f"{file}: not a readable safetensors file")
@@ -241,7 +275,7 @@ def _shard(directory: Path) -> dict:
     (directory / "model.safetensors").unlink()
     names = sorted(tensors)
     weight_map = {}
-    for k, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), start=1):
+    for k, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), start=1):
         file = f"model-0000{k}-of-00002.safetensors"
         save_file({n: tensors[n] for n in part}, str(directory / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, file))
@@ -258,8 +292,9 @@ def test_sharded_index_problems_name_the_index_and_the_file(fresh):
     (fresh / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ModelError) as err:
         from_pretrained(fresh)
-    assert _message(err).startswith(f"{fresh / INDEX_FILE}: names the shard file model-00002-of-00002.safetensors, "
-                                    f"which is not in the directory")
+    assert _message(err).startswith(
+        f"{fresh / INDEX_FILE}: names the shard file model-00002-of-00002.safetensors, which is not in the directory"
+    )
 
     (fresh / INDEX_FILE).write_text(json.dumps({"metadata": {}}))
     with pytest.raises(ModelError, match=rf"{INDEX_FILE}: has no weight_map object"):
@@ -298,8 +333,9 @@ def test_missing_tensor_names_the_directory(fresh):
     save_file(tensors, str(file), metadata={"format": "pt"})
     with pytest.raises(ModelError) as err:
         from_pretrained(fresh)
-    assert _message(err).startswith(f"{fresh}: checkpoint is missing 1 tensor(s) the model needs, "
-                                    f"e.g. ['model.layers.1.self_attn.k_proj.weight']")
+    assert _message(err).startswith(
+        f"{fresh}: checkpoint is missing 1 tensor(s) the model needs, e.g. ['model.layers.1.self_attn.k_proj.weight']"
+    )
     assert "config.json" in err.value.hint
 
 
@@ -313,8 +349,11 @@ def test_no_weights_at_all(fresh):
 
 
 def test_reward_model_problems_are_model_errors(fresh):
-    with pytest.raises(ModelError, match=r"config.json: architectures=\['LlamaForCausalLM'\] is not a "
-                                         r"\*ForSequenceClassification reward model"):
+    with pytest.raises(
+        ModelError,
+        match=r"config.json: architectures=\['LlamaForCausalLM'\] is not a "
+        r"\*ForSequenceClassification reward model",
+    ):
         load_reward_model(fresh)
     _write_config(fresh, architectures=["LlamaForSequenceClassification"], num_labels=1)
     with pytest.raises(ModelError, match=r"no score.weight tensor in the checkpoint"):
@@ -410,11 +449,14 @@ def test_orbax_mismatch_reports_the_first_difference():
     want = {"embed": (8, 4), "final_norm.scale": (4,)}
     assert orbax_mismatch(dict(want), want) is None
     assert "lacks 1 parameter(s) config.json implies, e.g. ['final_norm.scale']" in orbax_mismatch(
-        {"embed": (8, 4)}, want)
+        {"embed": (8, 4)}, want
+    )
     assert "holds 1 parameter(s) config.json does not have, e.g. ['lm_head.kernel']" in orbax_mismatch(
-        {**want, "lm_head.kernel": (4, 8)}, want)
-    assert orbax_mismatch({**want, "embed": (9, 4)}, want) == ("parameter embed has shape (9, 4) in the checkpoint; "
-                                                               "config.json implies (8, 4)")
+        {**want, "lm_head.kernel": (4, 8)}, want
+    )
+    assert orbax_mismatch({**want, "embed": (9, 4)}, want) == (
+        "parameter embed has shape (9, 4) in the checkpoint; config.json implies (8, 4)"
+    )
 
 
 def test_orbax_directory_that_does_not_match_config_json(orbax_copy):
@@ -423,11 +465,15 @@ def test_orbax_directory_that_does_not_match_config_json(orbax_copy):
     with pytest.raises(ModelError) as err:
         from_pretrained(orbax_copy)
     assert _message(err).startswith(f"{orbax_copy / 'params'}: does not match config.json: parameter layers.0.mlp.")
-    assert re.search(r"has shape \((32, 48|48, 32)\) in the checkpoint; config.json implies \((32, 40|40, 32)\)",
-                     _message(err))
+    assert re.search(
+        r"has shape \((32, 48|48, 32)\) in the checkpoint; config.json implies \((32, 40|40, 32)\)", _message(err)
+    )
     _write_config(orbax_copy, intermediate_size=48)
-    with pytest.raises(ModelError, match=r"params: was saved with scan_layers=False; this load asks for "
-                                         r"scan_layers=True"):
+    with pytest.raises(
+        ModelError,
+        match=r"params: was saved with scan_layers=False; this load asks for "
+        r"scan_layers=True",
+    ):
         from_pretrained(orbax_copy, scan_layers=True)
 
 
@@ -447,13 +493,16 @@ def test_orbax_read_failure_is_named(orbax_copy, monkeypatch):
     import orbax.checkpoint as ocp
 
     def fail(self, *args, **kwargs):
-        raise Exception("Encountered error while reading array index: (slice(0, 32, 1),). See full TensorStore "
-                        "details: <bound method ... spec of TensorStore({...})>.")
+        raise Exception(
+            "Encountered error while reading array index: (slice(0, 32, 1),). See full TensorStore "
+            "details: <bound method ... spec of TensorStore({...})>."
+        )
 
     monkeypatch.setattr(ocp.StandardCheckpointer, "restore", fail)
     with pytest.raises(ModelError) as err:
         from_pretrained(orbax_copy)
-    assert _message(err).startswith(f"{orbax_copy / 'params'}: the Orbax parameter checkpoint is damaged: Exception: "
-                                    f"Encountered error while reading array index: (slice(0, 32, 1),).\n")
+    assert _message(err).startswith(
+        f"{orbax_copy / 'params'}: the Orbax parameter checkpoint is damaged: Exception: "
+        f"Encountered error while reading array index: (slice(0, 32, 1),).\n"
+    )
     assert "hf-to-orbax" in err.value.hint
-

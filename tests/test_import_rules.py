@@ -28,8 +28,16 @@ PURE = {
     "cpo_jax.errors": (*HEAVY, "jax", "numpy"),
     "cpo_jax.losses": (*HEAVY, "cpo_jax.models", "cpo_jax.train", "cpo_jax.data", "cpo_jax.hf"),
     "cpo_jax.ops": (*HEAVY, "cpo_jax.models", "cpo_jax.train", "cpo_jax.data", "cpo_jax.hf"),
-    "cpo_jax.rlhf.algorithms": (*HEAVY, "cpo_jax.models", "cpo_jax.train", "cpo_jax.data", "cpo_jax.hf",
-                                "cpo_jax.rlhf.trainer", "cpo_jax.rlhf.rollout", "cpo_jax.rlhf.rewards"),
+    "cpo_jax.rlhf.algorithms": (
+        *HEAVY,
+        "cpo_jax.models",
+        "cpo_jax.train",
+        "cpo_jax.data",
+        "cpo_jax.hf",
+        "cpo_jax.rlhf.trainer",
+        "cpo_jax.rlhf.rollout",
+        "cpo_jax.rlhf.rewards",
+    ),
     # the config is read and validated before anything is built: no JAX at all
     "cpo_jax.train.config": (*HEAVY, "jax", "cpo_jax.train.trainer", "cpo_jax.train.step"),
     "cpo_jax.train": (*HEAVY, "jax", "cpo_jax.train.trainer", "cpo_jax.train.step"),
@@ -58,10 +66,10 @@ FORBIDDEN_MODULES = {
 
 def _loaded_after_import(module: str, names: tuple[str, ...]) -> list[str]:
     """The ``names`` in ``sys.modules`` after ``import module`` in a fresh interpreter."""
-    code = (f"import json, sys\nimport {module}\n"
-            f"print(json.dumps([n for n in {list(names)!r} if n in sys.modules]))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            cwd=PACKAGE.parent)
+    code = f"import json, sys\nimport {module}\nprint(json.dumps([n for n in {list(names)!r} if n in sys.modules]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PACKAGE.parent
+    )
     assert result.returncode == 0, f"import {module} failed:\n{result.stderr}"
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -82,7 +90,7 @@ def _cpo_jax_imports(source: str, module: str) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: resolve against the module's package
-                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
             # "from cpo_jax import losses" may import the subpackage cpo_jax.losses: count base.name
             found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
     return sorted((line, name) for line, name in found if name == "cpo_jax" or name.startswith("cpo_jax."))
@@ -97,9 +105,12 @@ def _hits(name: str, forbidden: tuple[str, ...]) -> bool:
 
 
 def _violations(files, forbidden) -> list[str]:
-    return [f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
-            for path in files for line, name in _cpo_jax_imports(path.read_text(), _module_name(path))
-            if _hits(name, forbidden)]
+    return [
+        f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
+        for path in files
+        for line, name in _cpo_jax_imports(path.read_text(), _module_name(path))
+        if _hits(name, forbidden)
+    ]
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
@@ -123,21 +134,31 @@ def test_hf_translation_lives_in_hf():
 
 def test_no_lazy_module_getattr():
     """A module-level ``__getattr__`` hides an import cycle (it was how models/ reached hf/)."""
-    found = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
-             for path in sorted(PACKAGE.rglob("*.py"))
-             for node in ast.parse(path.read_text()).body
-             if isinstance(node, ast.FunctionDef) and node.name == "__getattr__"]
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
+    ]
     assert found == []
 
 
 def test_the_checker_sees_what_it_must():
     """The AST reader finds function-local, TYPE_CHECKING, ``from cpo_jax import x`` and relative imports."""
-    source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from cpo_jax.train.config import X\n"
-              "def f():\n    import cpo_jax.hf.pretrained\n    from cpo_jax import losses\n"
-              "    from ..data import tokenize\n    from . import config\n    import numpy\n")
+    source = (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from cpo_jax.train.config import X\n"
+        "def f():\n    import cpo_jax.hf.pretrained\n    from cpo_jax import losses\n"
+        "    from ..data import tokenize\n    from . import config\n    import numpy\n"
+    )
     names = [name for _, name in _cpo_jax_imports(source, "cpo_jax.models.probe")]
-    assert names == ["cpo_jax.train.config.X", "cpo_jax.hf.pretrained", "cpo_jax.losses", "cpo_jax.data.tokenize",
-                     "cpo_jax.models.config"]
+    assert names == [
+        "cpo_jax.train.config.X",
+        "cpo_jax.hf.pretrained",
+        "cpo_jax.losses",
+        "cpo_jax.data.tokenize",
+        "cpo_jax.models.config",
+    ]
     assert [name for _, name in _cpo_jax_imports("from .config import A", "cpo_jax.models.__init__")] == [
-        "cpo_jax.models.config.A"]
+        "cpo_jax.models.config.A"
+    ]
     assert _violations([PACKAGE / "hf" / "pretrained.py"], ("models",)), "hf/pretrained.py imports models/"

@@ -28,8 +28,9 @@ def test_token_logps_match_float64_log_softmax():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     seq = ops.sequence_logps(logits, targets, mask)
     np.testing.assert_allclose(np.asarray(seq.sum), (want * np.asarray(mask)).sum(-1), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(seq.mean), (want * np.asarray(mask)).sum(-1) / np.asarray(mask).sum(-1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(seq.mean), (want * np.asarray(mask)).sum(-1) / np.asarray(mask).sum(-1), rtol=1e-5
+    )
 
 
 def test_empty_mask_gives_zero_mean_not_nan():
@@ -47,8 +48,9 @@ def test_chunked_matches_naive_values_and_gradients(chunk_size, softcap, tempera
     weights = jnp.linspace(0.5, 1.5, hidden.shape[0])
 
     def naive(h, w):
-        seq = ops.sequence_logps(jnp.einsum("btd,dv->btv", h, w), targets, mask, temperature=temperature,
-                                 logit_softcap=softcap)
+        seq = ops.sequence_logps(
+            jnp.einsum("btd,dv->btv", h, w), targets, mask, temperature=temperature, logit_softcap=softcap
+        )
         return jnp.sum(weights * seq.sum)
 
     def chunked(h, w):

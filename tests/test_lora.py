@@ -55,8 +55,11 @@ def _randomize(model, seed: int = 0, std: float = 0.2):
 def _hf_logits(model) -> np.ndarray:
     positions = np.maximum(np.cumsum(MASK, axis=-1) - 1, 0)  # ours count real tokens (GPT-2's are absolute)
     with torch.no_grad():
-        return model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK),
-                     position_ids=torch.tensor(positions)).logits.float().numpy()
+        return (
+            model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), position_ids=torch.tensor(positions))
+            .logits.float()
+            .numpy()
+        )
 
 
 def _hf_base(path):
@@ -90,11 +93,14 @@ def test_fresh_adapters_leave_logits_bit_identical(root):
     assert q.lora_b.get_metadata()["out_sharding"] == (None, "heads")
 
 
-@pytest.mark.parametrize("name,spec", [
-    ("llama", LoraSpec(rank=4, alpha=8)),
-    ("gemma", LoraSpec(rank=4, alpha=6, targets=("q_proj", "v_proj", "down_proj"), use_rslora=True)),
-    ("gpt2", LoraSpec(rank=4, alpha=8)),
-])
+@pytest.mark.parametrize(
+    "name,spec",
+    [
+        ("llama", LoraSpec(rank=4, alpha=8)),
+        ("gemma", LoraSpec(rank=4, alpha=6, targets=("q_proj", "v_proj", "down_proj"), use_rslora=True)),
+        ("gpt2", LoraSpec(rank=4, alpha=8)),
+    ],
+)
 def test_matches_merged_peft_and_merged_export(name, spec, root, tmp_path):
     _, path = tiny_model(name, root)
     model = from_pretrained(path)
@@ -123,13 +129,15 @@ def test_matches_merged_peft_and_merged_export(name, spec, root, tmp_path):
         save_pretrained(model, tmp_path / "unmerged")
 
 
-@pytest.mark.parametrize("name,targets,rslora", [("llama", ["q_proj", "v_proj"], True), ("gpt2", ["c_attn", "c_proj"],
-                                                                                           False)])
+@pytest.mark.parametrize(
+    "name,targets,rslora", [("llama", ["q_proj", "v_proj"], True), ("gpt2", ["c_attn", "c_proj"], False)]
+)
 def test_loads_adapter_saved_by_peft(name, targets, rslora, root, tmp_path):
     _, path = tiny_model(name, root)
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=targets, use_rslora=rslora, init_lora_weights=False,
-                             task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=6, target_modules=targets, use_rslora=rslora, init_lora_weights=False, task_type="CAUSAL_LM"
+    )
     peft_model = peft.get_peft_model(_hf_base(path), config).eval()
     want = _hf_logits(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
@@ -148,8 +156,10 @@ def test_loads_adapter_saved_by_peft(name, targets, rslora, root, tmp_path):
 
     # and back: what we write from it is what PEFT wrote
     save_adapter(model, spec, tmp_path / "again")
-    theirs, ours = load_file(tmp_path / "adapter" / "adapter_model.safetensors"), load_file(
-        tmp_path / "again" / "adapter_model.safetensors")
+    theirs, ours = (
+        load_file(tmp_path / "adapter" / "adapter_model.safetensors"),
+        load_file(tmp_path / "again" / "adapter_model.safetensors"),
+    )
     assert sorted(theirs) == sorted(ours)
     for key in theirs:
         np.testing.assert_array_equal(ours[key], theirs[key])
@@ -168,15 +178,18 @@ def test_scan_layers_equals_loop(root, tmp_path):
     np.testing.assert_allclose(_logits(scan), _logits(loop), atol=1e-5, rtol=0)
     np.testing.assert_allclose(_logits(merge_lora(scan)), _logits(loop), atol=5e-5, rtol=0)
     save_adapter(scan, spec, tmp_path / "from_scan")
-    a, b = load_file(tmp_path / "adapter" / "adapter_model.safetensors"), load_file(
-        tmp_path / "from_scan" / "adapter_model.safetensors")
+    a, b = (
+        load_file(tmp_path / "adapter" / "adapter_model.safetensors"),
+        load_file(tmp_path / "from_scan" / "adapter_model.safetensors"),
+    )
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_gradients_reach_only_the_adapters(root):
     _, path = tiny_model("llama", root)
-    model = add_adapter(from_pretrained(path), LoraSpec(rank=4, alpha=8, targets=("q_proj", "o_proj", "up_proj")),
-                        rngs=nnx.Rngs(0))
+    model = add_adapter(
+        from_pretrained(path), LoraSpec(rank=4, alpha=8, targets=("q_proj", "o_proj", "up_proj")), rngs=nnx.Rngs(0)
+    )
     weights = jnp.asarray(np.random.RandomState(1).randn(*IDS.shape, 256).astype(np.float32))
 
     def loss(m):
@@ -197,10 +210,16 @@ def test_gradients_reach_only_the_adapters(root):
 def test_dropout_is_off_in_eval_and_draws_new_masks_in_train(root):
     _, path = tiny_model("llama", root)
     for scan in (False, True):
-        plain = _logits(_randomize(add_adapter(from_pretrained(path, scan_layers=scan), LoraSpec(rank=4, alpha=8),
-                                               rngs=nnx.Rngs(0))))
-        model = _randomize(add_adapter(from_pretrained(path, scan_layers=scan), LoraSpec(rank=4, alpha=8, dropout=0.5),
-                                       rngs=nnx.Rngs(0)))
+        plain = _logits(
+            _randomize(
+                add_adapter(from_pretrained(path, scan_layers=scan), LoraSpec(rank=4, alpha=8), rngs=nnx.Rngs(0))
+            )
+        )
+        model = _randomize(
+            add_adapter(
+                from_pretrained(path, scan_layers=scan), LoraSpec(rank=4, alpha=8, dropout=0.5), rngs=nnx.Rngs(0)
+            )
+        )
         np.testing.assert_allclose(_logits(model), plain, atol=1e-5, rtol=0)  # eval mode: no dropout
         model.train()
         forward = nnx.jit(lambda m: m(jnp.asarray(IDS), jnp.asarray(MASK)))
@@ -217,8 +236,12 @@ def test_bad_specs_and_targets(root):
     with pytest.raises(ConfigError, match=r"(?s)unknown LoRA target.*'c_attn'.*q_proj"):
         add_adapter(model, LoraSpec(rank=2, alpha=4, targets=("q_proj", "c_attn")), rngs=nnx.Rngs(0))
     assert not has_lora(model)
-    for bad in (dict(rank=0, alpha=1), dict(rank=2, alpha=float("nan")), dict(rank=2, alpha=1, dropout=1.0),
-                dict(rank=2, alpha=1, targets=())):
+    for bad in (
+        dict(rank=0, alpha=1),
+        dict(rank=2, alpha=float("nan")),
+        dict(rank=2, alpha=1, dropout=1.0),
+        dict(rank=2, alpha=1, targets=()),
+    ):
         with pytest.raises(ConfigError):
             LoraSpec(**bad)
     assert LoraSpec(rank=4, alpha=8, use_rslora=True).scale == 4.0 and LoraSpec(rank=4, alpha=8).scale == 2.0
@@ -258,10 +281,16 @@ def test_bad_adapter_directories(root, tmp_path):
         (variant("dora", config={"use_dora": True}), UnsupportedConfig, "use_dora=True"),
         (variant("lacks", config={"target_modules": ["q_proj", "c_attn"]}), ModelError, "(?s)'c_attn'.*q_proj"),
         (variant("rank", config={"r": 3}), ModelError, r"lora_A.weight.*shape \(2, 64\), expected \(3, 64\)"),
-        (variant("shape", tensors={key: np.zeros((3, 64), np.float32)}), ModelError,
-         r"layers\.1\.self_attn\.v_proj\.lora_A\.weight: has shape \(3, 64\)"),
-        (variant("extra", tensors={key.replace("v_proj", "k_proj"): np.zeros((2, 64), np.float32)}), ModelError,
-         "no targeted projection"),
+        (
+            variant("shape", tensors={key: np.zeros((3, 64), np.float32)}),
+            ModelError,
+            r"layers\.1\.self_attn\.v_proj\.lora_A\.weight: has shape \(3, 64\)",
+        ),
+        (
+            variant("extra", tensors={key.replace("v_proj", "k_proj"): np.zeros((2, 64), np.float32)}),
+            ModelError,
+            "no targeted projection",
+        ),
     ]
     for directory, error, message in cases:
         with pytest.raises(error, match=message):

@@ -33,8 +33,10 @@ def _random_peft_adapter(model_dir, out, *, rank=4, alpha=8, targets=TARGETS):
 
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
-                                                      lora_dropout=0.0, init_lora_weights=False))
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, init_lora_weights=False),
+    )
     model.save_pretrained(out)
     return out
 
@@ -47,13 +49,34 @@ def _trl_lora(model_dir, adapter_dir, records, *, beta, lr, steps, out):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
-    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=len(records), max_steps=steps,
-                     learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, optim="sgd", weight_decay=0.0,
-                     max_grad_norm=0.0, logging_steps=1, report_to=[], save_strategy="no", beta=beta,
-                     loss_type=["sigmoid"], max_length=1024, use_cpu=True, bf16=False, seed=0,
-                     dataloader_drop_last=False)
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=datasets.Dataset.from_list(records),
-                         processing_class=AutoTokenizer.from_pretrained(model_dir))
+    args = DPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=len(records),
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="sgd",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        beta=beta,
+        loss_type=["sigmoid"],
+        max_length=1024,
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        dataloader_drop_last=False,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(records),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
     trainer.train()
     adapters = {k: v.detach().numpy() for k, v in model.state_dict().items() if ".default." in k}  # not TRL's "ref"
     return [h for h in trainer.state.log_history if "loss" in h], adapters
@@ -63,14 +86,27 @@ def _our_lora(model_dir, adapter_dir, records, *, beta, lr, steps, out):
     from cpo_jax.train.trainer import Trainer
 
     data = write_jsonl(records, out / "data.jsonl")
-    cfg = from_dict(TrainConfig, {
-        "output_dir": str(out / "run"), "model": {"path": str(model_dir), "adapter_path": str(adapter_dir)},
-        "data": {"train_files": [str(data)], "max_length": 1024, "max_prompt_length": 1023,
-                 "pairs_per_batch": len(records)},
-        "loss": {"name": "sigmoid", "hparams": {"beta": beta}},
-        "optim": {"name": "sgd", "learning_rate": lr, "schedule": "constant", "max_grad_norm": None},
-        "steps": steps, "save_every": 1000, "progress_bar": False, "tensorboard": False, "export_hf": True,
-        "mesh": {"data": 1, "fsdp": 1, "tensor": 1}})
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "output_dir": str(out / "run"),
+            "model": {"path": str(model_dir), "adapter_path": str(adapter_dir)},
+            "data": {
+                "train_files": [str(data)],
+                "max_length": 1024,
+                "max_prompt_length": 1023,
+                "pairs_per_batch": len(records),
+            },
+            "loss": {"name": "sigmoid", "hparams": {"beta": beta}},
+            "optim": {"name": "sgd", "learning_rate": lr, "schedule": "constant", "max_grad_norm": None},
+            "steps": steps,
+            "save_every": 1000,
+            "progress_bar": False,
+            "tensorboard": False,
+            "export_hf": True,
+            "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        },
+    )
     assert cfg.loss.reference == "adapter"  # TRL's default for an imported adapter: a frozen copy of it
     return Trainer(cfg, devices=jax.devices()[:1]).run().history
 
@@ -84,14 +120,12 @@ def test_lora_trajectory_equals_trl_with_a_peft_model(tmp_path):
     model_dir = _tiny_llama(tmp_path / "model", smollm2_style())
     adapter = _random_peft_adapter(model_dir, tmp_path / "adapter")
     beta, lr, steps = 0.1, 0.5, 5
-    theirs, trained = _trl_lora(model_dir, adapter, STRING_RECORDS, beta=beta, lr=lr, steps=steps,
-                                out=tmp_path / "trl")
+    theirs, trained = _trl_lora(model_dir, adapter, STRING_RECORDS, beta=beta, lr=lr, steps=steps, out=tmp_path / "trl")
     ours = _our_lora(model_dir, adapter, STRING_RECORDS, beta=beta, lr=lr, steps=steps, out=tmp_path)
     assert len(theirs) == len(ours) == steps
     np.testing.assert_allclose([h["loss"] for h in ours], [h["loss"] for h in theirs], rtol=1e-4, atol=1e-5)
     for key in ("logps/chosen", "logps/rejected", "grad_norm", "rewards/margins"):
-        np.testing.assert_allclose([h[key] for h in ours], [h[key] for h in theirs], rtol=1e-4, atol=1e-6,
-                                   err_msg=key)
+        np.testing.assert_allclose([h[key] for h in ours], [h[key] for h in theirs], rtol=1e-4, atol=1e-6, err_msg=key)
     assert ours[0]["rewards/margins"] == theirs[0]["rewards/margins"] == 0.0
     exported = load_file(tmp_path / "run" / "hf_adapter" / "adapter_model.safetensors")
     assert len(exported) == len(trained) > 0
@@ -111,11 +145,17 @@ def assets(tmp_path_factory):
 
 def _config(assets, out, **overrides) -> TrainConfig:
     base = {
-        "output_dir": str(out), "model": {"path": assets["policy"], "lora": {"rank": 4, "alpha": 8}},
+        "output_dir": str(out),
+        "model": {"path": assets["policy"], "lora": {"rank": 4, "alpha": 8}},
         "data": {"train_files": [assets["train"]], "max_length": 96, "pairs_per_batch": 4},
         "optim": {"learning_rate": 1e-2, "schedule": "constant"},
-        "steps": 4, "save_every": 2, "progress_bar": False, "tensorboard": False, "export_hf": True,
-        "mesh": {"data": 1, "fsdp": 1, "tensor": 1}, "async_checkpoints": False,
+        "steps": 4,
+        "save_every": 2,
+        "progress_bar": False,
+        "tensorboard": False,
+        "export_hf": True,
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        "async_checkpoints": False,
     }
     for key, value in overrides.items():
         base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
@@ -166,18 +206,23 @@ def test_lora_run_saves_only_adapters_resumes_exactly_and_exports_both_ways(asse
 
     assert main(["convert", "orbax-to-hf", str(tmp_path / "full"), str(tmp_path / "adapter4"), "--adapter-only"]) == 0
     assert main(["convert", "orbax-to-hf", str(tmp_path / "full"), str(tmp_path / "merged4")]) == 0
-    for name, want in (("adapter4/adapter_model.safetensors", "full/hf_adapter/adapter_model.safetensors"),
-                       ("merged4/model.safetensors", "full/hf/model.safetensors")):
+    for name, want in (
+        ("adapter4/adapter_model.safetensors", "full/hf_adapter/adapter_model.safetensors"),
+        ("merged4/model.safetensors", "full/hf/model.safetensors"),
+    ):
         got, expected = load_file(tmp_path / name), load_file(tmp_path / want)
         assert set(got) == set(expected)
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{name}: {key}")
-    assert main(["convert", "orbax-to-hf", str(tmp_path / "full"), str(tmp_path / "a2"), "--adapter-only",
-                 "--step", "2"]) == 0
+    assert (
+        main(["convert", "orbax-to-hf", str(tmp_path / "full"), str(tmp_path / "a2"), "--adapter-only", "--step", "2"])
+        == 0
+    )
     step2, step4 = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("a2", "adapter4"))
     assert set(step2) == set(step4) and any(not np.array_equal(step2[k], step4[k]) for k in step4)
-    code = main(["convert", "orbax-to-hf", str(tmp_path / "resumed"), str(tmp_path / "x"), "--adapter-only",
-                 "--step", "3"])
+    code = main(
+        ["convert", "orbax-to-hf", str(tmp_path / "resumed"), str(tmp_path / "x"), "--adapter-only", "--step", "3"]
+    )
     assert code == 2 and "step 3" in capsys.readouterr().err
 
 
@@ -186,27 +231,52 @@ def test_the_reference_adapter_is_the_imported_one(assets, tmp_path):
     so does the reference, so the first loss is log 2 although the adapter is not zero; loss.reference=base puts the
     reference at the base instead."""
     adapter = _random_peft_adapter(assets["policy"], tmp_path / "adapter", targets=["q_proj", "v_proj"])
-    cfg = _config(assets, tmp_path / "run", model={"lora": None, "adapter_path": str(adapter)}, steps=2,
-                  export_hf=False)
+    cfg = _config(
+        assets, tmp_path / "run", model={"lora": None, "adapter_path": str(adapter)}, steps=2, export_hf=False
+    )
     assert cfg.loss.reference == "adapter"
     history = _trainer(cfg).run().history
     assert history[0]["loss"] == pytest.approx(np.log(2.0), abs=1e-7)
-    base_ref = _trainer(_config(assets, tmp_path / "base", model={"lora": None, "adapter_path": str(adapter)},
-                                loss={"reference": "base"}, steps=1, export_hf=False)).run().history
+    base_ref = (
+        _trainer(
+            _config(
+                assets,
+                tmp_path / "base",
+                model={"lora": None, "adapter_path": str(adapter)},
+                loss={"reference": "base"},
+                steps=1,
+                export_hf=False,
+            )
+        )
+        .run()
+        .history
+    )
     assert abs(base_ref[0]["loss"] - np.log(2.0)) > 1e-6  # against the base, the imported adapter already differs
 
 
-@pytest.mark.parametrize("overrides,key,needle", [
-    ({"model": {"lora": None}, "loss": {"reference": "base"}}, "loss.reference", "needs adapters"),
-    ({"loss": {"reference": "adapter"}}, "loss.reference", "model.adapter_path is not set"),
-    ({"loss": {"reference": "separate"}}, "loss.reference", "second full copy"),
-    ({"model": {"lora": None, "quantize": "nf4"}}, "model.quantize", "needs adapters"),
-    ({"model": {"lora": {"rank": 0}}}, "model.lora.rank", ">= 1"),
-    ({"model": {"lora": {"alpha": -1.0}}}, "model.lora.alpha", "> 0"),
-    ({"model": {"lora": {"dropout": 1.0}}}, "model.lora.dropout", "[0, 1)"),
-    ({"model": {"lora": {"targets": []}}}, "model.lora.targets", "empty"),
-], ids=["base-without-lora", "adapter-without-path", "separate-with-lora", "quantize-without-lora", "rank", "alpha",
-        "dropout", "targets"])
+@pytest.mark.parametrize(
+    "overrides,key,needle",
+    [
+        ({"model": {"lora": None}, "loss": {"reference": "base"}}, "loss.reference", "needs adapters"),
+        ({"loss": {"reference": "adapter"}}, "loss.reference", "model.adapter_path is not set"),
+        ({"loss": {"reference": "separate"}}, "loss.reference", "second full copy"),
+        ({"model": {"lora": None, "quantize": "nf4"}}, "model.quantize", "needs adapters"),
+        ({"model": {"lora": {"rank": 0}}}, "model.lora.rank", ">= 1"),
+        ({"model": {"lora": {"alpha": -1.0}}}, "model.lora.alpha", "> 0"),
+        ({"model": {"lora": {"dropout": 1.0}}}, "model.lora.dropout", "[0, 1)"),
+        ({"model": {"lora": {"targets": []}}}, "model.lora.targets", "empty"),
+    ],
+    ids=[
+        "base-without-lora",
+        "adapter-without-path",
+        "separate-with-lora",
+        "quantize-without-lora",
+        "rank",
+        "alpha",
+        "dropout",
+        "targets",
+    ],
+)
 def test_bad_adapter_configs_name_their_key(assets, tmp_path, overrides, key, needle):
     with pytest.raises(ConfigError) as err:
         validate_config(_config(assets, tmp_path, **overrides))
@@ -219,9 +289,14 @@ def test_bad_adapters_at_the_command_line(assets, tmp_path, capsys):
     yaml = tmp_path / "run.yaml"
 
     def run(model: dict) -> tuple[int, str]:
-        cfg = {"output_dir": str(tmp_path / "out"), "model": {"path": assets["policy"], **model},
-               "data": {"train_files": [assets["train"]], "max_length": 96}, "steps": 1, "progress_bar": False,
-               "mesh": {"data": -1, "fsdp": 1, "tensor": 1}}
+        cfg = {
+            "output_dir": str(tmp_path / "out"),
+            "model": {"path": assets["policy"], **model},
+            "data": {"train_files": [assets["train"]], "max_length": 96},
+            "steps": 1,
+            "progress_bar": False,
+            "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+        }
         yaml.write_text(json.dumps(cfg))
         code = main(["train", str(yaml)])
         return code, capsys.readouterr().err
@@ -240,10 +315,17 @@ def test_bad_adapters_at_the_command_line(assets, tmp_path, capsys):
 def test_adapter_dropout_trains_with_fresh_masks_and_evaluates_without(assets, tmp_path):
     """lora.dropout > 0: the trajectory differs from dropout 0 (the masks act in training), a rerun is identical
     (masks are a function of the seed and step), successive steps draw new masks, and evaluation has no dropout."""
+
     def run(name, dropout, steps=3):
-        cfg = _config(assets, tmp_path / name, model={"lora": {"rank": 4, "alpha": 8, "dropout": dropout}},
-                      steps=steps, export_hf=False, save_every=100,
-                      data={"eval_files": [assets["eval"]]})
+        cfg = _config(
+            assets,
+            tmp_path / name,
+            model={"lora": {"rank": 4, "alpha": 8, "dropout": dropout}},
+            steps=steps,
+            export_hf=False,
+            save_every=100,
+            data={"eval_files": [assets["eval"]]},
+        )
         trainer = _trainer(cfg)
         return trainer, [h["loss"] for h in trainer.run().history]
 
@@ -264,14 +346,30 @@ def test_rloo_trains_adapters_on_the_shared_base(assets, tmp_path):
     the first update), sampling reads the adapters and the frozen base in place, and the run exports both ways."""
     from cpo_jax.rlhf.trainer import RLTrainer
 
-    cfg = from_dict(TrainConfig, {
-        "output_dir": str(tmp_path / "rl"), "model": {"path": assets["policy"], "lora": {"rank": 4, "alpha": 16}},
-        "data": {"train_files": ["bundled:arithmetic-prompts:32"], "max_length": 80, "max_prompt_length": 64},
-        "loss": {"objective": "rlhf"},
-        "rl": {"algorithm": "rloo", "reward": "verifier:digits", "prompts_per_step": 4, "num_generations": 2,
-               "max_new_tokens": 8, "kl_coef": 0.05},
-        "optim": {"learning_rate": 3e-2, "schedule": "constant"}, "steps": 2, "save_every": 2,
-        "progress_bar": False, "tensorboard": False, "export_hf": True, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}})
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "output_dir": str(tmp_path / "rl"),
+            "model": {"path": assets["policy"], "lora": {"rank": 4, "alpha": 16}},
+            "data": {"train_files": ["bundled:arithmetic-prompts:32"], "max_length": 80, "max_prompt_length": 64},
+            "loss": {"objective": "rlhf"},
+            "rl": {
+                "algorithm": "rloo",
+                "reward": "verifier:digits",
+                "prompts_per_step": 4,
+                "num_generations": 2,
+                "max_new_tokens": 8,
+                "kl_coef": 0.05,
+            },
+            "optim": {"learning_rate": 3e-2, "schedule": "constant"},
+            "steps": 2,
+            "save_every": 2,
+            "progress_bar": False,
+            "tensorboard": False,
+            "export_hf": True,
+            "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        },
+    )
     trainer = RLTrainer(cfg, devices=jax.devices()[:1])
     history = trainer.run().history
     assert history[0]["objective/kl"] == 0.0  # the policy is the base at the first rollout
@@ -291,8 +389,17 @@ def test_sharded_lora_training_equals_single_device(assets, tmp_path):
 
     model = {"scan_layers": True, "remat": "full"}
     single = _trainer(_config(assets, tmp_path / "single", model=model, export_hf=False, save_every=100))
-    sharded = Trainer(_config(assets, tmp_path / "sharded", model=model, export_hf=False, save_every=100,
-                              mesh={"data": 2, "fsdp": 2, "tensor": 2}), devices=jax.devices()[:8])
+    sharded = Trainer(
+        _config(
+            assets,
+            tmp_path / "sharded",
+            model=model,
+            export_hf=False,
+            save_every=100,
+            mesh={"data": 2, "fsdp": 2, "tensor": 2},
+        ),
+        devices=jax.devices()[:8],
+    )
     a, b = single.run().history, sharded.run().history
     np.testing.assert_allclose([h["loss"] for h in b], [h["loss"] for h in a], rtol=1e-5, atol=1e-6)
     q = sharded.state.params["model"]["layers"]["attn"]["q"]
@@ -313,10 +420,21 @@ def test_qlora_trains_on_a_quantised_base_and_exports_what_it_trained(tmp_path):
 
     torch.manual_seed(0)
     policy = tmp_path / "policy"  # in-features that the NF4 block of 64 divides
-    AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, bos_token_id=None, eos_token_id=3,
-        pad_token_id=0)).save_pretrained(policy)
+    AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=260,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=3,
+            pad_token_id=0,
+        )
+    ).save_pretrained(policy)
     byte_chat_tokenizer().save_pretrained(policy)
     train, _ = arithmetic_files(tmp_path, train=16, eval=4)
     assets = {"policy": str(policy), "train": str(train)}
@@ -336,7 +454,9 @@ def test_qlora_trains_on_a_quantised_base_and_exports_what_it_trained(tmp_path):
         theirs = merged(torch.tensor(ids)).logits.numpy()
     assert np.abs(ours - theirs).max() < 1e-4
     assert main(["convert", "orbax-to-hf", str(tmp_path / "run"), str(tmp_path / "again")]) == 0
-    again, own = load_file(tmp_path / "again" / "model.safetensors"), load_file(tmp_path / "run" / "hf" /
-                                                                              "model.safetensors")
+    again, own = (
+        load_file(tmp_path / "again" / "model.safetensors"),
+        load_file(tmp_path / "run" / "hf" / "model.safetensors"),
+    )
     for key in own:
         np.testing.assert_array_equal(again[key], own[key], err_msg=key)

@@ -60,10 +60,29 @@ def float64_reference(name: str, pc, pr, rc, rr, nc, nr) -> np.ndarray:
         kw = {k: hp[k] for k in ("beta", "gamma", "tau", "alpha") if k in hp}
         return ref.cpo_family(name, pc, pr, rc, rr, nc, nr, normalize=hp["length_normalize"], **kw)
     if name in ("sft", "simpo", "orpo", "contrastive"):
-        return ref.reference_free(name, pc, pr, nc, nr, beta=hp.get("beta", 0.0), gamma=hp.get("gamma"),
-                                  eps=hp.get("label_smoothing", 0.0), nll_coef=hp.get("nll_coef", 1.0))
-    return ref.dpo_family(name, pc, pr, rc, rr, nc, nr, beta=hp["beta"], eps=hp.get("label_smoothing", 0.0),
-                          tau=hp.get("discopop_tau", 0.05))
+        return ref.reference_free(
+            name,
+            pc,
+            pr,
+            nc,
+            nr,
+            beta=hp.get("beta", 0.0),
+            gamma=hp.get("gamma"),
+            eps=hp.get("label_smoothing", 0.0),
+            nll_coef=hp.get("nll_coef", 1.0),
+        )
+    return ref.dpo_family(
+        name,
+        pc,
+        pr,
+        rc,
+        rr,
+        nc,
+        nr,
+        beta=hp["beta"],
+        eps=hp.get("label_smoothing", 0.0),
+        tau=hp.get("discopop_tau", 0.05),
+    )
 
 
 @pytest.mark.parametrize("garbage", ["finite", "nonfinite"])
@@ -183,8 +202,15 @@ def _examples(count: int, seed: int = 0) -> list[dict]:
     for i in range(count):
         prompt = rng.integers(4, 32, rng.integers(2, 6))
         chosen, rejected = (np.concatenate([prompt, rng.integers(4, 32, rng.integers(1, 9))]) for _ in range(2))
-        out.append({"chosen": chosen.astype(np.int32), "rejected": rejected.astype(np.int32), "index": i,
-                    "chosen_prompt_len": len(prompt), "rejected_prompt_len": len(prompt)})
+        out.append(
+            {
+                "chosen": chosen.astype(np.int32),
+                "rejected": rejected.astype(np.int32),
+                "index": i,
+                "chosen_prompt_len": len(prompt),
+                "rejected_prompt_len": len(prompt),
+            }
+        )
     return out
 
 
@@ -212,19 +238,28 @@ def test_preference_objective_with_empty_slots_equals_the_full_batch(name, layou
     results = []
     for batch in (full, sparse):
         reference = pair_logps(token_logps_from_batch(reference_model, batch), batch)
-        results.append(preference_objective(policy, batch, reference, loss_name=name, hparams={"beta": 0.3}
-                                            if "beta" in losses.hyperparameters(name) else {}))
+        results.append(
+            preference_objective(
+                policy,
+                batch,
+                reference,
+                loss_name=name,
+                hparams={"beta": 0.3} if "beta" in losses.hyperparameters(name) else {},
+            )
+        )
     (full_sum, full_metrics), (sparse_sum, sparse_metrics) = results
     np.testing.assert_allclose(float(sparse_sum) / 5, float(full_sum) / 5, rtol=2e-5, atol=1e-6)
     for key in full_metrics:
-        np.testing.assert_allclose(float(sparse_metrics[key]), float(full_metrics[key]), rtol=2e-5, atol=1e-6,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            float(sparse_metrics[key]), float(full_metrics[key]), rtol=2e-5, atol=1e-6, err_msg=key
+        )
 
 
 def test_preference_objective_reference_is_policy_gives_zero_rewards_on_a_packed_batch():
     batch = _batch(_examples(5), LAYOUTS["packed"])
     reference = pair_logps(token_logps_from_batch(TokenwiseModel(1), batch), batch)
-    total, metrics = preference_objective(TokenwiseModel(0), batch, reference, loss_name="sigmoid",
-                                          hparams={"beta": 0.3}, reference_is_policy=True)
+    total, metrics = preference_objective(
+        TokenwiseModel(0), batch, reference, loss_name="sigmoid", hparams={"beta": 0.3}, reference_is_policy=True
+    )
     np.testing.assert_allclose(float(total), 5 * np.log(2.0), rtol=1e-6)
     assert float(metrics["rewards/margins"]) == 0.0

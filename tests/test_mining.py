@@ -21,14 +21,25 @@ def test_candidates_pair_the_right_answer_with_every_distinct_wrong_one():
 
 
 def test_select_keeps_the_reference_favourite_wrong_answer_and_disjoint_contrast():
-    records = [{"problem": p, "prompt": "q", "chosen": "c", "rejected": f"w{k}", "answer": 1}
-               for p in range(3) for k in range(3)]
+    records = [
+        {"problem": p, "prompt": "q", "chosen": "c", "rejected": f"w{k}", "answer": 1}
+        for p in range(3)
+        for k in range(3)
+    ]
     # [chosen, rejected] summed log-probs; lengths make the per-token view differ from the summed one.
-    logps = np.array([
-        [-4.0, -3.0], [-4.0, -2.0], [-4.0, -9.0],    # problem 0: w0, w1 preferred; w1 most (per token)
-        [-4.0, -5.0], [-4.0, -6.0], [-4.0, -4.5],    # problem 1: all below the right answer; w2 closest
-        [-4.0, -3.0], [-4.0, -5.0], [-4.0, -4.2],    # problem 2: w0 preferred only in summed units
-    ])
+    logps = np.array(
+        [
+            [-4.0, -3.0],
+            [-4.0, -2.0],
+            [-4.0, -9.0],  # problem 0: w0, w1 preferred; w1 most (per token)
+            [-4.0, -5.0],
+            [-4.0, -6.0],
+            [-4.0, -4.5],  # problem 1: all below the right answer; w2 closest
+            [-4.0, -3.0],
+            [-4.0, -5.0],
+            [-4.0, -4.2],  # problem 2: w0 preferred only in summed units
+        ]
+    )
     lengths = np.array([[4, 4]] * 6 + [[4, 2], [4, 4], [4, 4]], float)
     mined = mining.select_pairs(records, logps, lengths)
     assert [(r["problem"], r["rejected"]) for r in mined.violated] == [(0, "w1")]

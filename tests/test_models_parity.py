@@ -91,8 +91,9 @@ def test_sharded_export_writes_index_and_reloads(root, tmp_path):
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
     again = from_pretrained(tmp_path / "sharded")
     ids, right, _ = _batch(2)
-    np.testing.assert_array_equal(np.asarray(again(jnp.asarray(ids), jnp.asarray(right))),
-                                  np.asarray(model(jnp.asarray(ids), jnp.asarray(right))))
+    np.testing.assert_array_equal(
+        np.asarray(again(jnp.asarray(ids), jnp.asarray(right))), np.asarray(model(jnp.asarray(ids), jnp.asarray(right)))
+    )
 
 
 def test_bfloat16_params_round_trip(root, tmp_path):
@@ -110,8 +111,16 @@ def test_bfloat16_params_round_trip(root, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3", "qwen2_sliding", "gpt2"])
-@pytest.mark.parametrize("options", [dict(scan_layers=True), dict(remat="full"), dict(scan_layers=True, remat="dots"),
-                                     dict(remat=("full", "none", "dots_no_batch")[:2]), dict(attention_impl="auto")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(scan_layers=True),
+        dict(remat="full"),
+        dict(scan_layers=True, remat="dots"),
+        dict(remat=("full", "none", "dots_no_batch")[:2]),
+        dict(attention_impl="auto"),
+    ],
+)
 def test_scan_remat_and_attention_impl_match_loop(name, options, root):
     _, path = tiny_model(name, root)
     base = from_pretrained(path)
@@ -141,8 +150,14 @@ def test_hidden_states_feed_chunked_logprobs(name, root):
     ids, right, _ = _batch(4)
     ids_j, mask_j = jnp.asarray(ids), jnp.asarray(right)
     hidden = model.hidden_states(ids_j, mask_j)
-    got = sequence_logps_from_hidden(hidden[:, :-1], model.unembedding(), ids_j[:, 1:], mask_j[:, 1:], chunk_size=5,
-                                     logit_softcap=model.logit_softcap)
+    got = sequence_logps_from_hidden(
+        hidden[:, :-1],
+        model.unembedding(),
+        ids_j[:, 1:],
+        mask_j[:, 1:],
+        chunk_size=5,
+        logit_softcap=model.logit_softcap,
+    )
     logits = model(ids_j, mask_j)
     want = (token_logps(logits[:, :-1], ids_j[:, 1:]) * mask_j[:, 1:]).sum(-1)
     np.testing.assert_allclose(np.asarray(got.sum), np.asarray(want), atol=1e-4, rtol=1e-5)
@@ -165,8 +180,9 @@ def test_bfloat16_compute_stays_close_to_float32(root):
     _, path = tiny_model("gemma2", root)
     ids, right, _ = _batch(6)
     f32 = np.asarray(from_pretrained(path)(jnp.asarray(ids), jnp.asarray(right)))
-    bf16 = np.asarray(from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)(jnp.asarray(ids),
-                                                                                            jnp.asarray(right)))
+    bf16 = np.asarray(
+        from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)(jnp.asarray(ids), jnp.asarray(right))
+    )
     assert bf16.dtype == np.float32 and np.all(np.isfinite(bf16))
     assert _max_diff(bf16, f32, right) < 0.05 * np.abs(f32).max()
     assert (np.argmax(bf16, -1) == np.argmax(f32, -1))[right.astype(bool)].mean() > 0.8

@@ -45,7 +45,8 @@ def test_sharded_load_matches_unsharded(name, scan, root, mesh):
     assert q.sharding.spec == want
     assert sharded.embed[...].sharding.spec == P("tensor", "fsdp")
     assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == tuple(
-        s // d for s, d in zip(q.shape, (1,) * scan + (2, 2)))
+        s // d for s, d in zip(q.shape, (1,) * scan + (2, 2))
+    )
 
     rng = np.random.RandomState(0)
     ids = rng.randint(3, 256, (4, 10))
@@ -69,8 +70,12 @@ def test_generate_with_sharded_model_matches_unsharded(root, mesh):
     mask = np.ones_like(ids)
     mask[2, :3] = 0
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
-    sharded = generate(from_pretrained(path, mesh=mesh), jax.device_put(jnp.asarray(ids), batch_sharding),
-                       jax.device_put(jnp.asarray(mask), batch_sharding), max_new_tokens=5)
+    sharded = generate(
+        from_pretrained(path, mesh=mesh),
+        jax.device_put(jnp.asarray(ids), batch_sharding),
+        jax.device_put(jnp.asarray(mask), batch_sharding),
+        max_new_tokens=5,
+    )
     plain = generate(from_pretrained(path), jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=5)
     np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(plain.tokens))
 
@@ -95,13 +100,16 @@ def _edit_config(path, **changes):
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(model_type="mixtral"), "'mixtral'"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}), "rope_type='yarn'"),
-    (dict(hidden_act="swish_glu"), "hidden_act='swish_glu'"),
-    (dict(attention_dropout=0.1), "attention_dropout=0.1"),
-    (dict(quantization_config={"quant_method": "bitsandbytes"}), "quantization_config"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(model_type="mixtral"), "'mixtral'"),
+        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}), "rope_type='yarn'"),
+        (dict(hidden_act="swish_glu"), "hidden_act='swish_glu'"),
+        (dict(attention_dropout=0.1), "attention_dropout=0.1"),
+        (dict(quantization_config={"quant_method": "bitsandbytes"}), "quantization_config"),
+    ],
+)
 def test_unsupported_config_values_are_named(changes, message, root, tmp_path):
     path = _copy(tiny_model("llama", root)[1], tmp_path)
     _edit_config(path, **changes)
@@ -142,8 +150,11 @@ def test_shape_mismatch_names_file_and_tensor(root, tmp_path):
 def test_extra_layer_in_checkpoint_is_an_error(root, tmp_path):
     path = _copy(tiny_model("llama", root)[1], tmp_path)
     _edit_config(path, num_hidden_layers=1)
-    with pytest.raises(ModelError, match="model.safetensors: checkpoint holds tensors for layers the config does not "
-                                         "have, e.g. \\['model.layers.1."):
+    with pytest.raises(
+        ModelError,
+        match="model.safetensors: checkpoint holds tensors for layers the config does not "
+        "have, e.g. \\['model.layers.1.",
+    ):
         from_pretrained(path)
 
 

@@ -45,10 +45,17 @@ def _run_two(tmp_path: Path, child: str, cfg: dict, name: str) -> tuple[dict, di
     """Run ``child`` as processes 0 and 1 (2 CPU devices each) and read their ``{name}_{pid}.json``."""
     script = tmp_path / f"{name}_child.py"
     script.write_text(textwrap.dedent(child.format(port=_free_port(), cfg=json.dumps(cfg), out=str(tmp_path))))
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen([sys.executable, str(script), str(pid)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for pid in (0, 1)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(pid)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for pid in (0, 1)
+    ]
     for proc in procs:
         try:
             _, err = proc.communicate(timeout=300)
@@ -63,11 +70,19 @@ def _run_two(tmp_path: Path, child: str, cfg: dict, name: str) -> tuple[dict, di
 def test_two_processes_agree_on_losses_and_parameters(tmp_path):
     policy = tiny_policy(tmp_path / "policy")
     train, _ = arithmetic_files(tmp_path)
-    cfg = {"output_dir": str(tmp_path / "run"), "model": {"path": str(policy)},
-           "data": {"train_files": [str(train)], "max_length": 128, "pairs_per_batch": 2},
-           "loss": {"name": "cpo", "hparams": {"beta": 0.5, "gamma": 0.5}},
-           "optim": {"learning_rate": 3e-3}, "steps": 3, "save_every": 3, "progress_bar": False,
-           "tensorboard": False, "export_hf": False, "mesh": {"data": -1, "fsdp": 1, "tensor": 1}}
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(policy)},
+        "data": {"train_files": [str(train)], "max_length": 128, "pairs_per_batch": 2},
+        "loss": {"name": "cpo", "hparams": {"beta": 0.5, "gamma": 0.5}},
+        "optim": {"learning_rate": 3e-3},
+        "steps": 3,
+        "save_every": 3,
+        "progress_bar": False,
+        "tensorboard": False,
+        "export_hf": False,
+        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+    }
     a, b = _run_two(tmp_path, CHILD, cfg, "result")
     assert a["processes"] == b["processes"] == 2 and a["devices"] == 4
     assert a["final_step"] == b["final_step"] == 3
@@ -97,14 +112,26 @@ def test_rlhf_loop_on_two_processes_fast(tmp_path):
     """The fast variant of the test below: one RLOO step of the library loop on two hosts, identical metrics and
     parameters on both, and a checkpoint with both hosts' data states."""
     policy = tiny_policy(tmp_path / "policy")
-    cfg = {"output_dir": str(tmp_path / "run"), "model": {"path": str(policy)},
-           "data": {"train_files": ["bundled:arithmetic-prompts:16"], "max_length": 72, "max_prompt_length": 64},
-           "loss": {"objective": "rlhf"},
-           "rl": {"algorithm": "rloo", "reward": "verifier:digits", "prompts_per_step": 2, "num_generations": 2,
-                  "max_new_tokens": 8},
-           "optim": {"learning_rate": 3e-3, "schedule": "constant"}, "steps": 1, "save_every": 1,
-           "progress_bar": False, "tensorboard": False, "export_hf": False,
-           "mesh": {"data": -1, "fsdp": 1, "tensor": 1}}
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(policy)},
+        "data": {"train_files": ["bundled:arithmetic-prompts:16"], "max_length": 72, "max_prompt_length": 64},
+        "loss": {"objective": "rlhf"},
+        "rl": {
+            "algorithm": "rloo",
+            "reward": "verifier:digits",
+            "prompts_per_step": 2,
+            "num_generations": 2,
+            "max_new_tokens": 8,
+        },
+        "optim": {"learning_rate": 3e-3, "schedule": "constant"},
+        "steps": 1,
+        "save_every": 1,
+        "progress_bar": False,
+        "tensorboard": False,
+        "export_hf": False,
+        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+    }
     a, b = _run_two(tmp_path, RL_FAST_CHILD, cfg, "rlfast")
     assert a["final_step"] == b["final_step"] == 1
     assert a["history"] == b["history"] and a["param_sum"] == b["param_sum"]
@@ -145,16 +172,36 @@ def test_rlhf_loop_on_two_processes(tmp_path):
     """`cpo-jax train` with RLOO on two hosts: one global rollout of both hosts' prompts, scored row-aligned,
     identical updates, per-host data states in the checkpoint, uneven eval shards, one set of output files."""
     policy = tiny_policy(tmp_path / "policy")
-    cfg = {"output_dir": str(tmp_path / "run"), "model": {"path": str(policy)},
-           "data": {"train_files": ["bundled:arithmetic-prompts:64"], "eval_files": ["bundled:arithmetic-prompts:5"],
-                    "max_length": 80, "max_prompt_length": 64},
-           "loss": {"objective": "rlhf"},
-           "rl": {"algorithm": "rloo", "reward": "verifier:digits", "prompts_per_step": 2, "num_generations": 2,
-                  "max_new_tokens": 8, "eval_max_new_tokens": 8, "kl_coef": 0.01},
-           "optim": {"learning_rate": 3e-3, "schedule": "constant"}, "steps": 2, "save_every": 2, "eval_every": 2,
-           "eval_generation_prompts": "bundled:arithmetic-prompts:3", "eval_generation_tokens": 4,
-           "progress_bar": False, "tensorboard": False, "export_hf": True,
-           "mesh": {"data": -1, "fsdp": 1, "tensor": 1}}
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(policy)},
+        "data": {
+            "train_files": ["bundled:arithmetic-prompts:64"],
+            "eval_files": ["bundled:arithmetic-prompts:5"],
+            "max_length": 80,
+            "max_prompt_length": 64,
+        },
+        "loss": {"objective": "rlhf"},
+        "rl": {
+            "algorithm": "rloo",
+            "reward": "verifier:digits",
+            "prompts_per_step": 2,
+            "num_generations": 2,
+            "max_new_tokens": 8,
+            "eval_max_new_tokens": 8,
+            "kl_coef": 0.01,
+        },
+        "optim": {"learning_rate": 3e-3, "schedule": "constant"},
+        "steps": 2,
+        "save_every": 2,
+        "eval_every": 2,
+        "eval_generation_prompts": "bundled:arithmetic-prompts:3",
+        "eval_generation_tokens": 4,
+        "progress_bar": False,
+        "tensorboard": False,
+        "export_hf": True,
+        "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+    }
     (tmp_path / "rl.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     a, b = _run_two(tmp_path, RL_CHILD, {}, "rl")
     assert a["step"] == b["step"] == 2

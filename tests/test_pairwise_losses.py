@@ -74,8 +74,9 @@ def test_f_divergence_variants_match_reference(name, fdiv):
     if name in ("exo_pair", "robust"):
         kw["label_smoothing"] = 0.05
     got = call(name, pc, pr, rc, rr, nc, nr, **kw)
-    want = ref.dpo_family(name, pc, pr, rc, rr, nc, nr, beta=0.5, eps=kw.get("label_smoothing", 0.0), fdiv=fdiv,
-                          falpha=0.3)
+    want = ref.dpo_family(
+        name, pc, pr, rc, rr, nc, nr, beta=0.5, eps=kw.get("label_smoothing", 0.0), fdiv=fdiv, falpha=0.3
+    )
     np.testing.assert_allclose(got, want, rtol=5e-5, atol=5e-5)
 
 
@@ -119,8 +120,12 @@ def test_reference_free_losses_match_reference_and_ignore_the_reference(name, kw
         ref_kw["nll_coef"] = kw["nll_coef"]
     np.testing.assert_allclose(got, ref.reference_free(name, pc, pr, nc, nr, **ref_kw), rtol=2e-5, atol=2e-6)
     fn = losses.get(name)
-    no_ref = fn(losses.PairLogps(jnp.asarray(pc), jnp.asarray(pr), chosen_lengths=jnp.asarray(nc),
-                                 rejected_lengths=jnp.asarray(nr)), **kw)
+    no_ref = fn(
+        losses.PairLogps(
+            jnp.asarray(pc), jnp.asarray(pr), chosen_lengths=jnp.asarray(nc), rejected_lengths=jnp.asarray(nr)
+        ),
+        **kw,
+    )
     np.testing.assert_allclose(np.asarray(no_ref), got, rtol=1e-6)
 
 
@@ -288,8 +293,9 @@ def test_finite_values_and_gradients_at_extreme_inputs(name, extreme):
 def test_f_divergences_stay_finite_at_extreme_inputs(fdiv):
     pc, pr = jnp.array([-1e4, -1.0]), jnp.array([-1.0, -1e4])
     rc = rr = jnp.array([-1.0, -1.0])
-    grads = jax.grad(lambda a, b: losses.sigmoid_loss(losses.PairLogps(a, b, rc, rr), f_divergence=fdiv).sum(),
-                     argnums=(0, 1))(pc, pr)
+    grads = jax.grad(
+        lambda a, b: losses.sigmoid_loss(losses.PairLogps(a, b, rc, rr), f_divergence=fdiv).sum(), argnums=(0, 1)
+    )(pc, pr)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
 
 
@@ -337,7 +343,11 @@ def test_bco_reward_shift_running_mean():
 
 def test_hyperparameters_lists_keyword_defaults():
     assert losses.hyperparameters("cpo") == {
-        "beta": 0.1, "gamma": 0.5, "tau": 2.0, "alpha": 1.0, "length_normalize": True,
+        "beta": 0.1,
+        "gamma": 0.5,
+        "tau": 2.0,
+        "alpha": 1.0,
+        "length_normalize": True,
     }
     assert losses.hyperparameters("discopop")["discopop_tau"] == 0.05
 

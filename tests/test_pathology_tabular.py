@@ -27,8 +27,10 @@ def _delta_ref(problem):
 def test_violated_setting_has_violated_pairs_by_the_closed_form(violated):
     problem, _ = violated
     mask = tabular.violated_pairs(problem)
-    gap = (problem.rewards[problem.pair_prompt, problem.pair_better]
-           - problem.rewards[problem.pair_prompt, problem.pair_worse])
+    gap = (
+        problem.rewards[problem.pair_prompt, problem.pair_better]
+        - problem.rewards[problem.pair_prompt, problem.pair_worse]
+    )
     delta_ref = _delta_ref(problem)
     # delta* < 0  <=>  delta_ref < 0 and beta·|delta_ref| > r_w - r_l
     np.testing.assert_array_equal(mask, (delta_ref < 0) & (problem.beta * np.abs(delta_ref) > gap))

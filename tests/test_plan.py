@@ -28,16 +28,27 @@ def assets(tmp_path_factory):
 
 
 def _config(assets, out, **model) -> TrainConfig:
-    return from_dict(TrainConfig, {
-        "output_dir": str(out), "model": {"path": assets["policy"], **model},
-        "data": {"train_files": [assets["train"]], "max_length": 128, "pairs_per_batch": 2},
-        "steps": 1, "progress_bar": False, "tensorboard": False, "export_hf": False,
-        "mesh": {"data": 1, "fsdp": 1, "tensor": 1}})
+    return from_dict(
+        TrainConfig,
+        {
+            "output_dir": str(out),
+            "model": {"path": assets["policy"], **model},
+            "data": {"train_files": [assets["train"]], "max_length": 128, "pairs_per_batch": 2},
+            "steps": 1,
+            "progress_bar": False,
+            "tensorboard": False,
+            "export_hf": False,
+            "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        },
+    )
 
 
 def _nbytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
-               if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+    return sum(
+        x.size * x.dtype.itemsize
+        for x in jax.tree.leaves(tree)
+        if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    )
 
 
 @pytest.mark.parametrize("model", [{}, {"lora": {"rank": 4, "alpha": 8}}], ids=["full", "lora"])
@@ -67,8 +78,10 @@ def test_fsdp_divides_the_per_device_weights(assets, tmp_path):
 
     hf = read_hf_config(Path(assets["policy"]))
     one = plan(_config(assets, tmp_path), hf, devices=jax.devices()[:1])
-    cfg = from_dict(TrainConfig, {**json.loads(json.dumps(_plain(_config(assets, tmp_path)))),
-                                  "mesh": {"data": 1, "fsdp": 8, "tensor": 1}})
+    cfg = from_dict(
+        TrainConfig,
+        {**json.loads(json.dumps(_plain(_config(assets, tmp_path)))), "mesh": {"data": 1, "fsdp": 8, "tensor": 1}},
+    )
     eight = plan(cfg, hf, devices=jax.devices()[:8])
     assert eight.devices == 8
     assert one.trainable_gib / 8 <= eight.trainable_gib < one.trainable_gib / 2  # norms (and odd dims) replicate
@@ -105,8 +118,16 @@ def test_plan_bad_inputs(capsys, tmp_path):
 
 
 def test_tiny_lora_config_trains(tmp_path, capsys):
-    code = main(["train", str(REPO / "configs" / "tiny_lora.yaml"), f"output_dir={tmp_path / 'run'}", "max_steps=2",
-                 "eval_every=0", "save_every=2"])
+    code = main(
+        [
+            "train",
+            str(REPO / "configs" / "tiny_lora.yaml"),
+            f"output_dir={tmp_path / 'run'}",
+            "max_steps=2",
+            "eval_every=0",
+            "save_every=2",
+        ]
+    )
     assert code == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "run" / "hf_adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "run" / "hf" / "config.json").is_file()

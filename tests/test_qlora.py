@@ -123,11 +123,14 @@ def test_forward_is_the_float_model_with_dequantised_weights(kind, path):
     # that of tests/test_quant.py, and this random model (weights ~N(0, 0.15^2)) amplifies it more than trained ones.
     err = np.abs(got - want_float).max()
     rel = np.linalg.norm(got - want_float) / np.linalg.norm(want_float)
-    dequantised = {p: np_dequantize(lin.kernel_codes[...], lin.kernel_scales[...], lin.quant)
-                   for p, lin in decoder_linears(model)}
+    dequantised = {
+        p: np_dequantize(lin.kernel_codes[...], lin.kernel_scales[...], lin.quant) for p, lin in decoder_linears(model)
+    }
     w_rel = np.mean([np.linalg.norm(dequantised[p] - w) / np.linalg.norm(w) for p, w in kernels.items()])
-    print(f"\n{kind}: max |dlogits| {err:.4f}, relative {rel:.4f} (logits max |.| {np.abs(want_float).max():.2f}); "
-          f"relative weight error {w_rel:.4f}")
+    print(
+        f"\n{kind}: max |dlogits| {err:.4f}, relative {rel:.4f} (logits max |.| {np.abs(want_float).max():.2f}); "
+        f"relative weight error {w_rel:.4f}"
+    )
     assert 0 < rel < {"nf4": 0.5, "int8": 0.05}[kind] and w_rel < {"nf4": 0.12, "int8": 0.01}[kind]
 
 
@@ -136,8 +139,11 @@ def test_scan_equals_loop_and_abstract_quantisation(path):
     scan = quantize_model(from_pretrained(path, scan_layers=True), "nf4")
     q = scan.layers.attn.q
     assert q.kernel_codes[...].shape == (2, 32, 64) and q.kernel_scales[...].shape == (2, 1, 64)
-    assert q.kernel_codes.get_metadata()["out_sharding"] == ("layers", "embed", "heads") and q.kernel_shape == (2, 64,
-                                                                                                                  64)
+    assert q.kernel_codes.get_metadata()["out_sharding"] == ("layers", "embed", "heads") and q.kernel_shape == (
+        2,
+        64,
+        64,
+    )
     for name in ("attn.q", "mlp.down"):
         stacked = dict(decoder_linears(scan))[f"layers.{name}"]
         for i in range(2):
@@ -175,8 +181,9 @@ def test_sharded_codes_follow_the_kernel(path, caplog):
         metadata = param_shardings(nnx.state(model, QuantizedWeight), mesh)  # re-placing from metadata agrees
         for (p, s), (_, v) in zip(nnx.to_flat_state(metadata), nnx.to_flat_state(nnx.state(model, QuantizedWeight))):
             assert s.spec == v[...].sharding.spec, p
-        single = _logits(quantize_model(from_pretrained(path, scan_layers=model.config.scan_layers), "nf4",
-                                        block_size=block))
+        single = _logits(
+            quantize_model(from_pretrained(path, scan_layers=model.config.scan_layers), "nf4", block_size=block)
+        )
         got = np.asarray(forward(model, ids, mask))
         np.testing.assert_allclose(got[:2], single, atol=1e-5, rtol=0)
 
@@ -242,8 +249,9 @@ def test_lora_on_a_quantised_base(scan, remat, path):
 def test_int8_frozen_bytes_and_adapters_before_quantising(path):
     adapted_first = _randomize(add_adapter(from_pretrained(path), LoraSpec(rank=4, alpha=8), rngs=nnx.Rngs(0)))
     quantize_model(adapted_first, "int8")
-    adapted_after = add_adapter(quantize_model(from_pretrained(path), "int8"), LoraSpec(rank=4, alpha=8),
-                                rngs=nnx.Rngs(0))
+    adapted_after = add_adapter(
+        quantize_model(from_pretrained(path), "int8"), LoraSpec(rank=4, alpha=8), rngs=nnx.Rngs(0)
+    )
     nnx.update(adapted_after, nnx.state(adapted_first, nnx.LoRAParam))
     np.testing.assert_allclose(_logits(adapted_after), _logits(adapted_first), atol=1e-6, rtol=0)
     stored = sum(v[...].nbytes for _, v in nnx.to_flat_state(nnx.state(adapted_after, QuantizedWeight)))
@@ -253,8 +261,9 @@ def test_int8_frozen_bytes_and_adapters_before_quantising(path):
 def test_merge_dequantises_and_exports(path, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = _randomize(add_adapter(quantize_model(from_pretrained(path), "nf4"), LoraSpec(rank=4, alpha=8),
-                                   rngs=nnx.Rngs(0)))
+    model = _randomize(
+        add_adapter(quantize_model(from_pretrained(path), "nf4"), LoraSpec(rank=4, alpha=8), rngs=nnx.Rngs(0))
+    )
     want = _logits(model)
     merged = merge_lora(model)
     assert is_quantized(model) and has_lora(model)  # unchanged
@@ -272,8 +281,11 @@ def test_merge_dequantises_and_exports(path, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
     positions = np.maximum(np.cumsum(MASK, axis=-1) - 1, 0)
     with torch.no_grad():
-        theirs = hf(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK),
-                    position_ids=torch.tensor(positions)).logits.float().numpy()
+        theirs = (
+            hf(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK), position_ids=torch.tensor(positions))
+            .logits.float()
+            .numpy()
+        )
     np.testing.assert_allclose(_real(theirs), _real(want), atol=1e-4, rtol=0)
 
     with pytest.raises(ValueError, match="LoRA adapters"):
@@ -297,8 +309,11 @@ def test_bad_inputs(path):
     model = from_pretrained(path)
     cases = [
         (dict(kind="fp4"), r"(?s)model.quantize: unknown quantisation kind 'fp4'.*nf4, int8"),
-        (dict(kind="nf4", block_size=48),
-         r"(?s)layers\.0\.attn\.k\.kernel \[64, 32\]: block_size 48 does not divide the input dimension 64.*e\.g\. 64"),
+        (
+            dict(kind="nf4", block_size=48),
+            r"(?s)layers\.0\.attn\.k\.kernel \[64, 32\]: block_size 48 does not divide the input dimension 64"
+            r".*e\.g\. 64",
+        ),
         (dict(kind="nf4", block_size=3), "block_size must be even"),
         (dict(kind="int8", block_size=0), "block_size must be a positive integer"),
     ]

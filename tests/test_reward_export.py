@@ -26,9 +26,13 @@ def _tokens(seed=0):
 def padded_batch(tokens, pad_id):
     """One sequence per row, right-padded: the training batch layout."""
     rows = len(tokens)
-    batch = {"input_ids": np.full((rows, L), pad_id, np.int32), "positions": np.zeros((rows, L), np.int32),
-             "segment_ids": np.zeros((rows, L), np.int32), "sequence_ids": np.full((rows, L), -1, np.int32),
-             "pair_mask": np.ones(rows // 2, bool)}
+    batch = {
+        "input_ids": np.full((rows, L), pad_id, np.int32),
+        "positions": np.zeros((rows, L), np.int32),
+        "segment_ids": np.zeros((rows, L), np.int32),
+        "sequence_ids": np.full((rows, L), -1, np.int32),
+        "pair_mask": np.ones(rows // 2, bool),
+    }
     for r, t in enumerate(tokens):
         batch["input_ids"][r, : len(t)] = t
         batch["positions"][r, : len(t)] = np.arange(len(t))

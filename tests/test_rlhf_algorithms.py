@@ -156,19 +156,28 @@ def rollout_arrays(seed):
 ADVANTAGE_CASES = [
     (algorithm, kl_in, ("k1", "k2", "k3")[(a + j) % 3], whiten_advantages)
     for a, algorithm in enumerate(["rloo", "grpo", "reinforce", "ppo"])
-    for j, (kl_in, whiten_advantages) in enumerate([("reward", False), ("reward", True), ("loss", False),
-                                                     ("loss", True)])
+    for j, (kl_in, whiten_advantages) in enumerate(
+        [("reward", False), ("reward", True), ("loss", False), ("loss", True)]
+    )
 ]
 
 
 @pytest.mark.parametrize("algorithm,kl_in,estimator,whiten_advantages", ADVANTAGE_CASES)
 def test_advantages_and_returns_match_numpy(algorithm, kl_in, estimator, whiten_advantages):
-    cfg = RLConfig(algorithm=algorithm, kl_in=kl_in, kl_estimator=estimator, whiten_advantages=whiten_advantages,
-                   num_generations=K, gamma=0.97, lam=0.9)
+    cfg = RLConfig(
+        algorithm=algorithm,
+        kl_in=kl_in,
+        kl_estimator=estimator,
+        whiten_advantages=whiten_advantages,
+        num_generations=K,
+        gamma=0.97,
+        lam=0.9,
+    )
     beta = 0.3
     scores, old, ref_logps, values, mask = rollout_arrays(0)
-    adv, ret, metrics = advantages_and_returns(cfg, *(jnp.asarray(x, jnp.float32) for x in
-                                                      (scores, old, ref_logps, values, mask)), jnp.float32(beta))
+    adv, ret, metrics = advantages_and_returns(
+        cfg, *(jnp.asarray(x, jnp.float32) for x in (scores, old, ref_logps, values, mask)), jnp.float32(beta)
+    )
     want_adv, want_ret, kl = np_advantages(cfg, scores, old, ref_logps, values, mask, beta)
     assert adv.shape == ret.shape == mask.shape
     np.testing.assert_allclose(np.asarray(adv), want_adv, rtol=2e-4, atol=2e-5)
@@ -232,14 +241,21 @@ OBJECTIVE_CASES = {
     "rloo": {"algorithm": "rloo"},
     "grpo_k3_in_loss": {"algorithm": "grpo", "kl_in": "loss", "kl_estimator": "k3"},
     "ppo": {"algorithm": "ppo", "vf_coef": 0.4, "value_clip_eps": 0.2},
-    "ppo_k2_in_loss_unclipped_values": {"algorithm": "ppo", "kl_in": "loss", "kl_estimator": "k2",
-                                        "value_clip_eps": None},
+    "ppo_k2_in_loss_unclipped_values": {
+        "algorithm": "ppo",
+        "kl_in": "loss",
+        "kl_estimator": "k2",
+        "value_clip_eps": None,
+    },
 }
 
 
 # Each case with every aggregation; the upper clip alternates so that each case meets both.
-OBJECTIVE_GRID = [(case, aggregation, (None, 0.28)[(c + a) % 2])
-                  for c, case in enumerate(sorted(OBJECTIVE_CASES)) for a, aggregation in enumerate(AGGREGATIONS)]
+OBJECTIVE_GRID = [
+    (case, aggregation, (None, 0.28)[(c + a) % 2])
+    for c, case in enumerate(sorted(OBJECTIVE_CASES))
+    for a, aggregation in enumerate(AGGREGATIONS)
+]
 
 
 @pytest.mark.parametrize("case,aggregation,eps_high", OBJECTIVE_GRID)
@@ -257,14 +273,25 @@ def test_policy_objective_value_and_gradient(case, aggregation, eps_high):
     ppo = cfg.algorithm == "ppo"
 
     def loss_fn(lp, v):
-        return policy_objective(cfg, lp, f32(old), f32(ref_logps), f32(adv), f32(mask), jnp.float32(beta),
-                                values=v if ppo else None, old_values=f32(old_values) if ppo else None,
-                                returns=f32(returns) if ppo else None)
+        return policy_objective(
+            cfg,
+            lp,
+            f32(old),
+            f32(ref_logps),
+            f32(adv),
+            f32(mask),
+            jnp.float32(beta),
+            values=v if ppo else None,
+            old_values=f32(old_values) if ppo else None,
+            returns=f32(returns) if ppo else None,
+        )
 
     (loss, metrics), (d_logps, d_values) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-        f32(logps), f32(values))
+        f32(logps), f32(values)
+    )
     want, want_pg, clipfrac, value_clipfrac, want_d_logps, want_d_values = np_objective(
-        cfg, logps, old, ref_logps, adv, mask, beta, values, old_values, returns)
+        cfg, logps, old, ref_logps, adv, mask, beta, values, old_values, returns
+    )
     np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(metrics["loss/total"]), want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(metrics["loss/policy_avg"]), want_pg, rtol=1e-5, atol=1e-6)
@@ -284,9 +311,11 @@ def test_clipped_tokens_get_no_gradient():
     """The tokens whose clipped branch is active are exactly the zeros of the policy gradient (kl_in=reward)."""
     cfg = RLConfig(algorithm="rloo", clip_eps=0.2)
     logps, old, ref_logps, adv, mask, *_ = objective_arrays(4)
-    grad = jax.grad(lambda lp: policy_objective(cfg, lp, *(jnp.asarray(x, jnp.float32) for x in
-                                                           (old, ref_logps, adv, mask)), 0.1)[0])(
-        jnp.asarray(logps, jnp.float32))
+    grad = jax.grad(
+        lambda lp: policy_objective(cfg, lp, *(jnp.asarray(x, jnp.float32) for x in (old, ref_logps, adv, mask)), 0.1)[
+            0
+        ]
+    )(jnp.asarray(logps, jnp.float32))
     ratio = np.exp(logps - old)
     clipped = -adv * np.clip(ratio, 0.8, 1.2) > -adv * ratio
     live = mask > 0
@@ -299,8 +328,17 @@ def test_clipped_tokens_get_no_gradient():
 # Tiny models. Parameters are drawn in NumPy into the abstract state: initialising through nnx.Rngs
 # would compile one random-number program per parameter shape, which costs seconds on CPU.
 
-TINY = {"family": "llama", "model_type": "llama", "vocab_size": 48, "hidden_size": 16, "intermediate_size": 32,
-        "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "head_dim": 8}
+TINY = {
+    "family": "llama",
+    "model_type": "llama",
+    "vocab_size": 48,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+    "head_dim": 8,
+}
 
 
 def tiny_model(seed=0, **changes):
@@ -308,8 +346,9 @@ def tiny_model(seed=0, **changes):
     cfg = TransformerConfig(**{**TINY, **changes})
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(seed)
-    draw = lambda x: jnp.asarray(1.0 + rng.normal(0, 0.2, x.shape) if x.ndim == 1 else rng.normal(0, 0.5, x.shape),
-                                 x.dtype)
+    draw = lambda x: jnp.asarray(
+        1.0 + rng.normal(0, 0.2, x.shape) if x.ndim == 1 else rng.normal(0, 0.5, x.shape), x.dtype
+    )
     return graphdef, jax.tree.map(draw, abstract)
 
 
@@ -335,7 +374,7 @@ def dense_completion_logits(graphdef, state, prompt_ids, prompt_mask, tokens, ma
         rows[i, : len(real)] = real
     logits = np.asarray(fast_jit(lambda st, ids: nnx.merge(graphdef, st)(ids))(state, jnp.asarray(rows)), np.float64)
     starts = prompt_mask.sum(-1) - 1
-    return np.stack([logits[i, s: s + n] for i, s in enumerate(starts)]) * mask[..., None]
+    return np.stack([logits[i, s : s + n] for i, s in enumerate(starts)]) * mask[..., None]
 
 
 def gather(logp, tokens):
@@ -351,8 +390,13 @@ def test_chunked_token_entropy_matches_dense_softmax(chunk_size, softcap):
     rng = np.random.default_rng(6)
     hidden, unembedding = rng.normal(0, 1, (3, 5, 8)), rng.normal(0, 1, (8, 40))
     temperature = 0.7
-    got = chunked_token_entropy(jnp.asarray(hidden, jnp.float32), jnp.asarray(unembedding, jnp.float32),
-                                chunk_size=chunk_size, temperature=temperature, logit_softcap=softcap)
+    got = chunked_token_entropy(
+        jnp.asarray(hidden, jnp.float32),
+        jnp.asarray(unembedding, jnp.float32),
+        chunk_size=chunk_size,
+        temperature=temperature,
+        logit_softcap=softcap,
+    )
     logits = hidden @ unembedding
     if softcap is not None:
         logits = softcap * np.tanh(logits / softcap)
@@ -389,13 +433,15 @@ def test_score_rollout_equals_the_dense_forward_of_each_unpadded_row():
     mask = batch[3]
     scores, beta = np.array([1.0, -0.5, 0.25, 2.0]), 0.2
     rollout, metrics = fast_jit(functools.partial(score_rollout, cfg=cfg, graphdef=graphdef))(
-        {"model": policy}, {"model": reference}, *(jnp.asarray(x) for x in (*batch, scores)), jnp.float32(beta))
+        {"model": policy}, {"model": reference}, *(jnp.asarray(x) for x in (*batch, scores)), jnp.float32(beta)
+    )
 
     live, maskf = mask > 0, mask.astype(np.float64)
     policy_logits = dense_completion_logits(graphdef, policy, *batch) / temperature
     want_old = gather(ref.log_softmax(policy_logits), batch[2]) * maskf
-    want_ref = gather(ref.log_softmax(dense_completion_logits(graphdef, reference, *batch) / temperature),
-                      batch[2]) * maskf
+    want_ref = (
+        gather(ref.log_softmax(dense_completion_logits(graphdef, reference, *batch) / temperature), batch[2]) * maskf
+    )
     np.testing.assert_allclose(np.asarray(rollout.old_logps)[live], want_old[live], atol=2e-5)
     np.testing.assert_allclose(np.asarray(rollout.ref_logps)[live], want_ref[live], atol=2e-5)
     assert np.abs(want_old - want_ref)[live].min() > 1e-3  # the two models differ on every token
@@ -415,16 +461,29 @@ def test_score_rollout_equals_the_dense_forward_of_each_unpadded_row():
 def test_one_ppo_sgd_update_on_a_fixed_rollout():
     """``update`` (one epoch, one minibatch, plain SGD) reports the clipped objective of the pre-update
     log-probs and moves every parameter, value head included, by exactly ``-lr * grad`` of it."""
-    rl = RLConfig(algorithm="ppo", kl_in="loss", kl_estimator="k3", vf_coef=0.5, value_clip_eps=0.2, clip_eps=0.2,
-                  clip_eps_high=0.28, loss_aggregation="seq_mean_token_mean", num_generations=2, temperature=0.9)
+    rl = RLConfig(
+        algorithm="ppo",
+        kl_in="loss",
+        kl_estimator="k3",
+        vf_coef=0.5,
+        value_clip_eps=0.2,
+        clip_eps=0.2,
+        clip_eps_high=0.28,
+        loss_aggregation="seq_mean_token_mean",
+        num_generations=2,
+        temperature=0.9,
+    )
     cfg = TrainConfig(model=ModelConfig(logprob_chunk_size=8), rl=rl)  # B*N = 24 > 8: the chunked custom VJP
     beta, lr = 0.3, 0.5
     graphdef, model_state = tiny_model(0)
     rng = np.random.default_rng(8)
-    params = {"model": model_state,
-              "value_head": {"kernel": jnp.asarray(rng.normal(0, 0.3, 16), jnp.float32), "bias": jnp.float32(0.1)}}
-    prompt_ids, prompt_mask, tokens, mask = padded_batch(9, prompt_lengths=[5, 5, 3, 3],
-                                                         completion_lengths=[6, 1, 4, 6])
+    params = {
+        "model": model_state,
+        "value_head": {"kernel": jnp.asarray(rng.normal(0, 0.3, 16), jnp.float32), "bias": jnp.float32(0.1)},
+    }
+    prompt_ids, prompt_mask, tokens, mask = padded_batch(
+        9, prompt_lengths=[5, 5, 3, 3], completion_lengths=[6, 1, 4, 6]
+    )
     batch = [jnp.asarray(x) for x in (prompt_ids, prompt_mask, tokens, mask)]
     maskf = mask.astype(np.float64)
     w = jnp.asarray(token_weights(maskf, rl.loss_aggregation), jnp.float32)
@@ -455,17 +514,26 @@ def test_one_ppo_sgd_update_on_a_fixed_rollout():
     old_values = values0 + rng.choice([-0.4, 0.05, 0.4], logps0.shape)
     returns = rng.normal(0, 1, logps0.shape) * maskf
     arrays = [jnp.asarray(x, jnp.float32) for x in (old, ref_logps, adv, old_values, returns)]
-    rollout = Rollout(*batch, old_logps=arrays[0], ref_logps=arrays[1], values=arrays[3], scores=jnp.zeros(4),
-                      advantages=arrays[2], returns=arrays[4])
+    rollout = Rollout(
+        *batch,
+        old_logps=arrays[0],
+        ref_logps=arrays[1],
+        values=arrays[3],
+        scores=jnp.zeros(4),
+        advantages=arrays[2],
+        returns=arrays[4],
+    )
 
     optimizer = optax.apply_if_finite(optax.sgd(lr), 10**9)
-    state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
-                       rng=jax.random.key_data(jax.random.key(0)))
+    state = TrainState(
+        step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=jax.random.key_data(jax.random.key(0))
+    )
     step = fast_jit(functools.partial(update, cfg=cfg, graphdef=graphdef, optimizer=optimizer, schedule=lambda s: lr))
     new_state, metrics = step(state, rollout, jnp.float32(beta))
 
-    want, want_pg, clipfrac, value_clipfrac, _, _ = np_objective(rl, logps0, old, ref_logps, adv, maskf, beta, values0,
-                                                                 old_values, returns)
+    want, want_pg, clipfrac, value_clipfrac, _, _ = np_objective(
+        rl, logps0, old, ref_logps, adv, maskf, beta, values0, old_values, returns
+    )
     assert 0 < clipfrac < 1 and 0 < value_clipfrac < 1
     np.testing.assert_allclose(float(metrics["loss/policy_avg"]), want_pg, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(float(metrics["loss/total"]), want, rtol=1e-4, atol=1e-6)
@@ -474,8 +542,9 @@ def test_one_ppo_sgd_update_on_a_fixed_rollout():
 
     (loss, _), grads = reference_loss(params, *arrays)
     np.testing.assert_allclose(float(loss), want, rtol=1e-4)
-    moved = jax.tree.map(lambda new, old_: (np.asarray(new, np.float64) - np.asarray(old_, np.float64)) / -lr,
-                         new_state.params, params)
+    moved = jax.tree.map(
+        lambda new, old_: (np.asarray(new, np.float64) - np.asarray(old_, np.float64)) / -lr, new_state.params, params
+    )
     leaves, grad_leaves = jax.tree.leaves(moved), jax.tree.leaves(grads)
     assert len(leaves) == len(grad_leaves) > 3
     scale = max(float(np.abs(g).max()) for g in grad_leaves)

@@ -33,9 +33,18 @@ from tests.train_fixtures import tiny_policy
 pytest.importorskip("torch")
 
 # The names TRL (RLOOTrainer / PPOTrainer) and verl log; dashboards built for them read ours.
-TRL_VERL_NAMES = ("objective/kl", "objective/rlhf_reward", "objective/scores", "policy/clipfrac_avg",
-                  "policy/entropy_avg", "policy/approxkl_avg", "response_length/mean", "timing_s/gen",
-                  "timing_s/update_actor", "perf/rollout_tokens_per_sec")
+TRL_VERL_NAMES = (
+    "objective/kl",
+    "objective/rlhf_reward",
+    "objective/scores",
+    "policy/clipfrac_avg",
+    "policy/entropy_avg",
+    "policy/approxkl_avg",
+    "response_length/mean",
+    "timing_s/gen",
+    "timing_s/update_actor",
+    "perf/rollout_tokens_per_sec",
+)
 # Wall-clock metrics: everything else a step logs is a deterministic function of seed, data and config.
 TIMING_PREFIXES = ("timing_s/", "perf/")
 ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
@@ -58,14 +67,29 @@ def rl_config(policy: str, out: Path, **overrides) -> TrainConfig:
     base = {
         "output_dir": str(out),
         "model": {"path": policy},
-        "data": {"train_files": ["bundled:arithmetic-prompts:256"], "eval_files": ["bundled:arithmetic-prompts:16"],
-                 "max_length": 96, "max_prompt_length": 64},
+        "data": {
+            "train_files": ["bundled:arithmetic-prompts:256"],
+            "eval_files": ["bundled:arithmetic-prompts:16"],
+            "max_length": 96,
+            "max_prompt_length": 64,
+        },
         "loss": {"objective": "rlhf"},
-        "rl": {"algorithm": "rloo", "reward": "verifier:digits", "prompts_per_step": 8, "num_generations": 4,
-               "max_new_tokens": 16, "kl_coef": 0.01, "eval_max_new_tokens": 16},
+        "rl": {
+            "algorithm": "rloo",
+            "reward": "verifier:digits",
+            "prompts_per_step": 8,
+            "num_generations": 4,
+            "max_new_tokens": 16,
+            "kl_coef": 0.01,
+            "eval_max_new_tokens": 16,
+        },
         "optim": {"learning_rate": 3e-3, "schedule": "constant"},
         "mesh": ONE_DEVICE,
-        "steps": 2, "save_every": 1000, "progress_bar": False, "tensorboard": False, "export_hf": False,
+        "steps": 2,
+        "save_every": 1000,
+        "progress_bar": False,
+        "tensorboard": False,
+        "export_hf": False,
     }
     return from_dict(TrainConfig, _merge(base, overrides))
 
@@ -139,10 +163,12 @@ def test_rloo_raises_the_digits_reward_and_logs_trl_metric_names(policy_dir, tmp
         assert key in train[0], key
     for r in train:
         # TRL's definitions: rlhf_reward = scores + non_score_reward, non_score_reward = -beta * KL.
-        np.testing.assert_allclose(r["objective/rlhf_reward"], r["objective/scores"] + r["objective/non_score_reward"],
-                                   rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(r["objective/non_score_reward"], -r["actor/kl_coef"] * r["objective/kl"],
-                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            r["objective/rlhf_reward"], r["objective/scores"] + r["objective/non_score_reward"], rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            r["objective/non_score_reward"], -r["actor/kl_coef"] * r["objective/kl"], rtol=1e-5, atol=1e-7
+        )
         # One epoch of one minibatch updates on the rollout's own policy: the ratio is 1, nothing is clipped.
         assert r["policy/clipfrac_avg"] == 0.0
         assert abs(r["val/ratio"] - 1.0) < 1e-4 and abs(r["policy/approxkl_avg"]) < 1e-5
@@ -172,8 +198,12 @@ def test_rollout_samples_exactly_what_standalone_generate_samples(policy_dir, tm
 
     prompts = np.repeat(batch["input_ids"], rl.num_generations, axis=0)  # row i answers prompt i // K
     prompt_mask = np.repeat(batch["attention_mask"], rl.num_generations, axis=0)
-    kw = {"max_new_tokens": rl.max_new_tokens, "sampling": trainer.sampling, "eos_token_id": trainer.eos_id,
-          "pad_token_id": trainer.pad_id}
+    kw = {
+        "max_new_tokens": rl.max_new_tokens,
+        "sampling": trainer.sampling,
+        "eos_token_id": trainer.eos_id,
+        "pad_token_id": trainer.pad_id,
+    }
     standalone = generate(policy, prompts, prompt_mask, rng=trainer.rollout_key(0), **kw)
     np.testing.assert_array_equal(host["tokens"], np.asarray(standalone.tokens))
     np.testing.assert_array_equal(host["mask"], np.asarray(standalone.mask))
@@ -230,8 +260,11 @@ def test_ppo_and_grpo_runs_are_finite_and_export_a_causal_lm(policy_dir, tmp_pat
     import torch
     from transformers import AutoModelForCausalLM
 
-    rl = ({"algorithm": "ppo", "ppo_epochs": 2, "num_mini_batches": 2} if algorithm == "ppo" else
-          {"algorithm": "grpo", "kl_in": "loss", "kl_estimator": "k3", "kl_coef": 0.1})
+    rl = (
+        {"algorithm": "ppo", "ppo_epochs": 2, "num_mini_batches": 2}
+        if algorithm == "ppo"
+        else {"algorithm": "grpo", "kl_in": "loss", "kl_estimator": "k3", "kl_coef": 0.1}
+    )
     out = tmp_path / algorithm
     trainer = make_rl(rl_config(policy_dir, out, steps=2, rl=rl, export_hf=True))
     initial = leaves(trainer.state.params["model"])
@@ -272,8 +305,11 @@ def test_rl_config_errors_name_the_key(policy_dir, tmp_path):
         make_rl(rl_config(policy_dir, out, rl={"num_generations": 1}))
     with pytest.raises(ConfigError, match=r"config key rl\.num_mini_batches: 3 must divide the 32 rollouts"):
         make_rl(rl_config(policy_dir, out, rl={"num_mini_batches": 3}))
-    with pytest.raises(ConfigError, match=r"config key rl\.max_new_tokens: 40 plus data\.max_prompt_length \(64\) "
-                                          r"must fit in data\.max_length \(96\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config key rl\.max_new_tokens: 40 plus data\.max_prompt_length \(64\) "
+        r"must fit in data\.max_length \(96\)",
+    ):
         make_rl(rl_config(policy_dir, out, rl={"max_new_tokens": 40}))
     with pytest.raises(ConfigError, match=r"rl\.reward: 'verifier:digitz' names no verifier(.|\n)*verifier:digits"):
         make_rl(rl_config(policy_dir, out, rl={"reward": "verifier:digitz"}))
@@ -281,8 +317,9 @@ def test_rl_config_errors_name_the_key(policy_dir, tmp_path):
         make_reward(str(tmp_path / "nowhere"))
 
     yaml = tmp_path / "bad.yaml"
-    yaml.write_text(f"model:\n  path: {policy_dir}\nloss:\n  objective: rlhf\nrl:\n  algorithm: rloo\n"
-                    f"  num_generatons: 4\n")
+    yaml.write_text(
+        f"model:\n  path: {policy_dir}\nloss:\n  objective: rlhf\nrl:\n  algorithm: rloo\n  num_generatons: 4\n"
+    )
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['rl\.num_generatons'\]"):
         load_config(yaml)
     yaml.write_text(f"model:\n  path: {policy_dir}\nloss:\n  objective: rlhf\nrl:\n  algorithm: dpo\n")
@@ -309,9 +346,13 @@ def synthetic_preferences(n: int, seed: int) -> list[dict]:
         chosen = word()
         for pos in rng.choice(len(chosen), rng.randint(2, 5), replace=False):
             chosen[pos] = str(rng.randint(10))
-        rows.append({"prompt": [{"role": "user", "content": f"Name a {topic}."}],
-                     "chosen": [{"role": "assistant", "content": "".join(chosen)}],
-                     "rejected": [{"role": "assistant", "content": "".join(word())}]})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Name a {topic}."}],
+                "chosen": [{"role": "assistant", "content": "".join(chosen)}],
+                "rejected": [{"role": "assistant", "content": "".join(word())}],
+            }
+        )
     return rows
 
 
@@ -322,21 +363,38 @@ def reward_run(policy_dir, tmp_path_factory) -> dict:
     train = write_jsonl(synthetic_preferences(256, seed=0), root / "train.jsonl")
     held_out_rows = synthetic_preferences(64, seed=1)
     held_out = write_jsonl(held_out_rows, root / "held_out.jsonl")
-    cfg = from_dict(TrainConfig, {
-        "output_dir": str(root / "run"),
-        "model": {"path": policy_dir},
-        "data": {"train_files": [str(train)], "eval_files": [str(held_out)], "max_length": 96,
-                 "max_prompt_length": 48, "pairs_per_batch": 8},
-        "loss": {"objective": "reward", "name": "sigmoid", "hparams": {}, "reference": "none"},
-        "optim": {"learning_rate": 1e-2, "schedule": "constant"},
-        "mesh": ONE_DEVICE, "steps": 40, "save_every": 1000, "eval_batches": 8,
-        "progress_bar": False, "tensorboard": False, "export_hf": True,
-    })
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "output_dir": str(root / "run"),
+            "model": {"path": policy_dir},
+            "data": {
+                "train_files": [str(train)],
+                "eval_files": [str(held_out)],
+                "max_length": 96,
+                "max_prompt_length": 48,
+                "pairs_per_batch": 8,
+            },
+            "loss": {"objective": "reward", "name": "sigmoid", "hparams": {}, "reference": "none"},
+            "optim": {"learning_rate": 1e-2, "schedule": "constant"},
+            "mesh": ONE_DEVICE,
+            "steps": 40,
+            "save_every": 1000,
+            "eval_batches": 8,
+            "progress_bar": False,
+            "tensorboard": False,
+            "export_hf": True,
+        },
+    )
     trainer = Trainer(cfg, devices=jax.devices()[:1])
     before = trainer.evaluate(trainer.state.params)
     trainer.run()
-    return {"before": before, "after": trainer.evaluate(trainer.state.params), "hf": root / "run" / "hf",
-            "held_out": held_out_rows}
+    return {
+        "before": before,
+        "after": trainer.evaluate(trainer.state.params),
+        "hf": root / "run" / "hf",
+        "held_out": held_out_rows,
+    }
 
 
 def test_reward_model_learns_a_synthetic_preference(reward_run):
@@ -351,8 +409,9 @@ def _hf_reward_model(path):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager",
-                                                              dtype=torch.float32).eval()
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, attn_implementation="eager", dtype=torch.float32
+    ).eval()
 
 
 def _hf_score(hf, ids: list[int]) -> float:
@@ -375,9 +434,15 @@ def test_learned_reward_scores_like_hf_sequence_classification(reward_run):
     assert ours.dtype == np.float32 and ours.shape == (20,)
 
     tokenizer, hf = AutoTokenizer.from_pretrained(path), _hf_reward_model(path)
-    theirs = [_hf_score(hf, tokenizer.apply_chat_template([*r["prompt"], {"role": "assistant", "content": c}],
-                                                          tokenize=True, return_dict=True)["input_ids"])
-              for r, c in zip(records, completions)]
+    theirs = [
+        _hf_score(
+            hf,
+            tokenizer.apply_chat_template(
+                [*r["prompt"], {"role": "assistant", "content": c}], tokenize=True, return_dict=True
+            )["input_ids"],
+        )
+        for r, c in zip(records, completions)
+    ]
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
     # The exported model keeps the learned preference: chosen (even rows) above rejected (odd rows).
     assert np.mean(ours[0::2] > ours[1::2]) >= 0.9

@@ -86,8 +86,9 @@ def test_rloo_and_grpo_advantages_match_loops():
 def test_reinforce_advantages():
     rewards = jnp.array([1.0, 2.0, 4.0])
     np.testing.assert_allclose(np.asarray(losses.reinforce_advantages(rewards)), [1.0, 2.0, 4.0])
-    np.testing.assert_allclose(np.asarray(losses.reinforce_advantages(rewards, jnp.mean(rewards))),
-                               [-4 / 3, -1 / 3, 5 / 3], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(losses.reinforce_advantages(rewards, jnp.mean(rewards))), [-4 / 3, -1 / 3, 5 / 3], rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 1.0), (0.99, 0.0)])
@@ -129,16 +130,18 @@ def test_ppo_sequence_level_advantages_broadcast():
     adv = np.array([0.5, -1.0])
     mask = np.ones((2, 5))
     loss, _ = losses.ppo_policy_loss(*(jnp.asarray(x) for x in (logp, old, adv, mask)))
-    np.testing.assert_allclose(float(loss), ref.ppo(logp, old, adv[:, None] * mask, mask, 0.2, 0.2, "token_mean"),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        float(loss), ref.ppo(logp, old, adv[:, None] * mask, mask, 0.2, 0.2, "token_mean"), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
 def test_value_loss_matches_numpy(aggregation):
     v, v_old, ret = rng_arrays(7, (3, 5), (3, 5), (3, 5))
     mask = right_padded_mask(7, 3, 5)
-    loss, stats = losses.value_loss(*(jnp.asarray(x) for x in (v, v_old, ret, mask)), clip_eps=0.2,
-                                    aggregation=aggregation)
+    loss, stats = losses.value_loss(
+        *(jnp.asarray(x) for x in (v, v_old, ret, mask)), clip_eps=0.2, aggregation=aggregation
+    )
     np.testing.assert_allclose(float(loss), ref.value(v, v_old, ret, mask, 0.2, aggregation), rtol=1e-5)
     plain, _ = losses.value_loss(*(jnp.asarray(x) for x in (v, v_old, ret, mask)), clip_eps=None)
     np.testing.assert_allclose(float(plain), 0.5 * ref.aggregate((v - ret) ** 2, mask, "token_mean"), rtol=1e-5)
@@ -165,8 +168,9 @@ def test_kto_matches_reference_and_kl_estimate_is_clamped():
     )  # fmt: skip
     want = ref.kto(policy, reference, desirable, 2.0, beta=0.2, wd=1.0, wu=1.33)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
-    apo = losses.kto_loss(jnp.asarray(policy), jnp.asarray(reference), jnp.asarray(desirable),
-                          loss_type="apo_zero_unpaired")
+    apo = losses.kto_loss(
+        jnp.asarray(policy), jnp.asarray(reference), jnp.asarray(desirable), loss_type="apo_zero_unpaired"
+    )
     u = policy - reference
     np.testing.assert_allclose(np.asarray(apo), np.where(desirable, 1 - ref.sig(0.1 * u), ref.sig(0.1 * u)), rtol=1e-5)
 
@@ -178,8 +182,9 @@ def test_kto_kl_has_no_gradient():
 
 def test_bradley_terry_loss():
     rc, rr, margin = rng_arrays(10, (8,), (8,), (8,))
-    got = losses.bradley_terry_loss(jnp.asarray(rc), jnp.asarray(rr), margin=jnp.abs(jnp.asarray(margin)),
-                                    center_rewards_coefficient=0.01)
+    got = losses.bradley_terry_loss(
+        jnp.asarray(rc), jnp.asarray(rr), margin=jnp.abs(jnp.asarray(margin)), center_rewards_coefficient=0.01
+    )
     want = -ref.logsig(rc - rr - np.abs(margin)) + 0.01 * (rc + rr) ** 2
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
     np.testing.assert_allclose(float(losses.bradley_terry_loss(jnp.zeros(1), jnp.zeros(1))[0]), np.log(2), rtol=1e-6)

@@ -15,7 +15,7 @@ TRAIN = [
     (
         "/data/b.jsonl:7",
         {
-            "prompt": [{"role": "user", "content": "Grüße, 日本語, emoji 😀, quote \" and \\ and \x00"}],
+            "prompt": [{"role": "user", "content": 'Grüße, 日本語, emoji 😀, quote " and \\ and \x00'}],
             "chosen": [{"role": "assistant", "content": "héllo ✓\nline two"}],
             "rejected": [{"role": "assistant", "content": ""}],
         },

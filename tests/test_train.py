@@ -40,7 +40,11 @@ def config(assets, out, **overrides) -> TrainConfig:
         "data": {"train_files": [assets["train"]], "max_length": 128, "pairs_per_batch": 4},
         "loss": {"name": "sigmoid", "hparams": {"beta": 0.1}},
         "optim": {"learning_rate": 1e-2, "warmup_steps": 0, "schedule": "constant"},
-        "steps": 4, "save_every": 100, "progress_bar": False, "tensorboard": False, "export_hf": False,
+        "steps": 4,
+        "save_every": 100,
+        "progress_bar": False,
+        "tensorboard": False,
+        "export_hf": False,
         "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
     }
     for key, value in overrides.items():
@@ -80,16 +84,31 @@ def test_sharded_step_matches_single_device(assets, tmp_path):
 
 
 def test_loss_falls_on_the_verifiable_dataset(assets, tmp_path):
-    result = make(config(assets, tmp_path / "run", steps=40,
-                         data={"eval_files": [assets["eval"]], "pairs_per_batch": 8},
-                         loss={"hparams": {"beta": 0.5}}, optim={"learning_rate": 3e-3}, eval_every=40,
-                         tensorboard=True)).run()
+    result = make(
+        config(
+            assets,
+            tmp_path / "run",
+            steps=40,
+            data={"eval_files": [assets["eval"]], "pairs_per_batch": 8},
+            loss={"hparams": {"beta": 0.5}},
+            optim={"learning_rate": 3e-3},
+            eval_every=40,
+            tensorboard=True,
+        )
+    ).run()
     losses = losses_of(result)
     assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5])
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 41))
-    for key in ("grad_norm", "learning_rate", "tokens_per_sec", "step_time", "rewards/accuracies",
-                "diagnostics/frac_in_U", "logps/chosen"):
+    for key in (
+        "grad_norm",
+        "learning_rate",
+        "tokens_per_sec",
+        "step_time",
+        "rewards/accuracies",
+        "diagnostics/frac_in_U",
+        "logps/chosen",
+    ):
         assert key in lines[0], key
     assert any("eval/loss" in r for r in lines)
     assert list((tmp_path / "run" / "tensorboard").iterdir())
@@ -118,8 +137,14 @@ def test_gradient_accumulation_matches_one_big_batch(assets, tmp_path):
 def test_nan_guard_skips_counts_and_stops_with_a_diagnosis(assets, tmp_path):
     trainer = make(config(assets, tmp_path / "nan", steps=10, save_every=1, max_nonfinite_steps=3))
     # beta = nan makes every loss NaN; validate_config refuses it up front, so it is set after construction.
-    trainer.cfg = config(assets, tmp_path / "nan", steps=10, save_every=1, max_nonfinite_steps=3,
-                         loss={"hparams": {"beta": float("nan")}})
+    trainer.cfg = config(
+        assets,
+        tmp_path / "nan",
+        steps=10,
+        save_every=1,
+        max_nonfinite_steps=3,
+        loss={"hparams": {"beta": float("nan")}},
+    )
     before = params_of(trainer)
     with pytest.raises(TrainingDiverged, match=r"step 3 of .*: 3 consecutive non-finite steps .*\(loss=nan"):
         trainer.run()
@@ -184,9 +209,16 @@ def _wait_for(predicate, proc, timeout=240):
 
 
 def test_resume_after_a_kill_is_bit_exact(assets, tmp_path):
-    cfg = config(assets, tmp_path / "killed", steps=8, save_every=1, async_checkpoints=False,
-                 optim={"schedule": "cosine", "warmup_steps": 2})
-    child = _script(f"""
+    cfg = config(
+        assets,
+        tmp_path / "killed",
+        steps=8,
+        save_every=1,
+        async_checkpoints=False,
+        optim={"schedule": "cosine", "warmup_steps": 2},
+    )
+    child = _script(
+        f"""
         import json, time
         import jax
         from cpo_jax.train import TrainConfig, from_dict
@@ -200,17 +232,24 @@ def test_resume_after_a_kill_is_bit_exact(assets, tmp_path):
                 time.sleep(600)   # killed here, after step 3 is committed
         t.Checkpointer.save = slow_save
         Trainer(cfg, devices=jax.devices()[:1]).run()
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     # Same XLA flags as this process, so both run the same executables on the same kind of device.
-    proc = subprocess.Popen([sys.executable, str(child)], env=_child_env(same_devices=True), stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(child)],
+        env=_child_env(same_devices=True),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
     _wait_for(lambda: (tmp_path / "killed" / "checkpoints" / "3").is_dir(), proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    uninterrupted = make(config(assets, tmp_path / "full", steps=8,
-                                optim={"schedule": "cosine", "warmup_steps": 2})).run()
+    uninterrupted = make(
+        config(assets, tmp_path / "full", steps=8, optim={"schedule": "cosine", "warmup_steps": 2})
+    ).run()
     resumed = make(cfg).run()
     assert resumed.start_step == 3
     assert losses_of(resumed) == losses_of(uninterrupted)[3:]  # bit for bit
@@ -227,7 +266,8 @@ def _plain(cfg):
 def test_kill_during_a_save_keeps_the_previous_checkpoint(assets, tmp_path):
     cfg = config(assets, tmp_path / "run", steps=6, save_every=2)
     marker = tmp_path / "stuck"
-    child = _script(f"""
+    child = _script(
+        f"""
         import asyncio, json, pathlib
         from orbax.checkpoint._src.path import atomicity
         from cpo_jax.train import TrainConfig, from_dict
@@ -240,9 +280,12 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(assets, tmp_path):
             await original(self)
         atomicity.AtomicRenameTemporaryPath.finalize = finalize
         Trainer(from_dict(TrainConfig, json.loads({json.dumps(json.dumps(_plain(cfg)))}))).run()
-    """, tmp_path)
-    proc = subprocess.Popen([sys.executable, str(child)], env=_child_env(), stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL)
+    """,
+        tmp_path,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(child)], env=_child_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
     _wait_for(marker.is_file, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -258,11 +301,14 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(assets, tmp_path):
 def test_restore_onto_a_different_mesh(assets, tmp_path):
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices")
-    first = make(config(assets, tmp_path / "run", steps=2, save_every=2, mesh={"data": 2, "fsdp": 2, "tensor": 2}),
-                 jax.devices()[:8])
+    first = make(
+        config(assets, tmp_path / "run", steps=2, save_every=2, mesh={"data": 2, "fsdp": 2, "tensor": 2}),
+        jax.devices()[:8],
+    )
     first.run()
-    second = make(config(assets, tmp_path / "run", steps=2, mesh={"data": 1, "fsdp": 4, "tensor": 2}),
-                     jax.devices()[:8])
+    second = make(
+        config(assets, tmp_path / "run", steps=2, mesh={"data": 1, "fsdp": 4, "tensor": 2}), jax.devices()[:8]
+    )
     second.run()  # already at step 2: restores, trains nothing
     kernel = second.state.params["model"]["layers"][0]["attn"]["q"]["kernel"][...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
@@ -275,16 +321,26 @@ def test_restore_onto_a_different_mesh(assets, tmp_path):
 
 
 def test_sft_and_reward_objectives_train(assets, tmp_path):
-    sft = make(config(assets, tmp_path / "sft", steps=12,
-                      loss={"objective": "sft", "hparams": {}, "reference": "none"})).run()
+    sft = make(
+        config(assets, tmp_path / "sft", steps=12, loss={"objective": "sft", "hparams": {}, "reference": "none"})
+    ).run()
     assert np.mean(losses_of(sft)[-3:]) < np.mean(losses_of(sft)[:3])
     from cpo_jax.data import write_jsonl
 
     # A separable signal for the reward head: chosen answers say yes, rejected ones say no.
-    easy = write_jsonl([{"prompt": f"Question {i}? ", "chosen": "yes", "rejected": "no"} for i in range(32)],
-                       tmp_path / "easy.jsonl")
-    rm = make(config(assets, tmp_path / "rm", steps=12, data={"train_files": [str(easy)]}, export_hf=True,
-                     loss={"objective": "reward", "name": "sigmoid", "hparams": {}, "reference": "none"})).run()
+    easy = write_jsonl(
+        [{"prompt": f"Question {i}? ", "chosen": "yes", "rejected": "no"} for i in range(32)], tmp_path / "easy.jsonl"
+    )
+    rm = make(
+        config(
+            assets,
+            tmp_path / "rm",
+            steps=12,
+            data={"train_files": [str(easy)]},
+            export_hf=True,
+            loss={"objective": "reward", "name": "sigmoid", "hparams": {}, "reference": "none"},
+        )
+    ).run()
     assert np.mean(losses_of(rm)[-3:]) < np.mean(losses_of(rm)[:3])
     assert "rewards/accuracies" in rm.history[0]
     # The reward model exports as an HF sequence classifier (parity: tests/test_reward_export.py).

@@ -63,8 +63,9 @@ def test_rl_section_belongs_to_rl_runs_only():
     assert TrainConfig().rl is None
     rl_run = from_dict(TrainConfig, {"loss": {"objective": "rlhf"}})
     assert rl_run.rl is not None and rl_run.rl.algorithm == "rloo"  # the defaults when the section is left out
-    dpo_with_rl = from_dict(TrainConfig, {"model": {"path": "m"}, "data": {"train_files": ["x.jsonl"]},
-                                          "rl": {"kl_coef": 0.1}})
+    dpo_with_rl = from_dict(
+        TrainConfig, {"model": {"path": "m"}, "data": {"train_files": ["x.jsonl"]}, "rl": {"kl_coef": 0.1}}
+    )
     message = r"(?s)config key rl: an rl: section is given.*objective=.preference.*remove the rl: section"
     with pytest.raises(ConfigError, match=message):
         validate_config(dpo_with_rl)
@@ -95,12 +96,22 @@ def assets(tmp_path_factory):
 
 def _config(assets, out, **overrides) -> TrainConfig:
     base = {
-        "output_dir": str(out), "model": {"path": assets["policy"]},
-        "data": {"train_files": [assets["train"]], "eval_files": [assets["eval"]], "max_length": 96,
-                 "pairs_per_batch": 4},
+        "output_dir": str(out),
+        "model": {"path": assets["policy"]},
+        "data": {
+            "train_files": [assets["train"]],
+            "eval_files": [assets["eval"]],
+            "max_length": 96,
+            "pairs_per_batch": 4,
+        },
         "optim": {"learning_rate": 1e-2, "schedule": "constant"},
-        "steps": 5, "save_every": 100, "eval_batches": 100, "progress_bar": False, "tensorboard": False,
-        "export_hf": False, "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        "steps": 5,
+        "save_every": 100,
+        "eval_batches": 100,
+        "progress_bar": False,
+        "tensorboard": False,
+        "export_hf": False,
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
     }
     for key, value in overrides.items():
         base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
@@ -116,8 +127,13 @@ def _trainer(cfg):
 def test_user_hooks_run_at_their_cadence_after_the_built_in_ones(assets, tmp_path):
     trainer = _trainer(_config(assets, tmp_path / "hooks", log_every=2))
     seen = []
-    trainer.add_hook(lambda info: seen.append((info.step, len(info.loop.checkpointer.manager.all_steps()),
-                                               round(float(info.metrics["loss"]), 6))), every=2, at_end=True)
+    trainer.add_hook(
+        lambda info: seen.append(
+            (info.step, len(info.loop.checkpointer.manager.all_steps()), round(float(info.metrics["loss"]), 6))
+        ),
+        every=2,
+        at_end=True,
+    )
     result = trainer.run()
     assert [s for s, _, _ in seen] == [2, 4, 5]
     assert [h["step"] for h in result.history] == [2, 4, 5]
@@ -146,8 +162,9 @@ def test_optimizer_moments_are_sharded_like_their_parameters(assets, tmp_path):
         pytest.skip("needs 8 devices")
     from cpo_jax.train.trainer import Trainer
 
-    trainer = Trainer(_config(assets, tmp_path / "fsdp", mesh={"data": 1, "fsdp": 8, "tensor": 1}),
-                      devices=jax.devices()[:8])
+    trainer = Trainer(
+        _config(assets, tmp_path / "fsdp", mesh={"data": 1, "fsdp": 8, "tensor": 1}), devices=jax.devices()[:8]
+    )
     params = dict(jax.tree_util.tree_leaves_with_path(trainer.state.params))
     moments = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(trainer.state.opt_state):

@@ -32,19 +32,31 @@ IMPLICIT_STRINGS = [
     {"chosen": "Human: hi\n\nAssistant: Hello", "rejected": "Human: hi\n\nAssistant: no"},
 ]
 CHAT_RECORDS = [
-    {"prompt": [{"role": "user", "content": "What is 2+2?"}],
-     "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]},
-    {"prompt": [{"role": "system", "content": "You answer in French."}, {"role": "user", "content": "Hello "}],
-     "chosen": [{"role": "assistant", "content": "Bonjour, données naïve"}],
-     "rejected": [{"role": "assistant", "content": "Hello"}]},
-    {"prompt": [{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": "    return x"},
-                {"role": "user", "content": "and print?\n"}],
-     "chosen": [{"role": "assistant", "content": "    print(x)\n"}],
-     "rejected": [{"role": "assistant", "content": "日本語 🙂"}]},
+    {
+        "prompt": [{"role": "user", "content": "What is 2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    },
+    {
+        "prompt": [{"role": "system", "content": "You answer in French."}, {"role": "user", "content": "Hello "}],
+        "chosen": [{"role": "assistant", "content": "Bonjour, données naïve"}],
+        "rejected": [{"role": "assistant", "content": "Hello"}],
+    },
+    {
+        "prompt": [
+            {"role": "user", "content": "def f(x):"},
+            {"role": "assistant", "content": "    return x"},
+            {"role": "user", "content": "and print?\n"},
+        ],
+        "chosen": [{"role": "assistant", "content": "    print(x)\n"}],
+        "rejected": [{"role": "assistant", "content": "日本語 🙂"}],
+    },
 ]
 IMPLICIT_CHATS = [
-    {"chosen": [{"role": "user", "content": "Pick one "}, {"role": "assistant", "content": "yes"}],
-     "rejected": [{"role": "user", "content": "Pick one "}, {"role": "assistant", "content": "no"}]},
+    {
+        "chosen": [{"role": "user", "content": "Pick one "}, {"role": "assistant", "content": "yes"}],
+        "rejected": [{"role": "user", "content": "Pick one "}, {"role": "assistant", "content": "no"}],
+    },
 ]
 
 
@@ -54,8 +66,9 @@ def trl_ids(tokenizer, records: list[dict]) -> list[dict]:
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(output_dir=tempfile.mkdtemp(), max_length=None, report_to=[], use_cpu=True, bf16=False)
-    processed = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tokenizer), datasets.Dataset.from_list(records),
-                                            tokenizer, args, "train")
+    processed = DPOTrainer._prepare_dataset(
+        SimpleNamespace(_tokenizer=tokenizer), datasets.Dataset.from_list(records), tokenizer, args, "train"
+    )
     return [{k: list(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in processed]
 
 
@@ -67,14 +80,22 @@ def our_ids(tokenizer, records: list[dict]) -> list[dict]:
         n = int(example["chosen_prompt_len"])
         assert n == int(example["rejected_prompt_len"])  # chosen and rejected are cut at one point
         assert list(example["chosen"][:n]) == list(example["rejected"][:n])
-        out.append({"prompt_ids": list(example["chosen"][:n]), "chosen_ids": list(example["chosen"][n:]),
-                    "rejected_ids": list(example["rejected"][n:])})
+        out.append(
+            {
+                "prompt_ids": list(example["chosen"][:n]),
+                "chosen_ids": list(example["chosen"][n:]),
+                "rejected_ids": list(example["rejected"][n:]),
+            }
+        )
     return out
 
 
 @pytest.mark.parametrize("make_tokenizer", [smollm2_style, llama3_style])
-@pytest.mark.parametrize("records", [STRING_RECORDS, IMPLICIT_STRINGS, CHAT_RECORDS, IMPLICIT_CHATS],
-                         ids=["strings", "implicit_strings", "chats", "implicit_chats"])
+@pytest.mark.parametrize(
+    "records",
+    [STRING_RECORDS, IMPLICIT_STRINGS, CHAT_RECORDS, IMPLICIT_CHATS],
+    ids=["strings", "implicit_strings", "chats", "implicit_chats"],
+)
 def test_token_ids_equal_trl(make_tokenizer, records):
     tokenizer = make_tokenizer()
     if make_tokenizer is llama3_style:  # this tokenizer's eos text is <|eot_id|>
@@ -90,7 +111,7 @@ def test_a_merge_across_the_prompt_boundary_is_counted(caplog):
     example = rt((0, "r:1", STRING_RECORDS[0]))
     alone = tokenizer(STRING_RECORDS[0]["prompt"])["input_ids"]
     assert int(example["chosen_prompt_len"]) == len(alone) - 1 and rt.prefix_mismatches == 1
-    assert tokenizer.convert_ids_to_tokens(list(example["chosen"][len(alone) - 1:])) == ["Ġ4", "<|im_end|>"]
+    assert tokenizer.convert_ids_to_tokens(list(example["chosen"][len(alone) - 1 :])) == ["Ġ4", "<|im_end|>"]
     assert "r:1" in caplog.text and "' '" in caplog.text
 
 
@@ -122,24 +143,34 @@ def _optax_steps(optim: dict, params: np.ndarray, grads: list[np.ndarray]) -> np
         return np.asarray(p["w"])
 
 
-@pytest.mark.parametrize("optim,make", [
-    ({"name": "sgd", "learning_rate": 0.1}, lambda ps: torch.optim.SGD(ps, lr=0.1)),
-    ({"name": "sgd", "learning_rate": 0.1, "momentum": 0.9}, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
-    ({"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": True},
-     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)),
-    ({"name": "sgd", "learning_rate": 0.1, "weight_decay": 0.01},
-     lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.01)),
-    ({"name": "adamw", "learning_rate": 0.01}, lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.0)),
-    ({"name": "adamw", "learning_rate": 0.01, "weight_decay": 0.1},
-     lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1)),
-    ({"name": "adam", "learning_rate": 0.01}, lambda ps: torch.optim.Adam(ps, lr=0.01)),
-])
+@pytest.mark.parametrize(
+    "optim,make",
+    [
+        ({"name": "sgd", "learning_rate": 0.1}, lambda ps: torch.optim.SGD(ps, lr=0.1)),
+        ({"name": "sgd", "learning_rate": 0.1, "momentum": 0.9}, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+        (
+            {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "nesterov": True},
+            lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+        ),
+        (
+            {"name": "sgd", "learning_rate": 0.1, "weight_decay": 0.01},
+            lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.01),
+        ),
+        ({"name": "adamw", "learning_rate": 0.01}, lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.0)),
+        (
+            {"name": "adamw", "learning_rate": 0.01, "weight_decay": 0.1},
+            lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+        ),
+        ({"name": "adam", "learning_rate": 0.01}, lambda ps: torch.optim.Adam(ps, lr=0.01)),
+    ],
+)
 def test_optimisers_match_torch_with_their_defaults(optim, make):
     """Unset settings take torch's (and optax's) defaults: SGD has no momentum, Adam's betas are 0.9/0.999."""
     rng = np.random.default_rng(0)
     params, grads = rng.normal(size=8), [rng.normal(size=8) for _ in range(4)]
-    np.testing.assert_allclose(_optax_steps(optim, params, grads), _one_torch_step(make, params, grads), rtol=1e-10,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        _optax_steps(optim, params, grads), _one_torch_step(make, params, grads), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_lion_takes_its_own_default_betas():
@@ -165,10 +196,12 @@ def test_optimiser_settings_they_do_not_take_are_refused():
     from cpo_jax.train.validate import validate_config
 
     base = {"model": {"path": "x"}, "data": {"train_files": ["x"]}}
-    for optim, key in (({"name": "sgd", "b1": 0.9}, "optim.b1"),
-                       ({"name": "adamw", "momentum": 0.9}, "optim.momentum"),
-                       ({"name": "sgd", "nesterov": True}, "optim.nesterov"),
-                       ({"name": "lion", "eps": 1e-8}, "optim.eps")):
+    for optim, key in (
+        ({"name": "sgd", "b1": 0.9}, "optim.b1"),
+        ({"name": "adamw", "momentum": 0.9}, "optim.momentum"),
+        ({"name": "sgd", "nesterov": True}, "optim.nesterov"),
+        ({"name": "lion", "eps": 1e-8}, "optim.eps"),
+    ):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate_config(from_dict(TrainConfig, {**base, "optim": optim}))
 
@@ -202,9 +235,19 @@ def test_padding_row_gradient_matches_pytorch(tmp_path, tied):
     from cpo_jax.hf.pretrained import from_pretrained
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=8, tie_word_embeddings=tied, pad_token_id=3, eos_token_id=2,
-                      bos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        tie_word_embeddings=tied,
+        pad_token_id=3,
+        eos_token_id=2,
+        bos_token_id=None,
+    )
     hf = AutoModelForCausalLM.from_config(cfg).float()
     hf.save_pretrained(tmp_path)
     ids = np.array([[5, 3, 7, 3, 9, 11], [3, 3, 12, 13, 3, 2]])
@@ -236,10 +279,20 @@ def _tiny_llama(directory, tokenizer, seed: int = 0):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     AutoModelForCausalLM.from_config(cfg).float().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -251,14 +304,33 @@ def _trl_losses(model_dir, records, *, loss_type: str, beta: float, lr: float, s
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(0)
-    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=len(records), max_steps=steps,
-                     learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, optim="sgd", weight_decay=0.0,
-                     max_grad_norm=0.0, logging_steps=1, report_to=[], save_strategy="no", beta=beta,
-                     loss_type=[loss_type], max_length=1024, use_cpu=True, bf16=False, seed=0,
-                     dataloader_drop_last=False)
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), args=args,
-                         train_dataset=datasets.Dataset.from_list(records),
-                         processing_class=AutoTokenizer.from_pretrained(model_dir))
+    args = DPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=len(records),
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="sgd",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        beta=beta,
+        loss_type=[loss_type],
+        max_length=1024,
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        dataloader_drop_last=False,
+    )
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(records),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
     trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h]
 
@@ -268,19 +340,33 @@ def _our_losses(model_dir, records, *, loss: str, beta: float, lr: float, steps:
     from cpo_jax.train.trainer import Trainer
 
     data = write_jsonl(records, out / "data.jsonl")
-    cfg = from_dict(TrainConfig, {
-        "output_dir": str(out / "run"), "model": {"path": str(model_dir)},
-        "data": {"train_files": [str(data)], "max_length": 1024, "max_prompt_length": 1023,
-                 "pairs_per_batch": len(records)},
-        "loss": {"name": loss, "hparams": {"beta": beta}},
-        "optim": {"name": "sgd", "learning_rate": lr, "schedule": "constant", "max_grad_norm": None},
-        "steps": steps, "save_every": 1000, "progress_bar": False, "tensorboard": False, "export_hf": False,
-        "mesh": {"data": 1, "fsdp": 1, "tensor": 1}})
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "output_dir": str(out / "run"),
+            "model": {"path": str(model_dir)},
+            "data": {
+                "train_files": [str(data)],
+                "max_length": 1024,
+                "max_prompt_length": 1023,
+                "pairs_per_batch": len(records),
+            },
+            "loss": {"name": loss, "hparams": {"beta": beta}},
+            "optim": {"name": "sgd", "learning_rate": lr, "schedule": "constant", "max_grad_norm": None},
+            "steps": steps,
+            "save_every": 1000,
+            "progress_bar": False,
+            "tensorboard": False,
+            "export_hf": False,
+            "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        },
+    )
     return Trainer(cfg, devices=jax.devices()[:1]).run().history
 
 
-@pytest.mark.parametrize("loss,records,lr", [("sigmoid", STRING_RECORDS, 0.5), ("ipo", CHAT_RECORDS, 0.01)],
-                         ids=["sigmoid", "ipo"])
+@pytest.mark.parametrize(
+    "loss,records,lr", [("sigmoid", STRING_RECORDS, 0.5), ("ipo", CHAT_RECORDS, 0.01)], ids=["sigmoid", "ipo"]
+)
 def test_trajectory_equals_trl_dpo_trainer(tmp_path, loss, records, lr):
     """Five SGD steps of TRL's DPOTrainer and of cpo_jax on the whole dataset as one batch: the same losses and
     rewards at every step (float32; TRL's rewards are exactly 0 before the first update, and so are ours)."""

@@ -23,9 +23,43 @@ LLAMA3_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
-_WORDS = ("the", "model", "answer", "question", "is", "what", "def", "return", "print", "value", "Straße",
-          "naïve", "日本語", "données", "for", "in", "range", "Human", "Assistant", "sure", "here", "code", "x", "y",
-          "4", "12", "7", "2+2?", "Sure", "Hello", "yes", "no", "street", "→", "🙂")
+_WORDS = (
+    "the",
+    "model",
+    "answer",
+    "question",
+    "is",
+    "what",
+    "def",
+    "return",
+    "print",
+    "value",
+    "Straße",
+    "naïve",
+    "日本語",
+    "données",
+    "for",
+    "in",
+    "range",
+    "Human",
+    "Assistant",
+    "sure",
+    "here",
+    "code",
+    "x",
+    "y",
+    "4",
+    "12",
+    "7",
+    "2+2?",
+    "Sure",
+    "Hello",
+    "yes",
+    "no",
+    "street",
+    "→",
+    "🙂",
+)
 
 
 def _corpus(seed: int = 0, lines: int = 2000) -> list[str]:
@@ -33,8 +67,19 @@ def _corpus(seed: int = 0, lines: int = 2000) -> list[str]:
     out = []
     for _ in range(lines):
         words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12)))
-        out.append(rng.choice([words, words + " ", words + "\n\n", "def f(x):\n    return x\n", "  " + words,
-                               words + ":\n    " + words, "Human: " + words + "\n\nAssistant: " + words]))
+        out.append(
+            rng.choice(
+                [
+                    words,
+                    words + " ",
+                    words + "\n\n",
+                    "def f(x):\n    return x\n",
+                    "  " + words,
+                    words + ":\n    " + words,
+                    "Human: " + words + "\n\nAssistant: " + words,
+                ]
+            )
+        )
     return out
 
 
@@ -44,8 +89,12 @@ def _bpe(specials: list[str], vocab_size: int = 900):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train_from_iterator(_corpus(), trainer)
     return core
 
@@ -55,8 +104,14 @@ def smollm2_style():
     from transformers import PreTrainedTokenizerFast
 
     core = _bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>", chat_template=SMOLLM2_TEMPLATE)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        chat_template=SMOLLM2_TEMPLATE,
+    )
 
 
 def llama3_style():
@@ -64,11 +119,23 @@ def llama3_style():
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                "<|finetune_right_pad_id|>"]
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+        "<|finetune_right_pad_id|>",
+    ]
     core = _bpe(specials)
     bos = core.token_to_id("<|begin_of_text|>")
-    core.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                        special_tokens=[("<|begin_of_text|>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                   pad_token="<|finetune_right_pad_id|>", chat_template=LLAMA3_TEMPLATE)
+    core.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
+        chat_template=LLAMA3_TEMPLATE,
+    )

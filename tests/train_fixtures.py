@@ -13,9 +13,20 @@ def tiny_policy(directory: Path, *, seed: int = 0, layers: int = 2) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=3, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(directory)
     byte_chat_tokenizer().save_pretrained(directory)
     return directory
@@ -23,5 +34,7 @@ def tiny_policy(directory: Path, *, seed: int = 0, layers: int = 2) -> Path:
 
 def arithmetic_files(directory: Path, *, train: int = 64, eval: int = 16) -> tuple[Path, Path]:
     """Train and eval JSONL files of the bundled arithmetic preferences."""
-    return (write_jsonl(arithmetic_preferences(train, seed=0, max_operand=20), directory / "train.jsonl"),
-            write_jsonl(arithmetic_preferences(eval, seed=1, max_operand=20), directory / "eval.jsonl"))
+    return (
+        write_jsonl(arithmetic_preferences(train, seed=0, max_operand=20), directory / "train.jsonl"),
+        write_jsonl(arithmetic_preferences(eval, seed=1, max_operand=20), directory / "eval.jsonl"),
+    )

@@ -35,9 +35,14 @@ def _tokenizers():
 def _measure(records, tokenizer, *, workers: int, pack: bool, batch: int, max_length: int) -> tuple[float, float]:
     from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, build_dataset
 
-    ds = build_dataset(records, tokenizer, TokenizeConfig(max_length=max_length),
-                       BatchConfig(pairs_per_batch=batch, max_length=max_length, pack=pack, rows_per_batch=batch),
-                       PipelineConfig(seed=0, num_workers=workers), sources=[str(i) for i in range(len(records))])
+    ds = build_dataset(
+        records,
+        tokenizer,
+        TokenizeConfig(max_length=max_length),
+        BatchConfig(pairs_per_batch=batch, max_length=max_length, pack=pack, rows_per_batch=batch),
+        PipelineConfig(seed=0, num_workers=workers),
+        sources=[str(i) for i in range(len(records))],
+    )
     start = time.perf_counter()
     it = iter(ds)
     first = next(it)
@@ -66,15 +71,18 @@ def main() -> None:
 
     records = arithmetic_preferences(args.pairs - 120) + tiny_chat() * 10
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"{len(records)} pairs, batch {args.batch}, max_length {args.max_length}, {os.cpu_count()} CPUs, "
-          f"commit {commit}")
+    print(
+        f"{len(records)} pairs, batch {args.batch}, max_length {args.max_length}, {os.cpu_count()} CPUs, "
+        f"commit {commit}"
+    )
     print("| tokenizer | layout | workers | pairs/s (steady) | first batch (s) |")
     print("|---|---|---|---|---|")
     for name, tokenizer in _tokenizers().items():
         for pack in (False, True):
             for workers in (0, 2):
-                rate, startup = _measure(records, tokenizer, workers=workers, pack=pack, batch=args.batch,
-                                         max_length=args.max_length)
+                rate, startup = _measure(
+                    records, tokenizer, workers=workers, pack=pack, batch=args.batch, max_length=args.max_length
+                )
                 print(f"| {name} | {'packed' if pack else 'padded'} | {workers} | {rate:,.0f} | {startup:.2f} |")
 
 

@@ -79,8 +79,9 @@ def main() -> None:
     def loss(m, x):
         hidden = m.hidden_states(x)
         mask = jnp.ones(x[:, 1:].shape, jnp.float32)
-        return sequence_logps_from_hidden(hidden[:, :-1], m.unembedding(), x[:, 1:], mask,
-                                          logit_softcap=m.logit_softcap).sum.sum()
+        return sequence_logps_from_hidden(
+            hidden[:, :-1], m.unembedding(), x[:, 1:], mask, logit_softcap=m.logit_softcap
+        ).sum.sum()
 
     grad = nnx.jit(nnx.grad(loss))
     t_bwd_ours = _timeit(lambda: jax.block_until_ready(nnx.state(grad(model, ids_j))), args.repeats)
@@ -96,24 +97,38 @@ def main() -> None:
     new = args.new_tokens
     t_gen_ours = _timeit(lambda: generate(model, prompt, max_new_tokens=new).tokens.block_until_ready(), args.repeats)
     with torch.no_grad():
-        t_gen_hf = _timeit(lambda: ref.generate(torch.tensor(np.asarray(prompt)), do_sample=False, max_new_tokens=new,
-                                                min_new_tokens=new, pad_token_id=0), args.repeats)
+        t_gen_hf = _timeit(
+            lambda: ref.generate(
+                torch.tensor(np.asarray(prompt)),
+                do_sample=False,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=0,
+            ),
+            args.repeats,
+        )
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "?"
     device = jax.devices()[0]
-    print(f"model {path.name}: {n_params / 1e6:.1f} M params, {cfg.num_layers} layers; B={b} T={t}; "
-          f"jax {jax.__version__} on {device.platform} ({device.device_kind}), torch {torch.__version__} "
-          f"with {torch.get_num_threads()} threads; commit {commit}")
+    print(
+        f"model {path.name}: {n_params / 1e6:.1f} M params, {cfg.num_layers} layers; B={b} T={t}; "
+        f"jax {jax.__version__} on {device.platform} ({device.device_kind}), torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads; commit {commit}"
+    )
     print("| measurement | cpo_jax | transformers (torch) |")
     print("|---|---|---|")
     print(f"| load checkpoint (s) | {load_ours:.2f} | {load_hf:.2f} |")
-    print(f"| forward logits (s) | {t_fwd_ours:.3f} ({flops / t_fwd_ours / 1e9:.1f} GFLOP/s) | "
-          f"{t_fwd_hf:.3f} ({flops / t_fwd_hf / 1e9:.1f} GFLOP/s) |")
-    print(f"| forward + backward of summed log-prob (s) | {t_bwd_ours:.3f} (chunked log-probs) | "
-          f"{t_bwd_hf:.3f} (full logits) |")
+    print(
+        f"| forward logits (s) | {t_fwd_ours:.3f} ({flops / t_fwd_ours / 1e9:.1f} GFLOP/s) | "
+        f"{t_fwd_hf:.3f} ({flops / t_fwd_hf / 1e9:.1f} GFLOP/s) |"
+    )
+    print(
+        f"| forward + backward of summed log-prob (s) | {t_bwd_ours:.3f} (chunked log-probs) | "
+        f"{t_bwd_hf:.3f} (full logits) |"
+    )
     print(f"| greedy decode, 1 x 32 prompt + {new} tokens (tokens/s) | {new / t_gen_ours:.1f} | {new / t_gen_hf:.1f} |")
 
 

@@ -15,8 +15,17 @@ import json
 import statistics
 import tempfile
 
-KEYS = ("timing_s/gen", "timing_s/reward", "timing_s/old_log_prob", "timing_s/update_actor", "timing_s/step",
-        "perf/rollout_tokens", "perf/rollout_tokens_per_sec", "perf/time_share_gen", "perf/time_share_update")
+KEYS = (
+    "timing_s/gen",
+    "timing_s/reward",
+    "timing_s/old_log_prob",
+    "timing_s/update_actor",
+    "timing_s/step",
+    "perf/rollout_tokens",
+    "perf/rollout_tokens_per_sec",
+    "perf/time_share_gen",
+    "perf/time_share_update",
+)
 
 
 def main() -> None:

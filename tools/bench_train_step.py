@@ -9,7 +9,7 @@ attention), and peak memory (device memory stats where the backend has them, els
 Usage::
 
     python tools/bench_train_step.py [--model tiny|smollm2|DIR] [--pairs 4] [--max-length 256]
-        [--steps 6] [--mesh data=-1,fsdp=1,tensor=1] [--dtype float32|bfloat16] [--no-trl]
+        [--steps 6] [--mesh data=-1,fsdp=1,tensor=1] [--dtype float32|bfloat16] [--no-trl] [--lora RANK]
 
 TRL comes from the ``bench`` extra (``pip install -e '.[bench]'``).
 """
@@ -38,9 +38,19 @@ def _tiny_model(root: Path) -> Path:
         import torch
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=260, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                          tie_word_embeddings=True, bos_token_id=None, eos_token_id=3, pad_token_id=0)
+        cfg = LlamaConfig(
+            vocab_size=260,
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=3,
+            pad_token_id=0,
+        )
         AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
         byte_chat_tokenizer().save_pretrained(path)
     return path
@@ -55,6 +65,11 @@ def _peak_memory_gib() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
 
 
+def _lora(args) -> dict:
+    """The model.lora section of ``--lora RANK`` (alpha = 2 * rank, every decoder projection), or nothing."""
+    return {"lora": {"rank": args.lora, "alpha": 2 * args.lora}} if args.lora else {}
+
+
 def bench_ours(path: Path, data: Path, args) -> dict:
     import jax
 
@@ -63,23 +78,36 @@ def bench_ours(path: Path, data: Path, args) -> dict:
 
     mesh = dict(item.split("=") for item in args.mesh.split(","))
     out = Path(tempfile.mkdtemp(prefix="bench_ours_"))
-    cfg = from_dict(TrainConfig, {
-        "output_dir": str(out), "model": {"path": str(path), "dtype": args.dtype},
-        "data": {"train_files": [str(data)], "max_length": args.max_length, "pairs_per_batch": args.pairs},
-        "loss": {"name": "sigmoid", "hparams": {"beta": 0.1}, "reference": "separate"},
-        "optim": {"learning_rate": 1e-6}, "steps": WARMUP + args.steps, "save_every": 10**9,
-        "progress_bar": False, "tensorboard": False, "export_hf": False,
-        "mesh": {k: int(v) for k, v in mesh.items()}, "peak_tflops_per_device": args.peak_tflops,
-    })
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "output_dir": str(out),
+            "model": {"path": str(path), "dtype": args.dtype, **_lora(args)},
+            "data": {"train_files": [str(data)], "max_length": args.max_length, "pairs_per_batch": args.pairs},
+            "loss": {"name": "sigmoid", "hparams": {"beta": 0.1}, "reference": "base" if args.lora else "separate"},
+            "optim": {"learning_rate": 1e-6},
+            "steps": WARMUP + args.steps,
+            "save_every": 10**9,
+            "progress_bar": False,
+            "tensorboard": False,
+            "export_hf": False,
+            "mesh": {k: int(v) for k, v in mesh.items()},
+            "peak_tflops_per_device": args.peak_tflops,
+        },
+    )
     trainer = Trainer(cfg)
     history = trainer.run().history[WARMUP:]
     times = [h["step_time"] for h in history]
     tokens = statistics.mean(h["tokens"] for h in history)
     mem, kind = _peak_memory_gib()
-    return {"step_time": statistics.median(times), "tokens": tokens,
-            "tflops": statistics.median(h["tflops_per_sec"] for h in history),
-            "mfu": statistics.median(h["mfu"] for h in history) if "mfu" in history[0] else None,
-            "memory": f"{mem:.2f} GiB ({kind})", "devices": jax.device_count()}
+    return {
+        "step_time": statistics.median(times),
+        "tokens": tokens,
+        "tflops": statistics.median(h["tflops_per_sec"] for h in history),
+        "mfu": statistics.median(h["mfu"] for h in history) if "mfu" in history[0] else None,
+        "memory": f"{mem:.2f} GiB ({kind})",
+        "devices": jax.device_count(),
+    }
 
 
 def bench_trl(path: Path, data: Path, args, tokens_per_step: float) -> dict:
@@ -104,13 +132,35 @@ def bench_trl(path: Path, data: Path, args, tokens_per_step: float) -> dict:
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.start)
 
-    config = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=args.pairs,
-                       max_length=args.max_length, max_steps=WARMUP + args.steps, learning_rate=1e-6, beta=0.1,
-                       loss_type=["sigmoid"], use_cpu=not torch.cuda.is_available(),
-                       bf16=args.dtype == "bfloat16", report_to=[], save_strategy="no", logging_steps=1,
-                       dataloader_num_workers=0, remove_unused_columns=False)
-    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[Timer()])
+    config = DPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_trl_"),
+        per_device_train_batch_size=args.pairs,
+        max_length=args.max_length,
+        max_steps=WARMUP + args.steps,
+        learning_rate=1e-6,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=args.dtype == "bfloat16",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    peft_config = None
+    if args.lora:  # TRL's PEFT path: adapters on every linear projection, the reference = adapters disabled
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules="all-linear", lora_dropout=0.0)
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+        peft_config=peft_config,
+    )
     trainer.train()
     step = statistics.median(times[WARMUP:])
     return {"step_time": step, "tokens": tokens_per_step, "threads": torch.get_num_threads()}
@@ -126,6 +176,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak, for MFU on unknown devices")
     parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning); TRL runs with PEFT")
     args = parser.parse_args()
 
     import jax
@@ -138,20 +189,27 @@ def main() -> None:
     ours = bench_ours(path, data, args)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     device = jax.devices()[0]
-    print(f"model {path.name}, {args.pairs} pairs x max_length {args.max_length}, {args.dtype}, mesh {args.mesh} "
-          f"({ours['devices']} {device.platform} device(s): {device.device_kind}), commit {commit}")
+    print(
+        f"model {path.name}, {'LoRA r%d, ' % args.lora if args.lora else 'full fine-tuning, '}"
+        f"{args.pairs} pairs x max_length {args.max_length}, {args.dtype}, mesh {args.mesh} "
+        f"({ours['devices']} {device.platform} device(s): {device.device_kind}), commit {commit}"
+    )
     print("| framework | step (s) | tokens/s | TFLOP/s | MFU | memory |")
     print("|---|---|---|---|---|---|")
     mfu = f"{ours['mfu']:.1%}" if ours["mfu"] is not None else "n/a"
-    print(f"| cpo_jax | {ours['step_time']:.3f} | {ours['tokens'] / ours['step_time']:,.0f} | {ours['tflops']:.3f} | "
-          f"{mfu} | {ours['memory']} |")
+    print(
+        f"| cpo_jax | {ours['step_time']:.3f} | {ours['tokens'] / ours['step_time']:,.0f} | {ours['tflops']:.3f} | "
+        f"{mfu} | {ours['memory']} |"
+    )
     if not args.no_trl:
         trl = bench_trl(path, data, args, ours["tokens"])
         flops_per_sec = ours["tflops"] * ours["step_time"] / trl["step_time"]
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"| TRL DPOTrainer ({trl['threads']} torch threads) | {trl['step_time']:.3f} | "
-              f"{trl['tokens'] / trl['step_time']:,.0f} | {flops_per_sec:.3f} | n/a | {mem:.2f} GiB (process peak "
-              f"RSS, both runs) |")
+        print(
+            f"| TRL DPOTrainer ({trl['threads']} torch threads) | {trl['step_time']:.3f} | "
+            f"{trl['tokens'] / trl['step_time']:,.0f} | {flops_per_sec:.3f} | n/a | {mem:.2f} GiB (process peak "
+            f"RSS, both runs) |"
+        )
         print(f"speed-up (TRL step time / cpo_jax step time): {trl['step_time'] / ours['step_time']:.2f}x")
 
 

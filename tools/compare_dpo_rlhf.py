@@ -54,12 +54,18 @@ def budgets(pref_steps: int) -> dict[str, dict]:
     out = {}
     for run in ("dpo", "cpo"):
         c = _load(run)
-        cost = preference_step_cost(c.data.pairs_per_batch, c.data.max_length,
-                                    reference_forward=c.loss.reference == "separate")
+        cost = preference_step_cost(
+            c.data.pairs_per_batch, c.data.max_length, reference_forward=c.loss.reference == "separate"
+        )
         out[run] = {"steps": pref_steps, "step_cost": cost, "budget": pref_steps * cost}
     c = _load("rloo")
-    cost = rl_step_cost(c.rl.prompts_per_step, c.rl.num_generations, c.data.max_prompt_length, c.rl.max_new_tokens,
-                        c.rl.get("ppo_epochs", 1))
+    cost = rl_step_cost(
+        c.rl.prompts_per_step,
+        c.rl.num_generations,
+        c.data.max_prompt_length,
+        c.rl.max_new_tokens,
+        c.rl.get("ppo_epochs", 1),
+    )
     steps = max(1, round(out["dpo"]["budget"] / cost))
     out["rloo"] = {"steps": steps, "step_cost": cost, "budget": steps * cost}
     for name, (base, overrides) in VARIANTS.items():
@@ -81,8 +87,17 @@ def train(pref_steps: int, only: list[str] | None = None) -> dict:
         base, overrides = VARIANTS.get(run, (run, []))
         steps = plan[run]["steps"]
         eval_every = max(1, steps // 2)
-        cmd = [sys.executable, "-m", "cpo_jax.cli", "train", str(CONFIGS / f"{base}.yaml"), f"steps={steps}",
-               f"eval_every={eval_every}", f"output_dir={OUT / run}", *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "cpo_jax.cli",
+            "train",
+            str(CONFIGS / f"{base}.yaml"),
+            f"steps={steps}",
+            f"eval_every={eval_every}",
+            f"output_dir={OUT / run}",
+            *overrides,
+        ]
         print("$", " ".join(cmd), flush=True)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT)
@@ -102,8 +117,7 @@ def pair_logps(model, tokenizer, pairs, c):
     return compute_reference_logps(model, pairs.records, pairs.sources, tokenizer, tok, batch)
 
 
-def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, reference_pairs, c, *,
-             fresh: bool) -> dict:
+def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, reference_pairs, c, *, fresh: bool) -> dict:
     """Verifier outcomes, sampled KL to the reference, and the paper's diagnostics of one policy.
 
     Each of the three parts is cached in ``runs/compare/<name>/eval.json`` (``--fresh`` recomputes)."""
@@ -127,16 +141,41 @@ def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, refer
             cache_path.write_text(json.dumps(cache, indent=2))
         return cache[key]
 
-    correct = part("correct", lambda m: [bool(x) for x in generation_correct(
-        m, tokenizer, prompts, max_new_tokens=c.rl.eval_max_new_tokens,
-        max_prompt_length=c.data.max_prompt_length)])
-    kl_prompts = dataclasses.replace(prompts, records=prompts.records[:KL_PROMPTS],
-                                     sources=prompts.sources[:KL_PROMPTS])
-    kl = part("kl", lambda m: sampled_kl(m, reference, tokenizer, kl_prompts,
-                                          prompt_length=c.data.max_prompt_length, max_new_tokens=c.rl.max_new_tokens))
+    correct = part(
+        "correct",
+        lambda m: [
+            bool(x)
+            for x in generation_correct(
+                m,
+                tokenizer,
+                prompts,
+                max_new_tokens=c.rl.eval_max_new_tokens,
+                max_prompt_length=c.data.max_prompt_length,
+            )
+        ],
+    )
+    kl_prompts = dataclasses.replace(
+        prompts, records=prompts.records[:KL_PROMPTS], sources=prompts.sources[:KL_PROMPTS]
+    )
+    kl = part(
+        "kl",
+        lambda m: sampled_kl(
+            m,
+            reference,
+            tokenizer,
+            kl_prompts,
+            prompt_length=c.data.max_prompt_length,
+            max_new_tokens=c.rl.max_new_tokens,
+        ),
+    )
     pairs = part("pairs", lambda m: pair_diagnostics(pair_logps(m, tokenizer, pair_records, c), reference_pairs))
-    return {"generation/accuracy": float(np.mean(correct)), "generation/prompts": float(len(correct)),
-            "generation/correct": correct, **kl, **pairs}
+    return {
+        "generation/accuracy": float(np.mean(correct)),
+        "generation/prompts": float(len(correct)),
+        "generation/correct": correct,
+        **kl,
+        **pairs,
+    }
 
 
 def eval_sets():
@@ -171,13 +210,14 @@ def report(update_docs: bool, fresh: bool = False) -> str:
     reference_pairs = pair_logps(reference, tokenizer, pairs, c)
     plan = json.loads((OUT / "plan.json").read_text())
     runs = [r for r in (*RUNS, *VARIANTS) if (OUT / r / "hf" / "config.json").is_file()]
-    results = {"start": evaluate("start", None, reference, tokenizer, prompts, pairs, reference_pairs, c,
-                                 fresh=fresh)}
+    results = {"start": evaluate("start", None, reference, tokenizer, prompts, pairs, reference_pairs, c, fresh=fresh)}
     for run in runs:
-        results[run] = evaluate(run, OUT / run / "hf", reference, tokenizer, prompts, pairs, reference_pairs, c,
-                                fresh=fresh)
-        results[run] |= mcnemar_exact(np.asarray(results["start"]["generation/correct"]),
-                                      np.asarray(results[run]["generation/correct"]))
+        results[run] = evaluate(
+            run, OUT / run / "hf", reference, tokenizer, prompts, pairs, reference_pairs, c, fresh=fresh
+        )
+        results[run] |= mcnemar_exact(
+            np.asarray(results["start"]["generation/correct"]), np.asarray(results[run]["generation/correct"])
+        )
         print(run, {k: v for k, v in results[run].items() if k != "generation/correct"}, flush=True)
     (OUT / "results.json").write_text(json.dumps({"plan": plan, "results": results}, indent=2))
     FIGURES.mkdir(parents=True, exist_ok=True)
@@ -193,20 +233,26 @@ def report(update_docs: bool, fresh: bool = False) -> str:
 
 
 def _table(results: dict, plan: dict) -> str:
-    rows = ["| policy | steps | budget (M fwd tokens) | train wall (min) | verifier accuracy | +/- vs start (p) | "
-            "KL k1 | KL k3 | frac_in_U | abs. accuracy | chosen log-lik. | rejected log-lik. |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| policy | steps | budget (M fwd tokens) | train wall (min) | verifier accuracy | +/- vs start (p) | "
+        "KL k1 | KL k3 | frac_in_U | abs. accuracy | chosen log-lik. | rejected log-lik. |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, m in results.items():
         p = plan["plan"].get(name, {})
         wall = plan["wall_s"].get(name)
-        change = ("" if "mcnemar/p" not in m else
-                  f"+{m['mcnemar/gained']:.0f} / -{m['mcnemar/lost']:.0f} ({m['mcnemar/p']:.2g})")
+        change = (
+            ""
+            if "mcnemar/p" not in m
+            else f"+{m['mcnemar/gained']:.0f} / -{m['mcnemar/lost']:.0f} ({m['mcnemar/p']:.2g})"
+        )
         rows.append(
             f"| {name} | {p.get('steps', 0)} | {p.get('budget', 0) / 1e6:.2f} | "
             f"{'' if wall is None else f'{wall / 60:.1f}'} | {m['generation/accuracy']:.3f} | {change} | "
             f"{m['kl/k1']:.2f} | "
             f"{m['kl/k3']:.2f} | {m['diagnostics/frac_in_U']:.3f} | {m['diagnostics/abs_accuracy']:.3f} | "
-            f"{m['logps/chosen']:.2f} | {m['logps/rejected']:.2f} |")
+            f"{m['logps/chosen']:.2f} | {m['logps/rejected']:.2f} |"
+        )
     return "\n".join(rows)
 
 
@@ -219,15 +265,20 @@ def _plot(results: dict, plan: dict) -> None:
     from cpo_jax.report import RL_PANELS, plot_curves
 
     names = list(results)
-    panels = (("generation/accuracy", "verifier accuracy (greedy, held out)"), ("kl/k3", "KL(pi || pi_ref), k3"),
-              ("diagnostics/frac_in_U", "share of held-out pairs in U"),
-              ("diagnostics/abs_accuracy", "policy prefers chosen"))
+    panels = (
+        ("generation/accuracy", "verifier accuracy (greedy, held out)"),
+        ("kl/k3", "KL(pi || pi_ref), k3"),
+        ("diagnostics/frac_in_U", "share of held-out pairs in U"),
+        ("diagnostics/abs_accuracy", "policy prefers chosen"),
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (key, title) in zip(axes, panels):
         ax.bar(names, [results[n][key] for n in names], color=["grey", "C0", "C1", "C2"][: len(names)])
         ax.set_title(title, fontsize=9)
-    fig.suptitle(f"SmolLM2-135M-Instruct, arithmetic; budget {plan['plan']['dpo']['budget'] / 1e6:.2f}M "
-                 "forward-token equivalents each")
+    fig.suptitle(
+        f"SmolLM2-135M-Instruct, arithmetic; budget {plan['plan']['dpo']['budget'] / 1e6:.2f}M "
+        "forward-token equivalents each"
+    )
     fig.tight_layout()
     fig.savefig(FIGURES / "summary.png", dpi=100)
     plt.close(fig)

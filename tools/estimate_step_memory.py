@@ -25,13 +25,25 @@ import time
 from pathlib import Path
 
 LLAMA3_8B = {
-    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-    "vocab_size": 128256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-    "hidden_act": "silu", "rope_theta": 500000.0, "torch_dtype": "bfloat16", "bos_token_id": 128000,
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "rope_theta": 500000.0,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 128000,
     "eos_token_id": 128001,
 }
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def _hf_config(name: str) -> dict:
@@ -74,8 +86,10 @@ def measure(hf: dict, mode: str, *, pairs: int, length: int, rank: int) -> dict:
     model_cfg = {"path": "x", "dtype": "bfloat16", "param_dtype": "bfloat16", "scan_layers": True, "remat": "full"}
     if adapters:
         model_cfg["lora"] = {"rank": rank, "alpha": 2 * rank}
-    cfg = from_dict(TrainConfig, {"model": model_cfg, "data": {"train_files": ["x"], "max_length": length},
-                                  "optim": {"learning_rate": 1e-5}})
+    cfg = from_dict(
+        TrainConfig,
+        {"model": model_cfg, "data": {"train_files": ["x"], "max_length": length}, "optim": {"learning_rate": 1e-5}},
+    )
 
     def build():
         model = Transformer(arch, rngs=nnx.Rngs(0))
@@ -89,8 +103,11 @@ def measure(hf: dict, mode: str, *, pairs: int, length: int, rank: int) -> dict:
 
     model = nnx.eval_shape(build)
     # Weights as from_pretrained(param_dtype=bfloat16) loads them (quantised codes keep their integer types).
-    bf16 = lambda s: (jax.ShapeDtypeStruct(s.shape, jnp.bfloat16)  # noqa: E731
-                      if jnp.issubdtype(s.dtype, jnp.floating) else s)
+    bf16 = lambda s: (
+        jax.ShapeDtypeStruct(s.shape, jnp.bfloat16)  # noqa: E731
+        if jnp.issubdtype(s.dtype, jnp.floating)
+        else s
+    )
     nnx.update(model, jax.tree.map(bf16, nnx.state(model)))
     if adapters:
         graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
@@ -100,14 +117,16 @@ def measure(hf: dict, mode: str, *, pairs: int, length: int, rank: int) -> dict:
         frozen, ref = None, {"model": trainable}
     optimizer = make_optimizer(cfg.optim, 100)
     state = jax.eval_shape(lambda p: init_state(p, optimizer, 0), {"model": trainable})
-    step = functools.partial(train_step, cfg=cfg, graphdef=graphdef, optimizer=optimizer,
-                             schedule=learning_rate_schedule(cfg.optim, 100))
+    step = functools.partial(
+        train_step, cfg=cfg, graphdef=graphdef, optimizer=optimizer, schedule=learning_rate_schedule(cfg.optim, 100)
+    )
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0,)).lower(state, _batch(pairs, length), ref, frozen).compile()
     stats = compiled.memory_analysis()
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     return {
-        "mode": mode, "compile_s": time.perf_counter() - t0,
+        "mode": mode,
+        "compile_s": time.perf_counter() - t0,
         "trainable_params": sum(x.size for x in jax.tree.leaves(trainable)),
         "weights_gib": (nbytes(trainable) + nbytes(frozen) + nbytes(ref)) / GIB,
         "optimizer_gib": nbytes(state.opt_state) / GIB,
@@ -115,8 +134,13 @@ def measure(hf: dict, mode: str, *, pairs: int, length: int, rank: int) -> dict:
         "temporaries_gib": stats.temp_size_in_bytes / GIB,
         "outputs_gib": stats.output_size_in_bytes / GIB,
         "aliased_gib": stats.alias_size_in_bytes / GIB,
-        "peak_gib": (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
-                     - stats.alias_size_in_bytes) / GIB,
+        "peak_gib": (
+            stats.argument_size_in_bytes
+            + stats.temp_size_in_bytes
+            + stats.output_size_in_bytes
+            - stats.alias_size_in_bytes
+        )
+        / GIB,
     }
 
 
@@ -132,16 +156,19 @@ def main() -> None:
     import jax
 
     hf = _hf_config(args.config)
-    rows = [measure(hf, mode, pairs=args.pairs, length=args.length, rank=args.rank)
-            for mode in args.modes.split(",")]
-    print(f"{args.config}, {args.pairs} pair(s) x {args.length} tokens, bf16, remat full, scan; "
-          f"backend {jax.default_backend()}")
+    rows = [measure(hf, mode, pairs=args.pairs, length=args.length, rank=args.rank) for mode in args.modes.split(",")]
+    print(
+        f"{args.config}, {args.pairs} pair(s) x {args.length} tokens, bf16, remat full, scan; "
+        f"backend {jax.default_backend()}"
+    )
     print("| mode | trainable params | weights GiB | optimiser GiB | arguments GiB | temporaries GiB | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['trainable_params'] / 1e6:,.1f}M | {r['weights_gib']:.2f} | "
-              f"{r['optimizer_gib']:.2f} | {r['arguments_gib']:.2f} | {r['temporaries_gib']:.2f} | "
-              f"{r['peak_gib']:.2f} |")
+        print(
+            f"| {r['mode']} | {r['trainable_params'] / 1e6:,.1f}M | {r['weights_gib']:.2f} | "
+            f"{r['optimizer_gib']:.2f} | {r['arguments_gib']:.2f} | {r['temporaries_gib']:.2f} | "
+            f"{r['peak_gib']:.2f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

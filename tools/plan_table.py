@@ -45,11 +45,19 @@ def main() -> None:
     for shape in args.shapes.split(","):
         hf = read_hf_config(REPO / "configs" / "shapes" / shape)
         for mode, extra in MODES.items():
-            base = {"model": {"path": "x", "dtype": "bfloat16", "param_dtype": "bfloat16", "scan_layers": True,
-                              "remat": "full", **extra.get("model", {})},
-                    "data": {"train_files": ["x"], "max_length": args.length, "pairs_per_batch": args.pairs},
-                    "loss": {"name": "cpo", "hparams": {"beta": 0.1, "gamma": 0.5}, **extra.get("loss", {})},
-                    "mesh": {"data": 1, "fsdp": args.devices, "tensor": 1}}
+            base = {
+                "model": {
+                    "path": "x",
+                    "dtype": "bfloat16",
+                    "param_dtype": "bfloat16",
+                    "scan_layers": True,
+                    "remat": "full",
+                    **extra.get("model", {}),
+                },
+                "data": {"train_files": ["x"], "max_length": args.length, "pairs_per_batch": args.pairs},
+                "loss": {"name": "cpo", "hparams": {"beta": 0.1, "gamma": 0.5}, **extra.get("loss", {})},
+                "mesh": {"data": 1, "fsdp": args.devices, "tensor": 1},
+            }
             result = plan(from_dict(TrainConfig, base), hf, devices=jax.devices()[: args.devices])
             rows.append((shape, result))
             print(markdown([rows[-1]]).splitlines()[-1], flush=True)

@@ -217,8 +217,9 @@ def sweep_table(sweep: dict) -> str:
     """Markdown: beta -> violated share and the absolute accuracy of DPO/CPO on the violated pairs."""
     lines = ["| β | pairs violating | dpo: abs. acc. (violated) | cpo | cpo_clip |", "|---:|---:|---:|---:|---:|"]
     for beta, row in sweep.items():
-        lines.append(f"| {beta:g} | {row['violated_share']:.3f} | {row['dpo']:.3f} | {row['cpo']:.3f} | "
-                     f"{row['cpo_clip']:.3f} |")
+        lines.append(
+            f"| {beta:g} | {row['violated_share']:.3f} | {row['dpo']:.3f} | {row['cpo']:.3f} | {row['cpo_clip']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -246,8 +247,9 @@ def main() -> None:
     plot_soft_margin(args.out / "fig4_cpo_soft_margin.png", method="cpo")
     sweep = beta_sweep(args.steps)
     plot_beta_sweep(sweep, args.out / "fig5_beta_sweep.png")
-    table = (markdown_table(rows, trajectories) + "\nβ sweep (violated setting; Figure 5):\n\n"
-             + sweep_table(sweep) + "\n")
+    table = (
+        markdown_table(rows, trajectories) + "\nβ sweep (violated setting; Figure 5):\n\n" + sweep_table(sweep) + "\n"
+    )
     (args.out / "table.md").write_text(table + "\n")
     (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     if args.update_docs:

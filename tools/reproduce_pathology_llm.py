@@ -34,8 +34,10 @@ def _length_policy() -> tuple[int, int]:
     """``(max_length, max_prompt_length)`` of the paper configs: mining and the audit see what training sees."""
     from omegaconf import OmegaConf
 
-    policies = {(int(c.data.max_length), int(c.data.max_prompt_length))
-                for c in (OmegaConf.load(ROOT / "configs" / "paper" / f"{run}.yaml") for run in RUNS)}
+    policies = {
+        (int(c.data.max_length), int(c.data.max_prompt_length))
+        for c in (OmegaConf.load(ROOT / "configs" / "paper" / f"{run}.yaml") for run in RUNS)
+    }
     if len(policies) != 1:
         raise SystemExit(f"configs/paper/ disagree on data.max_length / data.max_prompt_length: {sorted(policies)}")
     return policies.pop()
@@ -89,9 +91,13 @@ def mine(problems: int, seed: int, eval_size: int, contrast_eval_size: int) -> d
     }
     for name, records in files.items():
         write_jsonl(records, DATA / name)
-    stats = {**mined.stats, "seed": seed, "max_length": MAX_LENGTH,
-             "sizes": {name: len(records) for name, records in files.items()},
-             "seconds": round(time.perf_counter() - start, 1)}
+    stats = {
+        **mined.stats,
+        "seed": seed,
+        "max_length": MAX_LENGTH,
+        "sizes": {name: len(records) for name, records in files.items()},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     (DATA / "mining_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     print(json.dumps(stats, indent=1))
     return stats
@@ -106,8 +112,17 @@ def _cli(*args: str) -> None:
 def train(runs: list[str]) -> None:
     """``cpo-jax audit`` on both training sets, then ``cpo-jax train configs/paper/<run>.yaml`` for each run."""
     for dataset in ("violated", "contrast"):
-        _cli("audit", "smollm2", str(DATA / f"{dataset}_train.jsonl"), "--out", str(OUT / f"audit_{dataset}"),
-             "--max-length", str(MAX_LENGTH), "--max-prompt-length", str(MAX_PROMPT_LENGTH))
+        _cli(
+            "audit",
+            "smollm2",
+            str(DATA / f"{dataset}_train.jsonl"),
+            "--out",
+            str(OUT / f"audit_{dataset}"),
+            "--max-length",
+            str(MAX_LENGTH),
+            "--max-prompt-length",
+            str(MAX_PROMPT_LENGTH),
+        )
     for run in runs:
         start = time.perf_counter()
         _cli("train", f"configs/paper/{run}.yaml")
@@ -140,21 +155,27 @@ def audit_table() -> str:
     import shutil
 
     stats = json.loads((DATA / "mining_stats.json").read_text())
-    lines = [f"Mining: {stats['problems']} problems, {stats['candidates']} candidate wrong answers scored in "
-             f"{stats['seconds']:.0f} s; the reference prefers the wrong answer on "
-             f"{stats['candidates_ref_prefers_wrong']} "
-             f"candidates, covering {stats['problems_with_a_preferred_wrong_answer']} problems "
-             f"({stats['problems_with_a_preferred_wrong_answer'] / stats['problems']:.0%}).", "",
-             "| `cpo-jax audit` before training | pairs | δref < 0 (summed) | δref < 0 (per token) | median δref | "
-             "median δref per token |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Mining: {stats['problems']} problems, {stats['candidates']} candidate wrong answers scored in "
+        f"{stats['seconds']:.0f} s; the reference prefers the wrong answer on "
+        f"{stats['candidates_ref_prefers_wrong']} "
+        f"candidates, covering {stats['problems_with_a_preferred_wrong_answer']} problems "
+        f"({stats['problems_with_a_preferred_wrong_answer'] / stats['problems']:.0%}).",
+        "",
+        "| `cpo-jax audit` before training | pairs | δref < 0 (summed) | δref < 0 (per token) | median δref | "
+        "median δref per token |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for dataset in ("violated", "contrast"):
         report_path = OUT / f"audit_{dataset}" / "audit.json"
         if not report_path.is_file():
             continue
         audit = json.loads(report_path.read_text())
-        lines.append(f"| {dataset}_train | {audit['num_scored']} | {audit['frac_ref_prefers_rejected']:.3f} | "
-                     f"{audit['frac_ref_prefers_rejected_norm']:.3f} | {audit['delta_ref']['q50']:.2f} | "
-                     f"{audit['delta_ref_norm']['q50']:.3f} |")
+        lines.append(
+            f"| {dataset}_train | {audit['num_scored']} | {audit['frac_ref_prefers_rejected']:.3f} | "
+            f"{audit['frac_ref_prefers_rejected_norm']:.3f} | {audit['delta_ref']['q50']:.2f} | "
+            f"{audit['delta_ref_norm']['q50']:.3f} |"
+        )
         shutil.copyfile(OUT / f"audit_{dataset}" / "delta_ref_hist.png", FIGURES / f"audit_{dataset}.png")
     return "\n".join(lines)
 
@@ -168,8 +189,10 @@ def report(update_docs: bool) -> str:
 
     FIGURES.mkdir(parents=True, exist_ok=True)
     runs = [r for r in RUNS if (OUT / r / "summary.json").is_file()]
-    lines = ["| run | held-out set | metric | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|---|---|---|" + "---:|" * len(COLUMNS)]
+    lines = [
+        "| run | held-out set | metric | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+        "|---|---|---|" + "---:|" * len(COLUMNS),
+    ]
     for run in runs:
         summary = json.loads((OUT / run / "summary.json").read_text())
         for when in ("before", "after"):
@@ -178,10 +201,12 @@ def report(update_docs: bool) -> str:
             lines.append(f"| {run} | {held_out} | {when} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n\n" + audit_table()
 
-    panels = [("eval/diagnostics/frac_in_U", "held-out frac_in_U"),
-              ("eval/diagnostics/abs_accuracy", "held-out abs. accuracy (δθ > 0)"),
-              ("eval/logps/chosen", "held-out chosen log-likelihood"),
-              ("train/loss", "training loss")]
+    panels = [
+        ("eval/diagnostics/frac_in_U", "held-out frac_in_U"),
+        ("eval/diagnostics/abs_accuracy", "held-out abs. accuracy (δθ > 0)"),
+        ("eval/logps/chosen", "held-out chosen log-likelihood"),
+        ("train/loss", "training loss"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4))
     for run in runs:
         trains, evals = _metrics(run)

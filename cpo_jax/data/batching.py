@@ -37,8 +37,14 @@ from cpo_jax.errors import ConfigError
 PREFERENCE, UNPAIRED, PROMPT_ONLY = "preference", "unpaired", "prompt_only"
 
 #: Per-token ``[R, L]`` arrays of a batch and their dtypes.
-ROW_KEYS = {"input_ids": np.int32, "positions": np.int32, "segment_ids": np.int32, "targets": np.int32,
-            "loss_mask": np.float32, "sequence_ids": np.int32}
+ROW_KEYS = {
+    "input_ids": np.int32,
+    "positions": np.int32,
+    "segment_ids": np.int32,
+    "targets": np.int32,
+    "loss_mask": np.float32,
+    "sequence_ids": np.int32,
+}
 
 
 def row_fill(key: str, pad_id: int) -> int:
@@ -72,9 +78,11 @@ class BatchConfig:
         if self.buckets and max(self.buckets) < self.max_length:
             raise ValueError(f"the largest bucket {max(self.buckets)} is below max_length {self.max_length}")
         if self.pack and self.rows < 2:
-            raise ConfigError(f"packing needs at least 2 rows per batch (chosen and rejected), got {self.rows}",
-                              where="data.rows_per_batch", hint="set data.rows_per_batch >= 2 (it defaults to "
-                                                                "data.pairs_per_batch), or data.pack=false")
+            raise ConfigError(
+                f"packing needs at least 2 rows per batch (chosen and rejected), got {self.rows}",
+                where="data.rows_per_batch",
+                hint="set data.rows_per_batch >= 2 (it defaults to data.pairs_per_batch), or data.pack=false",
+            )
 
     @property
     def rows(self) -> int:
@@ -99,8 +107,10 @@ def default_buckets(max_length: int, smallest: int = 64) -> tuple[int, ...]:
 def example_sequences(example: dict, kind: str) -> list[tuple[np.ndarray, int, int]]:
     """``(ids, prompt_len, sequence slot offset)`` for each sequence of one tokenised example."""
     if kind == PREFERENCE:
-        return [(example["chosen"], int(example["chosen_prompt_len"]), 0),
-                (example["rejected"], int(example["rejected_prompt_len"]), 1)]
+        return [
+            (example["chosen"], int(example["chosen_prompt_len"]), 0),
+            (example["rejected"], int(example["rejected_prompt_len"]), 1),
+        ]
     if kind == UNPAIRED:
         return [(example["completion"], int(example["prompt_len"]), 0)]
     raise ValueError(f"no sequences for kind {kind!r}")
@@ -175,9 +185,9 @@ class BatchBuilder:
                 batch["input_ids"][row, start:end] = ids
                 batch["positions"][row, start:end] = np.arange(len(ids))
                 batch["segment_ids"][row, start:end] = segment
-                batch["targets"][row, start:end - 1] = ids[1:]
+                batch["targets"][row, start : end - 1] = ids[1:]
                 # position t scores token t+1: completion tokens are ids[prompt_len:]
-                batch["loss_mask"][row, start + max(prompt_len - 1, 0):end - 1] = 1.0
+                batch["loss_mask"][row, start + max(prompt_len - 1, 0) : end - 1] = 1.0
                 batch["sequence_ids"][row, start:end] = per_example * slot + offset
                 cursor[row] = end
         return batch
@@ -194,8 +204,8 @@ class BatchBuilder:
         }
         for slot, example in enumerate(self.examples):
             ids = example["prompt"]
-            batch["input_ids"][slot, length - len(ids):] = ids
-            batch["attention_mask"][slot, length - len(ids):] = 1
+            batch["input_ids"][slot, length - len(ids) :] = ids
+            batch["attention_mask"][slot, length - len(ids) :] = 1
             batch["pair_mask"][slot] = True
             batch["index"][slot] = example["index"]
         return batch

@@ -21,7 +21,7 @@ _INTEGER = re.compile(r"-?\d+")
 
 def _problem(rng: np.random.RandomState, max_operand: int) -> tuple[int, str, int]:
     op = "+-*"[rng.randint(3)]
-    hi = max_operand if op != "*" else max(2, int(max_operand ** 0.5) * 2)
+    hi = max_operand if op != "*" else max(2, int(max_operand**0.5) * 2)
     return int(rng.randint(0, hi + 1)), op, int(rng.randint(0, hi + 1))
 
 
@@ -63,9 +63,13 @@ def arithmetic_preferences(n: int, *, seed: int = 0, max_operand: int = 99, conv
         chosen, rejected = _answer(_OPS[op](a, b)), _answer(_wrong_answer(rng, a, op, b))
         question = _prompt_text(a, op, b)
         if conversational:
-            out.append({"prompt": [{"role": "user", "content": question}],
-                        "chosen": [{"role": "assistant", "content": chosen}],
-                        "rejected": [{"role": "assistant", "content": rejected}]})
+            out.append(
+                {
+                    "prompt": [{"role": "user", "content": question}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
         else:
             out.append({"prompt": question + " ", "chosen": chosen, "rejected": rejected})
     return out
@@ -97,10 +101,15 @@ def arithmetic_candidates(n: int, *, seed: int, max_operand: int = 99) -> list[d
         right = _OPS[op](a, b)
         prompt = [{"role": "user", "content": _prompt_text(a, op, b)}]
         for wrong in dict.fromkeys(wrong_answers(a, op, b)):
-            out.append({"prompt": prompt,
-                        "chosen": [{"role": "assistant", "content": _answer(right)}],
-                        "rejected": [{"role": "assistant", "content": _answer(wrong)}],
-                        "problem": i, "answer": right})
+            out.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": _answer(right)}],
+                    "rejected": [{"role": "assistant", "content": _answer(wrong)}],
+                    "problem": i,
+                    "answer": right,
+                }
+            )
     return out
 
 

@@ -142,15 +142,19 @@ def build_dataset(
     if batch.max_length < tokenize.max_length:
         raise ValueError(f"batch max_length {batch.max_length} is below tokenize max_length {tokenize.max_length}")
     ds = tokenized_dataset(records, tokenizer, tokenize, pipeline, sources).filter(_kept)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=pipeline.read_threads,
-                                              prefetch_buffer_size=64 if pipeline.read_threads else 0))
+    ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=pipeline.read_threads, prefetch_buffer_size=64 if pipeline.read_threads else 0)
+    )
     ds = BatchIterDataset(ds, batch, pipeline.kind)
     if pipeline.num_workers:
         # Each worker tokenises and batches its own slice of the examples; whole batches cross the
         # process boundary (one transfer per batch, not per example), interleaved in a fixed order.
         _mark_absl_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=pipeline.num_workers,
-                                                         per_worker_buffer_size=pipeline.worker_buffer_size))
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=pipeline.num_workers, per_worker_buffer_size=pipeline.worker_buffer_size
+            )
+        )
     return ds
 
 
@@ -169,8 +173,13 @@ class DataReport:
     longest: int = 0
 
 
-def audit(records: Sequence, tokenizer, tokenize: TokenizeConfig, pipeline: PipelineConfig,
-          sources: Sequence[str] | None = None) -> DataReport:
+def audit(
+    records: Sequence,
+    tokenizer,
+    tokenize: TokenizeConfig,
+    pipeline: PipelineConfig,
+    sources: Sequence[str] | None = None,
+) -> DataReport:
     """Tokenise this host's shard once, in-process, and count drops (by code), prefix mismatches and lengths."""
     tok = RecordTokenizer(tokenizer, tokenize)
     indexed = _Indexed(sources, records)

@@ -45,8 +45,10 @@ _NEEDS = {
 ROLES = ("system", "user", "assistant", "tool", "developer", "function", "ipython")
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant"}
 #: Accepted data paths, for error messages.
-FORMATS = (".jsonl (or .json holding JSON Lines), .parquet (or .pq), a saved Hugging Face datasets directory, "
-           "or bundled:<name>")
+FORMATS = (
+    ".jsonl (or .json holding JSON Lines), .parquet (or .pq), a saved Hugging Face datasets directory, "
+    "or bundled:<name>"
+)
 #: Bytes read to tell JSON Lines from a JSON array or a pretty-printed JSON document.
 _SNIFF_BYTES = 1 << 16
 
@@ -94,14 +96,19 @@ def _not_json_lines(path: Path, layout: str) -> DataError:
     """The error for a ``.jsonl``/``.json`` file that holds one JSON array or document."""
     quoted = shlex.quote(str(path))
     if layout == "array":
-        return DataError(str(path), "holds one JSON array, not JSON Lines (one JSON object per line)",
-                         hint=f"convert it with: jq -c '.[]' {quoted} > out.jsonl; or, without jq: python -c "
-                              f"\"import json, sys; [print(json.dumps(r, ensure_ascii=False)) for r in "
-                              f"json.load(open(sys.argv[1]))]\" {quoted} > out.jsonl")
-    return DataError(str(path), "holds one JSON object spread over several lines, not JSON Lines (one JSON object "
-                                "per line)",
-                     hint=f"write one record per line: jq -c . {quoted} > out.jsonl (or jq -c '.KEY[]' when the "
-                          f"records are a list under KEY)")
+        return DataError(
+            str(path),
+            "holds one JSON array, not JSON Lines (one JSON object per line)",
+            hint=f"convert it with: jq -c '.[]' {quoted} > out.jsonl; or, without jq: python -c "
+            f'"import json, sys; [print(json.dumps(r, ensure_ascii=False)) for r in '
+            f'json.load(open(sys.argv[1]))]" {quoted} > out.jsonl',
+        )
+    return DataError(
+        str(path),
+        "holds one JSON object spread over several lines, not JSON Lines (one JSON object per line)",
+        hint=f"write one record per line: jq -c . {quoted} > out.jsonl (or jq -c '.KEY[]' when the "
+        f"records are a list under KEY)",
+    )
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -115,8 +122,14 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield source, DataError(source, f"invalid UTF-8 at byte {err.start}",
-                                        hint="save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+                yield (
+                    source,
+                    DataError(
+                        source,
+                        f"invalid UTF-8 at byte {err.start}",
+                        hint="save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+                    ),
+                )
                 continue
             if number == 1:
                 text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
@@ -125,8 +138,14 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield source, json.loads(text)
             except json.JSONDecodeError as err:
-                yield source, DataError(source, f"bad JSON: {err.msg} at column {err.colno}",
-                                        hint="each line must be one complete JSON object")
+                yield (
+                    source,
+                    DataError(
+                        source,
+                        f"bad JSON: {err.msg} at column {err.colno}",
+                        hint="each line must be one complete JSON object",
+                    ),
+                )
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -141,9 +160,12 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{path}:row {number}", row
     except (pa.ArrowException, OSError) as err:
         where = f" after row {number}" if number else ""
-        raise DataError(str(path), f"not a readable Parquet file{where}: {first_line(err)}",
-                        hint="check that the file was written completely by a Parquet writer "
-                             "(e.g. pyarrow.parquet.write_table or Dataset.to_parquet)") from err
+        raise DataError(
+            str(path),
+            f"not a readable Parquet file{where}: {first_line(err)}",
+            hint="check that the file was written completely by a Parquet writer "
+            "(e.g. pyarrow.parquet.write_table or Dataset.to_parquet)",
+        ) from err
 
 
 def _hf_dataset_rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]:
@@ -152,14 +174,19 @@ def _hf_dataset_rows(path: Path, split: str | None) -> Iterator[tuple[str, Any]]
     try:
         data = datasets.load_from_disk(str(path))
     except Exception as err:  # noqa: BLE001 - datasets raises many types (FileNotFoundError, ValueError, Arrow errors)
-        raise DataError(str(path), f"a saved Hugging Face dataset that does not load: {first_line(err)}",
-                        hint="re-create it with Dataset.save_to_disk, or give the JSONL/Parquet files it came "
-                             "from") from err
+        raise DataError(
+            str(path),
+            f"a saved Hugging Face dataset that does not load: {first_line(err)}",
+            hint="re-create it with Dataset.save_to_disk, or give the JSONL/Parquet files it came from",
+        ) from err
     if isinstance(data, datasets.DatasetDict):
         if split is None or split not in data:
             chosen = "no split was chosen" if split is None else f"split {split!r} is not one of them"
-            raise DataError(str(path), f"a DatasetDict with splits {sorted(data)}; {chosen}",
-                            hint="choose one with split= (data.split in a training config)")
+            raise DataError(
+                str(path),
+                f"a DatasetDict with splits {sorted(data)}; {chosen}",
+                hint="choose one with split= (data.split in a training config)",
+            )
         data, path = data[split], path / split
     for number, row in enumerate(data, start=1):
         yield f"{path}:row {number}", row
@@ -183,18 +210,28 @@ def raw_rows(path: str | os.PathLike, *, split: str | None = None) -> Iterator[t
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             return _hf_dataset_rows(path, split)
-        raise DataError(str(path), "a directory that is not a saved Hugging Face dataset (no dataset_info.json "
-                                   "or dataset_dict.json)", hint=f"give a data file or a dataset directory: {FORMATS}")
+        raise DataError(
+            str(path),
+            "a directory that is not a saved Hugging Face dataset (no dataset_info.json or dataset_dict.json)",
+            hint=f"give a data file or a dataset directory: {FORMATS}",
+        )
     if not path.is_file():
-        raise UserFileNotFoundError("no such data file", where=str(path),
-                                    hint=f"check the path (relative paths start at {Path.cwd()})")
+        raise UserFileNotFoundError(
+            "no such data file", where=str(path), hint=f"check the path (relative paths start at {Path.cwd()})"
+        )
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".parquet", ".pq"):
-        raise DataError(str(path), f"unknown data format {suffix!r}; expected {FORMATS}",
-                        hint="convert the file to JSON Lines or Parquet")
+        raise DataError(
+            str(path),
+            f"unknown data format {suffix!r}; expected {FORMATS}",
+            hint="convert the file to JSON Lines or Parquet",
+        )
     if path.stat().st_size == 0:
-        raise DataError(str(path), "holds no records: the file is empty (0 bytes)",
-                        hint="check that it was written completely, or leave it out")
+        raise DataError(
+            str(path),
+            "holds no records: the file is empty (0 bytes)",
+            hint="check that it was written completely, or leave it out",
+        )
     return _jsonl_rows(path) if suffix in (".jsonl", ".json") else _parquet_rows(path)
 
 
@@ -225,8 +262,11 @@ def _check_messages(value: list, key: str, source: str) -> None:
             if not isinstance(message.get(field), str):
                 raise DataError(source, f"{key}[{i}] has no string {field!r}")
         if message["role"] not in ROLES:
-            raise DataError(source, f"{key}[{i}] has role {message['role']!r}, not one of {list(ROLES)}",
-                            hint=_role_hint(message["role"]))
+            raise DataError(
+                source,
+                f"{key}[{i}] has role {message['role']!r}, not one of {list(ROLES)}",
+                hint=_role_hint(message["role"]),
+            )
 
 
 def _check_value(value: Any, key: str, source: str, *, allow_empty: bool) -> None:
@@ -243,7 +283,7 @@ def _common_prefix_len(a: str | list, b: str | list) -> int:
     """Length of the longest common prefix of two strings (compared 4 KiB at a time) or two lists."""
     n, limit = 0, min(len(a), len(b))
     if isinstance(a, str):
-        while n + 4096 <= limit and a[n:n + 4096] == b[n:n + 4096]:
+        while n + 4096 <= limit and a[n : n + 4096] == b[n : n + 4096]:
             n += 4096
     while n < limit and a[n] == b[n]:
         n += 1
@@ -303,12 +343,17 @@ def _require_records(path, kind: str, kept: int, skipped: Sequence[tuple[str, st
     if kept:
         return
     if not skipped:
-        raise DataError(str(path), "holds no records (it has no rows, or only blank lines)",
-                        hint="check that the path names the data you meant, or leave it out")
+        raise DataError(
+            str(path),
+            "holds no records (it has no rows, or only blank lines)",
+            hint="check that the path names the data you meant, or leave it out",
+        )
     source, problem = skipped[0]
-    raise DataError(str(path), f"holds no records: all {len(skipped)} row(s) are invalid and were skipped "
-                               f"(the first, {source}: {problem})",
-                    hint=f"{kind} records need {_NEEDS[kind]}; fix the rows, or check that this is the right file")
+    raise DataError(
+        str(path),
+        f"holds no records: all {len(skipped)} row(s) are invalid and were skipped (the first, {source}: {problem})",
+        hint=f"{kind} records need {_NEEDS[kind]}; fix the rows, or check that this is the right file",
+    )
 
 
 def load_records(

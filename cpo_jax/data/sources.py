@@ -33,7 +33,7 @@ def bundled_rows(path: str) -> list[tuple[str, dict]]:
     An unknown name is a :class:`UserFileNotFoundError` listing what exists; a size that is not a positive
     integer, or more than a fixed set holds, is a :class:`DataError`.
     """
-    spec = path[len(PREFIX):]
+    spec = path[len(PREFIX) :]
     name, _, size = spec.partition(":")
     available = ", ".join(PREFIX + n for n in _SOURCES)
     if name not in _SOURCES:
@@ -43,10 +43,16 @@ def bundled_rows(path: str) -> list[tuple[str, dict]]:
     except ValueError:
         n = 0
     if n is not None and n < 1:
-        raise DataError(path, f"the size after the name, {size!r}, is not a positive integer",
-                        hint=f"write {PREFIX}{name}:<number of records>, or {PREFIX}{name} for the default size")
+        raise DataError(
+            path,
+            f"the size after the name, {size!r}, is not a positive integer",
+            hint=f"write {PREFIX}{name}:<number of records>, or {PREFIX}{name} for the default size",
+        )
     records = _SOURCES[name](n)
     if n is not None and len(records) < n:
-        raise DataError(path, f"{PREFIX}{name} holds only {len(records)} records, not {n}",
-                        hint=f"ask for at most {len(records)}, or write {PREFIX}{name}")
+        raise DataError(
+            path,
+            f"{PREFIX}{name} holds only {len(records)} records, not {n}",
+            hint=f"ask for at most {len(records)}, or write {PREFIX}{name}",
+        )
     return [(f"{PREFIX}{name}:{i + 1}", record) for i, record in enumerate(records)]

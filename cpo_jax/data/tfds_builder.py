@@ -67,9 +67,7 @@ def _builder_class(name: str, version: str, splits: Mapping[str, Iterable[Exampl
         code_path = None
 
         def _info(self) -> tfds.core.DatasetInfo:
-            features = tfds.features.FeaturesDict(
-                {"record": tfds.features.Text(), "source": tfds.features.Text()}
-            )
+            features = tfds.features.FeaturesDict({"record": tfds.features.Text(), "source": tfds.features.Text()})
             return tfds.core.DatasetInfo(
                 builder=self,
                 description="Local preference records (JSON strings) with their provenance.",
@@ -92,9 +90,7 @@ def _complete_versions(dataset_dir: pathlib.Path) -> list[str]:
     if not dataset_dir.is_dir():
         return []
     found = [
-        p.name
-        for p in dataset_dir.iterdir()
-        if _VERSION_RE.fullmatch(p.name) and (p / "dataset_info.json").is_file()
+        p.name for p in dataset_dir.iterdir() if _VERSION_RE.fullmatch(p.name) and (p / "dataset_info.json").is_file()
     ]
     return sorted(found, key=lambda v: tuple(map(int, v.split("."))))
 
@@ -185,8 +181,11 @@ def tfds_records(
     versions = _complete_versions(root / name)
     if not versions:
         present = sorted(p.name for p in root.iterdir() if _complete_versions(p)) if root.is_dir() else []
-        raise UserFileNotFoundError(f"no built TFDS dataset {name!r} here (datasets in {root}: {present})",
-                                    where=str(root / name), hint="build it with cpo_jax.data.build_tfds_from_files")
+        raise UserFileNotFoundError(
+            f"no built TFDS dataset {name!r} here (datasets in {root}: {present})",
+            where=str(root / name),
+            hint="build it with cpo_jax.data.build_tfds_from_files",
+        )
     version = version or versions[-1]
     if version not in versions:
         raise UserFileNotFoundError(f"no version {version} (available: {versions})", where=str(root / name))
@@ -194,8 +193,11 @@ def tfds_records(
     available = _split_names(version_dir)
     missing = sorted({part.split("[")[0].strip() for part in split.split("+")} - set(available))
     if missing:
-        raise DataError(str(version_dir), f"no split {missing} (available splits: {available})",
-                        hint="choose one of the available splits")
+        raise DataError(
+            str(version_dir),
+            f"no split {missing} (available splits: {available})",
+            hint="choose one of the available splits",
+        )
     source = tfds.data_source(f"{name}:{version}", data_dir=os.fspath(root), split=split, download=False)
     return TfdsRecords(source)
 
@@ -215,5 +217,6 @@ def build_tfds_from_files(
     from cpo_jax.data.records import load_records
 
     loaded = {split: load_records(paths, kind, skip_invalid=skip_invalid) for split, paths in splits.items()}
-    return build_tfds_splits({split: list(zip(rs.sources, rs.records)) for split, rs in loaded.items()},
-                             data_dir, name=name, version=version)
+    return build_tfds_splits(
+        {split: list(zip(rs.sources, rs.records)) for split, rs in loaded.items()}, data_dir, name=name, version=version
+    )

@@ -79,18 +79,25 @@ class TokenizeConfig:
 
     def __post_init__(self):
         if self.truncation not in TRUNCATIONS:
-            raise ConfigError(f"truncation must be one of {list(TRUNCATIONS)}, got {self.truncation!r}",
-                              where="data.truncation", hint="keep_start cuts the end of a long completion, "
-                                                             "keep_end its start")
+            raise ConfigError(
+                f"truncation must be one of {list(TRUNCATIONS)}, got {self.truncation!r}",
+                where="data.truncation",
+                hint="keep_start cuts the end of a long completion, keep_end its start",
+            )
         if self.max_length < 2:
-            raise ConfigError(f"max_length {self.max_length} leaves no room for a prompt and a completion",
-                              where="data.max_length", hint="use at least 2 (typically 512 to 4096)")
+            raise ConfigError(
+                f"max_length {self.max_length} leaves no room for a prompt and a completion",
+                where="data.max_length",
+                hint="use at least 2 (typically 512 to 4096)",
+            )
         if not 1 <= self.prompt_limit < self.max_length:
-            raise ConfigError(f"max_prompt_length {self.prompt_limit} leaves no room in max_length {self.max_length}"
-                              if self.prompt_limit >= 1 else f"max_prompt_length {self.prompt_limit} is below 1",
-                              where="data.max_prompt_length",
-                              hint=f"use a value in [1, data.max_length={self.max_length}), or leave it unset "
-                                   f"for max_length // 2")
+            raise ConfigError(
+                f"max_prompt_length {self.prompt_limit} leaves no room in max_length {self.max_length}"
+                if self.prompt_limit >= 1
+                else f"max_prompt_length {self.prompt_limit} is below 1",
+                where="data.max_prompt_length",
+                hint=f"use a value in [1, data.max_length={self.max_length}), or leave it unset for max_length // 2",
+            )
 
     @property
     def prompt_limit(self) -> int:
@@ -143,7 +150,7 @@ def _clip(text: str, chars: int, truncation: str) -> str:
     """The first (``keep_start``) or last (``keep_end``) ``chars`` characters of ``text``."""
     if truncation == "keep_start":
         return text[:chars]
-    return text[len(text) - chars:] if chars < len(text) else text
+    return text[len(text) - chars :] if chars < len(text) else text
 
 
 def clip_text(value: str | list[dict], chars: int, truncation: str) -> str | list[dict]:
@@ -188,10 +195,12 @@ class RecordTokenizer:
         self.prefix_mismatches = 0
         if tokenizer.eos_token_id is None:
             name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-            raise ModelError("the tokenizer has no eos token; every plain-text completion ends with it",
-                             where=f"tokenizer {name}",
-                             hint="set \"eos_token\" in the model's tokenizer_config.json (the token the model ends "
-                                  "a reply with), or use the tokenizer the model was trained with")
+            raise ModelError(
+                "the tokenizer has no eos token; every plain-text completion ends with it",
+                where=f"tokenizer {name}",
+                hint='set "eos_token" in the model\'s tokenizer_config.json (the token the model ends '
+                "a reply with), or use the tokenizer the model was trained with",
+            )
 
     @functools.cached_property
     def chars_per_token(self) -> int | None:
@@ -209,26 +218,34 @@ class RecordTokenizer:
             return record
         prompt_chars = text_chars(record["prompt"])
         if prompt_chars > char_bound(cfg.prompt_limit, per_token):
-            return Dropped(source, f"prompt of {prompt_chars} characters exceeds max_prompt_length {cfg.prompt_limit} "
-                                   f"(no token of this tokenizer covers more than {per_token} characters)")
+            return Dropped(
+                source,
+                f"prompt of {prompt_chars} characters exceeds max_prompt_length {cfg.prompt_limit} "
+                f"(no token of this tokenizer covers more than {per_token} characters)",
+            )
         limit = char_bound(cfg.max_length, per_token)
-        cut = {name: clip_text(record[name], limit, cfg.truncation)
-               for name in COMPLETIONS[kind] if text_chars(record[name]) > limit}
+        cut = {
+            name: clip_text(record[name], limit, cfg.truncation)
+            for name in COMPLETIONS[kind]
+            if text_chars(record[name]) > limit
+        }
         return {**record, **cut} if cut else record
 
     # -- pieces ------------------------------------------------------------------------------------
     def prompt_ids(self, prompt) -> list[int]:
         """Prompt ids as generation sees them (chat template with the generation prompt, or plain)."""
         if is_conversational(prompt):
-            return _ids(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=False))
+            return _ids(
+                self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+            )
         return _ids(self.tokenizer(prompt)["input_ids"])
 
     def full_ids(self, prompt, completion) -> list[int]:
         """Ids of prompt and completion rendered and tokenised together (step 2 of the module docstring)."""
         if is_conversational(completion):
-            return _ids(self.tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=True,
-                                                           return_dict=False))
+            return _ids(
+                self.tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=True, return_dict=False)
+            )
         eos = self.tokenizer.eos_token
         return _ids(self.tokenizer(prompt + completion + ("" if completion.endswith(eos) else eos))["input_ids"])
 
@@ -241,10 +258,16 @@ class RecordTokenizer:
         if n < len(prompt_ids):
             self.prefix_mismatches += 1
             if _tenfold(self.prefix_mismatches):  # the first, then the 10th, 100th, ...: every epoch repeats them
-                log.warning("%s: the prompt's own ids are not a prefix of prompt + completion (%d of %d prompt tokens "
-                            "match; the rest, %r, is left out of the training sequence as in TRL; %d such record(s) "
-                            "so far in this process)", source, n, len(prompt_ids),
-                            self.tokenizer.decode(prompt_ids[n:]), self.prefix_mismatches)
+                log.warning(
+                    "%s: the prompt's own ids are not a prefix of prompt + completion (%d of %d prompt tokens "
+                    "match; the rest, %r, is left out of the training sequence as in TRL; %d such record(s) "
+                    "so far in this process)",
+                    source,
+                    n,
+                    len(prompt_ids),
+                    self.tokenizer.decode(prompt_ids[n:]),
+                    self.prefix_mismatches,
+                )
         return prompt_ids[:n], [ids[n:] for ids in full]
 
     def sequence(self, prompt, completion, source: str) -> tuple[list[int], int]:
@@ -288,11 +311,13 @@ class RecordTokenizer:
         if kind == "prompt_only":
             ids = np.asarray(self.prompt_ids(record["prompt"]), np.int32)
             if len(ids) > self.config.prompt_limit:
-                return Dropped(source, f"prompt of {len(ids)} tokens exceeds max_prompt_length "
-                                       f"{self.config.prompt_limit}")
+                return Dropped(
+                    source, f"prompt of {len(ids)} tokens exceeds max_prompt_length {self.config.prompt_limit}"
+                )
             if self.config.vocab_size is not None and ids.size and ids.max() >= self.config.vocab_size:
-                raise DataError(source, f"token id {int(ids.max())} is not below the model's vocab_size "
-                                        f"{self.config.vocab_size}")
+                raise DataError(
+                    source, f"token id {int(ids.max())} is not below the model's vocab_size {self.config.vocab_size}"
+                )
             return {"prompt": ids, "index": np.int64(index)}
         out: dict[str, Any] = {"index": np.int64(index)}
         names = COMPLETIONS[kind]
@@ -325,8 +350,11 @@ def identical_pair(source: str, length: int) -> Dropped:
     _IDENTICAL_PAIRS["seen"] += 1
     count = _IDENTICAL_PAIRS["seen"]
     if _tenfold(count):
-        log.warning("%s: chosen and rejected are the same %d tokens after truncation; the pair carries no "
-                    "preference and is dropped (%d such pair(s) so far in this process; audit() counts them all)",
-                    source, length, count)
-    return Dropped(source, f"chosen and rejected are the same {length} tokens after truncation",
-                   code="identical_pair")
+        log.warning(
+            "%s: chosen and rejected are the same %d tokens after truncation; the pair carries no "
+            "preference and is dropped (%d such pair(s) so far in this process; audit() counts them all)",
+            source,
+            length,
+            count,
+        )
+    return Dropped(source, f"chosen and rejected are the same {length} tokens after truncation", code="identical_pair")

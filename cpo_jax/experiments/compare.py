@@ -26,8 +26,13 @@ from cpo_jax.losses.metrics import preference_metrics
 from cpo_jax.losses.pair import PairLogps
 from cpo_jax.losses.rlhf import kl_estimate
 
-DIAGNOSTIC_KEYS = ("diagnostics/frac_in_U", "diagnostics/abs_accuracy", "diagnostics/frac_ref_prefers_rejected",
-                   "logps/chosen", "logps/rejected")
+DIAGNOSTIC_KEYS = (
+    "diagnostics/frac_in_U",
+    "diagnostics/abs_accuracy",
+    "diagnostics/frac_ref_prefers_rejected",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 def question(record: dict) -> str:
@@ -52,8 +57,9 @@ def held_out(records, seen: set[str], limit: int | None = None):
         keep.append(i)
         if limit is not None and len(keep) == limit:
             break
-    return dataclasses.replace(records, records=[records.records[i] for i in keep],
-                               sources=[records.sources[i] for i in keep])
+    return dataclasses.replace(
+        records, records=[records.records[i] for i in keep], sources=[records.sources[i] for i in keep]
+    )
 
 
 def preference_step_cost(pairs_per_batch: int, row_length: int, *, reference_forward: bool) -> int:
@@ -71,8 +77,17 @@ def forward_token_equivalents(steps: int, step_cost: int) -> int:
     return steps * step_cost
 
 
-def sampled_kl(policy, reference, tokenizer, prompts, *, prompt_length: int, max_new_tokens: int,
-               seed: int = 0, batch_size: int = 16) -> dict[str, float]:
+def sampled_kl(
+    policy,
+    reference,
+    tokenizer,
+    prompts,
+    *,
+    prompt_length: int,
+    max_new_tokens: int,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict[str, float]:
     """Mean over prompts of the summed k1 and k3 estimates of ``KL(policy || reference)`` on policy samples.
 
     ``prompts``: prompt-only records as :func:`cpo_jax.data.load_records` returns them (``.records``, ``.sources``).
@@ -86,8 +101,9 @@ def sampled_kl(policy, reference, tokenizer, prompts, *, prompt_length: int, max
     graphdef, params = nnx.split(policy)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tok = TokenizeConfig(max_length=prompt_length + max_new_tokens, max_prompt_length=prompt_length)
-    batch_cfg = BatchConfig(pairs_per_batch=batch_size, max_length=tok.max_length,
-                            buckets=(prompt_length, tok.max_length), pad_id=pad)
+    batch_cfg = BatchConfig(
+        pairs_per_batch=batch_size, max_length=tok.max_length, buckets=(prompt_length, tok.max_length), pad_id=pad
+    )
     pipe = PipelineConfig(kind="prompt_only", shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
 
     @jax.jit
@@ -98,12 +114,19 @@ def sampled_kl(policy, reference, tokenizer, prompts, *, prompt_length: int, max
         return out
 
     k1, k3 = [], []
-    for i, b in enumerate(build_dataset(prompts.records, tokenizer, tok, batch_cfg, pipe,
-                                                   sources=prompts.sources)):
-        ids, mask, gen = sample(graphdef, params, jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
-                                jax.random.fold_in(jax.random.key(seed), i), num_generations=1,
-                                max_new_tokens=max_new_tokens, sampling=SamplingConfig(temperature=1.0),
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    for i, b in enumerate(build_dataset(prompts.records, tokenizer, tok, batch_cfg, pipe, sources=prompts.sources)):
+        ids, mask, gen = sample(
+            graphdef,
+            params,
+            jnp.asarray(b["input_ids"]),
+            jnp.asarray(b["attention_mask"]),
+            jax.random.fold_in(jax.random.key(seed), i),
+            num_generations=1,
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingConfig(temperature=1.0),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+        )
         lp, ref = logps(ids, mask, gen.tokens, gen.mask)
         m = np.asarray(gen.mask, np.float32)
         real = np.asarray(b["pair_mask"])
@@ -116,8 +139,7 @@ def pair_diagnostics(policy_logps: np.ndarray, reference_logps: np.ndarray, *, b
     """The paper's diagnostics from ``[N, 2]`` summed (chosen, rejected) log-probs; dropped (NaN) rows are skipped."""
     keep = np.isfinite(policy_logps).all(-1) & np.isfinite(reference_logps).all(-1)
     p, r = policy_logps[keep], reference_logps[keep]
-    metrics = preference_metrics(PairLogps(*(jnp.asarray(x) for x in (p[:, 0], p[:, 1], r[:, 0], r[:, 1]))),
-                                 beta=beta)
+    metrics = preference_metrics(PairLogps(*(jnp.asarray(x) for x in (p[:, 0], p[:, 1], r[:, 0], r[:, 1]))), beta=beta)
     return {k: float(metrics[k]) for k in DIAGNOSTIC_KEYS} | {"pairs": float(keep.sum())}
 
 
@@ -132,5 +154,5 @@ def mcnemar_exact(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
         raise ValueError(f"paired outcomes differ in shape: {before.shape} vs {after.shape}")
     gained, lost = int(np.sum(~before & after)), int(np.sum(before & ~after))
     n, k = gained + lost, min(gained, lost)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n if n else 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n if n else 1.0
     return {"mcnemar/gained": float(gained), "mcnemar/lost": float(lost), "mcnemar/p": min(1.0, 2.0 * tail)}

@@ -48,6 +48,7 @@ def select_pairs(records: list[dict], logps: np.ndarray, lengths: np.ndarray) ->
     by_problem: dict[int, list[int]] = {}
     for i, record in enumerate(records):
         by_problem.setdefault(int(record["problem"]), []).append(i)
+
     def most_preferred(candidates: np.ndarray) -> dict:
         """The candidate with the lowest ``delta_ref_norm``, annotated with its margins."""
         pick = candidates[np.argmin(delta_norm[candidates])]

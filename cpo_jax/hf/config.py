@@ -59,8 +59,9 @@ def _required(hf: Mapping, key: str, name: str, model_type: str, required: bool)
     return value
 
 
-def int_value(hf: Mapping, key: str, model_type: str, *, required: bool = True, minimum: int = 1,
-              name: str | None = None) -> int | None:
+def int_value(
+    hf: Mapping, key: str, model_type: str, *, required: bool = True, minimum: int = 1, name: str | None = None
+) -> int | None:
     """``hf[key]`` as an integer ``>= minimum``; None when optional and absent or null.
 
     ``name`` is the key as the message shows it (``rope_parameters.factor``); it defaults to ``key``.
@@ -72,32 +73,39 @@ def int_value(hf: Mapping, key: str, model_type: str, *, required: bool = True, 
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise UnsupportedConfig(f"{model_type}: config.json sets {name}={value!r}; it must be an integer",
-                                hint=_FIX_HINT)
+        raise UnsupportedConfig(
+            f"{model_type}: config.json sets {name}={value!r}; it must be an integer", hint=_FIX_HINT
+        )
     if value < minimum:
-        raise UnsupportedConfig(f"{model_type}: config.json sets {name}={value!r}; it must be >= {minimum}",
-                                hint=_FIX_HINT)
+        raise UnsupportedConfig(
+            f"{model_type}: config.json sets {name}={value!r}; it must be >= {minimum}", hint=_FIX_HINT
+        )
     return value
 
 
-def number_value(hf: Mapping, key: str, model_type: str, *, required: bool = True, positive: bool = True,
-                 name: str | None = None) -> float | None:
+def number_value(
+    hf: Mapping, key: str, model_type: str, *, required: bool = True, positive: bool = True, name: str | None = None
+) -> float | None:
     """``hf[key]`` as a finite float (``> 0`` when ``positive``, else ``>= 0``); None when optional and absent."""
     name = name or key
     value = _required(hf, key, name, model_type, required)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UnsupportedConfig(f"{model_type}: config.json sets {name}={value!r}; it must be a finite number",
-                                hint=_FIX_HINT)
+        raise UnsupportedConfig(
+            f"{model_type}: config.json sets {name}={value!r}; it must be a finite number", hint=_FIX_HINT
+        )
     if value < 0 or (positive and value == 0):
-        raise UnsupportedConfig(f"{model_type}: config.json sets {name}={value!r}; it must be "
-                                f"{'> 0' if positive else '>= 0'}", hint=_FIX_HINT)
+        raise UnsupportedConfig(
+            f"{model_type}: config.json sets {name}={value!r}; it must be {'> 0' if positive else '>= 0'}",
+            hint=_FIX_HINT,
+        )
     return float(value)
 
 
-def attention_dims(hf: Mapping, model_type: str, *, hidden: str, heads: str, kv_heads: str | None,
-                   head_dim: str | None) -> dict[str, int]:
+def attention_dims(
+    hf: Mapping, model_type: str, *, hidden: str, heads: str, kv_heads: str | None, head_dim: str | None
+) -> dict[str, int]:
     """``hidden_size``, ``num_heads``, ``num_kv_heads`` and ``head_dim``, checked for consistency.
 
     The arguments name the keys of the family's layout (``n_embd`` / ``n_head`` for GPT-2); ``kv_heads`` and
@@ -108,14 +116,17 @@ def attention_dims(hf: Mapping, model_type: str, *, hidden: str, heads: str, kv_
     k = int_value(hf, kv_heads, model_type, required=False) if kv_heads else None
     k = n if k is None else k
     if n % k:
-        raise UnsupportedConfig(f"{model_type}: config.json sets {kv_heads}={k}, which does not divide "
-                                f"{heads}={n}", hint=_FIX_HINT)
+        raise UnsupportedConfig(
+            f"{model_type}: config.json sets {kv_heads}={k}, which does not divide {heads}={n}", hint=_FIX_HINT
+        )
     h = int_value(hf, head_dim, model_type, required=False) if head_dim else None
     if h is None:
         if d % n:
-            raise UnsupportedConfig(f"{model_type}: config.json sets {hidden}={d}, which is not divisible by "
-                                    f"{heads}={n}" + (f" (and has no {head_dim})" if head_dim else ""),
-                                    hint=_FIX_HINT)
+            raise UnsupportedConfig(
+                f"{model_type}: config.json sets {hidden}={d}, which is not divisible by "
+                f"{heads}={n}" + (f" (and has no {head_dim})" if head_dim else ""),
+                hint=_FIX_HINT,
+            )
         h = d // n
     return dict(hidden_size=d, num_heads=n, num_kv_heads=k, head_dim=h)
 
@@ -123,8 +134,9 @@ def attention_dims(hf: Mapping, model_type: str, *, hidden: str, heads: str, kv_
 def rope_spec(params: Any, model_type: str, key: str = "rope_parameters") -> RopeSpec:
     """Translate one HF rope parameters dict (``rope_theta``, ``rope_type``, scaling keys)."""
     if not isinstance(params, Mapping):
-        raise UnsupportedConfig(f"{model_type}: config.json sets {key}={params!r}; it must be an object",
-                                hint=_FIX_HINT)
+        raise UnsupportedConfig(
+            f"{model_type}: config.json sets {key}={params!r}; it must be an object", hint=_FIX_HINT
+        )
     rope_type = params.get("rope_type", params.get("type", "default"))
     if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedConfig(
@@ -147,13 +159,16 @@ def rope_spec(params: Any, model_type: str, key: str = "rope_parameters") -> Rop
             factor=number("factor"),
             low_freq_factor=number("low_freq_factor"),
             high_freq_factor=number("high_freq_factor"),
-            original_max_position_embeddings=int_value(params, "original_max_position_embeddings", model_type,
-                                                       name=f"{key}.original_max_position_embeddings"),
+            original_max_position_embeddings=int_value(
+                params, "original_max_position_embeddings", model_type, name=f"{key}.original_max_position_embeddings"
+            ),
         )
         if spec.high_freq_factor <= spec.low_freq_factor:
-            raise UnsupportedConfig(f"{model_type}: config.json {key} has high_freq_factor="
-                                    f"{spec.high_freq_factor} <= low_freq_factor={spec.low_freq_factor}",
-                                    hint=_FIX_HINT)
+            raise UnsupportedConfig(
+                f"{model_type}: config.json {key} has high_freq_factor="
+                f"{spec.high_freq_factor} <= low_freq_factor={spec.low_freq_factor}",
+                hint=_FIX_HINT,
+            )
     return spec
 
 
@@ -166,15 +181,17 @@ def rope_specs(hf: Mapping, model_type: str) -> tuple[tuple[str, RopeSpec], ...]
     if params is None:
         scaling = hf.get("rope_scaling") or {}
         if not isinstance(scaling, Mapping):
-            raise UnsupportedConfig(f"{model_type}: config.json sets rope_scaling={scaling!r}; it must be an object",
-                                    hint=_FIX_HINT)
+            raise UnsupportedConfig(
+                f"{model_type}: config.json sets rope_scaling={scaling!r}; it must be an object", hint=_FIX_HINT
+            )
         params = dict(scaling)
         params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
         if "rope_local_base_freq" in hf:
             params = {FULL: params, SLIDING: {"rope_type": "default", "rope_theta": hf["rope_local_base_freq"]}}
     if not isinstance(params, Mapping):
-        raise UnsupportedConfig(f"{model_type}: config.json sets rope_parameters={params!r}; it must be an object",
-                                hint=_FIX_HINT)
+        raise UnsupportedConfig(
+            f"{model_type}: config.json sets rope_parameters={params!r}; it must be an object", hint=_FIX_HINT
+        )
     if FULL in params or SLIDING in params:
         unknown = set(params) - {FULL, SLIDING}
         if unknown:
@@ -189,14 +206,17 @@ def layer_types(hf: Mapping, num_layers: int, model_type: str) -> tuple[str, ...
     if types is None:
         return (FULL,) * num_layers
     if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
-        raise UnsupportedConfig(f"{model_type}: config.json sets layer_types={types!r}; it must be a list of "
-                                f"strings", hint=_FIX_HINT)
+        raise UnsupportedConfig(
+            f"{model_type}: config.json sets layer_types={types!r}; it must be a list of strings", hint=_FIX_HINT
+        )
     unknown = sorted(set(types) - {FULL, SLIDING})
     if unknown:
         raise UnsupportedConfig(f"{model_type}: layer_types contains unsupported {unknown}")
     if len(types) != num_layers:
-        raise UnsupportedConfig(f"{model_type}: config.json lists {len(types)} layer_types for "
-                                f"num_hidden_layers={num_layers}", hint=_FIX_HINT)
+        raise UnsupportedConfig(
+            f"{model_type}: config.json lists {len(types)} layer_types for num_hidden_layers={num_layers}",
+            hint=_FIX_HINT,
+        )
     return tuple(types)
 
 
@@ -215,8 +235,14 @@ def decoder_dims(hf: Mapping, default_max_positions: int, model_type: str) -> di
         vocab_size=int_value(hf, "vocab_size", model_type),
         intermediate_size=int_value(hf, "intermediate_size", model_type),
         num_layers=int_value(hf, "num_hidden_layers", model_type),
-        **attention_dims(hf, model_type, hidden="hidden_size", heads="num_attention_heads",
-                         kv_heads="num_key_value_heads", head_dim="head_dim"),
+        **attention_dims(
+            hf,
+            model_type,
+            hidden="hidden_size",
+            heads="num_attention_heads",
+            kv_heads="num_key_value_heads",
+            head_dim="head_dim",
+        ),
         max_position_embeddings=default_max_positions if max_positions is None else max_positions,
         norm_eps=1e-6 if eps is None else eps,
     )

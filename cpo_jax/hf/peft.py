@@ -50,11 +50,26 @@ PREFIX = "base_model.model."
 # adapter_config.json keys whose non-default values change what the adapter computes, and which cpo_jax does not
 # implement: such an adapter is refused rather than loaded wrongly. None, {} and [] all count as the default.
 _MUST_BE_DEFAULT = {
-    "use_dora": False, "bias": "none", "lora_bias": False, "modules_to_save": None, "rank_pattern": None,
-    "alpha_pattern": None, "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
-    "target_parameters": None, "exclude_modules": None, "trainable_token_indices": None,
-    "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None, "megatron_config": None,
-    "arrow_config": None, "kasa_config": None, "monteclora_config": None, "velora_config": None,
+    "use_dora": False,
+    "bias": "none",
+    "lora_bias": False,
+    "modules_to_save": None,
+    "rank_pattern": None,
+    "alpha_pattern": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "exclude_modules": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "megatron_config": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "monteclora_config": None,
+    "velora_config": None,
 }
 # init_lora_weights values that rewrite the base weights (the adapter is then only valid with that modified base)
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
@@ -89,7 +104,7 @@ def lora_table(cfg: TransformerConfig) -> list[LoraModule]:
     table = []
     for hf, rules in groups.items():
         rules.sort(key=lambda r: r.split[1] if r.split else 0)
-        ours = tuple(r.ours[len("layers.{i}."): -len(".kernel")] for r in rules)
+        ours = tuple(r.ours[len("layers.{i}.") : -len(".kernel")] for r in rules)
         table.append(LoraModule(hf.rsplit(".", 1)[-1], hf, ours, conv1d=not rules[0].transpose))
     return table
 
@@ -124,8 +139,7 @@ def _layer_value(var, layer: int, stacked: bool) -> np.ndarray:
     return global_to_host(value[layer] if stacked else value)
 
 
-def save_adapter(model, spec: LoraSpec, path: str | os.PathLike, *, base_model_name_or_path: str | None = None
-                 ) -> Path:
+def save_adapter(model, spec: LoraSpec, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
     """Write ``model``'s adapters as a PEFT LoRA directory (``adapter_config.json``, ``adapter_model.safetensors``).
 
     ``spec`` is the one the adapters were added with; it is checked against them (rank, scale, which projections
@@ -143,11 +157,15 @@ def save_adapter(model, spec: LoraSpec, path: str | os.PathLike, *, base_model_n
             linears = [p[0 if stacked else layer] for p in parts]
             for lin, name in zip(linears, module.ours):
                 if lin.lora_a is None:
-                    raise ValueError(f"layer {layer} {name} has no adapter, but spec targets {module.name}: "
-                                     f"save with the spec the adapters were added with")
+                    raise ValueError(
+                        f"layer {layer} {name} has no adapter, but spec targets {module.name}: "
+                        f"save with the spec the adapters were added with"
+                    )
                 if lin.lora_a[...].shape[-1] != spec.rank or not np.isclose(lin.lora_scale, spec.scale):
-                    raise ValueError(f"layer {layer} {name}: adapter of rank {lin.lora_a[...].shape[-1]} and scale "
-                                     f"{lin.lora_scale}, spec says rank {spec.rank} and scale {spec.scale}")
+                    raise ValueError(
+                        f"layer {layer} {name}: adapter of rank {lin.lora_a[...].shape[-1]} and scale "
+                        f"{lin.lora_scale}, spec says rank {spec.rank} and scale {spec.scale}"
+                    )
                 if lin.lora_a is not linears[0].lora_a:
                     raise ValueError(f"the parts {module.ours} of {module.hf} must share lora_a (PEFT has one)")
                 expected.add(id(lin))
@@ -158,16 +176,34 @@ def save_adapter(model, spec: LoraSpec, path: str | os.PathLike, *, base_model_n
             tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b.T)
     extra = adapted - expected
     if extra:
-        raise ValueError(f"{len(extra)} adapted projection(s) are not among spec's targets "
-                         f"{[m.name for m in modules]}: save with the spec the adapters were added with")
+        raise ValueError(
+            f"{len(extra)} adapted projection(s) are not among spec's targets "
+            f"{[m.name for m in modules]}: save with the spec the adapters were added with"
+        )
     alpha = int(spec.alpha) if float(spec.alpha).is_integer() else float(spec.alpha)
     config = {
-        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path,
-        "bias": "none", "exclude_modules": None, "fan_in_fan_out": any(m.conv1d for m in modules),
-        "inference_mode": True, "init_lora_weights": True, "layer_replication": None, "layers_pattern": None,
-        "layers_to_transform": None, "lora_alpha": alpha, "lora_bias": False, "lora_dropout": float(spec.dropout),
-        "modules_to_save": None, "peft_type": "LORA", "r": spec.rank, "rank_pattern": {}, "revision": None,
-        "target_modules": sorted({m.name for m in modules}), "task_type": "CAUSAL_LM", "use_dora": False,
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "exclude_modules": None,
+        "fan_in_fan_out": any(m.conv1d for m in modules),
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": alpha,
+        "lora_bias": False,
+        "lora_dropout": float(spec.dropout),
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": spec.rank,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": sorted({m.name for m in modules}),
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
         "use_rslora": bool(spec.use_rslora),
     }
     path = Path(path)
@@ -190,24 +226,33 @@ def _spec_from_config(hf: Mapping, file: Path) -> LoraSpec:
     where = str(file)
     peft_type = hf.get("peft_type")
     if peft_type != "LORA":
-        raise UnsupportedConfig(f"peft_type {peft_type!r} is not supported; cpo_jax loads LORA adapters",
-                                where=f"{where}: key peft_type")
+        raise UnsupportedConfig(
+            f"peft_type {peft_type!r} is not supported; cpo_jax loads LORA adapters", where=f"{where}: key peft_type"
+        )
     for key, default in _MUST_BE_DEFAULT.items():
         if key in hf and not _is_default(hf[key], default):
-            raise UnsupportedConfig(f"{key}={hf[key]!r} is not supported (cpo_jax implements plain LoRA: "
-                                    f"{key}={default!r})", where=f"{where}: key {key}")
+            raise UnsupportedConfig(
+                f"{key}={hf[key]!r} is not supported (cpo_jax implements plain LoRA: {key}={default!r})",
+                where=f"{where}: key {key}",
+            )
     init = hf.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise UnsupportedConfig(f"init_lora_weights={init!r} changes the base weights, which this adapter needs",
-                                where=f"{where}: key init_lora_weights",
-                                hint="convert it to a plain LoRA adapter with PEFT (path_initial_model_for_weight_"
-                                     "conversion), or merge it into the base model and export that")
+        raise UnsupportedConfig(
+            f"init_lora_weights={init!r} changes the base weights, which this adapter needs",
+            where=f"{where}: key init_lora_weights",
+            hint="convert it to a plain LoRA adapter with PEFT (path_initial_model_for_weight_"
+            "conversion), or merge it into the base model and export that",
+        )
     missing = [k for k in ("r", "lora_alpha") if k not in hf]
     if missing:
         raise ModelError(f"has no {missing[0]}", where=where, hint="PEFT writes r and lora_alpha for a LoRA adapter")
     try:
-        return LoraSpec(rank=hf["r"], alpha=hf["lora_alpha"], dropout=hf.get("lora_dropout", 0.0) or 0.0,
-                        use_rslora=bool(hf.get("use_rslora", False)))
+        return LoraSpec(
+            rank=hf["r"],
+            alpha=hf["lora_alpha"],
+            dropout=hf.get("lora_dropout", 0.0) or 0.0,
+            use_rslora=bool(hf.get("use_rslora", False)),
+        )
     except ConfigError as err:
         key = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}.get((err.where or "").rsplit(".")[-1])
         raise ModelError(err.problem, where=f"{where}: key {key}") from None
@@ -229,12 +274,12 @@ def _matched_targets(cfg: TransformerConfig, targets, file: Path) -> tuple[str, 
         try:
             pattern = re.compile(targets)
         except re.error as err:
-            raise ModelError(f"target_modules {targets!r} is not a valid regular expression: {err}",
-                             where=where) from None
+            raise ModelError(
+                f"target_modules {targets!r} is not a valid regular expression: {err}", where=where
+            ) from None
         hits = {(m.hf, p) for m, p in paths if pattern.fullmatch(p)}
         if not hits:
-            raise ModelError(f"target_modules {targets!r} matches no projection of the model", where=where,
-                             hint=valid)
+            raise ModelError(f"target_modules {targets!r} matches no projection of the model", where=where, hint=valid)
     elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
         hits = set()
         for target in targets:
@@ -243,16 +288,20 @@ def _matched_targets(cfg: TransformerConfig, targets, file: Path) -> tuple[str, 
                 raise ModelError(f"targets {target!r}, which {_family(cfg)} lacks", where=where, hint=valid)
             hits |= found
     else:
-        raise ModelError(f"target_modules must be a list of module names or a regex string, got {targets!r}",
-                         where=where)
+        raise ModelError(
+            f"target_modules must be a list of module names or a regex string, got {targets!r}", where=where
+        )
     chosen = []
     for name in names:
         of_name = {(m.hf, p) for m, p in paths if m.name == name}
         if of_name <= hits:
             chosen.append(name)
         elif of_name & hits:
-            raise UnsupportedConfig(f"target_modules adapts only some of the {name!r} projections (some layers or "
-                                    f"modules); cpo_jax adapts a target name in every layer", where=where)
+            raise UnsupportedConfig(
+                f"target_modules adapts only some of the {name!r} projections (some layers or "
+                f"modules); cpo_jax adapts a target name in every layer",
+                where=where,
+            )
     return tuple(chosen)
 
 
@@ -263,21 +312,33 @@ def _read_tensors(file: Path, expected: Mapping[str, tuple[int, ...]]) -> dict[s
         names = list(f.keys())
         missing = [n for n in expected if n not in names]
         if missing:
-            raise ModelError(f"lacks {len(missing)} tensor(s) that adapter_config.json implies, e.g. {missing[:3]}",
-                             where=str(file), hint=hint)
+            raise ModelError(
+                f"lacks {len(missing)} tensor(s) that adapter_config.json implies, e.g. {missing[:3]}",
+                where=str(file),
+                hint=hint,
+            )
         extra = [n for n in names if n not in expected]
         if extra:
-            raise ModelError(f"holds {len(extra)} tensor(s) that no targeted projection of the model has, "
-                             f"e.g. {extra[:3]}", where=str(file), hint=hint)
+            raise ModelError(
+                f"holds {len(extra)} tensor(s) that no targeted projection of the model has, e.g. {extra[:3]}",
+                where=str(file),
+                hint=hint,
+            )
         out = {}
         for name, shape in expected.items():
             tensor = tensor_slice(f, file, name)
             if tuple(tensor.get_shape()) != shape:
-                raise ModelError(f"has shape {tuple(tensor.get_shape())}, expected {shape} (r and the model's "
-                                 f"projection sizes)", where=f"{file}: tensor {name}", hint=hint)
+                raise ModelError(
+                    f"has shape {tuple(tensor.get_shape())}, expected {shape} (r and the model's projection sizes)",
+                    where=f"{file}: tensor {name}",
+                    hint=hint,
+                )
             if tensor.get_dtype() not in SAFETENSORS_DTYPES:
-                raise ModelError(f"has unsupported dtype {tensor.get_dtype()}", where=f"{file}: tensor {name}",
-                                 hint=f"cpo_jax reads {sorted(SAFETENSORS_DTYPES)} tensors")
+                raise ModelError(
+                    f"has unsupported dtype {tensor.get_dtype()}",
+                    where=f"{file}: tensor {name}",
+                    hint=f"cpo_jax reads {sorted(SAFETENSORS_DTYPES)} tensors",
+                )
             out[name] = np.asarray(tensor[:])
     return out
 
@@ -297,23 +358,30 @@ def load_adapter(model, path: str | os.PathLike, *, rngs: nnx.Rngs | None = None
     cfg = model.config
     path = Path(path)
     if not path.is_dir():
-        raise UserFileNotFoundError("the adapter directory does not exist" if not path.exists() else
-                                    "the adapter path is not a directory", where=str(path),
-                                    hint=f"give a PEFT adapter directory ({CONFIG_FILE} + {WEIGHTS_FILE})")
+        raise UserFileNotFoundError(
+            "the adapter directory does not exist" if not path.exists() else "the adapter path is not a directory",
+            where=str(path),
+            hint=f"give a PEFT adapter directory ({CONFIG_FILE} + {WEIGHTS_FILE})",
+        )
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
-        raise UserFileNotFoundError(f"not a PEFT adapter directory: it has no {CONFIG_FILE}", where=str(path),
-                                    hint="save the adapter with PeftModel.save_pretrained(dir) or "
-                                         "cpo_jax.hf.peft.save_adapter")
+        raise UserFileNotFoundError(
+            f"not a PEFT adapter directory: it has no {CONFIG_FILE}",
+            where=str(path),
+            hint="save the adapter with PeftModel.save_pretrained(dir) or cpo_jax.hf.peft.save_adapter",
+        )
     hf = read_json_object(config_file, hint="PEFT writes it as plain JSON")
     spec = _spec_from_config(hf, config_file)
     targets = _matched_targets(cfg, hf.get("target_modules"), config_file)
     spec = dataclasses.replace(spec, targets=targets)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
-        hint = ("PyTorch adapter_model.bin is not read: re-save it with PeftModel.save_pretrained(dir, "
-                "safe_serialization=True)" if (path / "adapter_model.bin").is_file()
-                else f"copy {WEIGHTS_FILE} next to {CONFIG_FILE}")
+        hint = (
+            "PyTorch adapter_model.bin is not read: re-save it with PeftModel.save_pretrained(dir, "
+            "safe_serialization=True)"
+            if (path / "adapter_model.bin").is_file()
+            else f"copy {WEIGHTS_FILE} next to {CONFIG_FILE}"
+        )
         raise ModelError(f"no adapter weights: {WEIGHTS_FILE} is missing", where=str(path), hint=hint)
 
     modules = _targeted(cfg, spec)
@@ -340,6 +408,7 @@ def load_adapter(model, path: str | os.PathLike, *, rngs: nnx.Rngs | None = None
             a_layers.append(tensors[f"{key}.lora_A.weight"].T)  # [in, r]
             b_layers.append(np.split(tensors[f"{key}.lora_B.weight"].T, widths, axis=-1))  # [r, out_k] per part
         for layer_index in range(1 if stacked else cfg.num_layers):
+
             def pick(values, layer_index=layer_index):
                 return np.stack(values) if stacked else values[layer_index]
 

@@ -55,8 +55,9 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     Raises :class:`UserFileNotFoundError` when ``path`` is not a directory with a config.json, and
     :class:`ModelError` naming ``config.json:line:column`` when it is not a valid JSON object.
     """
-    return read_json_object(require_model_dir(path) / "config.json",
-                            hint="restore config.json from the original model (it is plain JSON)")
+    return read_json_object(
+        require_model_dir(path) / "config.json", hint="restore config.json from the original model (it is plain JSON)"
+    )
 
 
 def config_from_hf(hf: Mapping[str, Any], *, source: str | os.PathLike | None = None, **overrides) -> TransformerConfig:
@@ -68,11 +69,14 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str | os.PathLike | None = 
     hf = dict(hf)
     with located(None if source is None else str(source)):
         if "model_type" not in hf:
-            raise UnsupportedConfig("config.json has no model_type",
-                                    hint=f"add the model_type of the model, one of {sorted(FAMILIES)}")
+            raise UnsupportedConfig(
+                "config.json has no model_type", hint=f"add the model_type of the model, one of {sorted(FAMILIES)}"
+            )
         if hf.get("quantization_config"):
-            raise UnsupportedConfig(f"{hf['model_type']}: quantized checkpoints (quantization_config) are not "
-                                    f"supported", hint="dequantize it first (tools/import_gguf.py for a GGUF file)")
+            raise UnsupportedConfig(
+                f"{hf['model_type']}: quantized checkpoints (quantization_config) are not supported",
+                hint="dequantize it first (tools/import_gguf.py for a GGUF file)",
+            )
         cfg = family_of(hf["model_type"]).config_from_hf(hf)
     return cfg.replace(**overrides) if overrides else cfg
 
@@ -81,11 +85,16 @@ def _bad_safetensors(file: Path, err: Exception, tensor: str | None = None) -> M
     """The :class:`ModelError` for a safetensors file (and tensor) that safetensors refused to read."""
     where = f"{file}: tensor {tensor}" if tensor else str(file)
     if isinstance(err, OSError):
-        return ModelError(f"cannot be read: {err.strerror or err}", where=where,
-                          hint="check that the file exists, is a regular file and is readable")
-    return ModelError(f"not a readable safetensors file (truncated, empty or corrupt?): {first_line(err)}",
-                      where=where,
-                      hint=REDOWNLOAD)
+        return ModelError(
+            f"cannot be read: {err.strerror or err}",
+            where=where,
+            hint="check that the file exists, is a regular file and is readable",
+        )
+    return ModelError(
+        f"not a readable safetensors file (truncated, empty or corrupt?): {first_line(err)}",
+        where=where,
+        hint=REDOWNLOAD,
+    )
 
 
 def open_safetensors(file: str | os.PathLike):
@@ -103,8 +112,11 @@ def tensor_slice(handle, file: str | os.PathLike, name: str):
         return handle.get_slice(name)
     except SafetensorError as err:
         if name not in handle.keys():
-            raise ModelError("the file does not hold this tensor", where=f"{file}: tensor {name}",
-                             hint=f"{INDEX_FILE} maps it to this file: {REDOWNLOAD}") from None
+            raise ModelError(
+                "the file does not hold this tensor",
+                where=f"{file}: tensor {name}",
+                hint=f"{INDEX_FILE} maps it to this file: {REDOWNLOAD}",
+            ) from None
         raise _bad_safetensors(Path(file), err, name) from None
 
 
@@ -117,16 +129,21 @@ def _index_files(path: Path, index: Path) -> dict[str, Path]:
     files = {name: path / file for name, file in weight_map.items()}
     for file in sorted(set(files.values())):
         if not file.is_file():
-            raise ModelError(f"names the shard file {file.name}, which is not in the directory", where=str(index),
-                             hint=f"the download is incomplete: {REDOWNLOAD}")
+            raise ModelError(
+                f"names the shard file {file.name}, which is not in the directory",
+                where=str(index),
+                hint=f"the download is incomplete: {REDOWNLOAD}",
+            )
     return files
 
 
 def _no_weights_hint(path: Path) -> str:
     """What to do about a model directory without safetensors weights, from what it does hold."""
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
-        return ("PyTorch .bin/.pt weights are not read: convert them with transformers, "
-                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)")
+        return (
+            "PyTorch .bin/.pt weights are not read: convert them with transformers, "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
+        )
     if any(path.glob("*.gguf")):
         return "a GGUF file must be converted first: python tools/import_gguf.py FILE.gguf OUT_DIR"
     return f"copy the model's *.safetensors files (and {INDEX_FILE} when sharded) next to config.json"
@@ -143,8 +160,11 @@ def tensor_files(path: str | os.PathLike) -> dict[str, Path]:
         return _index_files(path, index)
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ModelError(f"no model weights: no *.safetensors files (and no {INDEX_FILE})", where=str(path),
-                         hint=_no_weights_hint(path))
+        raise ModelError(
+            f"no model weights: no *.safetensors files (and no {INDEX_FILE})",
+            where=str(path),
+            hint=_no_weights_hint(path),
+        )
     names: dict[str, Path] = {}
     for file in files:
         with open_safetensors(file) as f:
@@ -229,7 +249,8 @@ def is_sequence_classifier(hf: Mapping[str, Any]) -> bool:
     """True for an HF ``*ForSequenceClassification`` config (a reward model)."""
     architectures = hf.get("architectures")
     return isinstance(architectures, list) and any(
-        isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures)
+        isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures
+    )
 
 
 def load_reward_model(path: str | os.PathLike, **kwargs) -> tuple[Transformer, jax.Array]:
@@ -241,17 +262,24 @@ def load_reward_model(path: str | os.PathLike, **kwargs) -> tuple[Transformer, j
     hf = read_hf_config(path)
     config = str(path / "config.json")
     if not is_sequence_classifier(hf):
-        raise ModelError(f"architectures={hf.get('architectures')} is not a *ForSequenceClassification reward model",
-                         where=config, hint="give a reward model saved by AutoModelForSequenceClassification "
-                                            "(num_labels=1) or by a cpo-jax reward run")
+        raise ModelError(
+            f"architectures={hf.get('architectures')} is not a *ForSequenceClassification reward model",
+            where=config,
+            hint="give a reward model saved by AutoModelForSequenceClassification "
+            "(num_labels=1) or by a cpo-jax reward run",
+        )
     num_labels = hf.get("num_labels", len(hf.get("id2label") or {0: 0}))
     if num_labels != 1:
-        raise ModelError(f"a reward model has num_labels=1; this one has {num_labels}", where=config,
-                         hint="cpo_jax scores with a single-output head (num_labels=1)")
+        raise ModelError(
+            f"a reward model has num_labels=1; this one has {num_labels}",
+            where=config,
+            hint="cpo_jax scores with a single-output head (num_labels=1)",
+        )
     files = tensor_files(path)
     if SCORE_TENSOR not in files:
-        raise ModelError(f"no {SCORE_TENSOR} tensor in the checkpoint (the reward head)", where=str(path),
-                         hint=REDOWNLOAD)
+        raise ModelError(
+            f"no {SCORE_TENSOR} tensor in the checkpoint (the reward head)", where=str(path), hint=REDOWNLOAD
+        )
     model = from_pretrained(path, **kwargs)
     file = files[SCORE_TENSOR]
     with open_safetensors(file) as f:
@@ -260,15 +288,21 @@ def load_reward_model(path: str | os.PathLike, **kwargs) -> tuple[Transformer, j
             raise _unsupported_dtype(file, SCORE_TENSOR, tensor.get_dtype())
         score = np.asarray(tensor[:]).astype(np.float32)
     if score.shape != (1, model.config.hidden_size):
-        raise ModelError(f"tensor {SCORE_TENSOR} has shape {score.shape}; expected (1, {model.config.hidden_size})",
-                         where=str(file), hint="the reward head does not match config.json's hidden_size")
+        raise ModelError(
+            f"tensor {SCORE_TENSOR} has shape {score.shape}; expected (1, {model.config.hidden_size})",
+            where=str(file),
+            hint="the reward head does not match config.json's hidden_size",
+        )
     return model, jnp.asarray(score[0])
 
 
 def _unsupported_dtype(file: Path, name: str, stored: str) -> ModelError:
-    return ModelError(f"tensor {name} has unsupported dtype {stored}", where=str(file),
-                      hint=f"cpo_jax reads {sorted(SAFETENSORS_DTYPES)} tensors; quantized or integer weights must be "
-                           f"converted to floating point first")
+    return ModelError(
+        f"tensor {name} has unsupported dtype {stored}",
+        where=str(file),
+        hint=f"cpo_jax reads {sorted(SAFETENSORS_DTYPES)} tensors; quantized or integer weights must be "
+        f"converted to floating point first",
+    )
 
 
 def _first_line(err: BaseException, limit: int = 200) -> str:
@@ -291,8 +325,11 @@ def _orbax_shapes(params_dir: Path) -> dict[str, tuple[int, ...]]:
     except Exception as err:  # noqa: BLE001 - orbax raises many types for a damaged directory
         tree, reason = None, f"{reason} ({type(err).__name__}: {_first_line(err)})"
     if tree is None:
-        raise ModelError(f"not a readable Orbax parameter checkpoint: {reason}", where=str(params_dir),
-                         hint="convert the model again with `cpo-jax convert hf-to-orbax SRC DST`")
+        raise ModelError(
+            f"not a readable Orbax parameter checkpoint: {reason}",
+            where=str(params_dir),
+            hint="convert the model again with `cpo-jax convert hf-to-orbax SRC DST`",
+        )
     shapes = {}
     for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in keys]
@@ -312,8 +349,10 @@ def orbax_mismatch(stored: Mapping[str, tuple[int, ...]], expected: Mapping[str,
         return f"the checkpoint holds {len(extra)} parameter(s) config.json does not have, e.g. {extra[:5]}"
     for name, shape in expected.items():
         if tuple(stored[name]) != tuple(shape):
-            return (f"parameter {name} has shape {tuple(stored[name])} in the checkpoint; config.json implies "
-                    f"{tuple(shape)}")
+            return (
+                f"parameter {name} has shape {tuple(stored[name])} in the checkpoint; config.json implies "
+                f"{tuple(shape)}"
+            )
     return None
 
 
@@ -329,23 +368,34 @@ def _from_orbax(params_dir: Path, cfg: TransformerConfig, param_dtype, mesh, rul
     stored = _orbax_shapes(params_dir)
     saved_scanned = not any(name.startswith("layers.0.") for name in stored)
     if saved_scanned != cfg.scan_layers:
-        raise ModelError(f"was saved with scan_layers={saved_scanned}; this load asks for "
-                         f"scan_layers={cfg.scan_layers}", where=str(params_dir),
-                         hint=f"load it with scan_layers={saved_scanned} (model.scan_layers), or load the HF "
-                              f"directory it was converted from")
+        raise ModelError(
+            f"was saved with scan_layers={saved_scanned}; this load asks for scan_layers={cfg.scan_layers}",
+            where=str(params_dir),
+            hint=f"load it with scan_layers={saved_scanned} (model.scan_layers), or load the HF "
+            f"directory it was converted from",
+        )
     mismatch = orbax_mismatch(stored, expected)
     if mismatch:
-        raise ModelError(f"does not match config.json: {mismatch}", where=str(params_dir),
-                         hint=f"put back the config.json that was written next to {ORBAX_PARAMS}/, or convert again")
-    target = nnx.from_flat_state([(p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_sharding_for(
-        v, mesh, rules)))) for p, v in flat])
+        raise ModelError(
+            f"does not match config.json: {mismatch}",
+            where=str(params_dir),
+            hint=f"put back the config.json that was written next to {ORBAX_PARAMS}/, or convert again",
+        )
+    target = nnx.from_flat_state(
+        [
+            (p, v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_sharding_for(v, mesh, rules))))
+            for p, v in flat
+        ]
+    )
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(params_dir.absolute(), {"model": target})["model"]
     except Exception as err:  # noqa: BLE001 - tensorstore raises bare Exceptions for missing or truncated chunks
-        raise ModelError(f"the Orbax parameter checkpoint is damaged: {type(err).__name__}: {_first_line(err)}",
-                         where=str(params_dir),
-                         hint="convert the model again with `cpo-jax convert hf-to-orbax SRC DST`") from None
+        raise ModelError(
+            f"the Orbax parameter checkpoint is damaged: {type(err).__name__}: {_first_line(err)}",
+            where=str(params_dir),
+            hint="convert the model again with `cpo-jax convert hf-to-orbax SRC DST`",
+        ) from None
     if param_dtype is not None:
         restored = jax.tree.map(lambda x: x.astype(param_dtype), restored)
     return nnx.merge(graphdef, restored)
@@ -372,7 +422,8 @@ def _load_param(var, group: list[Binding], files, handles, param_dtype, mesh, ru
                 f"tensor {b.hf_name} has shape {hf_shape}, the config implies {expected} (after "
                 f"{'transpose' if b.rule.transpose else 'no transpose'}{', split' if b.rule.split else ''})",
                 where=str(files[b.hf_name]),
-                hint="config.json does not describe these weights: use the config.json saved with them")
+                hint="config.json does not describe these weights: use the config.json saved with them",
+            )
         if hf.get_dtype() not in SAFETENSORS_DTYPES:
             raise _unsupported_dtype(files[b.hf_name], b.hf_name, hf.get_dtype())
     stored = first.get_dtype()
@@ -413,11 +464,15 @@ def export_tensors(model: Transformer, dtype=None):
     a model whose decoder weights are stored quantised (QLoRA), which has no float kernels to write: export
     ``merge_lora(model)`` or ``cpo_jax.models.quantize.dequantize_model(model)``, both plain float models."""
     if has_lora(model):
-        raise ValueError("the model has LoRA adapters: export merge_lora(model) (the merged weights) or save the "
-                         "adapters with cpo_jax.hf.peft.save_adapter")
+        raise ValueError(
+            "the model has LoRA adapters: export merge_lora(model) (the merged weights) or save the "
+            "adapters with cpo_jax.hf.peft.save_adapter"
+        )
     if is_quantized(model):
-        raise ValueError("the model's decoder weights are stored quantised (QLoRA): export merge_lora(model) or "
-                         "dequantize_model(model) (plain float models with the dequantised weights)")
+        raise ValueError(
+            "the model's decoder weights are stored quantised (QLoRA): export merge_lora(model) or "
+            "dequantize_model(model) (plain float models with the dequantised weights)"
+        )
     cfg = model.config
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     bindings = bind(family_of(cfg.model_type).weight_table(cfg), cfg.num_layers, cfg.scan_layers)
@@ -444,14 +499,22 @@ def _as_sequence_classifier(hf: dict, tensors, head, tokenizer, dtype, hidden_si
     if pad is None and tokenizer is not None:
         pad = tokenizer.pad_token_id
     if pad is None:
-        raise ValueError("a reward model export needs pad_token_id (HF scores the last non-pad token): set it "
-                         "in the config or pass a tokenizer that has one")
+        raise ValueError(
+            "a reward model export needs pad_token_id (HF scores the last non-pad token): set it "
+            "in the config or pass a tokenizer that has one"
+        )
     architectures = []
     for arch in hf.get("architectures") or []:
         base = next((arch[: -len(s)] for s in _LM_SUFFIXES if arch.endswith(s)), arch)
         architectures.append(base + "ForSequenceClassification")
-    hf = {**hf, "architectures": architectures, "pad_token_id": int(pad), "num_labels": 1,
-          "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+    hf = {
+        **hf,
+        "architectures": architectures,
+        "pad_token_id": int(pad),
+        "num_labels": 1,
+        "id2label": {"0": "LABEL_0"},
+        "label2id": {"LABEL_0": 0},
+    }
     score = head[None, :].astype(dtype if dtype is not None else head.dtype)
 
     def generate():
@@ -520,7 +583,8 @@ def save_pretrained(
             with open(tmp / INDEX_FILE, "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         hf["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
-            str(np.dtype(stored_dtype)), str(np.dtype(stored_dtype)))
+            str(np.dtype(stored_dtype)), str(np.dtype(stored_dtype))
+        )
         hf.pop("torch_dtype", None)
         with open(tmp / "config.json", "w") as f:
             json.dump(hf, f, indent=2, sort_keys=True)

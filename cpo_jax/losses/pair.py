@@ -58,8 +58,10 @@ class PairLogps:
 
     def per_token(self, chosen: Array, rejected: Array, loss: str, hint: str = "") -> tuple[Array, Array]:
         """``(chosen / n_w, rejected / n_l)``: summed values per completion token (lengths at least 1)."""
-        return (per_token(chosen, self.chosen_lengths, name="chosen_lengths" + hint, loss=loss),
-                per_token(rejected, self.rejected_lengths, name="rejected_lengths" + hint, loss=loss))
+        return (
+            per_token(chosen, self.chosen_lengths, name="chosen_lengths" + hint, loss=loss),
+            per_token(rejected, self.rejected_lengths, name="rejected_lengths" + hint, loss=loss),
+        )
 
 
 def masked_sum(x: Array, real: Array) -> Array:
@@ -90,8 +92,15 @@ def from_arrays(
     mask: Array | None = None,
 ) -> PairLogps:
     """The legacy positional form ``(pc, pr, rc, rr, chosen_lengths=, rejected_lengths=)`` as a :class:`PairLogps`."""
-    return PairLogps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                     chosen_lengths, rejected_lengths, mask)
+    return PairLogps(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        mask,
+    )
 
 
 __all__ = ["PairLogps", "from_arrays", "masked_sum", "sort_real", "to_real_slots"]

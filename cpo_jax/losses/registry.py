@@ -52,8 +52,10 @@ def accept_legacy_arrays(fn: Callable[..., Array]) -> PairwiseLoss:
         legacy = {key: hyperparameters.pop(key) for key in _LEGACY_KEYWORDS if key in hyperparameters}
         if isinstance(logps, PairLogps):
             if arrays or legacy:
-                raise TypeError(f"{fn.__name__}: pass everything inside the PairLogps, not also "
-                                f"{len(arrays)} arrays / {sorted(legacy)}")
+                raise TypeError(
+                    f"{fn.__name__}: pass everything inside the PairLogps, not also "
+                    f"{len(arrays)} arrays / {sorted(legacy)}"
+                )
             return fn(logps, **hyperparameters)
         return fn(from_arrays(logps, *arrays, **legacy), **hyperparameters)
 

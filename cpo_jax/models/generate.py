@@ -113,8 +113,17 @@ def generate(
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     _check_left_padded(attention_mask)
     graphdef, state = nnx.split(model)
-    return generate_from_state(graphdef, state, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                               sampling=sampling, eos_token_id=eos_token_id, pad_token_id=pad_token_id, rng=rng)
+    return generate_from_state(
+        graphdef,
+        state,
+        input_ids,
+        attention_mask,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        rng=rng,
+    )
 
 
 def generate_from_state(
@@ -133,8 +142,17 @@ def generate_from_state(
     with their sharding, so a trainer samples from the very parameters it updates."""
     eos = jnp.asarray([] if eos_token_id is None else np.atleast_1d(eos_token_id), jnp.int32)
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(graphdef, state, jnp.asarray(input_ids), jnp.asarray(attention_mask), eos, rng,
-                     max_new_tokens=max_new_tokens, sampling=sampling, pad_token_id=pad_token_id)
+    return _generate(
+        graphdef,
+        state,
+        jnp.asarray(input_ids),
+        jnp.asarray(attention_mask),
+        eos,
+        rng,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        pad_token_id=pad_token_id,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "pad_token_id"))

@@ -75,8 +75,9 @@ class QuantFormat:
 
     def tensor(self, codes: jax.Array, scales: jax.Array) -> QuantizedTensor:
         """The :class:`QuantizedTensor` of ``codes`` and ``scales`` (one matrix, or a stack)."""
-        return QuantizedTensor(codes=codes, scales=scales, shape=self.shape, dtype=self.dtype,
-                               block_size=self.block_size, kind=self.kind)
+        return QuantizedTensor(
+            codes=codes, scales=scales, shape=self.shape, dtype=self.dtype, block_size=self.block_size, kind=self.kind
+        )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -115,8 +116,17 @@ class Linear(nnx.Module):
     the compute dtype (:func:`frozen_quantized_matmul`); bias and LoRA are added as before.
     """
 
-    def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *, bias: bool, dtype,
-                 param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        axes: tuple[str | None, str | None],
+        *,
+        bias: bool,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         self.kernel = param(rngs, (d_in, d_out), axes, "normal", param_dtype)
         self.bias = param(rngs, (d_out,), (axes[1],), "zeros", param_dtype) if bias else None
         self.dtype = dtype
@@ -161,8 +171,9 @@ class Linear(nnx.Module):
 class Norm(nnx.Module):
     """RMSNorm (``x * rsqrt(mean(x^2) + eps) * (offset + w)``) or LayerNorm, computed in float32."""
 
-    def __init__(self, dim: int, *, kind: str, eps: float, offset: float, param_dtype, rngs: nnx.Rngs,
-                 axis_name: str = "norm"):
+    def __init__(
+        self, dim: int, *, kind: str, eps: float, offset: float, param_dtype, rngs: nnx.Rngs, axis_name: str = "norm"
+    ):
         self.kind, self.eps, self.offset = kind, eps, offset
         self.scale = param(rngs, (dim,), (axis_name,), "zeros" if offset else "ones", param_dtype)
         self.bias = param(rngs, (dim,), (axis_name,), "zeros", param_dtype) if kind == "layer" else None
@@ -224,8 +235,14 @@ class Attention(nnx.Module):
         self.k = Linear(d, k * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
         self.v = Linear(d, k * h, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
         self.o = Linear(n * h, d, ("heads", "embed"), bias=cfg.o_bias, **kw)
-        norm_kw = dict(kind="rms", eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, rngs=rngs,
-                       axis_name="head_dim")
+        norm_kw = dict(
+            kind="rms",
+            eps=cfg.norm_eps,
+            offset=cfg.norm_offset,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            axis_name="head_dim",
+        )
         self.q_norm = Norm(h, **norm_kw) if cfg.qk_norm else None
         self.k_norm = Norm(h, **norm_kw) if cfg.qk_norm else None
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
@@ -263,6 +280,13 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             kv_cache = (k, v)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.scale,
-                                    softcap=self.softcap, implementation=self.impl)
+        out = dot_product_attention(
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            mask,
+            scale=self.scale,
+            softcap=self.softcap,
+            implementation=self.impl,
+        )
         return self.o(out.reshape(b, t, self.num_heads * self.head_dim)), kv_cache

@@ -89,8 +89,10 @@ class LoraSpec:
         if self.targets is not None:
             targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
             if not targets or not all(isinstance(t, str) and t for t in targets):
-                raise ConfigError(f"targets must be a non-empty list of module names or null, got {self.targets!r}",
-                                  where=f"{where}.targets")
+                raise ConfigError(
+                    f"targets must be a non-empty list of module names or null, got {self.targets!r}",
+                    where=f"{where}.targets",
+                )
             object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
 
     @property
@@ -132,8 +134,11 @@ def resolve_targets(spec: LoraSpec, sites: LoraSites, family: str = "this model"
         return tuple(sites)
     unknown = [t for t in spec.targets if t not in sites]
     if unknown:
-        raise ConfigError(f"unknown LoRA target(s) {unknown} for {family}", where="lora.targets",
-                          hint=f"the projections of {family} are {list(sites)} (null: all of them)")
+        raise ConfigError(
+            f"unknown LoRA target(s) {unknown} for {family}",
+            where="lora.targets",
+            hint=f"the projections of {family} are {list(sites)} (null: all of them)",
+        )
     return spec.targets
 
 
@@ -214,15 +219,19 @@ def add_lora(model, spec: LoraSpec, *, rngs: nnx.Rngs, sites: LoraSites):
                 bound = 1.0 / math.sqrt(d_in)
                 a = jax.random.uniform(rngs.params(), (*lead, d_in, spec.rank), jnp.float32, -bound, bound)
                 nd = kernel.ndim
-                a_var = nnx.LoRAParam(place_like(a.astype(dtype), kernel, (*range(nd - 2), nd - 2, None)),
-                                      out_sharding=a_axes, eager_sharding=False)
+                a_var = nnx.LoRAParam(
+                    place_like(a.astype(dtype), kernel, (*range(nd - 2), nd - 2, None)),
+                    out_sharding=a_axes,
+                    eager_sharding=False,
+                )
                 for module in modules:
                     var, k, shape, dtype = _base_weight(module)
                     _, b_axes = _adapter_axes(var, len(lead))
                     b = jnp.zeros((*lead, spec.rank, shape[-1]), dtype)
                     module.lora_a = a_var  # shared by the parts of a fused projection
-                    module.lora_b = nnx.LoRAParam(place_like(b, k, (*range(nd - 2), None, nd - 1)), out_sharding=b_axes,
-                                                  eager_sharding=False)
+                    module.lora_b = nnx.LoRAParam(
+                        place_like(b, k, (*range(nd - 2), None, nd - 1)), out_sharding=b_axes, eager_sharding=False
+                    )
                     module.lora_scale = spec.scale
                     if spec.dropout > 0:
                         stream = _dropout_stream(rngs, layers, k)

@@ -63,8 +63,11 @@ log = logging.getLogger(__name__)
 def decoder_linears(model) -> list[tuple[str, Linear]]:
     """``(dotted path, Linear)`` of every projection of ``model``'s decoder layers, in path order (one per layer,
     or one stacked module per projection under ``scan_layers``); the embedding and ``lm_head`` are not included."""
-    return [(".".join(map(str, ("layers", *path))), m) for path, m in nnx.iter_modules(model.layers)
-            if isinstance(m, Linear)]
+    return [
+        (".".join(map(str, ("layers", *path))), m)
+        for path, m in nnx.iter_modules(model.layers)
+        if isinstance(m, Linear)
+    ]
 
 
 def quantized_linears(model) -> list[tuple[str, Linear]]:
@@ -79,23 +82,31 @@ def is_quantized(model) -> bool:
 
 def _check(model, kind: str, block_size: int) -> list[tuple[str, Linear]]:
     if kind not in KINDS:
-        raise ConfigError(f"unknown quantisation kind {kind!r}", where="model.quantize",
-                          hint=f"use one of {', '.join(KINDS)} (or none for a full-precision base)")
+        raise ConfigError(
+            f"unknown quantisation kind {kind!r}",
+            where="model.quantize",
+            hint=f"use one of {', '.join(KINDS)} (or none for a full-precision base)",
+        )
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ConfigError(f"block_size must be a positive integer, got {block_size!r}", where="quantize_model")
     if kind == "nf4" and block_size % 2:
-        raise ConfigError(f"nf4 packs two codes per byte inside a block, so block_size must be even, got {block_size}",
-                          where="quantize_model")
+        raise ConfigError(
+            f"nf4 packs two codes per byte inside a block, so block_size must be even, got {block_size}",
+            where="quantize_model",
+        )
     modules = decoder_linears(model)
     if any(m.quant is not None for _, m in modules):
         raise ValueError("the model is already quantised: dequantize_model(model) first to change the format")
     for path, module in modules:
         n_in = module.kernel_shape[-2]
         if n_in % block_size:
-            raise ConfigError(f"block_size {block_size} does not divide the input dimension {n_in} of this projection "
-                              f"(blocks run along `in`)", where=f"{path}.kernel {list(module.kernel_shape)}",
-                              hint=f"pick a block size that divides every projection's input dimension, e.g. "
-                                   f"{math.gcd(*(m.kernel_shape[-2] for _, m in modules))} or a divisor of it")
+            raise ConfigError(
+                f"block_size {block_size} does not divide the input dimension {n_in} of this projection "
+                f"(blocks run along `in`)",
+                where=f"{path}.kernel {list(module.kernel_shape)}",
+                hint=f"pick a block size that divides every projection's input dimension, e.g. "
+                f"{math.gcd(*(m.kernel_shape[-2] for _, m in modules))} or a divisor of it",
+            )
     return modules
 
 
@@ -164,14 +175,17 @@ def quantize_model(model, kind: str, *, block_size: int = DEFAULT_BLOCK_SIZE):
         meta = dict(out_sharding=q_axes, kernel_axes=axes, eager_sharding=False)
         module.kernel_codes = QuantizedWeight(codes, **meta)
         module.kernel_scales = QuantizedWeight(scales, **meta)
-        module.quant = QuantFormat(kind=kind, block_size=block_size, dtype=np.dtype(w.dtype),
-                                   shape=tuple(w.shape[-2:]))
+        module.quant = QuantFormat(kind=kind, block_size=block_size, dtype=np.dtype(w.dtype), shape=tuple(w.shape[-2:]))
         module.kernel = None
     if replicated:
-        log.warning("quantize_model: the `in` shards of %d projection(s) (%s) do not hold whole blocks of %d rows, so "
-                    "their codes and scales are replicated along `in` (sharded along `out` only), which costs memory: "
-                    "use a block size that divides each shard, or fewer shards of that axis", len(replicated),
-                    ", ".join(replicated[:6]) + (", ..." if len(replicated) > 6 else ""), block_size)
+        log.warning(
+            "quantize_model: the `in` shards of %d projection(s) (%s) do not hold whole blocks of %d rows, so "
+            "their codes and scales are replicated along `in` (sharded along `out` only), which costs memory: "
+            "use a block size that divides each shard, or fewer shards of that axis",
+            len(replicated),
+            ", ".join(replicated[:6]) + (", ..." if len(replicated) > 6 else ""),
+            block_size,
+        )
     return model
 
 

@@ -78,8 +78,9 @@ class Block(nnx.Module):
     """One decoder layer: pre-norm (Llama, Gemma 1, GPT-2) or sandwich-norm (Gemma 2/3)."""
 
     def __init__(self, cfg: TransformerConfig, *, param_dtype, rngs: nnx.Rngs):
-        norm = lambda: Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, offset=cfg.norm_offset,
-                            param_dtype=param_dtype, rngs=rngs)
+        norm = lambda: Norm(
+            cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, rngs=rngs
+        )
         self.attn_norm = norm()
         self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
         self.post_attn_norm = norm() if cfg.block == "sandwich" else None
@@ -128,9 +129,11 @@ class Transformer(nnx.Module):
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal", param_dtype)
         self.pos_embed = (
             param(rngs, (cfg.max_position_embeddings, cfg.hidden_size), ("positions", "embed"), "normal", param_dtype)
-            if cfg.position == "learned" else None
+            if cfg.position == "learned"
+            else None
         )
         if cfg.scan_layers:
+
             @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def stacked(rngs):
@@ -139,12 +142,21 @@ class Transformer(nnx.Module):
             self.layers = stacked(rngs)
         else:
             self.layers = nnx.List([Block(cfg, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = Norm(cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, offset=cfg.norm_offset,
-                               param_dtype=param_dtype, rngs=rngs)
+        self.final_norm = Norm(
+            cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, rngs=rngs
+        )
         self.lm_head = (
-            None if cfg.tie_embeddings
-            else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, dtype=cfg.dtype,
-                        param_dtype=param_dtype, rngs=rngs)
+            None
+            if cfg.tie_embeddings
+            else Linear(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                bias=False,
+                dtype=cfg.dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -159,14 +171,12 @@ class Transformer(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
         """Logits ``[B, T, V]`` in float32 for ``input_ids`` ``[B, T]``."""
-        hidden, _ = self.forward(input_ids, attention_mask=attention_mask, positions=positions,
-                                 segment_ids=segment_ids)
+        hidden, _ = self.forward(input_ids, attention_mask=attention_mask, positions=positions, segment_ids=segment_ids)
         return self.logits(hidden)
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
         """Final-normed hidden states ``[B, T, D]``."""
-        return self.forward(input_ids, attention_mask=attention_mask, positions=positions,
-                            segment_ids=segment_ids)[0]
+        return self.forward(input_ids, attention_mask=attention_mask, positions=positions, segment_ids=segment_ids)[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project ``[..., D]`` hidden states to float32 logits ``[..., V]`` (soft-capped if configured)."""
@@ -220,8 +230,13 @@ class Transformer(nnx.Module):
             key_slots = jnp.arange(cache.valid.shape[1])
             key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
         masks = {
-            kind: build_mask(query_slots, key_slots, key_valid, query_segments=segment_ids,
-                             sliding_window=cfg.sliding_window if kind == SLIDING else None)
+            kind: build_mask(
+                query_slots,
+                key_slots,
+                key_valid,
+                query_segments=segment_ids,
+                sliding_window=cfg.sliding_window if kind == SLIDING else None,
+            )
             for kind in set(cfg.layer_types)
         }
         ropes = (
@@ -229,7 +244,8 @@ class Transformer(nnx.Module):
                 kind: rope_tables(positions, jnp.asarray(cfg.rope_for(kind).inv_freq(cfg.head_dim)), cfg.dtype)
                 for kind in set(cfg.layer_types)
             }
-            if cfg.position == "rope" else None
+            if cfg.position == "rope"
+            else None
         )
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.dtype)
@@ -247,8 +263,13 @@ class Transformer(nnx.Module):
         x = self.final_norm(x)
 
         if cache is not None:
-            cache = KVCache(k=new_kv[0], v=new_kv[1], valid=key_valid, index=index + t,
-                            length=cache.length + attention_mask.sum(-1).astype(jnp.int32))
+            cache = KVCache(
+                k=new_kv[0],
+                v=new_kv[1],
+                valid=key_valid,
+                index=index + t,
+                length=cache.length + attention_mask.sum(-1).astype(jnp.int32),
+            )
         return x, cache
 
     def _layer_inputs(self, kind_is_sliding, masks, ropes):

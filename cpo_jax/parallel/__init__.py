@@ -20,6 +20,20 @@ from cpo_jax.parallel.sharding import (
     resolve_mesh_shape,
 )
 
-__all__ = ["DEFAULT_RULES", "any_process", "check_mesh_rules", "gather_json", "global_to_host",
-           "host_to_global", "host_value_to_global", "initialize", "lockstep", "logical_sharding", "logical_spec",
-           "make_mesh", "merge_rules", "param_shardings", "resolve_mesh_shape"]
+__all__ = [
+    "DEFAULT_RULES",
+    "any_process",
+    "check_mesh_rules",
+    "gather_json",
+    "global_to_host",
+    "host_to_global",
+    "host_value_to_global",
+    "initialize",
+    "lockstep",
+    "logical_sharding",
+    "logical_spec",
+    "make_mesh",
+    "merge_rules",
+    "param_shardings",
+    "resolve_mesh_shape",
+]

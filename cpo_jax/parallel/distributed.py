@@ -40,14 +40,25 @@ def initialize(
     if not explicit and not cluster_detection:
         return False
     if explicit and (num_processes is None or process_id is None):
-        raise ValueError("a coordinator address needs num_processes and process_id "
-                         "(arguments or CPO_JAX_NUM_PROCESSES / CPO_JAX_PROCESS_ID)")
+        raise ValueError(
+            "a coordinator address needs num_processes and process_id "
+            "(arguments or CPO_JAX_NUM_PROCESSES / CPO_JAX_PROCESS_ID)"
+        )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, local_device_ids=local_device_ids)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            local_device_ids=local_device_ids,
+        )
     else:
         jax.distributed.initialize()
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return jax.process_count() > 1

@@ -30,8 +30,14 @@ from cpo_jax.parallel.sharding import Rules, logical_spec
 _NAMES = ("batch", "length")
 
 
-def host_to_global(local: np.ndarray, mesh: Mesh, names: Sequence[str | None] = _NAMES, *,
-                   batch_axis: int = 0, rules: Rules | None = None) -> jax.Array:
+def host_to_global(
+    local: np.ndarray,
+    mesh: Mesh,
+    names: Sequence[str | None] = _NAMES,
+    *,
+    batch_axis: int = 0,
+    rules: Rules | None = None,
+) -> jax.Array:
     """Process-local rows ``[..., b, ...]`` -> global ``[..., b * process_count, ...]`` sharded by logical ``names``.
 
     ``names`` are the logical axes of ``local`` (truncated to its rank); ``batch_axis`` is the axis that
@@ -44,8 +50,9 @@ def host_to_global(local: np.ndarray, mesh: Mesh, names: Sequence[str | None] = 
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, tuple(shape))
 
 
-def host_value_to_global(value: np.ndarray, mesh: Mesh | None, names: Sequence[str | None] = _NAMES, *,
-                         rules: Rules | None = None) -> jax.Array:
+def host_value_to_global(
+    value: np.ndarray, mesh: Mesh | None, names: Sequence[str | None] = _NAMES, *, rules: Rules | None = None
+) -> jax.Array:
     """The same full ``value`` on every process -> a global array of that value sharded by logical ``names``.
 
     ``mesh=None``: the value on the default device (a model that lives on one device)."""
@@ -96,8 +103,10 @@ def lockstep(batches: Iterable[dict], limit: int | None = None) -> Iterator[dict
             return
         if batch is None:
             if last is None:
-                raise ValueError(f"process {jax.process_index()} has no batch of a split that other processes "
-                                 "read; give it at least one example per process")
+                raise ValueError(
+                    f"process {jax.process_index()} has no batch of a split that other processes "
+                    "read; give it at least one example per process"
+                )
             batch = padding_like(last)
         last = batch
         rounds += 1

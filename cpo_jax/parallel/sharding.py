@@ -69,28 +69,40 @@ def check_mesh_rules(shape: Mapping[str, int], overrides: Rules | None = None) -
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(DEFAULT_RULES))
     if unknown:
-        raise ConfigError(f"{unknown} are not logical axes", where="config key mesh_rules",
-                          hint=f"the logical axes are {list(DEFAULT_RULES)}")
+        raise ConfigError(
+            f"{unknown} are not logical axes",
+            where="config key mesh_rules",
+            hint=f"the logical axes are {list(DEFAULT_RULES)}",
+        )
     for name, rule in overrides.items():
-        if not (rule is None or isinstance(rule, str)
-                or (isinstance(rule, (list, tuple)) and all(isinstance(a, str) for a in rule))):
-            raise ConfigError(f"{rule!r} is not a mesh axis, a list of mesh axes or null",
-                              where=f"config key mesh_rules.{name}")
+        if not (
+            rule is None
+            or isinstance(rule, str)
+            or (isinstance(rule, (list, tuple)) and all(isinstance(a, str) for a in rule))
+        ):
+            raise ConfigError(
+                f"{rule!r} is not a mesh axis, a list of mesh axes or null", where=f"config key mesh_rules.{name}"
+            )
         missing = [axis for axis in _mesh_axes(rule) if axis not in shape]
         if missing:
-            raise ConfigError(f"names mesh axis {missing[0]!r}, which the mesh {dict(shape)} lacks",
-                              where=f"config key mesh_rules.{name}", hint=f"the mesh axes are {list(shape)}; "
-                              "add the axis to mesh: or map the logical axis to an existing one")
+            raise ConfigError(
+                f"names mesh axis {missing[0]!r}, which the mesh {dict(shape)} lacks",
+                where=f"config key mesh_rules.{name}",
+                hint=f"the mesh axes are {list(shape)}; "
+                "add the axis to mesh: or map the logical axis to an existing one",
+            )
         if len(set(_mesh_axes(rule))) != len(_mesh_axes(rule)):
             raise ConfigError(f"{rule!r} repeats a mesh axis", where=f"config key mesh_rules.{name}")
     rules = merge_rules(overrides)
     known = rule_axes(rules)
     for axis, size in shape.items():
         if axis not in known and not (size == 1 and axis in rule_axes(DEFAULT_RULES)):  # size 1: switched off
-            raise ConfigError(f"no logical axis is sharded over mesh axis {axis!r}, so it would only replicate",
-                              where=f"config key mesh.{axis}",
-                              hint=f"the known mesh axes are {known}; rename the axis, or map a logical axis to "
-                                   f"it in mesh_rules (e.g. mesh_rules.batch=[data, {axis}])")
+            raise ConfigError(
+                f"no logical axis is sharded over mesh axis {axis!r}, so it would only replicate",
+                where=f"config key mesh.{axis}",
+                hint=f"the known mesh axes are {known}; rename the axis, or map a logical axis to "
+                f"it in mesh_rules (e.g. mesh_rules.batch=[data, {axis}])",
+            )
     return rules
 
 
@@ -116,8 +128,9 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, 
     fixed = int(np.prod([s for s in sizes.values() if s != -1]))
     if free:
         if num_devices % fixed:
-            raise ConfigError(f"{num_devices} devices do not divide by the fixed axes ({fixed})", where=where,
-                              hint=hint)
+            raise ConfigError(
+                f"{num_devices} devices do not divide by the fixed axes ({fixed})", where=where, hint=hint
+            )
         sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:
         raise ConfigError(f"the mesh needs {fixed} devices, {num_devices} available", where=where, hint=hint)
@@ -186,9 +199,15 @@ def _warn_replicated(name: str, size: int, dropped: list[str], mesh: Mesh) -> No
         return
     _WARNED.add(key)
     sizes = {axis: int(mesh.shape[axis]) for axis in dropped}
-    log.warning("logical axis %r of size %d does not divide over mesh axes %s: it is replicated over %s instead of "
-                "sharded (pick mesh sizes that divide it, or change mesh_rules.%s)", name, size, sizes,
-                list(dropped), name)
+    log.warning(
+        "logical axis %r of size %d does not divide over mesh axes %s: it is replicated over %s instead of "
+        "sharded (pick mesh sizes that divide it, or change mesh_rules.%s)",
+        name,
+        size,
+        sizes,
+        list(dropped),
+        name,
+    )
 
 
 def logical_sharding(names, shape, mesh: Mesh, rules: Rules | None = None) -> NamedSharding:

@@ -67,8 +67,9 @@ def advantages_and_returns(
     kl = sequence_kl(old_logps, ref_logps, mask, cfg.kl_estimator)
     beta_reward = kl_coef if cfg.kl_in == "reward" else 0.0
     if cfg.algorithm == "ppo":
-        token_rewards = kl_penalized_token_rewards(scores, old_logps, ref_logps, mask, kl_coef=beta_reward,
-                                                   estimator=cfg.kl_estimator)
+        token_rewards = kl_penalized_token_rewards(
+            scores, old_logps, ref_logps, mask, kl_coef=beta_reward, estimator=cfg.kl_estimator
+        )
         advantages, returns = gae_advantages(token_rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask) * mask
@@ -121,8 +122,15 @@ def policy_objective(
 ) -> tuple[Array, dict[str, Array]]:
     """Scalar loss of one minibatch (all ``[B, N]``) and its metrics (TRL/verl names)."""
     mask = mask.astype(jnp.float32)
-    pg_loss, stats = ppo_policy_loss(logps, old_logps, advantages, mask, clip_eps=cfg.clip_eps,
-                                     clip_eps_high=cfg.clip_eps_high, aggregation=cfg.loss_aggregation)
+    pg_loss, stats = ppo_policy_loss(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        clip_eps=cfg.clip_eps,
+        clip_eps_high=cfg.clip_eps_high,
+        aggregation=cfg.loss_aggregation,
+    )
     ratio = jnp.exp(logps - old_logps)
     loss = pg_loss
     metrics = {
@@ -137,8 +145,9 @@ def policy_objective(
         loss = loss + kl_coef * kl_loss
         metrics["loss/kl_avg"] = kl_loss
     if cfg.algorithm == "ppo":
-        vf_loss, vstats = value_loss(values, old_values, returns, mask, clip_eps=cfg.value_clip_eps,
-                                     aggregation=cfg.loss_aggregation)
+        vf_loss, vstats = value_loss(
+            values, old_values, returns, mask, clip_eps=cfg.value_clip_eps, aggregation=cfg.loss_aggregation
+        )
         loss = loss + cfg.vf_coef * vf_loss
         metrics["loss/value_avg"] = vf_loss
         metrics["val/clipfrac_avg"] = vstats["vf_clipfrac"]

@@ -83,8 +83,7 @@ class LearnedReward:
     shapes cover all calls; text longer than ``max_length`` tokens keeps its first ``max_length`` tokens.
     """
 
-    def __init__(self, model, head: jax.Array, tokenizer, *, max_length: int = 1024, batch_size: int = 16,
-                 mesh=None):
+    def __init__(self, model, head: jax.Array, tokenizer, *, max_length: int = 1024, batch_size: int = 16, mesh=None):
         self.graphdef, self.state = nnx.split(model)
         self.mesh = mesh  # the mesh the model lives on; None: default device
         self.head = host_value_to_global(np.asarray(head), mesh, (None,))
@@ -115,7 +114,7 @@ class LearnedReward:
         rows = [self._text_ids(r["prompt"], c) for r, c in zip(records, completions)]
         out = []
         for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
+            chunk = rows[start : start + self.batch_size]
             length = 64
             while length < max(len(r) for r in chunk):
                 length *= 2
@@ -123,12 +122,17 @@ class LearnedReward:
             ids = np.full((self.batch_size, length), self.pad_id, np.int32)
             mask = np.zeros((self.batch_size, length), np.int32)
             for i, r in enumerate(chunk):
-                ids[i, :len(r)], mask[i, :len(r)] = r, 1
-            mask[len(chunk):, 0] = 1  # filler rows: one real token, scores discarded
+                ids[i, : len(r)], mask[i, : len(r)] = r, 1
+            mask[len(chunk) :, 0] = 1  # filler rows: one real token, scores discarded
             # On a (possibly multi-host) mesh every process passes the same rows; each device takes its slice.
-            scores = _last_token_scores(self.graphdef, self.state, self.head, host_value_to_global(ids, self.mesh),
-                                        host_value_to_global(mask, self.mesh))
-            out.append(global_to_host(scores)[:len(chunk)])
+            scores = _last_token_scores(
+                self.graphdef,
+                self.state,
+                self.head,
+                host_value_to_global(ids, self.mesh),
+                host_value_to_global(mask, self.mesh),
+            )
+            out.append(global_to_host(scores)[: len(chunk)])
         return np.concatenate(out).astype(np.float32)
 
 
@@ -137,11 +141,16 @@ def make_reward(spec: str, *, mesh=None) -> RewardFunction:
     if spec.startswith("verifier:"):
         name = spec.split(":", 1)[1]
         if name not in VERIFIERS:
-            raise ConfigError(f"no verifier {name!r}", where=f"config key rl.reward={spec!r}",
-                              hint=f"available: {['verifier:' + n for n in VERIFIERS]}")
+            raise ConfigError(
+                f"no verifier {name!r}",
+                where=f"config key rl.reward={spec!r}",
+                hint=f"available: {['verifier:' + n for n in VERIFIERS]}",
+            )
         return VerifierReward(VERIFIERS[name], name)
     if not (Path(spec) / "config.json").is_file():
-        raise UserFileNotFoundError("neither verifier:<name> nor a reward-model directory with a config.json",
-                                    where=f"config key rl.reward={spec!r}",
-                                    hint="give verifier:<name> or the hf/ folder of a reward run")
+        raise UserFileNotFoundError(
+            "neither verifier:<name> nor a reward-model directory with a config.json",
+            where=f"config key rl.reward={spec!r}",
+            hint="give verifier:<name> or the hf/ folder of a reward run",
+        )
     return LearnedReward.from_pretrained(spec, mesh=mesh)

@@ -61,17 +61,36 @@ def repeat_prompts(prompt_ids: Array, prompt_mask: Array, num_generations: int) 
     return jnp.repeat(prompt_ids, num_generations, axis=0), jnp.repeat(prompt_mask, num_generations, axis=0)
 
 
-def sample(graphdef, params, prompt_ids: Array, prompt_mask: Array, rng: Array, *, num_generations: int,
-           max_new_tokens: int, sampling: SamplingConfig, eos_token_id: int | Sequence[int] | None,
-           pad_token_id: int) -> tuple[Array, Array, GenerationOutput]:
+def sample(
+    graphdef,
+    params,
+    prompt_ids: Array,
+    prompt_mask: Array,
+    rng: Array,
+    *,
+    num_generations: int,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int,
+) -> tuple[Array, Array, GenerationOutput]:
     """``K`` sampled completions per prompt with the KV-cache generator (jitted, static shapes).
 
     Equals ``generate(nnx.merge(graphdef, params), *repeat_prompts(...), rng=rng, ...)`` token for token.
     Returns ``(repeated prompt ids, repeated prompt mask, GenerationOutput [B, N])``.
     """
     ids, mask = repeat_prompts(prompt_ids, prompt_mask, num_generations)
-    out = generate_from_state(graphdef, params, ids, mask, max_new_tokens=max_new_tokens, sampling=sampling,
-                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, rng=rng)
+    out = generate_from_state(
+        graphdef,
+        params,
+        ids,
+        mask,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        rng=rng,
+    )
     return ids, mask, out
 
 
@@ -86,20 +105,30 @@ def completion_hidden(model, prompt_ids: Array, prompt_mask: Array, tokens: Arra
     attention = jnp.concatenate([prompt_mask, mask], axis=1).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(attention, axis=1) - 1, 0)
     hidden = model.hidden_states(input_ids, attention_mask=attention > 0, positions=positions, segment_ids=attention)
-    return hidden[:, tp - 1: tp - 1 + tokens.shape[1]]
+    return hidden[:, tp - 1 : tp - 1 + tokens.shape[1]]
 
 
-def completion_logps(model, hidden: Array, tokens: Array, *, temperature: float = 1.0,
-                     chunk_size: int = 1024) -> Array:
+def completion_logps(model, hidden: Array, tokens: Array, *, temperature: float = 1.0, chunk_size: int = 1024) -> Array:
     """float32 ``[B, N]`` log-probs of ``tokens`` from :func:`completion_hidden` (logits / temperature)."""
-    return chunked_token_logps(hidden, model.unembedding(), tokens, chunk_size=chunk_size, temperature=temperature,
-                               logit_softcap=model.logit_softcap)
+    return chunked_token_logps(
+        hidden,
+        model.unembedding(),
+        tokens,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        logit_softcap=model.logit_softcap,
+    )
 
 
 def completion_entropy(model, hidden: Array, *, temperature: float = 1.0, chunk_size: int = 1024) -> Array:
     """float32 ``[B, N]`` entropy of each next-token distribution (a metric: gradients stopped)."""
-    return chunked_token_entropy(jax.lax.stop_gradient(hidden), jax.lax.stop_gradient(model.unembedding()),
-                                 chunk_size=chunk_size, temperature=temperature, logit_softcap=model.logit_softcap)
+    return chunked_token_entropy(
+        jax.lax.stop_gradient(hidden),
+        jax.lax.stop_gradient(model.unembedding()),
+        chunk_size=chunk_size,
+        temperature=temperature,
+        logit_softcap=model.logit_softcap,
+    )
 
 
 def value_predictions(hidden: Array, value_head: dict) -> Array:

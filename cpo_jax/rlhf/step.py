@@ -29,8 +29,20 @@ from cpo_jax.train.config import TrainConfig
 from cpo_jax.train.step import TrainState, model_of, nonfinite_counts, update_size
 
 
-def score_rollout(params, ref_params, prompt_ids, prompt_mask, tokens, mask, scores, kl_coef, frozen=None, *,
-                  cfg: TrainConfig, graphdef) -> tuple[Rollout, dict]:
+def score_rollout(
+    params,
+    ref_params,
+    prompt_ids,
+    prompt_mask,
+    tokens,
+    mask,
+    scores,
+    kl_coef,
+    frozen=None,
+    *,
+    cfg: TrainConfig,
+    graphdef,
+) -> tuple[Rollout, dict]:
     """Old-policy and reference log-probs, values and advantages of sampled completions ``[B, N]``.
 
     ``frozen``: the frozen base when ``params["model"]`` and ``ref_params["model"]`` hold only adapters."""
@@ -50,14 +62,26 @@ def score_rollout(params, ref_params, prompt_ids, prompt_mask, tokens, mask, sco
     maskf = mask.astype(jnp.float32)
     advantages, returns, metrics = advantages_and_returns(rl, scores, old_logps, ref_logps, values, maskf, kl_coef)
     lengths = jnp.sum(maskf, axis=-1)
-    metrics.update({
-        "policy/entropy_avg": masked_mean(entropy, maskf),
-        "response_length/mean": jnp.mean(lengths),
-        "response_length/max": jnp.max(lengths),
-        "response_length/min": jnp.min(lengths),
-    })
-    rollout = Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, tokens=tokens, mask=mask, old_logps=old_logps,
-                      ref_logps=ref_logps, values=values, scores=scores, advantages=advantages, returns=returns)
+    metrics.update(
+        {
+            "policy/entropy_avg": masked_mean(entropy, maskf),
+            "response_length/mean": jnp.mean(lengths),
+            "response_length/max": jnp.max(lengths),
+            "response_length/min": jnp.min(lengths),
+        }
+    )
+    rollout = Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        tokens=tokens,
+        mask=mask,
+        old_logps=old_logps,
+        ref_logps=ref_logps,
+        values=values,
+        scores=scores,
+        advantages=advantages,
+        returns=returns,
+    )
     return rollout, metrics
 
 
@@ -74,8 +98,17 @@ def _minibatches(rollout: Rollout, key: jax.Array, epochs: int, num_mini_batches
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *per_epoch)
 
 
-def update(state: TrainState, rollout: Rollout, kl_coef, frozen=None, *, cfg: TrainConfig, graphdef,
-           optimizer: optax.GradientTransformation, schedule: Callable) -> tuple[TrainState, dict]:
+def update(
+    state: TrainState,
+    rollout: Rollout,
+    kl_coef,
+    frozen=None,
+    *,
+    cfg: TrainConfig,
+    graphdef,
+    optimizer: optax.GradientTransformation,
+    schedule: Callable,
+) -> tuple[TrainState, dict]:
     """``ppo_epochs x num_mini_batches`` optimiser updates on ``rollout``; metrics are means over them.
 
     Adapters' dropout stays off, as in TRL's RL trainers (``disable_dropout``): the probability ratios compare the
@@ -89,8 +122,18 @@ def update(state: TrainState, rollout: Rollout, kl_coef, frozen=None, *, cfg: Tr
         hidden = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask)
         logps = completion_logps(model, hidden, mb.tokens, temperature=rl.temperature, chunk_size=chunk)
         values = value_predictions(hidden, params["value_head"]) if "value_head" in params else None
-        return policy_objective(rl, logps, mb.old_logps, mb.ref_logps, mb.advantages, mb.mask, kl_coef,
-                                values=values, old_values=mb.values, returns=mb.returns)
+        return policy_objective(
+            rl,
+            logps,
+            mb.old_logps,
+            mb.ref_logps,
+            mb.advantages,
+            mb.mask,
+            kl_coef,
+            values=values,
+            old_values=mb.values,
+            returns=mb.returns,
+        )
 
     def body(carry, mb):
         params, opt_state, step = carry
@@ -99,16 +142,22 @@ def update(state: TrainState, rollout: Rollout, kl_coef, frozen=None, *, cfg: Tr
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(step),
-                   "finite": finite.astype(jnp.float32), **update_size(params, updates)}
+        metrics = {
+            **metrics,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(step),
+            "finite": finite.astype(jnp.float32),
+            **update_size(params, updates),
+        }
         params = optax.apply_updates(params, updates)
         return (params, opt_state, step + 1), metrics
 
     (params, opt_state, step), metrics = jax.lax.scan(body, (state.params, state.opt_state, state.step), batches)
     largest_update = jnp.max(metrics["update_ratio"])  # the explosion check looks at the worst mini-batch
     # Mini-batches hold equal numbers of rollouts: each metric is the mean of the mini-batches' values (TRL, verl).
-    metrics = weighted.means(weighted.sum_over(weighted.from_means(metrics, jnp.ones(rl.ppo_epochs
-                                                                                       * rl.num_mini_batches))))
+    metrics = weighted.means(
+        weighted.sum_over(weighted.from_means(metrics, jnp.ones(rl.ppo_epochs * rl.num_mini_batches)))
+    )
     metrics["update_ratio"] = largest_update
     consecutive, total = nonfinite_counts(opt_state)
     metrics.update({"nonfinite/consecutive": consecutive, "nonfinite/total": total})

@@ -73,11 +73,15 @@ class Checkpointer:
         Every process must call it: ``data_state`` is this process's, and all of them are stored."""
         if not all_finite(state.params):
             raise FloatingPointError(f"refusing to checkpoint step {step}: the parameters are not all finite")
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave({"hosts": gather_json(data_state)}),
-            config=ocp.args.JsonSave(config),
-        ), force=force)
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave({"hosts": gather_json(data_state)}),
+                config=ocp.args.JsonSave(config),
+            ),
+            force=force,
+        )
 
     @property
     def damaged_directory(self) -> Path:
@@ -103,19 +107,25 @@ class Checkpointer:
 
         Raises :class:`CheckpointError` naming the step directory when the step cannot be read."""
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore(),
-            ))
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    config=ocp.args.JsonRestore(),
+                ),
+            )
             return out.state, self._own_data_state(out.data, step), out.config
         except Exception as err:  # noqa: BLE001 - any failure to read the step means a damaged (or foreign) step
             raise self._damaged(step, f"it cannot be restored ({first_line(err, 300, with_type=True)})") from err
 
     def _damaged(self, step: int, reason: str) -> CheckpointError:
         """The error of an unreadable ``step``; ``reason`` (one line) is kept as its ``reason`` attribute."""
-        err = CheckpointError(f"checkpoint step {step} is damaged: {reason}", where=str(self.step_directory(step)),
-                              hint=f"restore another kept step (kept: {sorted(self.manager.all_steps())})")
+        err = CheckpointError(
+            f"checkpoint step {step} is damaged: {reason}",
+            where=str(self.step_directory(step)),
+            hint=f"restore another kept step (kept: {sorted(self.manager.all_steps())})",
+        )
         err.reason = reason
         return err
 
@@ -125,14 +135,19 @@ class Checkpointer:
             return saved  # written before data states were stored per host
         hosts, index = saved["hosts"], jax.process_index()
         if len(hosts) != jax.process_count():
-            log.warning("checkpoint %d was written by %d processes and is restored on %d: the hosts' data shards "
-                        "differ, so every host resumes from host 0's data position", step, len(hosts),
-                        jax.process_count())
+            log.warning(
+                "checkpoint %d was written by %d processes and is restored on %d: the hosts' data shards "
+                "differ, so every host resumes from host 0's data position",
+                step,
+                len(hosts),
+                jax.process_count(),
+            )
             index = 0
         return hosts[index]
 
-    def restore_latest(self, state, shardings, *, check_config: Callable[[dict, int], None] | None = None
-                       ) -> tuple[int, Any, dict | None]:
+    def restore_latest(
+        self, state, shardings, *, check_config: Callable[[dict, int], None] | None = None
+    ) -> tuple[int, Any, dict | None]:
         """``(step, state, data_state)`` of the newest intact checkpoint placed as ``shardings``, or
         ``(0, state, None)`` when there is none.
 
@@ -167,9 +182,11 @@ class Checkpointer:
             return step, state, data_state
         reasons = "\n".join(f"    step {s}: {reason}" for s, reason in damaged)
         raise CheckpointError(
-            f"no checkpoint can be restored; every saved step is damaged:\n{reasons}", where=str(self.directory),
+            f"no checkpoint can be restored; every saved step is damaged:\n{reasons}",
+            where=str(self.directory),
             hint="move the run directory away or set a new output_dir to start afresh; the damaged checkpoints are "
-                 "kept for inspection")
+            "kept for inspection",
+        )
 
     @staticmethod
     def _attempt(read: Callable, step: int, *args) -> tuple[Any, str | None]:
@@ -192,8 +209,9 @@ class Checkpointer:
             for step in steps:
                 target = set_aside_path(self.damaged_directory, step)
                 shutil.move(self.step_directory(step), target)
-                log.warning("moved the damaged checkpoint %s to %s (kept for inspection)",
-                            self.step_directory(step), target)
+                log.warning(
+                    "moved the damaged checkpoint %s to %s (kept for inspection)", self.step_directory(step), target
+                )
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -238,8 +238,13 @@ class TrainConfig:
         if self.loss.objective == "rlhf" and self.rl is None:
             object.__setattr__(self, "rl", RLConfig())
         if self.loss.reference is None:  # TRL's choices: a copy of an imported adapter, the base under new ones
-            reference = ("adapter" if self.model.adapter_path is not None else
-                         "base" if self.model.lora is not None else "separate")
+            reference = (
+                "adapter"
+                if self.model.adapter_path is not None
+                else "base"
+                if self.model.lora is not None
+                else "separate"
+            )
             object.__setattr__(self, "loss", dataclasses.replace(self.loss, reference=reference))
 
 
@@ -247,11 +252,24 @@ def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
-          type(None): "null"}
+_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    dict: "a mapping",
+    type(None): "null",
+}
 _PLURALS = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
-_GOT = {int: "an integer", float: "a float", bool: "a boolean", str: "a string", list: "a list", dict: "a mapping",
-        type(None): "null"}
+_GOT = {
+    int: "an integer",
+    float: "a float",
+    bool: "a boolean",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+    type(None): "null",
+}
 
 
 def describe(annotation: Any) -> str:
@@ -293,8 +311,9 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
             try:
                 return _coerce(value, option, path)
             except (TypeError, ValueError) as err:
-                if len(options) == 1 and (isinstance(err, ValueError)
-                                          or not str(err).startswith(f"config key {path}=")):
+                if len(options) == 1 and (
+                    isinstance(err, ValueError) or not str(err).startswith(f"config key {path}=")
+                ):
                     raise  # a value outside a Literal, or a list item / mapping entry: its own message is the news
         raise _wrong(value, annotation, path)
     if origin is Literal:

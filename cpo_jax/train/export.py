@@ -29,9 +29,18 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"  # config.json + tokenizer files of the policy, written into the run directory at start
 LORA_SPEC = "lora.json"  # in MODEL_DIR: the adapters' settings, for adapter runs
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json",
-                    "generation_config.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
 
 
 def save_model_description(model_path: str | Path, run_dir: str | Path) -> Path:
@@ -48,13 +57,19 @@ def save_model_description(model_path: str | Path, run_dir: str | Path) -> Path:
 def _check_destination(run_dir: Path, dst: Path, overwrite: bool) -> None:
     run, out = run_dir.resolve(), dst.resolve()
     if out == run or out in run.parents:
-        raise CheckpointError("the destination contains the run directory; exporting there would replace the run",
-                              where=str(dst), hint="choose a destination outside the run, e.g. RUN_DIR/hf")
+        raise CheckpointError(
+            "the destination contains the run directory; exporting there would replace the run",
+            where=str(dst),
+            hint="choose a destination outside the run, e.g. RUN_DIR/hf",
+        )
     if dst.is_file():
         raise CheckpointError("the destination is a file", where=str(dst), hint="choose a directory path")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise CheckpointError("the destination exists and is not empty; its files would be replaced",
-                              where=str(dst), hint="choose a new directory, or pass --overwrite to replace it")
+        raise CheckpointError(
+            "the destination exists and is not empty; its files would be replaced",
+            where=str(dst),
+            hint="choose a new directory, or pass --overwrite to replace it",
+        )
 
 
 def _model_description(run_dir: Path, cfg: dict) -> Path:
@@ -67,11 +82,19 @@ def _model_description(run_dir: Path, cfg: dict) -> Path:
     try:
         found = resolve_model_path(path)
     except FileNotFoundError:
-        raise CheckpointError(f"the run has no {MODEL_DIR}/ or hf/ folder, and its model.path {path!r} is gone, so "
-                              f"the architecture and tokenizer are unknown", where=str(run_dir),
-                              hint="pass the original model directory as model.path in RUN_DIR/config.json") from None
-    log.warning("%s has no %s/ folder (written by runs from this version on): taking the architecture and "
-                "tokenizer from model.path=%s", run_dir, MODEL_DIR, found)
+        raise CheckpointError(
+            f"the run has no {MODEL_DIR}/ or hf/ folder, and its model.path {path!r} is gone, so "
+            f"the architecture and tokenizer are unknown",
+            where=str(run_dir),
+            hint="pass the original model directory as model.path in RUN_DIR/config.json",
+        ) from None
+    log.warning(
+        "%s has no %s/ folder (written by runs from this version on): taking the architecture and "
+        "tokenizer from model.path=%s",
+        run_dir,
+        MODEL_DIR,
+        found,
+    )
     return found
 
 
@@ -83,9 +106,15 @@ def _read_only_manager(directory: Path) -> ocp.CheckpointManager:
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        return ocp.CheckpointManager(directory.absolute(), item_handlers={
-            "state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-            "data": ocp.JsonCheckpointHandler()}, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+        return ocp.CheckpointManager(
+            directory.absolute(),
+            item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+            },
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        )
     finally:
         absl_logging.set_verbosity(verbosity)
 
@@ -95,13 +124,23 @@ def _restore_params(manager: ocp.CheckpointManager, step: int, abstract_model_st
     and any head (reward ``head``, PPO ``value_head``) as the checkpoint stores it."""
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     saved = manager.item_metadata(step)["state"]["params"]
-    target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), value)
-              for key, value in saved.items() if key != "model"}
-    target["model"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                   abstract_model_state)
+    target = {
+        key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), value)
+        for key, value in saved.items()
+        if key != "model"
+    }
+    target["model"] = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_model_state
+    )
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)))
+    out = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
+            )
+        ),
+    )
     return out.state["params"]
 
 
@@ -168,10 +207,11 @@ def _merged_adapter_model(run: RunStep, run_dir: Path):
     try:
         base_path = resolve_model_path(path)
     except FileNotFoundError:
-        raise CheckpointError(f"the run trained adapters, and a merged export needs their base model.path {path!r}, "
-                              f"which is gone", where=str(run_dir),
-                              hint="export the adapters alone with --adapter-only, or restore the base model "
-                                   "directory") from None
+        raise CheckpointError(
+            f"the run trained adapters, and a merged export needs their base model.path {path!r}, which is gone",
+            where=str(run_dir),
+            hint="export the adapters alone with --adapter-only, or restore the base model directory",
+        ) from None
     saved = run.config.get("model", {})
     model = from_pretrained(base_path, scan_layers=saved.get("scan_layers", False))
     add_adapter(model, run.lora_spec, rngs=nnx.Rngs(0))
@@ -184,8 +224,14 @@ def _merged_adapter_model(run: RunStep, run_dir: Path):
     return merge_lora(model)
 
 
-def export_run(run_dir: str | Path, dst: str | Path, *, step: int | None = None, overwrite: bool = False,
-               adapter_only: bool = False) -> Path:
+def export_run(
+    run_dir: str | Path,
+    dst: str | Path,
+    *,
+    step: int | None = None,
+    overwrite: bool = False,
+    adapter_only: bool = False,
+) -> Path:
     """Write checkpoint ``step`` (default: the newest intact one) of the run in ``run_dir`` as an HF directory.
 
     A reward run (``loss.objective: reward``) is written as ``*ForSequenceClassification``. An adapter run is
@@ -196,17 +242,26 @@ def export_run(run_dir: str | Path, dst: str | Path, *, step: int | None = None,
 
     run_dir, dst = Path(run_dir), Path(dst)
     if not (run_dir / "checkpoints").is_dir():
-        raise UserFileNotFoundError("no checkpoints/ folder: not the output_dir of a training run",
-                                    where=str(run_dir), hint="give the output_dir of a run that saved a checkpoint")
+        raise UserFileNotFoundError(
+            "no checkpoints/ folder: not the output_dir of a training run",
+            where=str(run_dir),
+            hint="give the output_dir of a run that saved a checkpoint",
+        )
     _check_destination(run_dir, dst, overwrite)
     manager = _read_only_manager(run_dir / "checkpoints")
     steps = sorted(manager.all_steps())
     if not steps:
-        raise CheckpointError("no complete checkpoint", where=str(run_dir / "checkpoints"),
-                              hint="the run was stopped before its first save (save_every)")
+        raise CheckpointError(
+            "no complete checkpoint",
+            where=str(run_dir / "checkpoints"),
+            hint="the run was stopped before its first save (save_every)",
+        )
     if step is not None and step not in steps:
-        raise CheckpointError(f"no checkpoint of step {step}; the kept steps are {steps}",
-                              where=str(run_dir / "checkpoints"), hint="pass one of them with --step")
+        raise CheckpointError(
+            f"no checkpoint of step {step}; the kept steps are {steps}",
+            where=str(run_dir / "checkpoints"),
+            hint="pass one of them with --step",
+        )
     candidates = [step] if step is not None else steps[::-1]  # by default the newest step that can be read
     try:
         for i, candidate in enumerate(candidates):
@@ -216,9 +271,11 @@ def export_run(run_dir: str | Path, dst: str | Path, *, step: int | None = None,
             except UserError:
                 raise
             except Exception as err:  # noqa: BLE001 - a step that cannot be read is damaged or foreign
-                damaged = CheckpointError(f"checkpoint step {candidate} cannot be read: {first_line(err, 300)}",
-                                          where=str(run_dir / "checkpoints" / str(candidate)),
-                                          hint=f"export another kept step with --step (kept: {steps})")
+                damaged = CheckpointError(
+                    f"checkpoint step {candidate} cannot be read: {first_line(err, 300)}",
+                    where=str(run_dir / "checkpoints" / str(candidate)),
+                    hint=f"export another kept step with --step (kept: {steps})",
+                )
                 if i + 1 == len(candidates):
                     raise damaged from err
                 log.warning("%s; exporting an older step", damaged)
@@ -226,12 +283,19 @@ def export_run(run_dir: str | Path, dst: str | Path, *, step: int | None = None,
         manager.close()
     if adapter_only:
         if run.lora_spec is None:
-            raise CheckpointError("--adapter-only exports adapters, and this run fine-tuned every weight",
-                                  where=str(run_dir), hint="leave out --adapter-only to export the whole model")
+            raise CheckpointError(
+                "--adapter-only exports adapters, and this run fine-tuned every weight",
+                where=str(run_dir),
+                hint="leave out --adapter-only to export the whole model",
+            )
         from cpo_jax.hf.peft import save_adapter
 
-        return save_adapter(nnx.merge(run.graphdef, run.params["model"], run.frozen), run.lora_spec, dst,
-                            base_model_name_or_path=run.config.get("model", {}).get("path"))
+        return save_adapter(
+            nnx.merge(run.graphdef, run.params["model"], run.frozen),
+            run.lora_spec,
+            dst,
+            base_model_name_or_path=run.config.get("model", {}).get("path"),
+        )
     if run.lora_spec is None:
         model = nnx.merge(run.graphdef, run.params["model"])
     else:

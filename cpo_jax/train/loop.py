@@ -53,8 +53,10 @@ from cpo_jax.train.validate import validate_config
 
 log = logging.getLogger(__name__)
 
-DIVERGENCE_HINT = ("lower optim.learning_rate, keep optim.max_grad_norm set, use float32 or bf16 instead of float16, "
-                   "or check the loss hyperparameters; the run resumes from its last checkpoint when rerun")
+DIVERGENCE_HINT = (
+    "lower optim.learning_rate, keep optim.max_grad_norm set, use float32 or bf16 instead of float16, "
+    "or check the loss hyperparameters; the run resumes from its last checkpoint when rerun"
+)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -62,9 +64,15 @@ DIVERGENCE_HINT = ("lower optim.learning_rate, keep optim.max_grad_norm set, use
 def model_load_kwargs(cfg: TrainConfig, mesh) -> dict:
     """:func:`~cpo_jax.hf.pretrained.from_pretrained` keyword arguments for the ``model:`` section of ``cfg`` on
     ``mesh``, with the config's logical-axis rules (``mesh_rules`` over the defaults)."""
-    kwargs = {"dtype": jnp.dtype(cfg.model.dtype), "param_dtype": jnp.dtype(cfg.model.param_dtype), "mesh": mesh,
-              "rules": merge_rules(cfg.mesh_rules), "scan_layers": cfg.model.scan_layers, "remat": cfg.model.remat,
-              "attention_impl": cfg.model.attention_impl}
+    kwargs = {
+        "dtype": jnp.dtype(cfg.model.dtype),
+        "param_dtype": jnp.dtype(cfg.model.param_dtype),
+        "mesh": mesh,
+        "rules": merge_rules(cfg.mesh_rules),
+        "scan_layers": cfg.model.scan_layers,
+        "remat": cfg.model.remat,
+        "attention_impl": cfg.model.attention_impl,
+    }
     if not cfg.model.freeze_padding_embedding:
         kwargs["padding_idx"] = None
     return kwargs
@@ -103,12 +111,18 @@ def prepare_run(cfg: TrainConfig, devices=None, tokenizer=None) -> RunSetup:
     run means, resolve ``model.path`` (its config.json checked) and load its tokenizer unless one is given."""
     validate_config(cfg)
     mesh = make_mesh(cfg.mesh, devices)
-    checkpointer = Checkpointer(Path(cfg.output_dir) / "checkpoints", keep=cfg.keep_checkpoints,
-                                async_save=cfg.async_checkpoints)
+    checkpointer = Checkpointer(
+        Path(cfg.output_dir) / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints
+    )
     refuse_changed_run(cfg, checkpointer)
     model_path = resolve_model_path(cfg.model.path)
-    return RunSetup(mesh, merge_rules(cfg.mesh_rules), checkpointer, model_path,
-                    tokenizer if tokenizer is not None else load_tokenizer(model_path))
+    return RunSetup(
+        mesh,
+        merge_rules(cfg.mesh_rules),
+        checkpointer,
+        model_path,
+        tokenizer if tokenizer is not None else load_tokenizer(model_path),
+    )
 
 
 def open_run(cfg: TrainConfig, output_dir: Path, start_step: int, model_path: Path) -> MetricsWriter:
@@ -119,8 +133,15 @@ def open_run(cfg: TrainConfig, output_dir: Path, start_step: int, model_path: Pa
     if jax.process_index() == 0:
         (output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
         save_model_description(model_path, output_dir)
-    return MetricsWriter(output_dir, total_steps=cfg.steps, start_step=start_step, tensorboard=cfg.tensorboard,
-                         wandb_project=cfg.wandb_project, progress_bar=cfg.progress_bar, config=to_dict(cfg))
+    return MetricsWriter(
+        output_dir,
+        total_steps=cfg.steps,
+        start_step=start_step,
+        tensorboard=cfg.tensorboard,
+        wandb_project=cfg.wandb_project,
+        progress_bar=cfg.progress_bar,
+        config=to_dict(cfg),
+    )
 
 
 def divergence(cfg: TrainConfig, metrics: dict) -> str | None:
@@ -129,12 +150,16 @@ def divergence(cfg: TrainConfig, metrics: dict) -> str | None:
     that produces no NaN)."""
     consecutive = int(metrics["nonfinite/consecutive"])
     if consecutive >= cfg.max_nonfinite_steps:
-        return (f"{consecutive} consecutive non-finite steps (limit max_nonfinite_steps={cfg.max_nonfinite_steps}); "
-                f"those updates were skipped, so the parameters are still finite")
+        return (
+            f"{consecutive} consecutive non-finite steps (limit max_nonfinite_steps={cfg.max_nonfinite_steps}); "
+            f"those updates were skipped, so the parameters are still finite"
+        )
     ratio = float(metrics.get("update_ratio", 0.0))
     if cfg.max_update_ratio is not None and ratio > cfg.max_update_ratio:
-        return (f"the update exploded: its norm is {ratio:.3g} x the parameters' norm "
-                f"{float(metrics['param_norm']):.3g} (limit max_update_ratio={cfg.max_update_ratio})")
+        return (
+            f"the update exploded: its norm is {ratio:.3g} x the parameters' norm "
+            f"{float(metrics['param_norm']):.3g} (limit max_update_ratio={cfg.max_update_ratio})"
+        )
     return None
 
 
@@ -145,8 +170,9 @@ def lora_spec_of(cfg: TrainConfig):
     lora = cfg.model.lora
     if lora is None:
         return None
-    return LoraSpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets,
-                    use_rslora=lora.use_rslora)
+    return LoraSpec(
+        rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets, use_rslora=lora.use_rslora
+    )
 
 
 def attach_adapters(policy, cfg: TrainConfig):
@@ -169,9 +195,11 @@ def attach_adapters(policy, cfg: TrainConfig):
             if key == "targets" and ours is None:
                 continue
             if (sorted(ours) if key == "targets" else ours) != (sorted(theirs) if key == "targets" else theirs):
-                raise ConfigError(f"is {ours!r}, but the adapter in model.adapter_path has {theirs!r}",
-                                  where=f"config key model.lora.{key}",
-                                  hint="remove the model.lora section to take the adapter's own settings")
+                raise ConfigError(
+                    f"is {ours!r}, but the adapter in model.adapter_path has {theirs!r}",
+                    where=f"config key model.lora.{key}",
+                    hint="remove the model.lora section to take the adapter's own settings",
+                )
     return spec
 
 
@@ -235,8 +263,7 @@ class TrainLoop:
     def __init__(self, cfg: TrainConfig, *, tokenizer=None, devices=None):
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
-        self.mesh, self.rules, self.checkpointer, self.model_path, self.tokenizer = prepare_run(cfg, devices,
-                                                                                                tokenizer)
+        self.mesh, self.rules, self.checkpointer, self.model_path, self.tokenizer = prepare_run(cfg, devices, tokenizer)
         self.model_kwargs = model_load_kwargs(cfg, self.mesh)
         policy = from_pretrained(self.model_path, **self.model_kwargs)
         self.model_config = policy.config
@@ -257,8 +284,9 @@ class TrainLoop:
 
     # -------------------------------------------------------------------------------------------- set-up helpers
     def load_split(self, files):
-        return load_records(list(files), self.record_kind, skip_invalid=self.cfg.data.skip_invalid,
-                            split=self.cfg.data.split)
+        return load_records(
+            list(files), self.record_kind, skip_invalid=self.cfg.data.skip_invalid, split=self.cfg.data.split
+        )
 
     def load_reference(self) -> dict:
         """A second copy of the policy's initial weights (the frozen reference), in the policy's sharding."""
@@ -270,8 +298,9 @@ class TrainLoop:
         self.optimizer = make_optimizer(self.cfg.optim, num_updates)
         init = lambda p: init_state(p, self.optimizer, self.cfg.seed)  # noqa: E731
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        shardings = state_shardings(jax.tree.map(lambda x: x.sharding, params), self.optimizer,
-                                    jax.eval_shape(init, params), replicated)
+        shardings = state_shardings(
+            jax.tree.map(lambda x: x.sharding, params), self.optimizer, jax.eval_shape(init, params), replicated
+        )
         self.state = jax.jit(init, out_shardings=shardings)(params)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
 
@@ -279,31 +308,57 @@ class TrainLoop:
         """Tokenise up to ``sample`` records: fail if the length policy drops all of them, warn on drops."""
         from cpo_jax.data import audit
 
-        report = audit(records.records[:sample], self.tokenizer, self.tokenize_cfg,
-                       PipelineConfig(kind=self.record_kind, shard_index=0, shard_count=1),
-                       sources=records.sources[:sample])
+        report = audit(
+            records.records[:sample],
+            self.tokenizer,
+            self.tokenize_cfg,
+            PipelineConfig(kind=self.record_kind, shard_index=0, shard_count=1),
+            sources=records.sources[:sample],
+        )
         if report.kept == 0:
-            raise DataError(f"config key {key}", f"all {report.examples} checked {self.record_noun} are dropped "
-                            f"({dict(report.dropped)})", hint=self.drop_hint(report.dropped))
+            raise DataError(
+                f"config key {key}",
+                f"all {report.examples} checked {self.record_noun} are dropped ({dict(report.dropped)})",
+                hint=self.drop_hint(report.dropped),
+            )
         if report.dropped:
-            log.warning("%s: %d of the first %d %s are dropped (%s)", key, sum(report.dropped.values()),
-                        report.examples, self.record_noun, dict(report.dropped))
+            log.warning(
+                "%s: %d of the first %d %s are dropped (%s)",
+                key,
+                sum(report.dropped.values()),
+                report.examples,
+                self.record_noun,
+                dict(report.dropped),
+            )
 
     def drop_hint(self, dropped: dict) -> str:
         """What to do when the tokeniser drops every record, by the reasons counted in ``dropped``."""
         if set(dropped) <= {"identical_pair"}:
             return "every pair has chosen == rejected; check how the data file was built"
-        return (f"raise data.max_length (now {self.cfg.data.max_length}) or data.max_prompt_length (now "
-                f"{self.tokenize_cfg.prompt_limit}), or check that the data file holds what you expect")
+        return (
+            f"raise data.max_length (now {self.cfg.data.max_length}) or data.max_prompt_length (now "
+            f"{self.tokenize_cfg.prompt_limit}), or check that the data file holds what you expect"
+        )
 
     def pipeline_config(self, *, train: bool) -> PipelineConfig:
         data = self.cfg.data
-        return PipelineConfig(kind=self.record_kind, seed=data.seed, shuffle=train, num_epochs=None if train else 1,
-                              num_workers=data.num_workers if train else 0)
+        return PipelineConfig(
+            kind=self.record_kind,
+            seed=data.seed,
+            shuffle=train,
+            num_epochs=None if train else 1,
+            num_workers=data.num_workers if train else 0,
+        )
 
     def _pipeline(self, records, *, train: bool):
-        return build_dataset(records.records, self.tokenizer, self.tokenize_cfg, self.batch_cfg,
-                             self.pipeline_config(train=train), sources=records.sources)
+        return build_dataset(
+            records.records,
+            self.tokenizer,
+            self.tokenize_cfg,
+            self.batch_cfg,
+            self.pipeline_config(train=train),
+            sources=records.sources,
+        )
 
     # -------------------------------------------------------------------------------------------- the objective
     def run_step(self, step: int, data) -> dict:
@@ -323,8 +378,10 @@ class TrainLoop:
 
     def diagnose(self, step: int, problem: str, metrics: dict) -> str:
         """The divergence message after ``step``."""
-        return (f"{problem} (loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}). "
-                f"The checkpoints on disk are from before it and intact.")
+        return (
+            f"{problem} (loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}). "
+            f"The checkpoints on disk are from before it and intact."
+        )
 
     # -------------------------------------------------------------------------------------------- the loop
     def add_hook(self, fn: Callable[[StepInfo], Any], *, every: int = 1, at_end: bool = False) -> None:
@@ -347,11 +404,16 @@ class TrainLoop:
             writer.write(info.step, self.evaluate(self.state.params), prefix="eval/")
 
         def save(info: StepInfo):
-            self.checkpointer.save(info.step, self.state, {"data": data.get_state(), **self.extra_state()},
-                                   to_dict(cfg))
+            self.checkpointer.save(
+                info.step, self.state, {"data": data.get_state(), **self.extra_state()}, to_dict(cfg)
+            )
 
-        return [Hook(log_metrics, cfg.log_every, at_end=True), Hook(progress, 1),
-                Hook(evaluate, cfg.eval_every), Hook(save, cfg.save_every, at_end=True)]
+        return [
+            Hook(log_metrics, cfg.log_every, at_end=True),
+            Hook(progress, 1),
+            Hook(evaluate, cfg.eval_every),
+            Hook(save, cfg.save_every, at_end=True),
+        ]
 
     def run(self) -> RunResult:
         """Train from the newest intact checkpoint (or from scratch) to ``cfg.steps``, export, clean up."""
@@ -375,8 +437,11 @@ class TrainLoop:
                 step += 1
                 problem = divergence(cfg, metrics)
                 if problem:
-                    raise TrainingDiverged(self.diagnose(step, problem, metrics),
-                                           where=f"step {step} of {self.output_dir}", hint=self.divergence_hint)
+                    raise TrainingDiverged(
+                        self.diagnose(step, problem, metrics),
+                        where=f"step {step} of {self.output_dir}",
+                        hint=self.divergence_hint,
+                    )
                 info = StepInfo(step, metrics, self)
                 for hook in hooks:
                     if hook.due(step, cfg.steps):
@@ -397,7 +462,8 @@ class TrainLoop:
         ``(step, {"data": ..., **extra})`` or ``(0, None)``. A checkpoint saved under a config that changes the
         run's meaning is refused (:func:`cpo_jax.train.resume.check_resume`)."""
         step, self.state, saved = self.checkpointer.restore_latest(
-            self.state, self.state_shardings, check_config=functools.partial(resume_check, self.cfg, self.checkpointer))
+            self.state, self.state_shardings, check_config=functools.partial(resume_check, self.cfg, self.checkpointer)
+        )
         extra = checkpoint_extra(saved)
         if step:
             self.load_extra_state(extra)
@@ -419,7 +485,9 @@ class TrainLoop:
         from cpo_jax.models.lora import merge_lora
 
         path = Path(path)
-        save_adapter(policy, self.lora_spec, path.with_name(path.name + "_adapter"),
-                     base_model_name_or_path=self.cfg.model.path)
-        return save_pretrained(merge_lora(policy), path, tokenizer=self.tokenizer,
-                               score_head=self.state.params.get("head"))
+        save_adapter(
+            policy, self.lora_spec, path.with_name(path.name + "_adapter"), base_model_name_or_path=self.cfg.model.path
+        )
+        return save_pretrained(
+            merge_lora(policy), path, tokenizer=self.tokenizer, score_head=self.state.params.get("head")
+        )

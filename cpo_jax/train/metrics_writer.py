@@ -43,8 +43,9 @@ def parse_metrics(path: str | os.PathLike) -> list[tuple[str, dict]]:
             record = None
         step = record.get("step", 0) if isinstance(record, dict) else None
         if not isinstance(step, (int, float)) or isinstance(step, bool):
-            log.warning("%s:%d: dropping an unreadable metrics line (a write cut short by a kill?): %.80r",
-                        path, number, line)
+            log.warning(
+                "%s:%d: dropping an unreadable metrics line (a write cut short by a kill?): %.80r", path, number, line
+            )
             continue
         out.append((line, record))
     return out
@@ -72,9 +73,17 @@ def write_atomically(path: Path, text: str) -> None:
 class MetricsWriter:
     """Writes step metrics to JSONL, TensorBoard and wandb; drives the progress bar."""
 
-    def __init__(self, output_dir: str | os.PathLike, *, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, wandb_project: str | None = None, progress_bar: bool = True,
-                 config: dict | None = None):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+        progress_bar: bool = True,
+        config: dict | None = None,
+    ):
         self.enabled = jax.process_index() == 0
         self.path = Path(output_dir) / "metrics.jsonl"
         self._tb = self._wandb = self._bar = None

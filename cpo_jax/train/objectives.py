@@ -32,15 +32,17 @@ def reference_free_losses() -> frozenset[str]:
 def hidden_from_batch(model, batch: Batch) -> jax.Array:
     """Final hidden states ``[R, L, D]`` of a batch, packed segments and positions honoured."""
     segments = batch["segment_ids"]
-    return model.hidden_states(batch["input_ids"], attention_mask=segments > 0, positions=batch["positions"],
-                               segment_ids=segments)
+    return model.hidden_states(
+        batch["input_ids"], attention_mask=segments > 0, positions=batch["positions"], segment_ids=segments
+    )
 
 
 def token_logps_from_batch(model, batch: Batch, *, chunk_size: int = 1024) -> jax.Array:
     """``[R, L]`` float32 log-prob of ``targets`` at every position (0 where there is no target)."""
     hidden = hidden_from_batch(model, batch)
-    return chunked_token_logps(hidden, model.unembedding(), batch["targets"], chunk_size=chunk_size,
-                               logit_softcap=model.logit_softcap)
+    return chunked_token_logps(
+        hidden, model.unembedding(), batch["targets"], chunk_size=chunk_size, logit_softcap=model.logit_softcap
+    )
 
 
 def sequence_sums(values: jax.Array, batch: Batch, num_sequences: int) -> jax.Array:
@@ -57,8 +59,13 @@ def pair_logps(token_logps: jax.Array, batch: Batch) -> PairLogps:
     p = batch["pair_mask"].shape[-1]
     sums = sequence_sums(token_logps, batch, 2 * p).reshape(p, 2)
     lengths = sequence_sums(jnp.ones_like(token_logps), batch, 2 * p).reshape(p, 2)
-    return PairLogps(sums[:, 0], sums[:, 1], chosen_lengths=lengths[:, 0], rejected_lengths=lengths[:, 1],
-                     mask=batch["pair_mask"] > 0)
+    return PairLogps(
+        sums[:, 0],
+        sums[:, 1],
+        chosen_lengths=lengths[:, 0],
+        rejected_lengths=lengths[:, 1],
+        mask=batch["pair_mask"] > 0,
+    )
 
 
 def preference_objective(
@@ -83,11 +90,15 @@ def preference_objective(
     on the CPU), so computing them twice would give rewards of ~1e-7 where TRL's are exactly 0."""
     policy = pair_logps(token_logps_from_batch(model, batch, chunk_size=chunk_size), batch)
     # Padding slots have zero lengths and sums; give them length 1 so normalised losses stay finite.
-    logps = policy.replace(chosen_lengths=jnp.maximum(policy.chosen_lengths, 1.0),
-                           rejected_lengths=jnp.maximum(policy.rejected_lengths, 1.0))
+    logps = policy.replace(
+        chosen_lengths=jnp.maximum(policy.chosen_lengths, 1.0),
+        rejected_lengths=jnp.maximum(policy.rejected_lengths, 1.0),
+    )
     if reference is not None:
-        rc, rr = (jnp.where(reference_is_policy, jax.lax.stop_gradient(own), ref)
-                  for own, ref in ((policy.chosen, reference.chosen), (policy.rejected, reference.rejected)))
+        rc, rr = (
+            jnp.where(reference_is_policy, jax.lax.stop_gradient(own), ref)
+            for own, ref in ((policy.chosen, reference.chosen), (policy.rejected, reference.rejected))
+        )
         logps = logps.replace(ref_chosen=rc, ref_rejected=rr)
     per_pair = losses.get(loss_name)(logps, **hparams)
     metrics = losses.preference_metrics(logps, beta=hparams.get("beta", 0.1), gamma=hparams.get("gamma"))
@@ -125,14 +136,16 @@ def sequence_rewards(model, head: jax.Array, batch: Batch) -> jax.Array:
     return h @ head.astype(jnp.float32)
 
 
-def reward_objective(model, head: jax.Array, batch: Batch, *, margin: float = 0.0,
-                     center_rewards_coefficient: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def reward_objective(
+    model, head: jax.Array, batch: Batch, *, margin: float = 0.0, center_rewards_coefficient: float | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Bradley-Terry loss of a scalar head ``[D]`` on :func:`sequence_rewards`, summed over real pairs."""
     p = batch["pair_mask"].shape[-1]
     rewards = sequence_rewards(model, head, batch).reshape(p, 2)
     mask = batch["pair_mask"].astype(jnp.float32)
-    per_pair = losses.bradley_terry_loss(rewards[:, 0], rewards[:, 1], margin=margin,
-                                         center_rewards_coefficient=center_rewards_coefficient)
+    per_pair = losses.bradley_terry_loss(
+        rewards[:, 0], rewards[:, 1], margin=margin, center_rewards_coefficient=center_rewards_coefficient
+    )
     count = jnp.maximum(mask.sum(), 1.0)
     metrics = {
         "rewards/chosen": jnp.sum(rewards[:, 0] * mask) / count,

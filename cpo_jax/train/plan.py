@@ -30,7 +30,7 @@ from flax import nnx
 from cpo_jax.parallel.sharding import logical_sharding, make_mesh, merge_rules, param_shardings
 from cpo_jax.train.config import TrainConfig
 
-GIB = 1024 ** 3
+GIB = 1024**3
 #: Device memory to compare with, GiB: an 80 GB A100/H100, and an H200 (141 GB, 139 GiB usable as jax reports it).
 DEVICES_GIB = {"80GB": 80.0, "H200": 139.0}
 _SHORT = 16  # the length whose temporaries are subtracted
@@ -55,8 +55,15 @@ class Plan:
 
     @property
     def total_gib(self) -> float:
-        return (self.trainable_gib + self.frozen_gib + self.reference_gib + self.optimizer_gib + self.gradients_gib
-                + self.batch_gib + self.activations_gib)
+        return (
+            self.trainable_gib
+            + self.frozen_gib
+            + self.reference_gib
+            + self.optimizer_gib
+            + self.gradients_gib
+            + self.batch_gib
+            + self.activations_gib
+        )
 
     def fits(self, capacity_gib: float) -> bool:
         return self.total_gib <= capacity_gib
@@ -66,8 +73,9 @@ def describe_mode(cfg: TrainConfig) -> str:
     """``full + separate``, ``LoRA r16 + base``, ``QLoRA nf4 r16 + base``...: what a row of the plan is."""
     adapters = cfg.model.lora is not None or cfg.model.adapter_path is not None
     rank = f" r{cfg.model.lora.rank}" if cfg.model.lora is not None else ""
-    kind = (f"QLoRA {cfg.model.quantize}{rank}" if cfg.model.quantize != "none" else f"LoRA{rank}") if adapters \
-        else "full"
+    kind = (
+        (f"QLoRA {cfg.model.quantize}{rank}" if cfg.model.quantize != "none" else f"LoRA{rank}") if adapters else "full"
+    )
     return f"{kind} + {cfg.loss.reference}"
 
 
@@ -88,8 +96,9 @@ def _abstract_model(cfg: TrainConfig, hf: dict):
     from cpo_jax.models.transformer import Transformer
 
     m = cfg.model
-    arch = config_from_hf(hf, dtype=jnp.dtype(m.dtype), scan_layers=m.scan_layers, remat=m.remat,
-                          attention_impl=m.attention_impl)
+    arch = config_from_hf(
+        hf, dtype=jnp.dtype(m.dtype), scan_layers=m.scan_layers, remat=m.remat, attention_impl=m.attention_impl
+    )
 
     def build():
         model = Transformer(arch, param_dtype=jnp.dtype(m.param_dtype), rngs=nnx.Rngs(0))
@@ -131,11 +140,19 @@ def _batch(cfg: TrainConfig, length: int, mesh, rules):
     return batch, shardings
 
 
-def _compiled_temp(step, state, state_shardings, batch, batch_shardings, ref, ref_shardings, frozen,
-                   frozen_shardings) -> int:
-    compiled = jax.jit(step, in_shardings=(state_shardings, batch_shardings, ref_shardings, frozen_shardings),
-                       out_shardings=(state_shardings, None), donate_argnums=(0,)).lower(
-        state, batch, ref, frozen).compile()
+def _compiled_temp(
+    step, state, state_shardings, batch, batch_shardings, ref, ref_shardings, frozen, frozen_shardings
+) -> int:
+    compiled = (
+        jax.jit(
+            step,
+            in_shardings=(state_shardings, batch_shardings, ref_shardings, frozen_shardings),
+            out_shardings=(state_shardings, None),
+            donate_argnums=(0,),
+        )
+        .lower(state, batch, ref, frozen)
+        .compile()
+    )
     return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -153,11 +170,13 @@ def plan(cfg: TrainConfig, hf: dict, devices=None) -> Plan:
         graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
     else:
         (graphdef, trainable), frozen = nnx.split(model), None
+
     def place(state):
         """Each Variable of ``state`` holding its NamedSharding (the shape of a train state's sharding tree)."""
         shardings = param_shardings(state, mesh, rules)
-        return jax.tree.map(lambda var, sharding: var.replace(sharding), state, shardings,
-                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return jax.tree.map(
+            lambda var, sharding: var.replace(sharding), state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
 
     trainable_s = place(trainable)
     frozen_s = None if frozen is None else place(frozen)
@@ -172,8 +191,13 @@ def plan(cfg: TrainConfig, hf: dict, devices=None) -> Plan:
     state = jax.eval_shape(init, params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state_s = state_shardings(params_s, optimizer, state, replicated)
-    step = functools.partial(train_step, cfg=cfg, graphdef=graphdef, optimizer=optimizer,
-                             schedule=learning_rate_schedule(cfg.optim, cfg.steps))
+    step = functools.partial(
+        train_step,
+        cfg=cfg,
+        graphdef=graphdef,
+        optimizer=optimizer,
+        schedule=learning_rate_schedule(cfg.optim, cfg.steps),
+    )
 
     length = cfg.data.max_length
     temps = {}
@@ -183,7 +207,8 @@ def plan(cfg: TrainConfig, hf: dict, devices=None) -> Plan:
     batch, batch_s = _batch(cfg, length, mesh, rules)
     trainable_bytes = _per_device_bytes(trainable, trainable_s)
     return Plan(
-        mode=describe_mode(cfg), devices=mesh.size,
+        mode=describe_mode(cfg),
+        devices=mesh.size,
         tokens_per_step=cfg.grad_accum * batch["input_ids"].shape[1] * length,
         trainable_params=sum(x.size for x in jax.tree.leaves(trainable)),
         trainable_gib=trainable_bytes / GIB,
@@ -199,15 +224,18 @@ def plan(cfg: TrainConfig, hf: dict, devices=None) -> Plan:
 
 def markdown(rows: list[tuple[str, Plan]]) -> str:
     """A table of plans: ``(model name, plan)`` rows."""
-    head = ("| model | mode | devices | tokens/step | trainable | weights GiB (train / frozen / ref) | optimiser GiB | "
-            "grads GiB | activations GiB | total GiB/device | 80 GB | H200 |\n" + "|---" * 12 + "|")
+    head = (
+        "| model | mode | devices | tokens/step | trainable | weights GiB (train / frozen / ref) | optimiser GiB | "
+        "grads GiB | activations GiB | total GiB/device | 80 GB | H200 |\n" + "|---" * 12 + "|"
+    )
     lines = [head]
     for name, p in rows:
         lines.append(
             f"| {name} | {p.mode} | {p.devices} | {p.tokens_per_step:,} | {p.trainable_params / 1e6:,.1f}M | "
             f"{p.trainable_gib:.2f} / {p.frozen_gib:.2f} / {p.reference_gib:.2f} | {p.optimizer_gib:.2f} | "
             f"{p.gradients_gib:.2f} | {p.activations_gib:.2f} | **{p.total_gib:.1f}** | "
-            f"{'fits' if p.fits(DEVICES_GIB['80GB']) else 'no'} | {'fits' if p.fits(DEVICES_GIB['H200']) else 'no'} |")
+            f"{'fits' if p.fits(DEVICES_GIB['80GB']) else 'no'} | {'fits' if p.fits(DEVICES_GIB['H200']) else 'no'} |"
+        )
     return "\n".join(lines)
 
 

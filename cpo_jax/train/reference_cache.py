@@ -41,8 +41,13 @@ def cache_key(records, tokenizer, tokenize: TokenizeConfig, model_path: str | os
     h = hashlib.sha256()
     h.update(json.dumps(list(records), sort_keys=True, ensure_ascii=False).encode())
     h.update(json.dumps(dataclasses.asdict(tokenize), sort_keys=True).encode())
-    h.update(json.dumps([len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
-                         getattr(tokenizer, "chat_template", None)], sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            [len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, getattr(tokenizer, "chat_template", None)],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     model_path = Path(model_path)
     weights = [*model_path.glob("*.safetensors"), *(p for p in (model_path / "params").rglob("*") if p.is_file())]
     for file in sorted([model_path / "config.json", *weights]):
@@ -51,8 +56,17 @@ def cache_key(records, tokenizer, tokenize: TokenizeConfig, model_path: str | os
     return h.hexdigest()
 
 
-def compute_reference_logps(model, records, sources, tokenizer, tokenize: TokenizeConfig, batch: BatchConfig,
-                            *, chunk_size: int = 1024, return_lengths: bool = False):
+def compute_reference_logps(
+    model,
+    records,
+    sources,
+    tokenizer,
+    tokenize: TokenizeConfig,
+    batch: BatchConfig,
+    *,
+    chunk_size: int = 1024,
+    return_lengths: bool = False,
+):
     """``[N, 2]`` float32 summed completion log-probs (chosen, rejected) per record; NaN where dropped.
 
     With ``return_lengths``, also the ``[N, 2]`` scored completion token counts (NaN where dropped).
@@ -65,8 +79,10 @@ def compute_reference_logps(model, records, sources, tokenizer, tokenize: Tokeni
     def forward(state, b):
         m = nnx.merge(graphdef, state)
         logps = pair_logps(token_logps_from_batch(m, b, chunk_size=chunk_size), b)
-        return (jnp.stack([logps.chosen, logps.rejected], -1),
-                jnp.stack([logps.chosen_lengths, logps.rejected_lengths], -1))
+        return (
+            jnp.stack([logps.chosen, logps.rejected], -1),
+            jnp.stack([logps.chosen_lengths, logps.rejected_lengths], -1),
+        )
 
     one_pass = PipelineConfig(kind="preference", shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
     for b in build_dataset(records, tokenizer, tokenize, batch, one_pass, sources=sources):

@@ -22,11 +22,32 @@ log = logging.getLogger(__name__)
 
 #: Dotted keys (or prefixes ending in ".") whose change does not change what a run means.
 HARMLESS = (
-    "output_dir", "steps", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
-    "async_checkpoints", "max_nonfinite_steps", "max_update_ratio", "peak_tflops_per_device", "tensorboard",
-    "wandb_project", "progress_bar", "export_hf", "eval_generation_prompts", "eval_generation_tokens",
-    "data.eval_files", "rl.eval_max_new_tokens", "mesh.", "mesh_rules", "mesh_rules.", "model.remat",
-    "model.attention_impl", "model.logprob_chunk_size", "resume.",
+    "output_dir",
+    "steps",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "save_every",
+    "keep_checkpoints",
+    "async_checkpoints",
+    "max_nonfinite_steps",
+    "max_update_ratio",
+    "peak_tflops_per_device",
+    "tensorboard",
+    "wandb_project",
+    "progress_bar",
+    "export_hf",
+    "eval_generation_prompts",
+    "eval_generation_tokens",
+    "data.eval_files",
+    "rl.eval_max_new_tokens",
+    "mesh.",
+    "mesh_rules",
+    "mesh_rules.",
+    "model.remat",
+    "model.attention_impl",
+    "model.logprob_chunk_size",
+    "resume.",
 )
 
 
@@ -83,18 +104,23 @@ def check_resume(saved: Mapping, current: TrainConfig, *, step: int, where: str)
     for key, (before, after) in harmless.items():
         log.warning("resuming step %d of %s with %s changed: %r -> %r", step, where, key, before, after)
     if "steps" in harmless and current.optim.schedule != "constant":
-        log.warning("steps changed: the %s learning-rate schedule is recomputed over %d steps from step %d on",
-                    current.optim.schedule, current.steps, step)
+        log.warning(
+            "steps changed: the %s learning-rate schedule is recomputed over %d steps from step %d on",
+            current.optim.schedule,
+            current.steps,
+            step,
+        )
     if not meaningful:
         return
     diff = "\n".join(f"    {k}: {before!r} -> {after!r}" for k, (before, after) in meaningful.items())
     if current.resume.allow_config_change:
-        log.warning("resuming step %d of %s with a changed config (resume.allow_config_change=true):\n%s",
-                    step, where, diff)
+        log.warning(
+            "resuming step %d of %s with a changed config (resume.allow_config_change=true):\n%s", step, where, diff
+        )
         return
     raise ConfigError(
-        f"the checkpoint at step {step} was trained with another config; resuming would mix two runs. "
-        f"Changed:\n{diff}",
+        f"the checkpoint at step {step} was trained with another config; resuming would mix two runs. Changed:\n{diff}",
         where=where,
         hint="use a new output_dir for a new run, restore the old values to continue this one, or set "
-             "resume.allow_config_change=true to continue it under the new config on purpose")
+        "resume.allow_config_change=true to continue it under the new config on purpose",
+    )

@@ -51,19 +51,29 @@ class TrainState:
 
 def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
     """A fresh state (call under ``jax.jit`` with out_shardings to place the optimiser state)."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
 
 
-def state_shardings(params_shardings, optimizer: optax.GradientTransformation, abstract_state: TrainState,
-                    replicated) -> TrainState:
+def state_shardings(
+    params_shardings, optimizer: optax.GradientTransformation, abstract_state: TrainState, replicated
+) -> TrainState:
     """Shardings of a train state: every optimiser leaf that mirrors a parameter (Adam's moments, momentum) takes
     that parameter's sharding, everything else (counters, the step, the RNG) is ``replicated``.
 
     Without this, ``jax.jit(init_state)`` lets the compiler choose, and it replicates the moments: under FSDP each
     device would hold the whole optimiser state (2x the model in fp32 for Adam)."""
-    opt = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_state.opt_state, params_shardings,
-                                transform_non_params=lambda _: replicated)
+    opt = optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        abstract_state.opt_state,
+        params_shardings,
+        transform_non_params=lambda _: replicated,
+    )
     return TrainState(step=replicated, params=params_shardings, opt_state=opt, rng=replicated)
 
 
@@ -79,8 +89,10 @@ def update_size(params, updates) -> dict[str, jax.Array]:
     Two reductions over the parameters: ``2P`` FLOPs and one read of ``P`` values each, negligible next to a
     forward and backward pass."""
     param_norm = optax.tree.norm(params)
-    return {"param_norm": param_norm,
-            "update_ratio": optax.tree.norm(updates) / jnp.maximum(param_norm, jnp.finfo(jnp.float32).tiny)}
+    return {
+        "param_norm": param_norm,
+        "update_ratio": optax.tree.norm(updates) / jnp.maximum(param_norm, jnp.finfo(jnp.float32).tiny),
+    }
 
 
 def model_of(graphdef, model_state, frozen=None):
@@ -110,9 +122,16 @@ def _reference_logps(cfg: TrainConfig, graphdef, ref_params, mb: Batch, params, 
     return jax.tree.map(jax.lax.stop_gradient, ref)
 
 
-def objective_sum(cfg: TrainConfig, graphdef, params, mb: Batch, reference,
-                  reference_is_policy: jax.Array | bool = False, frozen=None,
-                  dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+def objective_sum(
+    cfg: TrainConfig,
+    graphdef,
+    params,
+    mb: Batch,
+    reference,
+    reference_is_policy: jax.Array | bool = False,
+    frozen=None,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
     """Sum over real examples of the configured objective, and its metrics, each a
     :class:`~cpo_jax.train.weighted.Weighted` over the real pairs of ``mb``.
 
@@ -129,9 +148,15 @@ def objective_sum(cfg: TrainConfig, graphdef, params, mb: Batch, reference,
         nnx.reseed(model, dropout=dropout_key, policy="match_shape")
     chunk = cfg.model.logprob_chunk_size
     if cfg.loss.objective == "preference":
-        loss_sum, means = preference_objective(model, mb, reference, loss_name=cfg.loss.name,
-                                               hparams=dict(cfg.loss.hparams), chunk_size=chunk,
-                                               reference_is_policy=reference_is_policy)
+        loss_sum, means = preference_objective(
+            model,
+            mb,
+            reference,
+            loss_name=cfg.loss.name,
+            hparams=dict(cfg.loss.hparams),
+            chunk_size=chunk,
+            reference_is_policy=reference_is_policy,
+        )
     elif cfg.loss.objective == "sft":
         loss_sum, means = sft_objective(model, mb, chunk_size=chunk)
     elif cfg.loss.objective == "reward":
@@ -150,8 +175,17 @@ def _micro_batches(batch: Batch) -> Batch:
     return {k: v for k, v in batch.items() if k != "index"}
 
 
-def train_step(state: TrainState, batch: Batch, ref_params, frozen=None, *, cfg: TrainConfig, graphdef,
-               optimizer: optax.GradientTransformation, schedule: Callable) -> tuple[TrainState, dict]:
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    ref_params,
+    frozen=None,
+    *,
+    cfg: TrainConfig,
+    graphdef,
+    optimizer: optax.GradientTransformation,
+    schedule: Callable,
+) -> tuple[TrainState, dict]:
     """One optimiser update from ``batch`` (leading axis: micro-batches). Returns ``(state, metrics)``.
 
     ``frozen``: the frozen base weights when ``state.params["model"]`` holds only adapters (None otherwise)."""
@@ -164,9 +198,16 @@ def train_step(state: TrainState, batch: Batch, ref_params, frozen=None, *, cfg:
     def micro_loss(params, mb, index):
         reference = _reference_logps(cfg, graphdef, ref_params, mb, params, frozen)
         # Before the first update the policy's weights are the reference's (both load model.path).
-        loss_sum, metrics = objective_sum(cfg, graphdef, params, mb, reference, reference_is_policy=initial,
-                                          frozen=frozen,
-                                          dropout_key=jax.random.fold_in(step_key, index) if dropout else None)
+        loss_sum, metrics = objective_sum(
+            cfg,
+            graphdef,
+            params,
+            mb,
+            reference,
+            reference_is_policy=initial,
+            frozen=frozen,
+            dropout_key=jax.random.fold_in(step_key, index) if dropout else None,
+        )
         return loss_sum / total, metrics
 
     def body(carry, xs):
@@ -176,8 +217,11 @@ def train_step(state: TrainState, batch: Batch, ref_params, frozen=None, *, cfg:
 
     first = jax.tree.map(lambda x: x[0], batch)
     metric_shapes = jax.eval_shape(lambda p: micro_loss(p, first, 0)[1], state.params)
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
-             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+    zeros = (
+        jax.tree.map(jnp.zeros_like, state.params),
+        jnp.zeros((), jnp.float32),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes),
+    )
     micro = batch["pair_mask"].shape[0]
     (grads, loss, metrics), _ = jax.lax.scan(body, zeros, (batch, jnp.arange(micro)))
 
@@ -202,8 +246,9 @@ def train_step(state: TrainState, batch: Batch, ref_params, frozen=None, *, cfg:
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics
 
 
-def eval_step(params, batch: Batch, ref_params, reference_is_policy=False, frozen=None, *, cfg: TrainConfig,
-              graphdef) -> dict:
+def eval_step(
+    params, batch: Batch, ref_params, reference_is_policy=False, frozen=None, *, cfg: TrainConfig, graphdef
+) -> dict:
     """Loss and metrics of one batch without gradients (for periodic evaluation), each a
     :class:`~cpo_jax.train.weighted.Weighted` over its real pairs, to be added over batches.
 
@@ -214,9 +259,21 @@ def eval_step(params, batch: Batch, ref_params, reference_is_policy=False, froze
     return {**metrics, "loss": weighted.Weighted(loss_sum, real_pairs(batch))}
 
 
-def jit_train_step(cfg: TrainConfig, graphdef, optimizer, schedule, state_shardings, batch_shardings, ref_shardings,
-                   frozen_shardings=None):
+def jit_train_step(
+    cfg: TrainConfig,
+    graphdef,
+    optimizer,
+    schedule,
+    state_shardings,
+    batch_shardings,
+    ref_shardings,
+    frozen_shardings=None,
+):
     """``jax.jit`` of :func:`train_step` with explicit in/out shardings and the state donated."""
     fn = functools.partial(train_step, cfg=cfg, graphdef=graphdef, optimizer=optimizer, schedule=schedule)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings, ref_shardings, frozen_shardings),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+    return jax.jit(
+        fn,
+        in_shardings=(state_shardings, batch_shardings, ref_shardings, frozen_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )

@@ -46,7 +46,6 @@ def stack_micro_batches(batches: list[dict], pad_id: int) -> dict[str, np.ndarra
     return out
 
 
-
 class Trainer(TrainLoop):
     """``loss.objective`` ``preference`` (any registered pairwise loss), ``sft`` or ``reward``."""
 
@@ -64,11 +63,19 @@ class Trainer(TrainLoop):
             # the train state holds its own buffers).
             self.ref_params = {"model": self.initial_model_state}
 
-        self.tokenize_cfg = TokenizeConfig(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-                                           truncation=cfg.data.truncation, vocab_size=self.model_config.vocab_size)
-        self.batch_cfg = BatchConfig(pairs_per_batch=cfg.data.pairs_per_batch, max_length=cfg.data.max_length,
-                                     pack=cfg.data.pack, rows_per_batch=cfg.data.rows_per_batch,
-                                     pad_id=self.tokenizer.pad_token_id or 0)
+        self.tokenize_cfg = TokenizeConfig(
+            max_length=cfg.data.max_length,
+            max_prompt_length=cfg.data.max_prompt_length,
+            truncation=cfg.data.truncation,
+            vocab_size=self.model_config.vocab_size,
+        )
+        self.batch_cfg = BatchConfig(
+            pairs_per_batch=cfg.data.pairs_per_batch,
+            max_length=cfg.data.max_length,
+            pack=cfg.data.pack,
+            rows_per_batch=cfg.data.rows_per_batch,
+            pad_id=self.tokenizer.pad_token_id or 0,
+        )
         self.check_lengths(self.train_set, "data.train_files")
         self.reference_table = self.eval_reference_table = None
         if cfg.loss.objective == "preference" and cfg.loss.reference == "precomputed":
@@ -89,9 +96,20 @@ class Trainer(TrainLoop):
 
     def _precompute(self, policy, records):
         key = cache_key(records.records, self.tokenizer, self.tokenize_cfg, self.model_path)
-        return load_or_compute(self.output_dir / "reference_cache", key, lambda: compute_reference_logps(
-            policy, records.records, records.sources, self.tokenizer, self.tokenize_cfg, self.batch_cfg,
-            chunk_size=self.cfg.model.logprob_chunk_size), rows=len(records.records))
+        return load_or_compute(
+            self.output_dir / "reference_cache",
+            key,
+            lambda: compute_reference_logps(
+                policy,
+                records.records,
+                records.sources,
+                self.tokenizer,
+                self.tokenize_cfg,
+                self.batch_cfg,
+                chunk_size=self.cfg.model.logprob_chunk_size,
+            ),
+            rows=len(records.records),
+        )
 
     def _with_reference(self, batch: dict, table) -> dict:
         if table is None:
@@ -109,8 +127,7 @@ class Trainer(TrainLoop):
         for key, local in batch.items():
             if key == "sequence_ids":  # local slots -> global slots (process p holds pairs [p*P, (p+1)*P))
                 local = np.where(local >= 0, local + jax.process_index() * 2 * pairs, local)
-            out[key] = host_to_global(local, self.mesh, ("micro", "batch", "length"), batch_axis=1,
-                                      rules=self.rules)
+            out[key] = host_to_global(local, self.mesh, ("micro", "batch", "length"), batch_axis=1, rules=self.rules)
         return out
 
     # ----------------------------------------------------------------------------------------------
@@ -121,16 +138,18 @@ class Trainer(TrainLoop):
             return {}
         # The untrained state's weights are the reference's: its reference log-probs are its own (as in TRL, the
         # rewards before training are exactly 0).
-        initial = (params is self.state.params and int(jax.device_get(self.state.step)) == 0
-                   and starts_at_reference(self.cfg))
+        initial = (
+            params is self.state.params and int(jax.device_get(self.state.step)) == 0 and starts_at_reference(self.cfg)
+        )
 
         def batch_metrics(batch):
             batch = self._with_reference(batch, self.eval_reference_table)
             g = {k: v[0] for k, v in self._global(stack_micro_batches([batch], self.batch_cfg.pad_id)).items()}
             return jax.device_get(self._eval_fn(params, g, self.ref_params, initial, self.frozen))
 
-        sums = weighted.total(batch_metrics(b) for b in lockstep(self._pipeline(self.eval_set, train=False),
-                                                                 limit=self.cfg.eval_batches))
+        sums = weighted.total(
+            batch_metrics(b) for b in lockstep(self._pipeline(self.eval_set, train=False), limit=self.cfg.eval_batches)
+        )
         return {k: float(v) for k, v in weighted.means(sums).items()}
 
     def run_step(self, step: int, data) -> dict:
@@ -142,16 +161,28 @@ class Trainer(TrainLoop):
         if self._step_fn is None:
             ref_shardings = None if self.ref_params is None else jax.tree.map(lambda x: x.sharding, self.ref_params)
             frozen_shardings = None if self.frozen is None else jax.tree.map(self._sharding_of, self.frozen)
-            self._step_fn = jit_train_step(cfg, self.graphdef, self.optimizer, self.schedule, self.state_shardings,
-                                           {k: v.sharding for k, v in batch.items()}, ref_shardings,
-                                           frozen_shardings)
+            self._step_fn = jit_train_step(
+                cfg,
+                self.graphdef,
+                self.optimizer,
+                self.schedule,
+                self.state_shardings,
+                {k: v.sharding for k, v in batch.items()},
+                ref_shardings,
+                frozen_shardings,
+            )
         t0 = time.perf_counter()
         self.state, metrics = self._step_fn(self.state, batch, self.ref_params, self.frozen)
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - t0
         tokens = int(metrics["tokens"])
-        step_flops = flops_lib.step_flops(self.model_config, self.num_params, tokens, batch["input_ids"].shape[-1],
-                                          reference_forward=self.ref_params is not None)
+        step_flops = flops_lib.step_flops(
+            self.model_config,
+            self.num_params,
+            tokens,
+            batch["input_ids"].shape[-1],
+            reference_forward=self.ref_params is not None,
+        )
         metrics.update(step_time=elapsed, tokens_per_sec=tokens / elapsed, tflops_per_sec=step_flops / elapsed / 1e12)
         peak = cfg.peak_tflops_per_device or flops_lib.peak_tflops(jax.devices()[0].device_kind)
         if peak:
@@ -167,6 +198,8 @@ class Trainer(TrainLoop):
     def diagnose(self, step: int, problem: str, metrics: dict) -> str:
         indexes = self._last_indexes
         sources = [self.train_set.sources[i] for i in indexes[:4] if i < len(self.train_set.sources)]
-        return (f"{problem} (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}, "
-                f"learning_rate={metrics['learning_rate']:.3g}). The last batch held {sources}"
-                f"{' ...' if len(indexes) > 4 else ''}. The checkpoints on disk are from before it and intact.")
+        return (
+            f"{problem} (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}, "
+            f"learning_rate={metrics['learning_rate']:.3g}). The last batch held {sources}"
+            f"{' ...' if len(indexes) > 4 else ''}. The checkpoints on disk are from before it and intact."
+        )

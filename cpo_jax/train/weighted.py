@@ -65,5 +65,6 @@ def sum_over(tree: Mapping[str, Any], axis: int = 0) -> dict[str, Any]:
 
 def means(tree: Mapping[str, Any]) -> dict[str, Any]:
     """``total / count`` for each :class:`Weighted` (0 where nothing was counted); other entries as they are."""
-    return {key: (value.total / jnp.maximum(value.count, 1) if is_weighted(value) else value)
-            for key, value in tree.items()}
+    return {
+        key: (value.total / jnp.maximum(value.count, 1) if is_weighted(value) else value) for key, value in tree.items()
+    }

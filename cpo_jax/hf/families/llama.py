@@ -70,8 +70,9 @@ def projection_rules(cfg: TransformerConfig, layer: str = "model.layers.{i}") ->
     """
     rules = []
     for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
-        rules.append(WeightRule(f"{layer}.self_attn.{theirs}.weight", f"layers.{{i}}.attn.{ours}.kernel",
-                                transpose=True))
+        rules.append(
+            WeightRule(f"{layer}.self_attn.{theirs}.weight", f"layers.{{i}}.attn.{ours}.kernel", transpose=True)
+        )
         if cfg.o_bias if ours == "o" else cfg.qkv_bias:
             rules.append(WeightRule(f"{layer}.self_attn.{theirs}.bias", f"layers.{{i}}.attn.{ours}.bias"))
     if cfg.qk_norm:
