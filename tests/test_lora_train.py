@@ -16,7 +16,7 @@ from cpo_jax.data import write_jsonl
 from cpo_jax.errors import ConfigError
 from cpo_jax.train import TrainConfig, from_dict
 from cpo_jax.train.validate import validate_config
-from tests.test_trl_fidelity import STRING_RECORDS, _tiny_llama
+from tests.test_trl_fidelity import STRING_RECORDS, _tiny_llama, sgd_dpo_config
 from tests.tokenizer_fixtures import smollm2_style
 from tests.train_fixtures import arithmetic_files, tiny_policy
 
@@ -44,32 +44,12 @@ def _random_peft_adapter(model_dir, out, *, rank=4, alpha=8, targets=TARGETS):
 def _trl_lora(model_dir, adapter_dir, records, *, beta, lr, steps, out):
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
-    args = DPOConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=len(records),
-        max_steps=steps,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        optim="sgd",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        beta=beta,
-        loss_type=["sigmoid"],
-        max_length=1024,
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        dataloader_drop_last=False,
-    )
+    args = sgd_dpo_config(out, records, loss_type="sigmoid", beta=beta, lr=lr, steps=steps)
     trainer = DPOTrainer(
         model=model,
         ref_model=None,
@@ -414,28 +394,9 @@ def test_qlora_trains_on_a_quantised_base_and_exports_what_it_trained(tmp_path):
     (the reference is the same quantised base), the merged export (dequantised base + adapters) reproduces the
     trained policy's logits in transformers, and convert from the checkpoint writes the same tensors."""
     from safetensors.numpy import load_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    from cpo_jax.data import byte_chat_tokenizer
-
-    torch.manual_seed(0)
-    policy = tmp_path / "policy"  # in-features that the NF4 block of 64 divides
-    AutoModelForCausalLM.from_config(
-        LlamaConfig(
-            vocab_size=260,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            tie_word_embeddings=True,
-            bos_token_id=None,
-            eos_token_id=3,
-            pad_token_id=0,
-        )
-    ).save_pretrained(policy)
-    byte_chat_tokenizer().save_pretrained(policy)
+    policy = tiny_policy(tmp_path / "policy", hidden=64, intermediate=128)  # in-features NF4's block of 64 divides
     train, _ = arithmetic_files(tmp_path, train=16, eval=4)
     assets = {"policy": str(policy), "train": str(train)}
     trainer = _trainer(_config(assets, tmp_path / "run", model={"quantize": "nf4"}, steps=3, save_every=3))

@@ -298,13 +298,12 @@ def _tiny_llama(directory, tokenizer, seed: int = 0):
     return directory
 
 
-def _trl_losses(model_dir, records, *, loss_type: str, beta: float, lr: float, steps: int, out) -> list[dict]:
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+def sgd_dpo_config(out, records, *, loss_type: str, beta: float, lr: float, steps: int):
+    """TRL's DPOConfig for the trajectory tests: plain SGD at a constant rate on the whole dataset as one batch, no
+    clipping, float32 on the CPU, a log line per step."""
+    from trl import DPOConfig
 
-    torch.manual_seed(0)
-    args = DPOConfig(
+    return DPOConfig(
         output_dir=str(out),
         per_device_train_batch_size=len(records),
         max_steps=steps,
@@ -325,6 +324,15 @@ def _trl_losses(model_dir, records, *, loss_type: str, beta: float, lr: float, s
         seed=0,
         dataloader_drop_last=False,
     )
+
+
+def _trl_losses(model_dir, records, *, loss_type: str, beta: float, lr: float, steps: int, out) -> list[dict]:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    torch.manual_seed(0)
+    args = sgd_dpo_config(out, records, loss_type=loss_type, beta=beta, lr=lr, steps=steps)
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         args=args,

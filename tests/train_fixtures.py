@@ -7,20 +7,20 @@ from pathlib import Path
 from cpo_jax.data import arithmetic_preferences, byte_chat_tokenizer, write_jsonl
 
 
-def tiny_policy(directory: Path, *, seed: int = 0, layers: int = 2) -> Path:
-    """Save a random tiny Llama (D=32, 4 heads, 2 kv heads) and the byte tokenizer into ``directory``."""
+def tiny_policy(directory: Path, *, seed: int = 0, layers: int = 2, hidden: int = 32, intermediate: int = 64) -> Path:
+    """Save a random tiny Llama (D=``hidden``, 4 heads, 2 kv heads) and the byte tokenizer into ``directory``."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=260,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
+        head_dim=hidden // 4,
         max_position_embeddings=256,
         tie_word_embeddings=True,
         bos_token_id=None,
