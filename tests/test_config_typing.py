@@ -202,7 +202,7 @@ def test_a_mesh_axis_no_rule_uses_is_an_error():
     with pytest.raises(ConfigError) as err:
         _validated(mesh={"dta": -1})
     assert err.value.where == "config key mesh.dta" and "'dta'" in str(err.value)
-    assert "['data', 'fsdp', 'tensor']" in str(err.value)  # the known axes
+    assert "['data', 'expert', 'fsdp', 'tensor']" in str(err.value)  # the known axes
     _validated(mesh={"dta": -1}, mesh_rules={"batch": "dta"})  # a rule that uses it makes it fine
     _validated(
         mesh={"data": -1, "fsdp": 1, "tensor": 1}, mesh_rules={k: None for k in ("vocab", "mlp", "heads", "kv_heads")}

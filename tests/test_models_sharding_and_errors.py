@@ -103,8 +103,8 @@ def _edit_config(path, **changes):
 @pytest.mark.parametrize(
     "changes,message",
     [
-        (dict(model_type="mixtral"), "'mixtral'"),
-        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}), "rope_type='yarn'"),
+        (dict(model_type="deepseek_v3"), "'deepseek_v3'"),  # MLA attention: not ported
+        (dict(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4}), "rope_type='proportional'"),
         (dict(hidden_act="swish_glu"), "hidden_act='swish_glu'"),
         (dict(attention_dropout=0.1), "attention_dropout=0.1"),
         (dict(quantization_config={"quant_method": "bitsandbytes"}), "quantization_config"),

@@ -7,14 +7,15 @@ the key and its value; :func:`located` adds the file. The family modules in :mod
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from cpo_jax.errors import ModelError, UnsupportedConfig
-from cpo_jax.models.config import FULL, SLIDING, RopeSpec
+from cpo_jax.models.config import FULL, ROPE_TYPES, SLIDING, RopeSpec
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ROPE_TYPES
 _FIX_HINT = "use the config.json saved with these weights (transformers: model.config.save_pretrained(dir))"
 
 
@@ -131,8 +132,25 @@ def attention_dims(
     return dict(hidden_size=d, num_heads=n, num_kv_heads=k, head_dim=h)
 
 
-def rope_spec(params: Any, model_type: str, key: str = "rope_parameters") -> RopeSpec:
-    """Translate one HF rope parameters dict (``rope_theta``, ``rope_type``, scaling keys)."""
+def rope_spec(
+    params: Any,
+    model_type: str,
+    key: str = "rope_parameters",
+    *,
+    max_position_embeddings: int | None = None,
+    head_dim: int | None = None,
+    original_max_position_embeddings: int | None = None,
+    nested: bool = False,
+) -> RopeSpec:
+    """Translate one HF rope parameters dict (``rope_theta``, ``rope_type``, scaling keys).
+
+    Follows transformers 5's standardisation and ``ROPE_INIT_FUNCTIONS``: ``original_max_position_embeddings``
+    (``llama3``, ``yarn``, ``longrope``) is the argument when given (a top-level key, which HF prefers), else the
+    entry's own, else ``max_position_embeddings``; ``dynamic`` grows past ``max_position_embeddings``; a null
+    ``factor`` of ``yarn`` / an absent one of ``longrope`` is ``max_position_embeddings / original``. Inside a
+    per-layer-type dict (``nested``) HF ignores ``truncate`` (it reads the outer dict), so it is True there.
+    ``head_dim`` checks the length of ``longrope``'s factor lists.
+    """
     if not isinstance(params, Mapping):
         raise UnsupportedConfig(
             f"{model_type}: config.json sets {key}={params!r}; it must be an object", hint=_FIX_HINT
@@ -146,22 +164,45 @@ def rope_spec(params: Any, model_type: str, key: str = "rope_parameters") -> Rop
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedConfig(f"{model_type}: {key}.partial_rotary_factor != 1 is not supported")
 
-    def number(name: str) -> float:
-        return number_value(params, name, model_type, name=f"{key}.{name}")
+    def number(name: str, *, required: bool = True, positive: bool = True) -> float | None:
+        return number_value(params, name, model_type, required=required, positive=positive, name=f"{key}.{name}")
 
-    spec = RopeSpec(theta=number("rope_theta"), rope_type=rope_type)
-    if rope_type == "linear":
-        spec = RopeSpec(theta=spec.theta, rope_type="linear", factor=number("factor"))
-    elif rope_type == "llama3":
+    def max_positions() -> int:
+        if max_position_embeddings is None:
+            raise UnsupportedConfig(
+                f"{model_type}: config.json has no max_position_embeddings (required by {key}.rope_type={rope_type!r})",
+                hint=_FIX_HINT,
+            )
+        return max_position_embeddings
+
+    def original() -> int:
+        if original_max_position_embeddings is not None:
+            return original_max_position_embeddings
+        own = int_value(
+            params,
+            "original_max_position_embeddings",
+            model_type,
+            required=False,
+            name=f"{key}.original_max_position_embeddings",
+        )
+        return max_positions() if own is None else own
+
+    theta = number("rope_theta")
+    if rope_type == "default":
+        return RopeSpec(theta=theta)
+    if rope_type in ("linear", "dynamic"):
+        spec = RopeSpec(theta=theta, rope_type=rope_type, factor=number("factor"))
+        if rope_type == "dynamic":
+            spec = dataclasses.replace(spec, original_max_position_embeddings=max_positions())
+        return spec
+    if rope_type == "llama3":
         spec = RopeSpec(
-            theta=spec.theta,
+            theta=theta,
             rope_type="llama3",
             factor=number("factor"),
             low_freq_factor=number("low_freq_factor"),
             high_freq_factor=number("high_freq_factor"),
-            original_max_position_embeddings=int_value(
-                params, "original_max_position_embeddings", model_type, name=f"{key}.original_max_position_embeddings"
-            ),
+            original_max_position_embeddings=original(),
         )
         if spec.high_freq_factor <= spec.low_freq_factor:
             raise UnsupportedConfig(
@@ -169,14 +210,85 @@ def rope_spec(params: Any, model_type: str, key: str = "rope_parameters") -> Rop
                 f"{spec.high_freq_factor} <= low_freq_factor={spec.low_freq_factor}",
                 hint=_FIX_HINT,
             )
-    return spec
+        return spec
+    if rope_type == "yarn":
+        if "factor" not in params:  # HF: a required key, though it may be null
+            raise UnsupportedConfig(f"{model_type}: config.json has no {key}.factor (required)", hint=_FIX_HINT)
+        orig = original()
+        factor = number("factor", required=False)
+        truncate = params.get("truncate", True)
+        if truncate is not None and not isinstance(truncate, bool):
+            raise UnsupportedConfig(
+                f"{model_type}: config.json sets {key}.truncate={truncate!r}; it must be true or false", hint=_FIX_HINT
+            )
+        return RopeSpec(
+            theta=theta,
+            rope_type="yarn",
+            factor=max_positions() / orig if factor is None else factor,
+            original_max_position_embeddings=orig,
+            beta_fast=number("beta_fast", required=False, positive=False) or 32.0,  # HF: `or 32`
+            beta_slow=number("beta_slow", required=False, positive=False) or 1.0,
+            truncate=True if nested else bool(truncate),
+            attention_factor=number("attention_factor", required=False),
+            mscale=number("mscale", required=False, positive=False),
+            mscale_all_dim=number("mscale_all_dim", required=False, positive=False),
+        )
+    # longrope
+    short = _factor_list(params, "short_factor", key, model_type, head_dim)
+    long = _factor_list(params, "long_factor", key, model_type, head_dim)
+    orig = original()
+    factor = number("factor", required=False)
+    return RopeSpec(
+        theta=theta,
+        rope_type="longrope",
+        factor=max_positions() / orig if factor is None else factor,
+        original_max_position_embeddings=orig,
+        attention_factor=number("attention_factor", required=False),
+        short_factor=short,
+        long_factor=long,
+    )
 
 
-def rope_specs(hf: Mapping, model_type: str) -> tuple[tuple[str, RopeSpec], ...]:
+def _factor_list(params: Mapping, name: str, key: str, model_type: str, head_dim: int | None) -> tuple[float, ...]:
+    """``longrope``'s ``short_factor`` / ``long_factor``: ``head_dim // 2`` positive numbers."""
+    value = params.get(name)
+    if value is None:
+        raise UnsupportedConfig(
+            f"{model_type}: config.json has no {key}.{name} (required by rope_type 'longrope')", hint=_FIX_HINT
+        )
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in value
+    ):
+        raise UnsupportedConfig(
+            f"{model_type}: config.json sets {key}.{name}={value!r}; it must be a list of positive numbers",
+            hint=_FIX_HINT,
+        )
+    if head_dim is not None and len(value) != head_dim // 2:
+        raise UnsupportedConfig(
+            f"{model_type}: config.json sets {key}.{name} with {len(value)} entries; it needs head_dim // 2 = "
+            f"{head_dim // 2}",
+            hint=_FIX_HINT,
+        )
+    return tuple(float(x) for x in value)
+
+
+def rope_specs(
+    hf: Mapping, model_type: str, *, max_position_embeddings: int | None = None, head_dim: int | None = None
+) -> tuple[tuple[str, RopeSpec], ...]:
     """Per-layer-type RoPE specs from ``rope_parameters`` (flat, or keyed by layer type as in Gemma 3).
 
-    Older configs with ``rope_theta`` / ``rope_scaling`` at the top level are read too.
+    Older configs with ``rope_theta`` / ``rope_scaling`` at the top level are read too. ``max_position_embeddings``
+    and ``head_dim`` default to config.json's (``hidden_size // num_attention_heads`` without ``head_dim``); a
+    top-level ``original_max_position_embeddings`` (Phi-3) overrides a flat dict's, as in transformers.
     """
+    if max_position_embeddings is None:
+        max_position_embeddings = int_value(hf, "max_position_embeddings", model_type, required=False)
+    if head_dim is None:
+        head_dim = hf.get("head_dim")
+        if not isinstance(head_dim, int) or isinstance(head_dim, bool):
+            hidden, heads = hf.get("hidden_size"), hf.get("num_attention_heads")
+            head_dim = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+    sizes = dict(max_position_embeddings=max_position_embeddings, head_dim=head_dim)
     params = hf.get("rope_parameters")
     if params is None:
         scaling = hf.get("rope_scaling") or {}
@@ -196,8 +308,12 @@ def rope_specs(hf: Mapping, model_type: str) -> tuple[tuple[str, RopeSpec], ...]
         unknown = set(params) - {FULL, SLIDING}
         if unknown:
             raise UnsupportedConfig(f"{model_type}: rope_parameters has unknown layer types {sorted(unknown)}")
-        return tuple((kind, rope_spec(p, model_type, f"rope_parameters.{kind}")) for kind, p in params.items())
-    return ((FULL, rope_spec(params, model_type)),)
+        return tuple(
+            (kind, rope_spec(p, model_type, f"rope_parameters.{kind}", nested=True, **sizes))
+            for kind, p in params.items()
+        )
+    top = int_value(hf, "original_max_position_embeddings", model_type, required=False)
+    return ((FULL, rope_spec(params, model_type, original_max_position_embeddings=top, **sizes)),)
 
 
 def layer_types(hf: Mapping, num_layers: int, model_type: str) -> tuple[str, ...]:

@@ -220,7 +220,7 @@ def from_pretrained(
     if (path / ORBAX_PARAMS).is_dir() and not any(path.glob("*.safetensors")):
         return _from_orbax(path / ORBAX_PARAMS, cfg, param_dtype, mesh, rules)
     table = family_of(cfg.model_type).weight_table(cfg)
-    bindings = bind(table, cfg.num_layers, cfg.scan_layers)
+    bindings = bind(table, cfg.num_layers, cfg.scan_layers, cfg.num_experts)
     files = tensor_files(path)
     if classifier:
         files.pop(SCORE_TENSOR, None)
@@ -237,7 +237,7 @@ def from_pretrained(
         for var_path, var in nnx.to_flat_state(state):
             if var_path not in by_path:
                 raise KeyError(f"{path}: no weight-table rule fills parameter {'.'.join(map(str, var_path))}")
-            group = sorted(by_path[var_path], key=lambda b: -1 if b.layer is None else b.layer)
+            group = sorted(by_path[var_path], key=lambda b: (-1 if b.layer is None else b.layer, b.expert or 0))
             flat.append((var_path, var.replace(_load_param(var, group, files, handles, param_dtype, mesh, rules))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -408,8 +408,11 @@ def _load_param(var, group: list[Binding], files, handles, param_dtype, mesh, ru
         return tensor_slice(handles[files[b.hf_name]], files[b.hf_name], b.hf_name)
 
     first = tensor(group[0])
-    stacked = group[0].layer is not None and len(shape) == len(first.get_shape()) + 1
-    expected = tuple(shape[1:] if stacked else shape)
+    # Leading axes our parameter stacks HF tensors along: ``layers`` (scanned layers), then ``expert`` (MoE).
+    per_expert = group[0].expert is not None
+    stacked = group[0].layer is not None and not any(isinstance(p, int) for p in group[0].path)
+    lead = int(stacked) + int(per_expert)
+    expected = tuple(shape[lead:])
     for b in group:
         hf = tensor(b)
         hf_shape = tuple(hf.get_shape())
@@ -435,11 +438,17 @@ def _load_param(var, group: list[Binding], files, handles, param_dtype, mesh, ru
         except SafetensorError as err:
             raise _bad_safetensors(files[b.hf_name], err, b.hf_name) from None
 
+    by_key = {((b.layer,) if stacked else ()) + ((b.expert,) if per_expert else ()): b for b in group}
+
     def block(index):
-        if stacked:
-            layers = range(*index[0].indices(shape[0]))
-            return np.stack([read(group[i], index[1:]) for i in layers]).astype(dtype)
-        return np.asarray(read(group[0], index)).astype(dtype)
+        ranges = [range(*s.indices(n)) for s, n in zip(index[:lead], shape[:lead])]
+
+        def gather(key: tuple) -> np.ndarray:
+            if len(key) == lead:
+                return np.asarray(read(by_key[key], index[lead:]))
+            return np.stack([gather((*key, j)) for j in ranges[len(key)]])
+
+        return gather(()).astype(dtype)
 
     return jax.make_array_from_callback(shape, _sharding_for(var, mesh, rules), block)
 
@@ -475,13 +484,15 @@ def export_tensors(model: Transformer, dtype=None):
         )
     cfg = model.config
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    bindings = bind(family_of(cfg.model_type).weight_table(cfg), cfg.num_layers, cfg.scan_layers)
+    bindings = bind(family_of(cfg.model_type).weight_table(cfg), cfg.num_layers, cfg.scan_layers, cfg.num_experts)
     for name, parts in group_parts(bindings):
         arrays = []
         for b in parts:
             value = params[b.path][...]
             if cfg.scan_layers and b.layer is not None:
                 value = value[b.layer]
+            if b.expert is not None:
+                value = value[b.expert]
             arrays.append(to_hf(b.rule, global_to_host(value)))
         tensor = np.concatenate(arrays, axis=parts[0].rule.split[0]) if parts[0].rule.split else arrays[0]
         yield name, (tensor.astype(dtype) if dtype is not None else tensor)

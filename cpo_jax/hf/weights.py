@@ -3,9 +3,13 @@
 A family's table is a list of :class:`WeightRule`. ``{i}`` in both names stands for the layer index.
 One rule says: the HF tensor ``hf`` is our parameter ``ours`` (a dotted NNX path), transposed when
 ``transpose`` (HF ``nn.Linear`` stores ``[out, in]``, we store ``[in, out]``), and, when ``split`` is
-``(axis, part, parts)``, our parameter is only that equal part of the HF tensor along ``axis`` (GPT-2's
-fused ``c_attn``). Import reads each device's block of each tensor straight from the memory-mapped
-safetensors file (:func:`read_block`); export inverts the same rules.
+``(axis, part, parts)``, our parameter is only part number ``part`` of the HF tensor along ``axis``: one of
+``parts`` equal parts (GPT-2's fused ``c_attn``), or, when ``parts`` is a tuple of relative sizes, a part of
+``parts[part] / sum(parts)`` of the axis (Phi-3's fused ``qkv_proj``, sizes ``(N, K, K)`` in heads).
+``{e}`` in the HF name only stands for an expert index: our parameter stacks the ``E`` HF tensors (one per
+expert) along a leading ``expert`` axis, after the ``layers`` axis of scanned layers (MoE families).
+Import reads each device's block of each tensor straight from the memory-mapped safetensors file
+(:func:`read_block`); export inverts the same rules.
 """
 
 from __future__ import annotations
@@ -26,35 +30,44 @@ class WeightRule:
     hf: str
     ours: str
     transpose: bool = False
-    split: tuple[int, int, int] | None = None
+    split: tuple[int, int, int | tuple[int, ...]] | None = None
 
     @property
     def per_layer(self) -> bool:
         """True when the names contain the ``{i}`` layer placeholder."""
         return "{i}" in self.hf
 
+    @property
+    def per_expert(self) -> bool:
+        """True when the HF name contains the ``{e}`` expert placeholder (our parameter stacks the experts)."""
+        return "{e}" in self.hf
+
     def hf_pattern(self) -> re.Pattern:
         """A regex matching the concrete HF names of this rule."""
-        return re.compile(re.escape(self.hf).replace(re.escape("{i}"), r"(\d+)") + "$")
+        pattern = re.escape(self.hf).replace(re.escape("{i}"), r"(\d+)").replace(re.escape("{e}"), r"(\d+)")
+        return re.compile(pattern + "$")
 
 
 @dataclasses.dataclass(frozen=True)
 class Binding:
-    """A rule bound to one layer: the concrete HF name, our path, and our layer index (or None)."""
+    """A rule bound to one layer (and expert): the concrete HF name, our path, our layer index (or None) and the
+    expert index along our parameter's expert axis (or None)."""
 
     hf_name: str
     path: tuple[str | int, ...]
     layer: int | None
     rule: WeightRule
+    expert: int | None = None
 
 
-def bind(table: Sequence[WeightRule], num_layers: int, scan_layers: bool) -> list[Binding]:
-    """Expand ``{i}`` over the layers. With ``scan_layers`` our path drops the index (stacked axis 0)."""
+def bind(table: Sequence[WeightRule], num_layers: int, scan_layers: bool, num_experts: int = 0) -> list[Binding]:
+    """Expand ``{i}`` over the layers and ``{e}`` over ``num_experts`` experts. With ``scan_layers`` our path drops
+    the layer index (stacked axis 0); the expert index is never in our path (the expert axis follows)."""
     out = []
     for rule in table:
         layers = range(num_layers) if rule.per_layer else [None]
+        experts = range(num_experts) if rule.per_expert else [None]
         for i in layers:
-            hf_name = rule.hf.format(i=i) if i is not None else rule.hf
             path: list[str | int] = []
             for part in rule.ours.split("."):
                 if part == "{i}":
@@ -62,7 +75,9 @@ def bind(table: Sequence[WeightRule], num_layers: int, scan_layers: bool) -> lis
                         path.append(i)
                 else:
                     path.append(part)
-            out.append(Binding(hf_name, tuple(path), i, rule))
+            for e in experts:
+                hf_name = rule.hf.replace("{i}", str(i)).replace("{e}", str(e))
+                out.append(Binding(hf_name, tuple(path), i, rule, e))
     return out
 
 
@@ -113,22 +128,32 @@ def hf_block_index(rule: WeightRule, index: tuple[slice, ...], hf_shape: Sequenc
     ours = tuple(index[::-1]) if rule.transpose else tuple(index)
     if rule.split is None:
         return ours
-    axis, part, parts = rule.split
-    width = hf_shape[axis] // parts
+    axis = rule.split[0]
+    offset, width = split_range(rule, hf_shape[axis])
     start, stop = _norm_slice(ours[axis], width)
     mapped = list(ours)
-    mapped[axis] = slice(part * width + start, part * width + stop)
+    mapped[axis] = slice(offset + start, offset + stop)
     return tuple(mapped)
+
+
+def split_range(rule: WeightRule, size: int) -> tuple[int, int]:
+    """``(offset, width)`` of ``rule``'s part along its split axis of ``size`` entries in the HF tensor.
+
+    Raises ``ValueError`` when the parts do not divide ``size``."""
+    _, part, parts = rule.split
+    sizes = (1,) * parts if isinstance(parts, int) else tuple(parts)
+    if size % sum(sizes):
+        raise ValueError(f"{rule.hf}: an axis of size {size} does not split into parts of relative sizes {sizes}")
+    unit = size // sum(sizes)
+    return unit * sum(sizes[:part]), unit * sizes[part]
 
 
 def our_shape(rule: WeightRule, hf_shape: Sequence[int]) -> tuple[int, ...]:
     """The shape of our parameter given the HF tensor shape."""
     shape = list(hf_shape)
     if rule.split is not None:
-        axis, _, parts = rule.split
-        if shape[axis] % parts:
-            raise ValueError(f"{rule.hf}: axis {axis} of size {shape[axis]} does not split into {parts}")
-        shape[axis] //= parts
+        axis = rule.split[0]
+        shape[axis] = split_range(rule, shape[axis])[1]
     return tuple(shape[::-1]) if rule.transpose else tuple(shape)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,12 +19,31 @@ FULL = "full_attention"
 SLIDING = "sliding_attention"
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeSpec:
     """Rotary embedding frequencies for one layer type (HF ``rope_parameters`` entry).
 
-    ``rope_type`` is ``"default"``, ``"linear"`` or ``"llama3"``; other HF types are rejected at
-    translation time so that nothing is silently ignored.
+    ``rope_type`` is one of :data:`ROPE_TYPES`; other HF types are rejected at translation time so that nothing
+    is silently ignored. Every table is computed as transformers 5's ``ROPE_INIT_FUNCTIONS`` computes it
+    (``modeling_rope_utils.py``), in float32.
+
+    Attributes:
+      theta: the base (``rope_theta``).
+      factor: the scaling factor of ``linear``, ``llama3``, ``yarn`` and ``dynamic``; ``longrope`` uses it only for
+        its default attention factor.
+      low_freq_factor, high_freq_factor: ``llama3`` smoothing band.
+      original_max_position_embeddings: the pre-training context length: ``llama3`` and ``yarn`` frequencies, the
+        short/long switch of ``longrope``, and for ``dynamic`` the length past which the base grows (HF uses
+        ``max_position_embeddings`` there; the translation stores it here).
+      beta_fast, beta_slow, truncate: ``yarn``'s ramp between extrapolated and interpolated frequencies.
+      attention_factor: the multiplier of cos and sin (``yarn``, ``longrope``); None: HF's default from ``factor``
+        (and ``mscale`` / ``mscale_all_dim`` for ``yarn``), see :attr:`attention_scaling`.
+      mscale, mscale_all_dim: ``yarn``'s DeepSeek-style attention factor inputs (None: unset).
+      short_factor, long_factor: ``longrope``'s per-frequency divisors (``head_dim // 2`` each), used up to and
+        past ``original_max_position_embeddings``.
     """
 
     theta: float = 10000.0
@@ -32,10 +52,50 @@ class RopeSpec:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+
+    @property
+    def attention_scaling(self) -> float:
+        """The multiplier HF applies to cos and sin (1.0 but for ``yarn`` and ``longrope``)."""
+        if self.rope_type not in ("yarn", "longrope"):
+            return 1.0
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        if self.rope_type == "longrope":
+            if self.factor <= 1.0:
+                return 1.0
+            return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position_embeddings))
+        if self.mscale and self.mscale_all_dim:
+            return float(_yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim))
+        return _yarn_mscale(self.factor)
+
+    @property
+    def length_dependent(self) -> bool:
+        """Whether the frequencies depend on the longest position of the batch (``dynamic``, ``longrope``)."""
+        return self.rope_type in ("dynamic", "longrope")
 
     def inv_freq(self, head_dim: int) -> np.ndarray:
-        """Inverse frequencies ``[head_dim // 2]`` in float32, as transformers computes them."""
-        exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+        """Inverse frequencies ``[head_dim // 2]`` in float32, as transformers computes them at model init.
+
+        For ``dynamic`` and ``longrope`` this is the table up to ``original_max_position_embeddings``; see
+        :meth:`inv_freq_for_length` for longer sequences.
+        """
+        exponents = _exponents(head_dim)
+        if self.rope_type == "longrope":
+            return _longrope_inv_freq(self.theta, self.short_factor, exponents)
+        if self.rope_type == "dynamic":  # HF's _compute_dynamic_ntk_parameters(seq_len=None), in Python floats
+            ratio = self.factor * self.original_max_position_embeddings / self.original_max_position_embeddings
+            base = self.theta * (ratio - (self.factor - 1)) ** (head_dim / (head_dim - 2))
+            return (1.0 / (np.float32(base) ** exponents)).astype(np.float32)
+        if self.rope_type == "yarn":
+            return _yarn_inv_freq(self, head_dim)
         inv = (1.0 / (np.float32(self.theta) ** exponents)).astype(np.float32)
         if self.rope_type == "default":
             return inv
@@ -44,6 +104,36 @@ class RopeSpec:
         if self.rope_type == "llama3":
             return _llama3_inv_freq(inv, self)
         raise ValueError(f"unsupported rope_type {self.rope_type!r}")
+
+    def inv_freq_for_length(self, head_dim: int, seq_len: jax.Array) -> jax.Array:
+        """Inverse frequencies for a batch whose longest position is ``seq_len - 1`` (a traced int scalar).
+
+        This is HF's ``dynamic_rope_update`` with ``seq_len = max(position_ids) + 1``: ``longrope`` takes
+        ``long_factor`` once ``seq_len > original_max_position_embeddings``; ``dynamic`` grows the base to
+        ``theta * (factor * seq_len / original - (factor - 1)) ** (d / (d - 2))`` (float32, as HF's tensor path).
+        The choice is a ``jnp.where``, so one compiled function serves every length. Other types ignore ``seq_len``.
+        """
+        short = jnp.asarray(self.inv_freq(head_dim))
+        if not self.length_dependent:
+            return short
+        original = self.original_max_position_embeddings
+        seq_len = jnp.asarray(seq_len)
+        if self.rope_type == "longrope":
+            long = jnp.asarray(_longrope_inv_freq(self.theta, self.long_factor, _exponents(head_dim)))
+        else:
+            seq = jnp.maximum(seq_len, original).astype(jnp.float32)
+            factor = jnp.float32(self.factor)
+            growth = (factor * seq / jnp.float32(original) - jnp.float32(self.factor - 1)) ** jnp.float32(
+                head_dim / (head_dim - 2)
+            )
+            base = jnp.float32(self.theta) * growth
+            long = 1.0 / (base ** jnp.asarray(_exponents(head_dim)))
+        return jnp.where(seq_len > original, long, short)
+
+
+def _exponents(head_dim: int) -> np.ndarray:
+    """``arange(0, head_dim, 2) / head_dim`` in float32 (HF's ``torch.arange(..., dtype=int64).float() / dim``)."""
+    return np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
 
 
 def _llama3_inv_freq(inv: np.ndarray, spec: RopeSpec) -> np.ndarray:
@@ -60,19 +150,66 @@ def _llama3_inv_freq(inv: np.ndarray, spec: RopeSpec) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature ``0.1 * mscale * ln(scale) + 1`` (1 when ``scale <= 1``)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(spec: RopeSpec, head_dim: int) -> np.ndarray:
+    """YaRN (Peng et al. 2023, arXiv:2309.00071): interpolate low frequencies by ``factor``, keep high ones.
+
+    A linear ramp over the dimensions whose wavelengths complete between ``beta_fast`` and ``beta_slow`` turns
+    over ``original_max_position_embeddings`` blends the two (HF's ``_compute_yarn_parameters``).
+    """
+    dim, base = head_dim, spec.theta
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(spec.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
+            2 * math.log(base)
+        )
+
+    low, high = correction_dim(spec.beta_fast), correction_dim(spec.beta_slow)
+    if spec.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # HF: prevent a singularity
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolation_factor = (1 - ramp).astype(np.float32)
+    pos_freqs = np.float32(base) ** _exponents(head_dim)
+    extrapolation = (1.0 / pos_freqs).astype(np.float32)
+    interpolation = (1.0 / (np.float32(spec.factor) * pos_freqs)).astype(np.float32)
+    inv = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+    return inv.astype(np.float32)
+
+
+def _longrope_inv_freq(theta: float, factors, exponents: np.ndarray) -> np.ndarray:
+    """LongRoPE (Ding et al. 2024, arXiv:2402.13753): ``1 / (factor_i * theta ** (2i / d))``, a factor per frequency."""
+    ext = np.asarray(factors, np.float32)
+    return (1.0 / (ext * (np.float32(theta) ** exponents))).astype(np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Everything the decoder needs; see ``docs/models.md`` for which HF option maps to which field.
 
     Attributes (shapes use D = hidden_size, F = intermediate_size, N/K = query/key-value heads):
-      family: ``"llama"``, ``"gemma"`` or ``"gpt2"`` (selects the weight table).
+      family: the :mod:`cpo_jax.hf.families` module (``"llama"``, ``"gemma"``, ``"gpt2"``, ``"olmo2"``, ``"phi3"``...).
       model_type: the HF ``model_type`` this config came from.
       norm: ``"rms"`` or ``"layer"``; ``norm_offset`` 1.0 gives Gemma's ``x * (1 + w)``.
-      block: ``"pre"`` (norm -> sublayer -> add) or ``"sandwich"`` (Gemma 2/3: also a norm after each
-        sublayer, before the residual add).
+      block: ``"pre"`` (norm -> sublayer -> add), ``"sandwich"`` (Gemma 2/3: also a norm after each
+        sublayer, before the residual add) or ``"post"`` (OLMo 2: only the norm after each sublayer,
+        ``x + norm(attn(x))``; the block has no ``attn_norm`` / ``mlp_norm``).
       position: ``"rope"`` or ``"learned"`` (GPT-2 absolute embeddings).
       rope: ``((layer_type, RopeSpec), ...)``, one entry per layer type present.
+      generate_refill_at: :func:`~cpo_jax.models.generate.generate` re-runs prompt and generated tokens with a fresh
+        KV cache at the decode step whose cache holds exactly this many slots (prompt padding included), as HF's
+        ``Phi3ForCausalLM`` does at ``original_max_position_embeddings`` so that every cached key takes LongRoPE's long
+        factors. None: never (HF's generic behaviour: cached keys keep the rotation they were written with).
       layer_types: per-layer ``"full_attention"`` / ``"sliding_attention"``.
+      qk_norm: RMSNorm q and k before RoPE; ``qk_norm_scope`` ``"head"`` normalises each head (Qwen3, Gemma 3,
+        weights ``[head_dim]``), ``"all_heads"`` the whole projection (OLMo 2, weights ``[N * H]`` and ``[K * H]``).
+      nope_layers: indices of layers that skip RoPE (SmolLM3's NoPE layers); their q and k carry no position.
       query_scale: multiplier of q.k (``head_dim ** -0.5``, or Gemma's ``query_pre_attn_scalar ** -0.5``).
       attn_softcap, final_softcap: Gemma 2 logit soft-capping (None: off).
       embed_scale: multiply embeddings by this (Gemma: sqrt(D)); None: off.
@@ -83,6 +220,15 @@ class TransformerConfig:
       padding_idx: the embedding row whose lookups get no gradient, as in HF's ``nn.Embedding(padding_idx=
         pad_token_id)`` (Llama and Gemma families; GPT-2 has none). The forward value is unchanged, and with tied
         embeddings the output projection's gradient still reaches that row, exactly as in PyTorch.
+      num_experts: routed experts per layer (Mixture-of-Experts, :mod:`cpo_jax.models.moe`); 0: a dense MLP.
+        Every layer is then an MoE layer.
+      experts_per_token: top-k experts each token is routed to (HF ``num_experts_per_tok``).
+      moe_intermediate_size: F of one expert (0: ``intermediate_size``, as Mixtral).
+      norm_topk_prob: renormalise the top-k router probabilities to sum to 1 (Mixtral: always).
+      shared_expert_size: F of Qwen2-MoE's sigmoid-gated shared expert (0: none).
+      router_aux_loss_coef: weight of the load-balancing loss a trainer should add (HF's ``router_aux_loss_coef``
+        when the config sets ``output_router_logits``, else 0, as TRL does); see ``Transformer.forward(return_aux)``.
+      moe_impl: grouped expert matmul, ``"auto"``, ``"ragged"`` or ``"blocked"`` (see :mod:`cpo_jax.models.moe`).
       hf_config: the source ``config.json`` as a dict, written back on export.
     """
 
@@ -99,19 +245,22 @@ class TransformerConfig:
     norm: Literal["rms", "layer"] = "rms"
     norm_eps: float = 1e-6
     norm_offset: float = 0.0
-    block: Literal["pre", "sandwich"] = "pre"
+    block: Literal["pre", "sandwich", "post"] = "pre"
     activation: Literal["silu", "gelu_tanh", "gelu", "relu"] = "silu"
     gated_mlp: bool = True
     mlp_bias: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
+    qk_norm_scope: Literal["head", "all_heads"] = "head"
+    nope_layers: tuple[int, ...] = ()
     query_scale: float | None = None
     attn_softcap: float | None = None
     final_softcap: float | None = None
     embed_scale: float | None = None
     position: Literal["rope", "learned"] = "rope"
     rope: tuple[tuple[str, RopeSpec], ...] = ((FULL, RopeSpec()),)
+    generate_refill_at: int | None = None
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
     tie_embeddings: bool = False
@@ -120,6 +269,13 @@ class TransformerConfig:
     scan_layers: bool = False
     remat: str | tuple[str, ...] = "none"
     attention_impl: Literal["xla", "auto"] = "xla"
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_size: int = 0
+    router_aux_loss_coef: float = 0.0
+    moe_impl: Literal["auto", "ragged", "blocked"] = "auto"
     hf_config: dict | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
@@ -134,8 +290,16 @@ class TransformerConfig:
             raise ValueError("sliding_attention layers need a positive sliding_window")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ValueError(f"experts_per_token {self.experts_per_token} not in [1, num_experts={self.num_experts}]")
         if isinstance(self.remat, tuple) and len(self.remat) != self.num_layers:
             raise ValueError(f"remat lists {len(self.remat)} policies for {self.num_layers} layers")
+        if self.block not in ("pre", "sandwich", "post"):
+            raise ValueError(f"unknown block {self.block!r}; expected 'pre', 'sandwich' or 'post'")
+        if self.qk_norm_scope not in ("head", "all_heads"):
+            raise ValueError(f"unknown qk_norm_scope {self.qk_norm_scope!r}; expected 'head' or 'all_heads'")
+        if any(not 0 <= i < self.num_layers for i in self.nope_layers):
+            raise ValueError(f"nope_layers {self.nope_layers} name layers outside [0, {self.num_layers})")
 
     @property
     def scale(self) -> float:

@@ -181,8 +181,31 @@ def _generate(graphdef, state, input_ids, attention_mask, eos, rng, *, max_new_t
         mask = mask.at[:, step].set((~done).astype(jnp.int32))
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logp))
         done = done | jnp.isin(token, eos)
+        if model.config.generate_refill_at is None:
+            logits, cache = decode(token, cache, step, tokens)
+        else:
+            logits, cache = jax.lax.cond(
+                cache.index == model.config.generate_refill_at, refill, decode, token, cache, step, tokens
+            )
+        return step + 1, logits, cache, tokens, mask, done, logprobs, rng
+
+    def decode(token, cache, step, tokens):
         hidden, cache = model.forward(token[:, None], attention_mask=jnp.ones((b, 1), bool), cache=cache)
-        return step + 1, model.logits(hidden[:, -1]), cache, tokens, mask, done, logprobs, rng
+        return model.logits(hidden[:, -1]), cache
+
+    def refill(token, cache, step, tokens):
+        """Prompt and every token fed so far (``tokens[:, :step + 1]``) through a fresh cache (HF Phi-3 at the
+        LongRoPE switch); the cache then continues at the next slot, later slots being overwritten as decoding goes."""
+        fed = jnp.concatenate(
+            [attention_mask.astype(bool), jnp.broadcast_to(jnp.arange(max_new_tokens) <= step, tokens.shape)], 1
+        )
+        hidden, fresh = model.forward(
+            jnp.concatenate([input_ids, tokens], 1),
+            attention_mask=fed,
+            cache=init_cache(model.config, b, t + max_new_tokens),
+        )
+        last = jax.lax.dynamic_index_in_dim(hidden, t + step, axis=1, keepdims=False)
+        return model.logits(last), fresh.replace(index=cache.index + 1)
 
     carry = (jnp.zeros((), jnp.int32), logits, cache, tokens, mask, done, logprobs, rng)
     _, _, _, tokens, mask, _, logprobs, _ = jax.lax.while_loop(cond, body, carry)

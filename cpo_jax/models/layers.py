@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cpo_jax.models.config import TransformerConfig
+from cpo_jax.models.config import RopeSpec, TransformerConfig
 from cpo_jax.ops.attention import dot_product_attention
 from cpo_jax.ops.quant import QuantizedTensor, dequantize, quantized_matmul
 
@@ -193,11 +193,35 @@ class Norm(nnx.Module):
         return self.scale[...].astype(x.dtype) * h.astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, inv_freq: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """``cos, sin`` of shape ``[B, T, head_dim]`` (HF rotate-half layout: frequencies repeated twice)."""
+def rope_tables(
+    positions: jax.Array, inv_freq: jax.Array, dtype, attention_scaling: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin`` of shape ``[B, T, head_dim]`` (HF rotate-half layout: frequencies repeated twice).
+
+    Both are multiplied by ``attention_scaling`` in float32 before the cast, as HF's rotary embedding does
+    (YaRN's and LongRoPE's attention factor)."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if attention_scaling != 1.0:
+        cos, sin = cos * attention_scaling, sin * attention_scaling
+    return cos.astype(dtype), sin.astype(dtype)
+
+
+def rope_for_positions(positions: jax.Array, spec: RopeSpec, head_dim: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin`` ``[B, T, head_dim]`` of one layer type's :class:`RopeSpec` at ``positions`` ``[B, T]``.
+
+    ``dynamic`` and ``longrope`` choose their frequencies from the batch's longest position, as HF's
+    ``dynamic_rope_update`` does with ``max(position_ids) + 1``; the choice is traced, so under ``jit`` one compiled
+    function serves every length. With a KV cache, cached keys keep the rotation they were written with (as in HF).
+    Unlike HF's ``dynamic``, nothing is remembered between calls: HF keeps a grown base for a later, shorter call
+    that is still past ``original_max_position_embeddings``; here each call uses its own longest position.
+    """
+    if spec.length_dependent:
+        inv_freq = spec.inv_freq_for_length(head_dim, jnp.max(positions).astype(jnp.int32) + 1)
+    else:
+        inv_freq = jnp.asarray(spec.inv_freq(head_dim))
+    return rope_tables(positions, inv_freq, dtype, spec.attention_scaling)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -241,10 +265,14 @@ class Attention(nnx.Module):
             offset=cfg.norm_offset,
             param_dtype=param_dtype,
             rngs=rngs,
-            axis_name="head_dim",
         )
-        self.q_norm = Norm(h, **norm_kw) if cfg.qk_norm else None
-        self.k_norm = Norm(h, **norm_kw) if cfg.qk_norm else None
+        # per head (Qwen3, Gemma 3: weights [H]) or over the whole projection (OLMo 2: weights [N * H] / [K * H])
+        self.qk_norm_per_head = cfg.qk_norm_scope == "head"
+        q_dim, k_dim, q_axis, k_axis = (
+            (h, h, "head_dim", "head_dim") if self.qk_norm_per_head else (n * h, k * h, "heads", "kv_heads")
+        )
+        self.q_norm = Norm(q_dim, axis_name=q_axis, **norm_kw) if cfg.qk_norm else None
+        self.k_norm = Norm(k_dim, axis_name=k_axis, **norm_kw) if cfg.qk_norm else None
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.scale, self.softcap, self.impl = cfg.scale, cfg.attn_softcap, cfg.attention_impl
 
@@ -267,10 +295,13 @@ class Attention(nnx.Module):
           ``([B, T, D], updated (k, v) or None)``.
         """
         b, t, _ = x.shape
-        q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = self.q(x), self.k(x)
+        if self.q_norm is not None and not self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)

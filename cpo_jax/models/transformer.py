@@ -10,6 +10,8 @@ Calls:
 * ``model.hidden_states(...) -> [B, T, D]`` (final-normed; feed it with ``model.unembedding()``
   to :func:`cpo_jax.ops.sequence_logps_from_hidden` so that ``[B, T, V]`` is never materialised)
 * ``model.forward(..., cache=cache) -> (hidden, cache)`` for prefill and decode.
+* ``return_aux=True`` on any of the three also returns a dict with the MoE load-balancing loss
+  (``"router_aux_loss"``, 0 for dense models), to be added with weight ``model.router_aux_loss_coef``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from cpo_jax.models.config import FULL, SLIDING, TransformerConfig
-from cpo_jax.models.layers import MLP, Attention, Linear, Norm, param, rope_tables
+from cpo_jax.models.layers import MLP, Attention, Linear, Norm, param, rope_for_positions
+from cpo_jax.models.moe import MoE, RouterStats, load_balancing_loss
 from cpo_jax.ops.attention import attention_mask as build_mask
 
 _REMAT_POLICIES = {
@@ -75,29 +78,46 @@ def positions_from_mask(attention_mask: jax.Array, segment_ids: jax.Array | None
 
 
 class Block(nnx.Module):
-    """One decoder layer: pre-norm (Llama, Gemma 1, GPT-2) or sandwich-norm (Gemma 2/3)."""
+    """One decoder layer: pre-norm (Llama, Gemma 1, GPT-2), sandwich-norm (Gemma 2/3) or post-norm (OLMo 2)."""
 
     def __init__(self, cfg: TransformerConfig, *, param_dtype, rngs: nnx.Rngs):
         norm = lambda: Norm(
             cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, rngs=rngs
         )
-        self.attn_norm = norm()
+        before, after = cfg.block in ("pre", "sandwich"), cfg.block in ("sandwich", "post")
+        self.attn_norm = norm() if before else None
         self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.post_attn_norm = norm() if cfg.block == "sandwich" else None
-        self.mlp_norm = norm()
-        self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.post_mlp_norm = norm() if cfg.block == "sandwich" else None
+        self.post_attn_norm = norm() if after else None
+        self.mlp_norm = norm() if before else None
+        self.mlp = (MoE if cfg.num_experts else MLP)(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.post_mlp_norm = norm() if after else None
 
-    def __call__(self, x, mask, rope, kv_cache=None, cache_index=None):
-        """``[B, T, D] -> ([B, T, D], updated kv)``; see :meth:`Attention.__call__` for the other args."""
-        h, kv_cache = self.attn(self.attn_norm(x), mask, rope, kv_cache, cache_index)
+    def __call__(self, x, mask, rope, kv_cache=None, cache_index=None, token_mask=None):
+        """``[B, T, D] -> ([B, T, D], updated kv, RouterStats or None)``; see :meth:`Attention.__call__` for the
+        other args. ``token_mask`` ``[B, T]`` marks the real tokens an MoE layer counts in its router statistics."""
+        h, kv_cache = self.attn(_apply(self.attn_norm, x), mask, rope, kv_cache, cache_index)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
-        h = self.mlp(self.mlp_norm(x))
+        stats = None
+        if isinstance(self.mlp, MoE):
+            h, stats = self.mlp(_apply(self.mlp_norm, x), token_mask)
+        else:
+            h = self.mlp(_apply(self.mlp_norm, x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
-        return x + h, kv_cache
+        return x + h, kv_cache, stats
+
+
+def _apply(norm, x):
+    """``norm(x)``, or ``x`` when the block has no such norm (post-norm blocks have no pre-norms)."""
+    return x if norm is None else norm(x)
+
+
+def _no_rotation(rope):
+    """RoPE tables that leave q and k unchanged (``cos = 1``, ``sin = 0``): a NoPE layer under ``scan_layers``."""
+    cos, sin = rope
+    return jnp.ones_like(cos), jnp.zeros_like(sin)
 
 
 def _select(flag, a, b):
@@ -169,14 +189,32 @@ class Transformer(nnx.Module):
         """Final logit soft-cap (Gemma 2), to pass to the chunked log-prob ops."""
         return self.config.final_softcap
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
-        """Logits ``[B, T, V]`` in float32 for ``input_ids`` ``[B, T]``."""
-        hidden, _ = self.forward(input_ids, attention_mask=attention_mask, positions=positions, segment_ids=segment_ids)
-        return self.logits(hidden)
+    @property
+    def router_aux_loss_coef(self) -> float:
+        """Weight of ``aux["router_aux_loss"]`` in a training loss (0 for dense models; see ``forward``)."""
+        return self.config.router_aux_loss_coef
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None) -> jax.Array:
-        """Final-normed hidden states ``[B, T, D]``."""
-        return self.forward(input_ids, attention_mask=attention_mask, positions=positions, segment_ids=segment_ids)[0]
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, *, return_aux=False):
+        """Logits ``[B, T, V]`` in float32 for ``input_ids`` ``[B, T]``; ``(logits, aux)`` with ``return_aux``."""
+        out = self.forward(
+            input_ids,
+            attention_mask=attention_mask,
+            positions=positions,
+            segment_ids=segment_ids,
+            return_aux=return_aux,
+        )
+        return (self.logits(out[0]), out[2]) if return_aux else self.logits(out[0])
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None, *, return_aux=False):
+        """Final-normed hidden states ``[B, T, D]``; ``(hidden, aux)`` with ``return_aux`` (see :meth:`forward`)."""
+        out = self.forward(
+            input_ids,
+            attention_mask=attention_mask,
+            positions=positions,
+            segment_ids=segment_ids,
+            return_aux=return_aux,
+        )
+        return (out[0], out[2]) if return_aux else out[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project ``[..., D]`` hidden states to float32 logits ``[..., V]`` (soft-capped if configured)."""
@@ -194,7 +232,8 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
+        return_aux: bool = False,
+    ) -> tuple[jax.Array, KVCache | None] | tuple[jax.Array, KVCache | None, dict[str, jax.Array]]:
         """Run the decoder.
 
         Args:
@@ -206,8 +245,14 @@ class Transformer(nnx.Module):
           cache: a :class:`KVCache`; the tokens are written at ``cache.index`` and attend to all
             earlier valid slots. Not combinable with ``segment_ids``.
 
+          return_aux: also return the auxiliary outputs.
+
         Returns:
-          ``(hidden [B, T, D], updated cache or None)``.
+          ``(hidden [B, T, D], updated cache or None)``, plus with ``return_aux`` a dict: ``"router_aux_loss"``, the
+          load-balancing loss of HF's ``load_balancing_loss_func`` (float32 scalar; 0.0 for a dense model) pooled over
+          every MoE layer and every real token (``attention_mask``), and for an MoE model ``"expert_load"`` ``[E]``,
+          the fraction of top-k assignments per expert (sums to ``experts_per_token``). A trainer adds
+          ``model.router_aux_loss_coef * aux["router_aux_loss"]`` to its loss.
         """
         cfg = self.config
         b, t = input_ids.shape
@@ -241,7 +286,7 @@ class Transformer(nnx.Module):
         }
         ropes = (
             {
-                kind: rope_tables(positions, jnp.asarray(cfg.rope_for(kind).inv_freq(cfg.head_dim)), cfg.dtype)
+                kind: rope_for_positions(positions, cfg.rope_for(kind), cfg.head_dim, cfg.dtype)
                 for kind in set(cfg.layer_types)
             }
             if cfg.position == "rope"
@@ -257,9 +302,9 @@ class Transformer(nnx.Module):
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(cfg.dtype)
 
         if cfg.scan_layers:
-            x, new_kv = self._scan_layers(x, masks, ropes, cache, index)
+            x, new_kv, stats = self._scan_layers(x, masks, ropes, cache, index, attention_mask)
         else:
-            x, new_kv = self._loop_layers(x, masks, ropes, cache, index)
+            x, new_kv, stats = self._loop_layers(x, masks, ropes, cache, index, attention_mask)
         x = self.final_norm(x)
 
         if cache is not None:
@@ -270,7 +315,12 @@ class Transformer(nnx.Module):
                 index=index + t,
                 length=cache.length + attention_mask.sum(-1).astype(jnp.int32),
             )
-        return x, cache
+        if not return_aux:
+            return x, cache
+        if stats is None:
+            return x, cache, {"router_aux_loss": jnp.zeros((), jnp.float32)}
+        load = stats.counts / jnp.maximum(stats.tokens, 1.0)
+        return x, cache, {"router_aux_loss": load_balancing_loss(stats), "expert_load": load}
 
     def _layer_inputs(self, kind_is_sliding, masks, ropes):
         pick = lambda d: _select(kind_is_sliding, d.get(SLIDING), d.get(FULL))
@@ -280,45 +330,54 @@ class Transformer(nnx.Module):
             return mask, rope
         return pick(masks), (None if ropes is None else pick(ropes))
 
-    def _loop_layers(self, x, masks, ropes, cache, index):
+    def _loop_layers(self, x, masks, ropes, cache, index, token_mask):
         cfg = self.config
         ks, vs = [], []
+        total: RouterStats | None = None
         for i, (block, policy) in enumerate(zip(self.layers, cfg.remat_policies())):
             mask, rope = self._layer_inputs(cfg.layer_types[i] == SLIDING, masks, ropes)
+            if i in cfg.nope_layers:
+                rope = None
             kv = None if cache is None else (cache.k[i], cache.v[i])
             graphdef, rng_state, state = nnx.split(block, nnx.RngState, ...)
 
-            def run(rng_state, state, x, mask, rope, kv, index, graphdef=graphdef):
+            def run(rng_state, state, x, mask, rope, kv, index, token_mask, graphdef=graphdef):
                 layer = nnx.merge(graphdef, rng_state, state)
-                x, kv = layer(x, mask, rope, kv, index)
-                return x, kv, nnx.state(layer, nnx.RngState)
+                x, kv, stats = layer(x, mask, rope, kv, index, token_mask)
+                return x, kv, stats, nnx.state(layer, nnx.RngState)
 
-            x, kv, rng_state = _checkpointed(run, policy)(rng_state, state, x, mask, rope, kv, index)
+            x, kv, stats, rng_state = _checkpointed(run, policy)(rng_state, state, x, mask, rope, kv, index, token_mask)
+            if stats is not None:
+                total = stats if total is None else total + stats
             if _draws_random(block):
                 nnx.update(block, rng_state)  # advance the dropout RNG streams (LoRA dropout in train mode)
             if kv is not None:
                 ks.append(kv[0])
                 vs.append(kv[1])
-        return x, ((jnp.stack(ks), jnp.stack(vs)) if cache is not None else None)
+        return x, ((jnp.stack(ks), jnp.stack(vs)) if cache is not None else None), total
 
-    def _scan_layers(self, x, masks, ropes, cache, index):
+    def _scan_layers(self, x, masks, ropes, cache, index, token_mask):
         cfg = self.config
         policies = set(cfg.remat_policies())
         if len(policies) != 1:
             raise ValueError(f"scan_layers needs one remat policy for all layers, got {sorted(policies)}")
         graphdef, rng_state, state = nnx.split(self.layers, nnx.RngState, ...)
         is_sliding = jnp.asarray([kind == SLIDING for kind in cfg.layer_types])
+        uses_rope = jnp.asarray([i not in cfg.nope_layers for i in range(cfg.num_layers)])
 
         def body(x, xs):
-            layer_rng, layer_state, sliding, kv = xs
+            layer_rng, layer_state, sliding, rotates, kv = xs
             mask, rope = self._layer_inputs(sliding, masks, ropes)
+            if cfg.nope_layers and rope is not None:
+                rope = _select(rotates, rope, _no_rotation(rope))
             layer = nnx.merge(graphdef, layer_rng, layer_state)
-            x, kv = layer(x, mask, rope, kv, index)
-            return x, (kv, nnx.state(layer, nnx.RngState))
+            x, kv, stats = layer(x, mask, rope, kv, index, token_mask)
+            return x, (kv, stats, nnx.state(layer, nnx.RngState))
 
         body = _checkpointed(body, policies.pop())
         kv_in = None if cache is None else (cache.k, cache.v)
-        x, (kv_out, rng_state) = jax.lax.scan(body, x, (rng_state, state, is_sliding, kv_in))
+        x, (kv_out, stats, rng_state) = jax.lax.scan(body, x, (rng_state, state, is_sliding, uses_rope, kv_in))
         if _draws_random(self.layers):
             nnx.update(self.layers, rng_state)  # advance the dropout RNG streams (LoRA dropout in train mode)
-        return x, kv_out
+        stats = None if stats is None else jax.tree.map(lambda a: jnp.sum(a, axis=0), stats)
+        return x, kv_out, stats

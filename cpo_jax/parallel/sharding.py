@@ -4,7 +4,10 @@ Parameters name their axes logically (``embed``, ``mlp``, ``heads``, ``kv_heads`
 ``head_dim``, ``norm``, ``positions``, ``layers``). A rules table maps each logical name to zero or more
 mesh axes, and :func:`logical_spec` turns a parameter's names into a ``PartitionSpec``. The default
 rules give FSDP over ``fsdp`` (the ``embed`` axis of every matrix) and tensor parallelism over
-``tensor`` (heads, MLP width, vocabulary); a mesh axis of size 1 switches either off. A run's config may
+``tensor`` (heads, MLP width, vocabulary), and expert parallelism over ``expert`` (the stacked experts of an MoE
+layer, logical axis ``expert``; without an ``expert`` mesh axis that dimension is replicated while the experts'
+``embed`` and ``mlp`` dimensions are still split over ``fsdp`` and ``tensor``); a mesh axis of size 1 switches any
+of them off. A run's config may
 override single rules (``mesh_rules:``, merged over :data:`DEFAULT_RULES` by :func:`merge_rules` and checked
 against the mesh by :func:`check_mesh_rules`). The trainers pass the merged rules explicitly to model loading and
 to the batch helpers of :mod:`cpo_jax.parallel.multihost`; a helper given no rules uses the defaults.
@@ -39,6 +42,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
+    "expert": "expert",
     "head_dim": None,
     "norm": None,
     "positions": None,

@@ -10,16 +10,18 @@ from __future__ import annotations
 from types import ModuleType
 
 from cpo_jax.errors import UnsupportedConfig
-from cpo_jax.hf.families import gemma, gpt2, llama
+from cpo_jax.hf.families import gemma, gpt2, llama, moe, olmo2, phi3, smollm3
 
-FAMILIES: dict[str, ModuleType] = {t: module for module in (llama, gemma, gpt2) for t in module.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {
+    t: module for module in (llama, gemma, gpt2, moe, olmo2, phi3, smollm3) for t in module.MODEL_TYPES
+}
 
 
 def family_of(model_type: str) -> ModuleType:
-    """The family module (``llama``, ``gemma`` or ``gpt2``) for an HF ``model_type``."""
+    """The family module (``llama``, ``gemma``, ``gpt2``, ``moe``, ``olmo2``, ``phi3``...) for an HF ``model_type``."""
     if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise UnsupportedConfig(f"unsupported model_type {model_type!r}; cpo_jax supports {sorted(FAMILIES)}")
     return FAMILIES[model_type]
 
 
-__all__ = ["FAMILIES", "family_of", "gemma", "gpt2", "llama"]
+__all__ = ["FAMILIES", "family_of", "gemma", "gpt2", "llama", "moe", "olmo2", "phi3", "smollm3"]

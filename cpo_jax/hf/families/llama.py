@@ -2,11 +2,12 @@
 
 Differences handled by :class:`~cpo_jax.models.config.TransformerConfig` flags:
 
-* ``llama``: ``attention_bias`` (q, k, v and o), ``mlp_bias``, ``rope_type`` default/linear/llama3,
-  tied or untied embeddings, GQA.
+* ``llama``: ``attention_bias`` (q, k, v and o), ``mlp_bias``, tied or untied embeddings, GQA.
 * ``mistral``: ``sliding_window`` on every layer when set.
 * ``qwen2``: q, k, v biases (o has none); per-layer sliding windows via ``layer_types``.
 * ``qwen3``: per-head RMSNorm on q and k (qk-norm) before RoPE; ``attention_bias`` on q, k, v and o.
+
+Every member takes ``rope_type`` default, linear, llama3, yarn, dynamic or longrope (see ``RopeSpec``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=attention_bias if model_type in ("llama", "qwen3") else False,
         qk_norm=model_type == "qwen3",
-        rope=rope_specs(hf, model_type),
+        rope=rope_specs(
+            hf, model_type, max_position_embeddings=dims["max_position_embeddings"], head_dim=dims["head_dim"]
+        ),
         layer_types=types,
         sliding_window=window,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),

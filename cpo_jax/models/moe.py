@@ -1,0 +1,242 @@
+"""Sparse Mixture-of-Experts feed-forward block (Mixtral, Qwen2-MoE, Qwen3-MoE) with grouped expert matmuls.
+
+A token ``x`` ``[D]`` is routed as in transformers 5 (``*TopKRouter``):
+
+* ``logits = x @ router`` ``[E]`` (compute dtype), ``p = softmax(logits)`` in float32;
+* the ``k`` largest ``p`` pick the experts; their weights are those ``p``, renormalised to sum to 1 when
+  ``norm_topk_prob`` (Mixtral always: ``softmax`` over the top-k logits is the same thing);
+* ``y = sum_j w_j * down_e(act(gate_e x) * up_e x)`` over the chosen experts ``e = e_j``, plus, for Qwen2-MoE,
+  ``sigmoid(x @ shared_gate) * shared_mlp(x)``.
+
+Experts are stored stacked, ``gate`` / ``up`` ``[E, D, F]`` with logical axes ``("expert", "embed", "mlp")`` and
+``down`` ``[E, F, D]`` (``("expert", "mlp", "embed")``). The ``B*T*k`` (token, expert) assignments are sorted by
+expert and multiplied group by group, never densely against every expert, and no token is dropped (no capacity
+factor), so the output equals HF's per-expert loop. Two grouped paths compute the same function
+(:func:`expert_ffn`):
+
+* ``"ragged"``: :func:`jax.lax.ragged_dot` on the sorted rows (``group_sizes`` = tokens per expert). On TPU it
+  lowers to the native grouped matmul. XLA's CPU (and default GPU) lowering of ``ragged_dot`` masks the rows
+  into a dense ``[E, B*T*k, D]`` product, so there it costs ``E`` times the useful FLOPs.
+* ``"blocked"``: each expert's rows are padded to a multiple of ``block_size`` and a ``lax.scan`` runs the expert
+  MLP one block (one expert) at a time, skipping empty blocks: at most ``B*T*k + E*(block_size-1)`` rows are
+  computed. The default on CPU and GPU (``"auto"``); ``tools/bench_moe.py`` compares the paths.
+
+Load balancing (Switch Transformer eqs. 4-6, HF's ``load_balancing_loss_func``): each layer returns
+:class:`RouterStats` (top-k assignment counts and summed router probabilities per expert over the real
+tokens); the decoder sums them over layers and :func:`load_balancing_loss` turns the sum into
+``E * sum_e f_e * P_e``, ``f_e`` and ``P_e`` being the fractions pooled over every MoE layer and token, as HF does.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from cpo_jax.models.config import TransformerConfig
+from cpo_jax.models.layers import _ACTIVATIONS, MLP, param
+
+MoeImpl = Literal["auto", "ragged", "blocked"]
+DEFAULT_BLOCK_SIZE = 128
+
+
+@struct.dataclass
+class RouterStats:
+    """Sums over the real tokens of one or more MoE layers, for the load-balancing loss.
+
+    Attributes:
+      counts: ``[E]`` float32, top-k assignments per expert (no gradient: they come from the argmax).
+      prob_sum: ``[E]`` float32, summed softmax router probabilities per expert.
+      tokens: float32 scalar, real tokens counted (once per layer).
+    """
+
+    counts: jax.Array
+    prob_sum: jax.Array
+    tokens: jax.Array
+
+    def __add__(self, other: RouterStats) -> RouterStats:
+        return jax.tree.map(jnp.add, self, other)
+
+
+def load_balancing_loss(stats: RouterStats) -> jax.Array:
+    """``E * sum_e (counts_e / tokens) * (prob_sum_e / tokens)`` (HF's ``load_balancing_loss_func``); 0 for no tokens.
+
+    ``counts`` sum to ``k * tokens``, so a perfectly uniform router gives ``k``; HF's ``router_aux_loss_coef``
+    multiplies this value."""
+    tokens = jnp.maximum(stats.tokens, 1.0)
+    num_experts = stats.counts.shape[-1]
+    return num_experts * jnp.sum((stats.counts / tokens) * (stats.prob_sum / tokens))
+
+
+def inactive_expert_params(cfg: TransformerConfig) -> int:
+    """Expert weights a token does not multiply: ``(E - k) * 3 * D * F`` per layer, summed over the layers.
+
+    A FLOP count built from the parameter count (MFU) subtracts this: only ``k`` of the ``E`` experts run per token."""
+    if not cfg.num_experts:
+        return 0
+    f = cfg.moe_intermediate_size or cfg.intermediate_size
+    return (cfg.num_experts - cfg.experts_per_token) * 3 * cfg.hidden_size * f * cfg.num_layers
+
+
+def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k routing of ``logits`` ``[N, E]``: ``(weights [N, k] float32, experts [N, k] int32, probs [N, E])``."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32), probs
+
+
+def router_stats(probs: jax.Array, experts: jax.Array, token_mask: jax.Array | None) -> RouterStats:
+    """:class:`RouterStats` of one layer: ``probs`` ``[N, E]``, ``experts`` ``[N, k]``, ``token_mask`` ``[N]``."""
+    n, num_experts = probs.shape
+    mask = jnp.ones((n,), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    k = experts.shape[-1]
+    counts = jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(jnp.repeat(mask, k))
+    return RouterStats(
+        counts=jax.lax.stop_gradient(counts),
+        prob_sum=jnp.sum(probs * mask[:, None], axis=0),
+        tokens=jnp.sum(mask),
+    )
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl == "auto":
+        return "ragged" if jax.default_backend() == "tpu" else "blocked"
+    if impl not in ("ragged", "blocked"):
+        raise ValueError(f"unknown moe_impl {impl!r}; expected 'auto', 'ragged' or 'blocked'")
+    return impl
+
+
+def _ragged_ffn(xs, group_sizes, wg, wu, wd, act):
+    dot = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
+    h = act(dot(xs, wg)) * dot(xs, wu)
+    return dot(h, wd)
+
+
+def _blocked_ffn(xs, group_sizes, wg, wu, wd, act, block_size):
+    m, d = xs.shape
+    num_experts = group_sizes.shape[0]
+    block = max(1, min(block_size, m))
+    num_blocks = -(-(m + num_experts * (block - 1)) // block)  # static bound on sum_e ceil(g_e / block)
+    padded = -(-group_sizes // block) * block
+    padded_end = jnp.cumsum(padded)
+    start = jnp.cumsum(group_sizes) - group_sizes
+    expert_of_row = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=m)
+    dest = (padded_end - padded)[expert_of_row] + jnp.arange(m) - start[expert_of_row]
+    rows = jnp.zeros((num_blocks * block, d), xs.dtype).at[dest].set(xs).reshape(num_blocks, block, d)
+    block_start = jnp.arange(num_blocks) * block
+    block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side="right"), num_experts - 1)
+    used = block_start < padded_end[-1]
+
+    def step(_, inputs):
+        x, e, live = inputs
+
+        def compute(x):
+            h = act(x @ wg[e]) * (x @ wu[e])
+            return h @ wd[e]
+
+        y = jax.lax.cond(live, compute, lambda x: jnp.zeros((block, wd.shape[-1]), x.dtype), x)
+        return None, y
+
+    _, out = jax.lax.scan(step, None, (rows, block_expert, used))
+    return out.reshape(num_blocks * block, -1)[dest]
+
+
+def expert_ffn(
+    xs: jax.Array,
+    group_sizes: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    *,
+    activation: str = "silu",
+    impl: MoeImpl = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> jax.Array:
+    """``down_e(act(gate_e x) * up_e x)`` for rows ``xs`` ``[M, D]`` sorted by expert, ``group_sizes[e]`` rows each.
+
+    ``gate``/``up`` are ``[E, D, F]``, ``down`` ``[E, F, D]``; returns ``[M, D]`` in ``xs.dtype``. The groups must
+    cover all ``M`` rows (``sum(group_sizes) == M``)."""
+    act = _ACTIVATIONS[activation]
+    gate, up, down = (w.astype(xs.dtype) for w in (gate, up, down))
+    if _resolve_impl(impl) == "ragged":
+        return _ragged_ffn(xs, group_sizes, gate, up, down, act)
+    return _blocked_ffn(xs, group_sizes, gate, up, down, act, block_size)
+
+
+def sparse_moe(
+    x: jax.Array,
+    router: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    *,
+    top_k: int,
+    normalize: bool,
+    activation: str = "silu",
+    impl: MoeImpl = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    token_mask: jax.Array | None = None,
+) -> tuple[jax.Array, RouterStats]:
+    """The routed experts of one layer on tokens ``x`` ``[N, D]``: ``(y [N, D], RouterStats)``.
+
+    ``router`` is ``[D, E]``; see :func:`expert_ffn` for the expert weights. ``token_mask`` ``[N]`` (1 for real
+    tokens) only affects the statistics: padding tokens are routed and computed like any other."""
+    n, _ = x.shape
+    num_experts = router.shape[-1]
+    logits = jnp.dot(x, router.astype(x.dtype))
+    weights, experts, probs = route(logits, top_k, normalize)
+    flat = experts.reshape(-1)  # [N*k], row r belongs to token r // k
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    ys = expert_ffn(
+        x[order // top_k], group_sizes, gate, up, down, activation=activation, impl=impl, block_size=block_size
+    )
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * top_k, dtype=order.dtype))
+    per_choice = ys[inverse].reshape(n, top_k, -1)
+    y = jnp.sum(per_choice * weights.astype(x.dtype)[..., None], axis=1)
+    return y, router_stats(probs, experts, token_mask)
+
+
+class MoE(nnx.Module):
+    """Top-k routed experts (plus an optional sigmoid-gated shared expert) in place of a decoder layer's MLP."""
+
+    def __init__(self, cfg: TransformerConfig, *, param_dtype, rngs: nnx.Rngs):
+        d, e = cfg.hidden_size, cfg.num_experts
+        f = cfg.moe_intermediate_size or cfg.intermediate_size
+        self.router = param(rngs, (d, e), ("embed", None), "normal", param_dtype)
+        self.expert_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), "normal", param_dtype)
+        self.expert_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), "normal", param_dtype)
+        self.expert_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), "normal", param_dtype)
+        if cfg.shared_expert_size:
+            self.shared = MLP(cfg.replace(intermediate_size=cfg.shared_expert_size), param_dtype=param_dtype, rngs=rngs)
+            self.shared_gate = param(rngs, (d, 1), ("embed", None), "normal", param_dtype)
+        else:
+            self.shared = nnx.data(None)
+            self.shared_gate = nnx.data(None)
+        self.top_k, self.normalize = cfg.experts_per_token, cfg.norm_topk_prob
+        self.activation, self.impl, self.dtype = cfg.activation, cfg.moe_impl, cfg.dtype
+
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> tuple[jax.Array, RouterStats]:
+        """``[B, T, D] -> ([B, T, D], RouterStats)``; ``token_mask`` ``[B, T]`` marks real tokens for the stats."""
+        b, t, d = x.shape
+        h = x.reshape(b * t, d).astype(self.dtype)
+        y, stats = sparse_moe(
+            h,
+            self.router[...],
+            self.expert_gate[...],
+            self.expert_up[...],
+            self.expert_down[...],
+            top_k=self.top_k,
+            normalize=self.normalize,
+            activation=self.activation,
+            impl=self.impl,
+            token_mask=None if token_mask is None else token_mask.reshape(b * t),
+        )
+        if self.shared is not None:
+            gate = jax.nn.sigmoid(jnp.dot(h, self.shared_gate[...].astype(self.dtype)))
+            y = y + gate * self.shared(h)
+        return y.reshape(b, t, d), stats
