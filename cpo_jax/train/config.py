@@ -48,7 +48,9 @@ class ModelConfig:
     ``lora``: train low-rank adapters instead of every weight (:class:`LoraConfig`). ``adapter_path``: a PEFT
     adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) to start from; its settings are
     the adapters' (a ``lora:`` section, if given, must agree). ``quantize``: store the frozen base as ``nf4`` or
-    ``int8`` (QLoRA; needs adapters)."""
+    ``int8`` (QLoRA; needs adapters). ``router_aux_loss_coef``: weight of an MoE model's load-balancing loss in
+    preference and SFT objectives (logged as ``router_aux_loss``); null: the checkpoint's ``router_aux_loss_coef``
+    when its config sets ``output_router_logits``, else 0, as TRL."""
 
     path: str = ""
     dtype: Dtype = "float32"
@@ -61,6 +63,7 @@ class ModelConfig:
     lora: LoraConfig | None = None
     adapter_path: str | None = None
     quantize: Literal["none", "nf4", "int8"] = "none"
+    router_aux_loss_coef: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

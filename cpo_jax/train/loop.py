@@ -75,6 +75,8 @@ def model_load_kwargs(cfg: TrainConfig, mesh) -> dict:
     }
     if not cfg.model.freeze_padding_embedding:
         kwargs["padding_idx"] = None
+    if cfg.model.router_aux_loss_coef is not None:
+        kwargs["router_aux_loss_coef"] = cfg.model.router_aux_loss_coef
     return kwargs
 
 

@@ -29,20 +29,53 @@ def reference_free_losses() -> frozenset[str]:
     return frozenset(n for n in losses.names() if losses.get(n).__module__ == reference_free.__name__)
 
 
-def hidden_from_batch(model, batch: Batch) -> jax.Array:
-    """Final hidden states ``[R, L, D]`` of a batch, packed segments and positions honoured."""
+def hidden_from_batch(model, batch: Batch, *, return_aux: bool = False):
+    """Final hidden states ``[R, L, D]`` of a batch, packed segments and positions honoured; with ``return_aux``,
+    ``(hidden, aux)`` where ``aux["router_aux_loss"]`` is an MoE model's load-balancing loss (0 for dense ones)."""
     segments = batch["segment_ids"]
     return model.hidden_states(
-        batch["input_ids"], attention_mask=segments > 0, positions=batch["positions"], segment_ids=segments
+        batch["input_ids"],
+        attention_mask=segments > 0,
+        positions=batch["positions"],
+        segment_ids=segments,
+        return_aux=return_aux,
     )
 
 
-def token_logps_from_batch(model, batch: Batch, *, chunk_size: int = 1024) -> jax.Array:
-    """``[R, L]`` float32 log-prob of ``targets`` at every position (0 where there is no target)."""
-    hidden = hidden_from_batch(model, batch)
-    return chunked_token_logps(
+def token_logps_from_batch(model, batch: Batch, *, chunk_size: int = 1024, return_aux: bool = False):
+    """``[R, L]`` float32 log-prob of ``targets`` at every position (0 where there is no target); with
+    ``return_aux``, ``(log-probs, aux)`` (see :func:`hidden_from_batch`)."""
+    out = hidden_from_batch(model, batch, return_aux=return_aux)
+    hidden, aux = out if return_aux else (out, None)
+    logps = chunked_token_logps(
         hidden, model.unembedding(), batch["targets"], chunk_size=chunk_size, logit_softcap=model.logit_softcap
     )
+    return (logps, aux) if return_aux else logps
+
+
+def uses_router_loss(model) -> bool:
+    """Whether the objective adds the model's load-balancing loss: an MoE model with a non-zero
+    ``router_aux_loss_coef`` (HF's, when its config sets ``output_router_logits``, as TRL; or the run's
+    ``model.router_aux_loss_coef``)."""
+    return getattr(model.config, "num_experts", 0) > 0 and model.router_aux_loss_coef > 0
+
+
+def _policy_token_logps(model, batch: Batch, chunk_size: int, metrics_out: dict) -> jax.Array:
+    """The policy's token log-probs; with a router loss, ``metrics_out["router_aux_loss"]`` gets the batch's value."""
+    if not uses_router_loss(model):
+        return token_logps_from_batch(model, batch, chunk_size=chunk_size)
+    logps, aux = token_logps_from_batch(model, batch, chunk_size=chunk_size, return_aux=True)
+    metrics_out["router_aux_loss"] = aux["router_aux_loss"]
+    return logps
+
+
+def with_router_loss(model, loss_sum: jax.Array, metrics: dict, batch: Batch) -> jax.Array:
+    """``loss_sum`` plus ``coef * router_aux_loss`` per real pair, so that after the step divides by the pairs the
+    batch's load-balancing loss enters with its coefficient (TRL adds ``router_aux_loss_coef * aux_loss``)."""
+    if "router_aux_loss" not in metrics:
+        return loss_sum
+    pairs = jnp.sum(batch["pair_mask"]).astype(jnp.float32)
+    return loss_sum + model.router_aux_loss_coef * metrics["router_aux_loss"] * pairs
 
 
 def sequence_sums(values: jax.Array, batch: Batch, num_sequences: int) -> jax.Array:
@@ -88,7 +121,8 @@ def preference_objective(
     so the reference log-probs are the policy's own, gradient stopped. XLA compiles the policy's forward inside
     the gradient computation and the reference's alone with different fusions (summed log-probs differ by ~1e-5
     on the CPU), so computing them twice would give rewards of ~1e-7 where TRL's are exactly 0."""
-    policy = pair_logps(token_logps_from_batch(model, batch, chunk_size=chunk_size), batch)
+    router: dict = {}
+    policy = pair_logps(_policy_token_logps(model, batch, chunk_size, router), batch)
     # Padding slots have zero lengths and sums; give them length 1 so normalised losses stay finite.
     logps = policy.replace(
         chosen_lengths=jnp.maximum(policy.chosen_lengths, 1.0),
@@ -101,17 +135,19 @@ def preference_objective(
         )
         logps = logps.replace(ref_chosen=rc, ref_rejected=rr)
     per_pair = losses.get(loss_name)(logps, **hparams)
-    metrics = losses.preference_metrics(logps, beta=hparams.get("beta", 0.1), gamma=hparams.get("gamma"))
-    return jnp.sum(jnp.where(logps.real(), per_pair, 0.0)), metrics
+    metrics = {**losses.preference_metrics(logps, beta=hparams.get("beta", 0.1), gamma=hparams.get("gamma")), **router}
+    return with_router_loss(model, jnp.sum(jnp.where(logps.real(), per_pair, 0.0)), metrics, batch), metrics
 
 
 def sft_objective(model, batch: Batch, *, chunk_size: int = 1024) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Negative log-likelihood of the chosen completions, summed over pairs (per-pair token means)."""
-    policy = pair_logps(token_logps_from_batch(model, batch, chunk_size=chunk_size), batch)
+    router: dict = {}
+    policy = pair_logps(_policy_token_logps(model, batch, chunk_size, router), batch)
     mask = batch["pair_mask"].astype(jnp.float32)
     nll = -policy.chosen / jnp.maximum(policy.chosen_lengths, 1.0)
     total = jnp.sum(nll * mask)
-    return total, {"nll": total / jnp.maximum(mask.sum(), 1.0)}
+    metrics = {"nll": total / jnp.maximum(mask.sum(), 1.0), **router}
+    return with_router_loss(model, total, metrics, batch), metrics
 
 
 def last_token_positions(batch: Batch, num_sequences: int) -> jax.Array:

@@ -192,6 +192,12 @@ def _check_model_and_data(cfg: TrainConfig) -> None:
     )
     _at_least(m.logprob_chunk_size, "model.logprob_chunk_size", 1)
     _require(
+        m.router_aux_loss_coef is None or (_number(m.router_aux_loss_coef) and m.router_aux_loss_coef >= 0),
+        "model.router_aux_loss_coef",
+        m.router_aux_loss_coef,
+        "must be a finite number >= 0, or null",
+    )
+    _require(
         bool(d.train_files),
         "data.train_files",
         list(d.train_files),
