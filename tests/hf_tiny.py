@@ -128,3 +128,27 @@ def _cached(name: str, root: str):
 def tiny_model(name: str, root: Path):
     """``(torch model, checkpoint dir)``; built once per name and root."""
     return _cached(name, str(root))
+
+
+def assert_greedy_matches_hf(hf, path, ids, mask, new: int):
+    """Greedy KV-cache decoding of the port of ``path`` equals ``hf.generate(do_sample=False)`` token for token
+    (``new`` tokens, ``min_new_tokens`` too so neither stops early). Returns our generation output."""
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from cpo_jax.hf.pretrained import from_pretrained
+    from cpo_jax.models.generate import generate
+
+    with torch.no_grad():
+        ref = hf.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=0,
+        ).numpy()[:, ids.shape[1] :]
+    out = generate(from_pretrained(path), jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=new, pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+    return out

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 
 from cpo_jax.errors import UnsupportedConfig
 from cpo_jax.hf.pretrained import from_pretrained, save_pretrained
-from tests.hf_tiny import COMMON
+from tests.hf_tiny import COMMON, assert_greedy_matches_hf
 
 torch = pytest.importorskip("torch")
 ATOL = 1e-4
@@ -168,7 +168,6 @@ def test_export_round_trip(name, root, tmp_path):
 # -------------------------------------------------------------------------------------------------------- generation
 @pytest.mark.parametrize("name", NAMES)
 def test_greedy_matches_transformers_generate(name, root):
-    from cpo_jax.models.generate import generate
 
     hf, path = tiny(name, root)
     rng = np.random.RandomState(11)
@@ -176,17 +175,7 @@ def test_greedy_matches_transformers_generate(name, root):
     mask = np.ones_like(ids)
     mask[1, :4], ids[1, :4] = 0, 0  # left padding
     new = 10  # 19 tokens in all: the windows of 4 slide during decoding
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
-            do_sample=False,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            pad_token_id=0,
-        ).numpy()[:, ids.shape[1] :]
-    out = generate(from_pretrained(path), jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=new, pad_token_id=0)
-    np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+    assert_greedy_matches_hf(hf, path, ids, mask, new)
 
 
 # ---------------------------------------------------------------------------------------------------------- sharding

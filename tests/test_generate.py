@@ -10,7 +10,7 @@ import pytest
 from cpo_jax.hf.pretrained import from_pretrained
 from cpo_jax.models import init_cache
 from cpo_jax.models.generate import SamplingConfig, filter_logits, generate, sample_token
-from tests.hf_tiny import TINY, tiny_model
+from tests.hf_tiny import TINY, assert_greedy_matches_hf, tiny_model
 
 torch = pytest.importorskip("torch")
 
@@ -34,17 +34,7 @@ def test_greedy_matches_transformers_generate(name, root):
     hf, path = tiny_model(name, root)
     ids, mask = _prompts()
     new = 10
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
-            do_sample=False,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            pad_token_id=0,
-        ).numpy()[:, ids.shape[1] :]
-    out = generate(from_pretrained(path), jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=new, pad_token_id=0)
-    np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+    out = assert_greedy_matches_hf(hf, path, ids, mask, new)
     assert np.asarray(out.mask).all()
 
 

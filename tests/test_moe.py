@@ -22,9 +22,9 @@ from safetensors.numpy import load_file
 
 from cpo_jax.errors import UnsupportedConfig
 from cpo_jax.hf.pretrained import config_from_hf, from_pretrained, save_pretrained
-from cpo_jax.models.generate import generate
 from cpo_jax.models.moe import RouterStats, load_balancing_loss, sparse_moe
 from cpo_jax.parallel import make_mesh
+from tests.hf_tiny import assert_greedy_matches_hf
 
 torch = pytest.importorskip("torch")
 
@@ -148,17 +148,7 @@ def test_greedy_matches_transformers_generate(name, root):
     mask[1, :4] = 0
     ids[1, :4] = 0
     new = 8
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
-            do_sample=False,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            pad_token_id=0,
-        ).numpy()[:, ids.shape[1] :]
-    out = generate(from_pretrained(path), jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=new, pad_token_id=0)
-    np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+    assert_greedy_matches_hf(hf, path, ids, mask, new)
 
 
 def _numpy_aux_loss(router_logits, mask, top_k):

@@ -30,6 +30,10 @@ def located(where: str | None) -> Iterator[None]:
         raise type(err)(err.problem, where=where, hint=err.hint) from None
 
 
+#: HF ``hidden_act`` -> our activation name, for the Llama-like families (GPT-2 has its own ``gelu_new``).
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+
 def require_model_type(hf: Mapping, model_types: tuple[str, ...], family: str) -> str:
     """``hf["model_type"]``, or :class:`UnsupportedConfig` when it is missing or ``family`` does not cover it."""
     model_type = hf.get("model_type")

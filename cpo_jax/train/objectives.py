@@ -33,12 +33,9 @@ def hidden_from_batch(model, batch: Batch, *, return_aux: bool = False):
     """Final hidden states ``[R, L, D]`` of a batch, packed segments and positions honoured; with ``return_aux``,
     ``(hidden, aux)`` where ``aux["router_aux_loss"]`` is an MoE model's load-balancing loss (0 for dense ones)."""
     segments = batch["segment_ids"]
+    extra = {"return_aux": True} if return_aux else {}  # a model without routers need not take the keyword
     return model.hidden_states(
-        batch["input_ids"],
-        attention_mask=segments > 0,
-        positions=batch["positions"],
-        segment_ids=segments,
-        return_aux=return_aux,
+        batch["input_ids"], attention_mask=segments > 0, positions=batch["positions"], segment_ids=segments, **extra
     )
 
 
@@ -57,7 +54,8 @@ def uses_router_loss(model) -> bool:
     """Whether the objective adds the model's load-balancing loss: an MoE model with a non-zero
     ``router_aux_loss_coef`` (HF's, when its config sets ``output_router_logits``, as TRL; or the run's
     ``model.router_aux_loss_coef``)."""
-    return getattr(model.config, "num_experts", 0) > 0 and model.router_aux_loss_coef > 0
+    experts = getattr(getattr(model, "config", None), "num_experts", 0)
+    return experts > 0 and getattr(model, "router_aux_loss_coef", 0.0) > 0
 
 
 def _policy_token_logps(model, batch: Batch, chunk_size: int, metrics_out: dict) -> jax.Array:

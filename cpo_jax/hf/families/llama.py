@@ -13,6 +13,7 @@ Every member takes ``rope_type`` default, linear, llama3, yarn, dynamic or longr
 from __future__ import annotations
 
 from cpo_jax.hf.config import (
+    ACTIVATIONS,
     decoder_dims,
     int_value,
     layer_types,
@@ -26,13 +27,12 @@ from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import FULL, SLIDING, TransformerConfig
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
 
 def config_from_hf(hf: dict) -> TransformerConfig:
     """Translate a Llama/Mistral/Qwen2/Qwen3 ``config.json`` dict. Unsupported options raise."""
     model_type = require_model_type(hf, MODEL_TYPES, "llama")
-    require_value(hf, "hidden_act", _ACTIVATIONS, model_type)
+    require_value(hf, "hidden_act", ACTIVATIONS, model_type)
     require_value(hf, "attention_dropout", (0, 0.0), model_type)
     require_value(hf, "pretraining_tp", (1,), model_type)
     dims = decoder_dims(hf, default_max_positions=2048, model_type=model_type)
@@ -49,7 +49,7 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         model_type=model_type,
         **dims,
         norm="rms",
-        activation=_ACTIVATIONS[hf.get("hidden_act", "silu")],
+        activation=ACTIVATIONS[hf.get("hidden_act", "silu")],
         gated_mlp=True,
         mlp_bias=bool(hf.get("mlp_bias", False)),
         qkv_bias=True if model_type == "qwen2" else attention_bias,

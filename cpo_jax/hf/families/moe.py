@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 from cpo_jax.errors import UnsupportedConfig
 from cpo_jax.hf.config import (
+    ACTIVATIONS,
     decoder_dims,
     int_value,
     layer_types,
@@ -39,7 +40,6 @@ from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import FULL, SLIDING, TransformerConfig
 
 MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
-_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _DEFAULT_AUX_COEF = 0.001  # transformers' default router_aux_loss_coef for all three
 
 
@@ -99,7 +99,7 @@ def _attention(hf: Mapping, model_type: str, n_layers: int) -> dict:
 def config_from_hf(hf: dict) -> TransformerConfig:
     """Translate a Mixtral / Qwen2-MoE / Qwen3-MoE ``config.json`` dict. Unsupported options raise."""
     model_type = require_model_type(hf, MODEL_TYPES, "moe")
-    require_value(hf, "hidden_act", _ACTIVATIONS, model_type)
+    require_value(hf, "hidden_act", ACTIVATIONS, model_type)
     require_value(hf, "attention_dropout", (0, 0.0), model_type)
     dims = decoder_dims(hf, default_max_positions=32768, model_type=model_type)
     n_layers = dims["num_layers"]
@@ -122,7 +122,7 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         model_type=model_type,
         **dims,
         norm="rms",
-        activation=_ACTIVATIONS[hf.get("hidden_act", "silu")],
+        activation=ACTIVATIONS[hf.get("hidden_act", "silu")],
         gated_mlp=True,
         **_attention(hf, model_type, n_layers),
         rope=rope_specs(hf, model_type),

@@ -13,6 +13,7 @@ up to one rounding in bfloat16.
 from __future__ import annotations
 
 from cpo_jax.hf.config import (
+    ACTIVATIONS,
     decoder_dims,
     padding_row,
     require_model_type,
@@ -24,13 +25,12 @@ from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import TransformerConfig
 
 MODEL_TYPES = ("olmo2",)
-_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
 
 def config_from_hf(hf: dict) -> TransformerConfig:
     """Translate an OLMo 2 ``config.json`` dict. Unsupported options raise."""
     model_type = require_model_type(hf, MODEL_TYPES, "olmo2")
-    require_value(hf, "hidden_act", _ACTIVATIONS, model_type)
+    require_value(hf, "hidden_act", ACTIVATIONS, model_type)
     require_value(hf, "attention_dropout", (0, 0.0), model_type)
     dims = decoder_dims(hf, default_max_positions=2048, model_type=model_type)
     if hf.get("rms_norm_eps") is None:
@@ -42,7 +42,7 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         **dims,
         norm="rms",
         block="post",
-        activation=_ACTIVATIONS[hf.get("hidden_act", "silu")],
+        activation=ACTIVATIONS[hf.get("hidden_act", "silu")],
         gated_mlp=True,
         qkv_bias=attention_bias,
         o_bias=attention_bias,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from cpo_jax.hf.config import (
+    ACTIVATIONS,
     decoder_dims,
     int_value,
     padding_row,
@@ -23,13 +24,12 @@ from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import FULL, SLIDING, TransformerConfig
 
 MODEL_TYPES = ("phi3",)
-_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
 
 def config_from_hf(hf: dict) -> TransformerConfig:
     """Translate a Phi-3 ``config.json`` dict. Unsupported options raise."""
     model_type = require_model_type(hf, MODEL_TYPES, "phi3")
-    require_value(hf, "hidden_act", _ACTIVATIONS, model_type)
+    require_value(hf, "hidden_act", ACTIVATIONS, model_type)
     for key in ("attention_dropout", "resid_pdrop", "embd_pdrop"):
         require_value(hf, key, (0, 0.0), model_type)
     dims = decoder_dims(hf, default_max_positions=4096, model_type=model_type)
@@ -49,7 +49,7 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         model_type=model_type,
         **dims,
         norm="rms",
-        activation=_ACTIVATIONS[hf.get("hidden_act", "silu")],
+        activation=ACTIVATIONS[hf.get("hidden_act", "silu")],
         gated_mlp=True,
         rope=rope,
         # HF's Phi3ForCausalLM.prepare_inputs_for_generation drops the KV cache when generation reaches the LongRoPE

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from cpo_jax.errors import UnsupportedConfig
 from cpo_jax.hf.config import (
+    ACTIVATIONS,
     decoder_dims,
     int_value,
     layer_types,
@@ -26,7 +27,6 @@ from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import FULL, SLIDING, TransformerConfig
 
 MODEL_TYPES = ("smollm3",)
-_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _DEFAULT_THETA = 2000000.0  # SmolLM3Config.default_theta
 
 
@@ -50,7 +50,7 @@ def _rope_flags(hf: dict, num_layers: int, model_type: str) -> tuple[bool, ...]:
 def config_from_hf(hf: dict) -> TransformerConfig:
     """Translate a SmolLM3 ``config.json`` dict. Unsupported options raise."""
     model_type = require_model_type(hf, MODEL_TYPES, "smollm3")
-    require_value(hf, "hidden_act", _ACTIVATIONS, model_type)
+    require_value(hf, "hidden_act", ACTIVATIONS, model_type)
     require_value(hf, "attention_dropout", (0, 0.0), model_type)
     dims = decoder_dims(hf, default_max_positions=32768, model_type=model_type)
     n_layers = dims["num_layers"]
@@ -75,7 +75,7 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         model_type=model_type,
         **dims,
         norm="rms",
-        activation=_ACTIVATIONS[hf.get("hidden_act", "silu")],
+        activation=ACTIVATIONS[hf.get("hidden_act", "silu")],
         gated_mlp=True,
         mlp_bias=bool(hf.get("mlp_bias", False)),
         qkv_bias=attention_bias,
