@@ -152,3 +152,26 @@ def assert_greedy_matches_hf(hf, path, ids, mask, new: int):
     out = generate(from_pretrained(path), jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=new, pad_token_id=0)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
     return out
+
+
+def hf_forward(model, ids, mask, positions=None, **kwargs):
+    """The PyTorch model's output on ``ids`` with ``mask`` (and ``position_ids``), gradients off."""
+    import torch
+
+    with torch.no_grad():
+        kwargs["attention_mask"] = torch.tensor(mask)
+        if positions is not None:
+            kwargs["position_ids"] = torch.tensor(positions)
+        return model(torch.tensor(ids), **kwargs)
+
+
+def hf_logits(model, ids, mask, positions=None):
+    """:func:`hf_forward`'s logits as float32 NumPy."""
+    return hf_forward(model, ids, mask, positions).logits.float().numpy()
+
+
+def max_diff(a, b, mask) -> float:
+    """Largest ``|a - b|`` over the positions where ``mask`` is set (``a``, ``b``: ``[..., V]``)."""
+    import numpy as np
+
+    return float(np.abs(np.where(mask[..., None].astype(bool), a - b, 0.0)).max())

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 
 from cpo_jax.errors import UnsupportedConfig
 from cpo_jax.hf.pretrained import from_pretrained, save_pretrained
-from tests.hf_tiny import COMMON, assert_greedy_matches_hf
+from tests.hf_tiny import COMMON, assert_greedy_matches_hf, hf_logits, max_diff
 
 torch = pytest.importorskip("torch")
 ATOL = 1e-4
@@ -86,18 +86,6 @@ def _batch(seed=0, b=3, t=12):
     return ids, right
 
 
-def _hf_logits(model, ids, mask, positions=None):
-    with torch.no_grad():
-        kwargs = dict(attention_mask=torch.tensor(mask))
-        if positions is not None:
-            kwargs["position_ids"] = torch.tensor(positions)
-        return model(torch.tensor(ids), **kwargs).logits.float().numpy()
-
-
-def _max_diff(a, b, mask):
-    return float(np.abs(np.where(mask[..., None].astype(bool), a - b, 0.0)).max())
-
-
 # ------------------------------------------------------------------------------------------------------ translation
 def test_configs_translate_to_the_family_flags(root):
     olmo2 = from_pretrained(tiny("olmo2", root)[1]).config
@@ -121,17 +109,17 @@ def test_logits_match_hf_with_padding(name, scan, root):
     hf, path = tiny(name, root)
     ours = from_pretrained(path, scan_layers=scan)
     ids, right = _batch()
-    ref = _hf_logits(hf, ids, right)
+    ref = hf_logits(hf, ids, right)
     got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(right)))
-    diff = _max_diff(got, ref, right)
+    diff = max_diff(got, ref, right)
     print(f"{name} scan={scan}: max |logits diff| on real tokens {diff:.2e}")
     assert diff < ATOL
     assert np.abs(ref).max() > 0.5  # the comparison is not between near-zero logits
 
     left = right[:, ::-1].copy()  # left padding: ours count positions from the first real token
-    ref_left = _hf_logits(hf, ids, left, np.maximum(np.cumsum(left, -1) - 1, 0))
+    ref_left = hf_logits(hf, ids, left, np.maximum(np.cumsum(left, -1) - 1, 0))
     got_left = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(left)))
-    assert _max_diff(got_left, ref_left, left) < ATOL
+    assert max_diff(got_left, ref_left, left) < ATOL
 
 
 def test_nope_layers_and_the_window_matter(root):
@@ -142,7 +130,7 @@ def test_nope_layers_and_the_window_matter(root):
         _, path = tiny(name, root)
         want = np.asarray(from_pretrained(path)(jnp.asarray(ids), jnp.asarray(right)))
         got = np.asarray(from_pretrained(path, **change)(jnp.asarray(ids), jnp.asarray(right)))
-        assert _max_diff(got, want, right) > 100 * ATOL, name
+        assert max_diff(got, want, right) > 100 * ATOL, name
 
 
 # ------------------------------------------------------------------------------------------------------------ export
@@ -162,7 +150,7 @@ def test_export_round_trip(name, root, tmp_path):
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     ids, right = _batch(1)
-    np.testing.assert_allclose(_hf_logits(reloaded, ids, right), _hf_logits(hf, ids, right), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(hf_logits(reloaded, ids, right), hf_logits(hf, ids, right), atol=1e-5, rtol=0)
 
 
 # -------------------------------------------------------------------------------------------------------- generation
@@ -292,7 +280,7 @@ def test_phi3_lora_matches_peft(root, tmp_path):
     save_adapter(model, spec, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
-    theirs = _hf_logits(peft.PeftModel.from_pretrained(hf_base(), tmp_path / "adapter").eval(), ids, mask)
+    theirs = hf_logits(peft.PeftModel.from_pretrained(hf_base(), tmp_path / "adapter").eval(), ids, mask)
     assert np.abs(ours - np.asarray(from_pretrained(path)(jnp.asarray(ids), jnp.asarray(mask))))[real].max() > 0.5
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
 
@@ -301,7 +289,7 @@ def test_phi3_lora_matches_peft(root, tmp_path):
         hf_base(),
         peft.LoraConfig(r=3, lora_alpha=5, target_modules=["qkv_proj", "gate_up_proj"], init_lora_weights=False),
     ).eval()
-    want = _hf_logits(peft_model, ids, mask)
+    want = hf_logits(peft_model, ids, mask)
     peft_model.save_pretrained(tmp_path / "theirs")
     again = from_pretrained(path)
     load_adapter(again, tmp_path / "theirs")

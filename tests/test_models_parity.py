@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 
 from cpo_jax.hf.pretrained import from_pretrained, save_pretrained
 from cpo_jax.ops.logprobs import sequence_logps_from_hidden, token_logps
-from tests.hf_tiny import TINY, tiny_model
+from tests.hf_tiny import TINY, hf_logits, max_diff, tiny_model
 
 torch = pytest.importorskip("torch")
 NAMES = sorted(TINY)
@@ -30,32 +30,20 @@ def _batch(seed=0, b=3, t=12):
     return ids, right, left
 
 
-def _hf_logits(model, ids, mask, positions=None):
-    with torch.no_grad():
-        kwargs = dict(attention_mask=torch.tensor(mask))
-        if positions is not None:
-            kwargs["position_ids"] = torch.tensor(positions)
-        return model(torch.tensor(ids), **kwargs).logits.float().numpy()
-
-
-def _max_diff(a, b, mask):
-    return float(np.abs(np.where(mask[..., None].astype(bool), a - b, 0.0)).max())
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_match_hf_with_padding(name, root):
     hf, path = tiny_model(name, root)
     ours = from_pretrained(path)
     ids, right, left = _batch()
-    ref = _hf_logits(hf, ids, right)
+    ref = hf_logits(hf, ids, right)
     got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(right)))
-    assert _max_diff(got, ref, right) < ATOL
+    assert max_diff(got, ref, right) < ATOL
     assert np.abs(ref).max() > 0.5  # the comparison is not between near-zero logits
 
     positions = np.maximum(np.cumsum(left, -1) - 1, 0)
-    ref_left = _hf_logits(hf, ids, left, positions)
+    ref_left = hf_logits(hf, ids, left, positions)
     got_left = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(left)))
-    assert _max_diff(got_left, ref_left, left) < ATOL
+    assert max_diff(got_left, ref_left, left) < ATOL
     assert np.all(np.isfinite(got_left))
 
 
@@ -67,7 +55,7 @@ def test_export_reloads_in_transformers(name, root, tmp_path):
     save_pretrained(from_pretrained(path), tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     ids, right, _ = _batch(1)
-    np.testing.assert_allclose(_hf_logits(reloaded, ids, right), _hf_logits(hf, ids, right), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(hf_logits(reloaded, ids, right), hf_logits(hf, ids, right), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -131,7 +119,7 @@ def test_scan_remat_and_attention_impl_match_loop(name, options, root):
     for mask in (right, left):
         want = np.asarray(base(jnp.asarray(ids), jnp.asarray(mask)))
         got = np.asarray(variant(jnp.asarray(ids), jnp.asarray(mask)))
-        assert _max_diff(got, want, mask) < 1e-5
+        assert max_diff(got, want, mask) < 1e-5
 
     def loss(model):
         return jnp.sum(model(jnp.asarray(ids), jnp.asarray(right)) ** 2 * right[..., None]) * 1e-3
@@ -184,5 +172,5 @@ def test_bfloat16_compute_stays_close_to_float32(root):
         from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)(jnp.asarray(ids), jnp.asarray(right))
     )
     assert bf16.dtype == np.float32 and np.all(np.isfinite(bf16))
-    assert _max_diff(bf16, f32, right) < 0.05 * np.abs(f32).max()
+    assert max_diff(bf16, f32, right) < 0.05 * np.abs(f32).max()
     assert (np.argmax(bf16, -1) == np.argmax(f32, -1))[right.astype(bool)].mean() > 0.8

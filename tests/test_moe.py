@@ -24,7 +24,7 @@ from cpo_jax.errors import UnsupportedConfig
 from cpo_jax.hf.pretrained import config_from_hf, from_pretrained, save_pretrained
 from cpo_jax.models.moe import RouterStats, load_balancing_loss, sparse_moe
 from cpo_jax.parallel import make_mesh
-from tests.hf_tiny import assert_greedy_matches_hf
+from tests.hf_tiny import assert_greedy_matches_hf, hf_forward, max_diff
 
 torch = pytest.importorskip("torch")
 
@@ -92,32 +92,20 @@ def _batch(seed=0, b=3, t=12):
     return ids, right, right[:, ::-1].copy()
 
 
-def _hf_forward(model, ids, mask, positions=None):
-    with torch.no_grad():
-        kwargs = dict(attention_mask=torch.tensor(mask), output_router_logits=True)
-        if positions is not None:
-            kwargs["position_ids"] = torch.tensor(positions)
-        return model(torch.tensor(ids), **kwargs)
-
-
-def _max_diff(a, b, mask):
-    return float(np.abs(np.where(mask[..., None].astype(bool), a - b, 0.0)).max())
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_match_hf_with_padding(name, root):
     hf, path = _build(name, str(root))
     ours = from_pretrained(path)
     ids, right, left = _batch()
-    ref = _hf_forward(hf, ids, right).logits.numpy()
+    ref = hf_forward(hf, ids, right, output_router_logits=True).logits.numpy()
     got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(right)))
-    assert _max_diff(got, ref, right) < 1e-4
+    assert max_diff(got, ref, right) < 1e-4
     assert np.abs(ref).max() > 0.5
 
     positions = np.maximum(np.cumsum(left, -1) - 1, 0)
-    ref_left = _hf_forward(hf, ids, left, positions).logits.numpy()
+    ref_left = hf_forward(hf, ids, left, positions, output_router_logits=True).logits.numpy()
     got_left = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(left)))
-    assert _max_diff(got_left, ref_left, left) < 1e-4
+    assert max_diff(got_left, ref_left, left) < 1e-4
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -135,7 +123,10 @@ def test_export_reloads_and_round_trips_every_tensor(name, root, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     ids, right, _ = _batch(1)
     np.testing.assert_allclose(
-        _hf_forward(reloaded, ids, right).logits.numpy(), _hf_forward(hf, ids, right).logits.numpy(), atol=1e-5, rtol=0
+        hf_forward(reloaded, ids, right, output_router_logits=True).logits.numpy(),
+        hf_forward(hf, ids, right, output_router_logits=True).logits.numpy(),
+        atol=1e-5,
+        rtol=0,
     )
 
 
@@ -177,7 +168,7 @@ def test_aux_loss_matches_hf_and_float64_reference(name, root):
     cfg = ours.config
     ids, right, left = _batch(2)
     for mask in (right, left):
-        out = _hf_forward(hf, ids, mask)
+        out = hf_forward(hf, ids, mask, output_router_logits=True)
         router_logits = tuple(r.float() for r in out.router_logits)
         hf_loss = float(
             load_balancing_loss_func(router_logits, cfg.num_experts, cfg.experts_per_token, torch.tensor(mask))
@@ -255,7 +246,7 @@ def test_expert_sharded_forward_equals_single_device(impl, root):
     ids_s, mask_s = jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(right), batch)
     got, aux = nnx.jit(lambda m, i, a: m(i, a, return_aux=True))(sharded, ids_s, mask_s)
     want, aux_want = plain(jnp.asarray(ids), jnp.asarray(right), return_aux=True)
-    assert _max_diff(np.asarray(got), np.asarray(want), right) < 1e-5
+    assert max_diff(np.asarray(got), np.asarray(want), right) < 1e-5
     np.testing.assert_allclose(float(aux["router_aux_loss"]), float(aux_want["router_aux_loss"]), atol=1e-6)
 
 

@@ -21,7 +21,7 @@ from cpo_jax.hf.pretrained import config_from_hf, from_pretrained, save_pretrain
 from cpo_jax.models.config import RopeSpec
 from cpo_jax.models.generate import generate
 from cpo_jax.models.layers import rope_for_positions
-from tests.hf_tiny import COMMON
+from tests.hf_tiny import COMMON, hf_logits, max_diff
 
 torch = pytest.importorskip("torch")
 ATOL = 1e-4
@@ -134,18 +134,6 @@ def _batch(t: int, seed: int = 0):
     return ids, right
 
 
-def _hf_logits(model, ids, mask, positions=None):
-    with torch.no_grad():
-        kwargs = dict(attention_mask=torch.tensor(mask))
-        if positions is not None:
-            kwargs["position_ids"] = torch.tensor(positions)
-        return _fresh(model)(torch.tensor(ids), **kwargs).logits.float().numpy()
-
-
-def _max_diff(a, b, mask):
-    return float(np.abs(np.where(mask[..., None].astype(bool), a - b, 0.0)).max())
-
-
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_tables_equal_transformers_rope_init_functions(name):
@@ -195,17 +183,17 @@ def test_logits_match_hf_below_and_above_the_original_length(name, t, root):
     hf, path = _built(name, str(root))
     ours = from_pretrained(path)
     ids, right = _batch(t)
-    ref = _hf_logits(hf, ids, right)
+    ref = _fresh_hf_logits(hf, ids, right)
     got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(right)))
-    diff = _max_diff(got, ref, right)
+    diff = max_diff(got, ref, right)
     assert diff < ATOL, f"{name} T={t}: max |logit diff| {diff:.2e}"
     assert np.abs(ref).max() > 0.5
 
     left = right[:, ::-1].copy()
     positions = np.maximum(np.cumsum(left, -1) - 1, 0)
-    ref_left = _hf_logits(hf, ids, left, positions)
+    ref_left = _fresh_hf_logits(hf, ids, left, positions)
     got_left = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(left)))
-    assert _max_diff(got_left, ref_left, left) < ATOL
+    assert max_diff(got_left, ref_left, left) < ATOL
 
 
 @pytest.mark.parametrize("prompt_len", [12, 20])
@@ -247,7 +235,9 @@ def test_export_keeps_the_rope_config(name, root, tmp_path):
     assert from_pretrained(tmp_path / "out").config.rope == from_pretrained(path).config.rope
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     ids, right = _batch(40, seed=1)
-    np.testing.assert_allclose(_hf_logits(reloaded, ids, right), _hf_logits(hf, ids, right), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        _fresh_hf_logits(reloaded, ids, right), _fresh_hf_logits(hf, ids, right), atol=1e-6, rtol=0
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -317,3 +307,8 @@ def test_bad_rope_parameters_name_the_key(rope_parameters, needle):
         config_from_hf(dict(LLAMA, rope_parameters=rope_parameters), source="m/config.json")
     assert needle in str(err.value)
     assert str(err.value).startswith("m/config.json: ")
+
+
+def _fresh_hf_logits(model, ids, mask, positions=None):
+    """:func:`tests.hf_tiny.hf_logits` of a fresh copy (see :func:`_fresh`)."""
+    return hf_logits(_fresh(model), ids, mask, positions)
