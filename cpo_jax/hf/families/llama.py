@@ -90,15 +90,19 @@ def projection_rules(cfg: TransformerConfig, layer: str = "model.layers.{i}") ->
     return rules
 
 
-def weight_table(cfg: TransformerConfig) -> list[WeightRule]:
-    """HF <-> cpo_jax names for the Llama family (HF ``nn.Linear`` is ``[out, in]``: transposed)."""
+def decoder_table(cfg: TransformerConfig, layer_norms: list[tuple[str, str]]) -> list[WeightRule]:
+    """The embedding, :func:`projection_rules`, each layer's norms (``(HF module, our module)``, e.g.
+    ``("input_layernorm", "attn_norm")``), the final norm and an untied ``lm_head``: the table of every decoder with
+    Llama's module names, whatever its norm placement."""
     layer = "model.layers.{i}"
     rules = [WeightRule("model.embed_tokens.weight", "embed"), *projection_rules(cfg, layer)]
-    rules += [
-        WeightRule(f"{layer}.input_layernorm.weight", "layers.{i}.attn_norm.scale"),
-        WeightRule(f"{layer}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.scale"),
-        WeightRule("model.norm.weight", "final_norm.scale"),
-    ]
+    rules += [WeightRule(f"{layer}.{theirs}.weight", f"layers.{{i}}.{ours}.scale") for theirs, ours in layer_norms]
+    rules.append(WeightRule("model.norm.weight", "final_norm.scale"))
     if not cfg.tie_embeddings:
         rules.append(WeightRule("lm_head.weight", "lm_head.kernel", transpose=True))
     return rules
+
+
+def weight_table(cfg: TransformerConfig) -> list[WeightRule]:
+    """HF <-> cpo_jax names for the Llama family (HF ``nn.Linear`` is ``[out, in]``: transposed)."""
+    return decoder_table(cfg, [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm")])

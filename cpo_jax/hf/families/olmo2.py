@@ -20,7 +20,7 @@ from cpo_jax.hf.config import (
     require_value,
     rope_specs,
 )
-from cpo_jax.hf.families.llama import projection_rules
+from cpo_jax.hf.families.llama import decoder_table
 from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import TransformerConfig
 
@@ -59,13 +59,6 @@ def config_from_hf(hf: dict) -> TransformerConfig:
 
 def weight_table(cfg: TransformerConfig) -> list[WeightRule]:
     """HF <-> cpo_jax names for OLMo 2 (the Llama projections and qk-norm; post-norms only)."""
-    layer = "model.layers.{i}"
-    rules = [WeightRule("model.embed_tokens.weight", "embed"), *projection_rules(cfg, layer)]
-    rules += [
-        WeightRule(f"{layer}.post_attention_layernorm.weight", "layers.{i}.post_attn_norm.scale"),
-        WeightRule(f"{layer}.post_feedforward_layernorm.weight", "layers.{i}.post_mlp_norm.scale"),
-        WeightRule("model.norm.weight", "final_norm.scale"),
-    ]
-    if not cfg.tie_embeddings:
-        rules.append(WeightRule("lm_head.weight", "lm_head.kernel", transpose=True))
-    return rules
+    return decoder_table(
+        cfg, [("post_attention_layernorm", "post_attn_norm"), ("post_feedforward_layernorm", "post_mlp_norm")]
+    )
