@@ -131,3 +131,24 @@ def test_tiny_lora_config_trains(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err[-2000:]
     assert (tmp_path / "run" / "hf_adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "run" / "hf" / "config.json").is_file()
+
+
+def test_an_imported_adapter_is_planned_from_its_config(assets, tmp_path):
+    """model.adapter_path: the plan reads only adapter_config.json (no tensor) and counts what the trainer holds:
+    the adapter as trainable weights and its frozen copy as the reference (TRL's default)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from cpo_jax.hf.pretrained import read_hf_config
+    from cpo_jax.train.trainer import Trainer
+
+    base = AutoModelForCausalLM.from_pretrained(assets["policy"])
+    peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        tmp_path / "adapter"
+    )
+    cfg = _config(assets, tmp_path / "run", adapter_path=str(tmp_path / "adapter"))
+    p = plan(cfg, read_hf_config(Path(assets["policy"])), devices=jax.devices()[:1])
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    assert p.mode == "LoRA + adapter"
+    assert p.trainable_gib * GIB == _nbytes(trainer.state.params) == p.reference_gib * GIB
+    assert p.frozen_gib * GIB == _nbytes(trainer.frozen)

@@ -144,11 +144,10 @@ def train_step_run(
     import jax.numpy as jnp
     from flax import nnx
 
-    from cpo_jax.hf.peft import add_adapter
     from cpo_jax.hf.pretrained import config_from_hf
     from cpo_jax.models.transformer import Transformer
     from cpo_jax.train import TrainConfig, flops, from_dict
-    from cpo_jax.train.loop import lora_spec_of
+    from cpo_jax.train.loop import adapt_policy
     from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
     from cpo_jax.train.step import init_state, jit_train_step
 
@@ -175,12 +174,7 @@ def train_step_run(
     )
     arch = config_from_hf(hf, dtype=jnp.bfloat16, scan_layers=True, remat=model_cfg["remat"], attention_impl=attention)
     model = Transformer(arch, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    if lora:
-        add_adapter(model, lora_spec_of(cfg), rngs=nnx.Rngs(1))
-    if quantize != "none":
-        from cpo_jax.models.quantize import quantize_model
-
-        quantize_model(model, quantize)
+    adapt_policy(model, cfg)  # as the trainer does: adapters, then the quantised base
     num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
     if lora:
         graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)

@@ -343,19 +343,10 @@ def _read_tensors(file: Path, expected: Mapping[str, tuple[int, ...]]) -> dict[s
     return out
 
 
-def load_adapter(model, path: str | os.PathLike, *, rngs: nnx.Rngs | None = None) -> LoraSpec:
-    """Read a PEFT LoRA directory into ``model`` (in place) and return its :class:`LoraSpec`.
-
-    Any adapters the model has are replaced; the values are cast to the kernels' dtype and placed in their
-    sharding. ``rngs`` seeds the dropout streams (default ``nnx.Rngs(0)``).
-
-    Raises :class:`~cpo_jax.errors.UserFileNotFoundError` for a missing directory or ``adapter_config.json``,
-    :class:`~cpo_jax.errors.UnsupportedConfig` for a ``peft_type`` other than LORA or a LoRA variant cpo_jax does not
-    implement (DoRA, biases, rank patterns...), and :class:`~cpo_jax.errors.ModelError` for a target the model lacks,
-    a missing weights file, a missing or extra tensor, or a tensor of the wrong shape (each naming the file/tensor).
-    The model is only changed once everything has been checked.
-    """
-    cfg = model.config
+def read_adapter_spec(cfg: TransformerConfig, path: str | os.PathLike) -> LoraSpec:
+    """The :class:`LoraSpec` of the PEFT adapter directory ``path`` for a model of architecture ``cfg`` (its targets
+    matched to the family's names), from ``adapter_config.json`` alone: no tensor is read. Raises as
+    :func:`load_adapter` does for the directory and its config."""
     path = Path(path)
     if not path.is_dir():
         raise UserFileNotFoundError(
@@ -373,7 +364,24 @@ def load_adapter(model, path: str | os.PathLike, *, rngs: nnx.Rngs | None = None
     hf = read_json_object(config_file, hint="PEFT writes it as plain JSON")
     spec = _spec_from_config(hf, config_file)
     targets = _matched_targets(cfg, hf.get("target_modules"), config_file)
-    spec = dataclasses.replace(spec, targets=targets)
+    return dataclasses.replace(spec, targets=targets)
+
+
+def load_adapter(model, path: str | os.PathLike, *, rngs: nnx.Rngs | None = None) -> LoraSpec:
+    """Read a PEFT LoRA directory into ``model`` (in place) and return its :class:`LoraSpec`.
+
+    Any adapters the model has are replaced; the values are cast to the kernels' dtype and placed in their
+    sharding. ``rngs`` seeds the dropout streams (default ``nnx.Rngs(0)``).
+
+    Raises :class:`~cpo_jax.errors.UserFileNotFoundError` for a missing directory or ``adapter_config.json``,
+    :class:`~cpo_jax.errors.UnsupportedConfig` for a ``peft_type`` other than LORA or a LoRA variant cpo_jax does not
+    implement (DoRA, biases, rank patterns...), and :class:`~cpo_jax.errors.ModelError` for a target the model lacks,
+    a missing weights file, a missing or extra tensor, or a tensor of the wrong shape (each naming the file/tensor).
+    The model is only changed once everything has been checked.
+    """
+    cfg = model.config
+    path = Path(path)
+    spec = read_adapter_spec(cfg, path)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         hint = (

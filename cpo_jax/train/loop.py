@@ -177,12 +177,15 @@ def lora_spec_of(cfg: TrainConfig):
     )
 
 
-def attach_adapters(policy, cfg: TrainConfig):
+def attach_adapters(policy, cfg: TrainConfig, *, read_weights: bool = True):
     """Give ``policy`` its adapters, in place: the PEFT adapter of ``model.adapter_path`` (whose settings must agree
     with a ``model.lora`` section, when one is given), or fresh ones (``B = 0``) of ``model.lora``. Returns their
-    :class:`~cpo_jax.models.lora.LoraSpec`, or None for full fine-tuning."""
+    :class:`~cpo_jax.models.lora.LoraSpec`, or None for full fine-tuning.
+
+    ``read_weights=False`` (shapes only, e.g. under ``nnx.eval_shape``): an imported adapter is added fresh with its
+    settings from ``adapter_config.json``, its tensors unread."""
     from cpo_jax.errors import ConfigError
-    from cpo_jax.hf.peft import add_adapter, load_adapter
+    from cpo_jax.hf.peft import add_adapter, load_adapter, read_adapter_spec
 
     wanted = lora_spec_of(cfg)
     rngs = nnx.Rngs(params=cfg.seed, dropout=jax.random.fold_in(jax.random.key(cfg.seed), 1))
@@ -190,7 +193,11 @@ def attach_adapters(policy, cfg: TrainConfig):
         if wanted is not None:
             add_adapter(policy, wanted, rngs=rngs)
         return wanted
-    spec = load_adapter(policy, cfg.model.adapter_path, rngs=rngs)
+    if read_weights:
+        spec = load_adapter(policy, cfg.model.adapter_path, rngs=rngs)
+    else:
+        spec = read_adapter_spec(policy.config, cfg.model.adapter_path)
+        add_adapter(policy, spec, rngs=rngs)
     if wanted is not None:
         for key in ("rank", "alpha", "dropout", "targets", "use_rslora"):
             ours, theirs = getattr(wanted, key), getattr(spec, key)
@@ -202,6 +209,17 @@ def attach_adapters(policy, cfg: TrainConfig):
                     where=f"config key model.lora.{key}",
                     hint="remove the model.lora section to take the adapter's own settings",
                 )
+    return spec
+
+
+def adapt_policy(policy, cfg: TrainConfig, *, read_weights: bool = True):
+    """The ``model:`` section's adapters (:func:`attach_adapters`), then its QLoRA quantisation of the base, applied to
+    ``policy`` in place; the adapters' spec or None. ``read_weights=False``: shapes only (``nnx.eval_shape``)."""
+    spec = attach_adapters(policy, cfg, read_weights=read_weights)
+    if cfg.model.quantize != "none":  # the frozen base in nf4/int8 from here on (adapters stay as they are)
+        from cpo_jax.models.quantize import quantize_model
+
+        quantize_model(policy, cfg.model.quantize)
     return spec
 
 
@@ -269,11 +287,7 @@ class TrainLoop:
         self.model_kwargs = model_load_kwargs(cfg, self.mesh)
         policy = from_pretrained(self.model_path, **self.model_kwargs)
         self.model_config = policy.config
-        self.lora_spec = attach_adapters(policy, cfg)
-        if cfg.model.quantize != "none":  # QLoRA: the frozen base in nf4/int8 from here on (adapters stay as they are)
-            from cpo_jax.models.quantize import quantize_model
-
-            quantize_model(policy, cfg.model.quantize)
+        self.lora_spec = adapt_policy(policy, cfg)
         if self.lora_spec is None:  # full fine-tuning: every weight trains
             self.graphdef, self.initial_model_state = nnx.split(policy)
             self.frozen = None

@@ -94,6 +94,7 @@ def _abstract_model(cfg: TrainConfig, hf: dict):
     quantisation as configured."""
     from cpo_jax.hf.pretrained import config_from_hf
     from cpo_jax.models.transformer import Transformer
+    from cpo_jax.train.loop import adapt_policy
 
     m = cfg.model
     arch = config_from_hf(
@@ -102,15 +103,7 @@ def _abstract_model(cfg: TrainConfig, hf: dict):
 
     def build():
         model = Transformer(arch, param_dtype=jnp.dtype(m.param_dtype), rngs=nnx.Rngs(0))
-        if m.quantize != "none":
-            from cpo_jax.models.quantize import quantize_model
-
-            quantize_model(model, m.quantize)
-        if m.lora is not None:
-            from cpo_jax.hf.peft import add_adapter
-            from cpo_jax.train.loop import lora_spec_of
-
-            add_adapter(model, lora_spec_of(cfg), rngs=nnx.Rngs(1))
+        adapt_policy(model, cfg, read_weights=False)  # an imported adapter: its shapes, not its tensors
         return model
 
     return nnx.eval_shape(build)
