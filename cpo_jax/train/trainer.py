@@ -86,6 +86,7 @@ class Trainer(TrainLoop):
         # Built once: a jit of a fresh lambda per evaluate() call would recompile every time.
         self._eval_fn = jax.jit(functools.partial(eval_step, cfg=cfg, graphdef=self.graphdef))
         self._step_fn = None
+        self.peak_tflops = cfg.peak_tflops_per_device or flops_lib.peak_tflops(jax.devices()[0].device_kind)
         self._last_indexes: list[int] = []
         self.init_state(params, cfg.steps)
         del self.initial_model_state  # the state holds the parameters now
@@ -184,9 +185,8 @@ class Trainer(TrainLoop):
             reference_forward=self.ref_params is not None,
         )
         metrics.update(step_time=elapsed, tokens_per_sec=tokens / elapsed, tflops_per_sec=step_flops / elapsed / 1e12)
-        peak = cfg.peak_tflops_per_device or flops_lib.peak_tflops(jax.devices()[0].device_kind)
-        if peak:
-            metrics["mfu"] = step_flops / elapsed / (peak * 1e12 * jax.device_count())
+        if self.peak_tflops:
+            metrics["mfu"] = step_flops / elapsed / (self.peak_tflops * 1e12 * jax.device_count())
         return metrics
 
     def _sharding_of(self, x: jax.Array):
