@@ -212,6 +212,7 @@ class TransformerConfig:
       nope_layers: indices of layers that skip RoPE (SmolLM3's NoPE layers); their q and k carry no position.
       query_scale: multiplier of q.k (``head_dim ** -0.5``, or Gemma's ``query_pre_attn_scalar ** -0.5``).
       attn_softcap, final_softcap: Gemma 2 logit soft-capping (None: off).
+      attention_sinks: a learned sink logit per query head in every softmax (gpt-oss; parameter ``attn.sinks`` [N]).
       embed_scale: multiply embeddings by this (Gemma: sqrt(D)); None: off.
       scan_layers: run the layers with ``jax.lax.scan`` over stacked parameters.
       remat: activation checkpointing policy per layer (``"none"``, ``"full"``, ``"dots"``,
@@ -256,6 +257,7 @@ class TransformerConfig:
     nope_layers: tuple[int, ...] = ()
     query_scale: float | None = None
     attn_softcap: float | None = None
+    attention_sinks: bool = False
     final_softcap: float | None = None
     embed_scale: float | None = None
     position: Literal["rope", "learned"] = "rope"

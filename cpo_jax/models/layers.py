@@ -273,6 +273,8 @@ class Attention(nnx.Module):
         )
         self.q_norm = Norm(q_dim, axis_name=q_axis, **norm_kw) if cfg.qk_norm else None
         self.k_norm = Norm(k_dim, axis_name=k_axis, **norm_kw) if cfg.qk_norm else None
+        # gpt-oss: one learned sink logit per query head (see cpo_jax.ops.attention)
+        self.sinks = param(rngs, (n,), ("heads",), "zeros", param_dtype) if cfg.attention_sinks else None
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.scale, self.softcap, self.impl = cfg.scale, cfg.attn_softcap, cfg.attention_impl
 
@@ -318,6 +320,7 @@ class Attention(nnx.Module):
             mask,
             scale=self.scale,
             softcap=self.softcap,
+            sinks=None if self.sinks is None else self.sinks[...],
             implementation=self.impl,
         )
         return self.o(out.reshape(b, t, self.num_heads * self.head_dim)), kv_cache

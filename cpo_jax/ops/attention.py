@@ -13,6 +13,9 @@ Two paths compute the same function:
 
 Fully masked query rows (left padding) yield a uniform distribution over keys instead of NaN, so
 padding never poisons later layers.
+
+Attention sinks (gpt-oss): one learned logit per query head joins every row's softmax as an extra, value-less
+key, ``p = softmax([scores, sink])[:-1]``, so a row may put weight on "nothing". Only the XLA path computes them.
 """
 
 from __future__ import annotations
@@ -66,7 +69,13 @@ def attention_mask(
 
 
 def _xla_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, softcap: float | None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    scale: float,
+    softcap: float | None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
@@ -76,7 +85,14 @@ def _xla_attention(
         scores = jnp.tanh(scores / softcap) * softcap
     big_negative = jnp.finfo(jnp.float32).min
     scores = jnp.where(mask[:, None, None, :, :], scores, big_negative)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    else:
+        # head n = kv_head * groups + g, as the reshape of q above
+        sink = jnp.broadcast_to(
+            sinks.astype(jnp.float32).reshape(1, kv_heads, n // kv_heads, 1, 1), (*scores.shape[:-1], 1)
+        )
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1].astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)
 
@@ -89,6 +105,7 @@ def dot_product_attention(
     *,
     scale: float,
     softcap: float | None = None,
+    sinks: jax.Array | None = None,
     implementation: AttentionImpl = "xla",
 ) -> jax.Array:
     """Masked multi-head attention with grouped-query support.
@@ -98,6 +115,7 @@ def dot_product_attention(
       mask: ``[B or 1, T, S]`` bool from :func:`attention_mask`.
       scale: multiplier of ``q @ k`` (``H ** -0.5`` for most models).
       softcap: Gemma 2's ``softcap * tanh(scores / softcap)``, applied before masking.
+      sinks: ``[N]`` per-head sink logits (gpt-oss), or None; a call with sinks takes the XLA path.
       implementation: ``"xla"`` (einsum reference) or ``"auto"`` (:func:`jax.nn.dot_product_attention`).
 
     Returns:
@@ -106,8 +124,8 @@ def dot_product_attention(
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} are not a multiple of key/value heads {k.shape[2]}")
     mask = jnp.broadcast_to(mask, (q.shape[0],) + mask.shape[1:])
-    if implementation == "xla" or softcap is not None:
-        return _xla_attention(q, k, v, mask, scale, softcap)
+    if implementation == "xla" or softcap is not None or sinks is not None:
+        return _xla_attention(q, k, v, mask, scale, softcap, sinks)
     if implementation == "auto":
         # Rows with no visible key: give them one (their output is discarded) to avoid NaN.
         empty = ~jnp.any(mask, axis=-1, keepdims=True)
