@@ -6,11 +6,18 @@
 * ``arithmetic_prompts``: the same problems as prompt-only records (with the answer kept for scoring).
 * ``tiny_chat``: a handful of multi-turn conversations (system prompts included) with a better and a
   worse final assistant turn, for chat-template tests.
+
+Held-out questions by construction: :func:`question_split` assigns every question ("What is a op b?") to ``"train"``
+or ``"eval"`` by a hash of its text (one question in four is ``"eval"``). A generator called with ``split=`` draws
+only questions of that split, so a training set and an evaluation set never share a question, whatever their sizes
+and seeds (the ``bundled:`` sources do this). ``split=None`` draws from every question.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from typing import Literal
 
 import numpy as np
 
@@ -19,10 +26,26 @@ _PROBLEM = re.compile(r"What is (-?\d+) ([+*-]) (-?\d+)\?")
 _INTEGER = re.compile(r"-?\d+")
 
 
-def _problem(rng: np.random.RandomState, max_operand: int) -> tuple[int, str, int]:
-    op = "+-*"[rng.randint(3)]
-    hi = max_operand if op != "*" else max(2, int(max_operand**0.5) * 2)
-    return int(rng.randint(0, hi + 1)), op, int(rng.randint(0, hi + 1))
+Split = Literal["train", "eval"]
+EVAL_SHARE = 4  # one question in EVAL_SHARE is held out for evaluation
+
+
+def question_split(a: int, op: str, b: int) -> Split:
+    """``"eval"`` for one question in :data:`EVAL_SHARE` (by the SHA-256 of its text), else ``"train"``."""
+    digest = hashlib.sha256(_prompt_text(a, op, b).encode()).digest()
+    return "eval" if int.from_bytes(digest[:4], "big") % EVAL_SHARE == 0 else "train"
+
+
+def _problem(rng: np.random.RandomState, max_operand: int, split: Split | None = None) -> tuple[int, str, int]:
+    """A random question ``(a, op, b)``; with ``split``, redrawn until :func:`question_split` says ``split``."""
+    if split not in (None, "train", "eval"):
+        raise ValueError(f"split must be 'train', 'eval' or None, got {split!r}")
+    while True:
+        op = "+-*"[rng.randint(3)]
+        hi = max_operand if op != "*" else max(2, int(max_operand**0.5) * 2)
+        a, b = int(rng.randint(0, hi + 1)), int(rng.randint(0, hi + 1))
+        if split is None or question_split(a, op, b) == split:
+            return a, op, b
 
 
 def wrong_answers(a: int, op: str, b: int) -> list[int]:
@@ -54,12 +77,15 @@ def _prompt_text(a: int, op: str, b: int) -> str:
     return f"What is {a} {op} {b}?"
 
 
-def arithmetic_preferences(n: int, *, seed: int = 0, max_operand: int = 99, conversational: bool = True) -> list[dict]:
-    """``n`` preference records; ``chosen`` is correct, ``rejected`` is wrong (explicit prompt)."""
+def arithmetic_preferences(
+    n: int, *, seed: int = 0, max_operand: int = 99, conversational: bool = True, split: Split | None = None
+) -> list[dict]:
+    """``n`` preference records; ``chosen`` is correct, ``rejected`` is wrong (explicit prompt). ``split``: draw only
+    that split's questions (:func:`question_split`)."""
     rng = np.random.RandomState(seed)
     out = []
     for _ in range(n):
-        a, op, b = _problem(rng, max_operand)
+        a, op, b = _problem(rng, max_operand, split)
         chosen, rejected = _answer(_OPS[op](a, b)), _answer(_wrong_answer(rng, a, op, b))
         question = _prompt_text(a, op, b)
         if conversational:
@@ -75,29 +101,32 @@ def arithmetic_preferences(n: int, *, seed: int = 0, max_operand: int = 99, conv
     return out
 
 
-def arithmetic_prompts(n: int, *, seed: int = 1, max_operand: int = 99, conversational: bool = True) -> list[dict]:
-    """``n`` prompt-only records with the correct ``answer`` kept for scoring."""
+def arithmetic_prompts(
+    n: int, *, seed: int = 1, max_operand: int = 99, conversational: bool = True, split: Split | None = None
+) -> list[dict]:
+    """``n`` prompt-only records with the correct ``answer`` kept for scoring; ``split`` as
+    :func:`arithmetic_preferences`."""
     rng = np.random.RandomState(seed)
     out = []
     for _ in range(n):
-        a, op, b = _problem(rng, max_operand)
+        a, op, b = _problem(rng, max_operand, split)
         question = _prompt_text(a, op, b)
         prompt = [{"role": "user", "content": question}] if conversational else question + " "
         out.append({"prompt": prompt, "answer": _OPS[op](a, b)})
     return out
 
 
-def arithmetic_candidates(n: int, *, seed: int, max_operand: int = 99) -> list[dict]:
+def arithmetic_candidates(n: int, *, seed: int, max_operand: int = 99, split: Split | None = None) -> list[dict]:
     """``n`` problems, each with every distinct plausible wrong answer as a preference record.
 
     Returns one record per (problem, wrong answer): conversational ``prompt``, the correct answer as
     ``chosen``, the wrong one as ``rejected``, plus ``problem`` (its index) and ``answer`` (the right
-    value), for mining pairs by the reference's own preferences.
+    value), for mining pairs by the reference's own preferences. ``split`` as :func:`arithmetic_preferences`.
     """
     rng = np.random.RandomState(seed)
     out = []
     for i in range(n):
-        a, op, b = _problem(rng, max_operand)
+        a, op, b = _problem(rng, max_operand, split)
         right = _OPS[op](a, b)
         prompt = [{"role": "user", "content": _prompt_text(a, op, b)}]
         for wrong in dict.fromkeys(wrong_answers(a, op, b)):

@@ -3,6 +3,8 @@
 ``bundled:arithmetic-train`` (256 pairs, seed 0), ``bundled:arithmetic-eval`` (64 pairs, seed 1),
 ``bundled:arithmetic-prompts`` (64 prompts with answers, seed 2), ``bundled:arithmetic-eval-prompts`` (64 held-out
 prompts, seed 3) and ``bundled:tiny-chat`` (12 pairs).
+The ``-train`` and ``-prompts`` sets draw only training questions and the two ``-eval`` sets only held-out ones
+(:func:`cpo_jax.data.bundled.question_split`), so no evaluation question is ever trained on, at any size.
 A size can follow: ``bundled:arithmetic-train:1024``. The records are generated deterministically, so a
 config that names them needs no download and no file.
 """
@@ -14,10 +16,10 @@ from cpo_jax.errors import DataError, UserFileNotFoundError
 
 PREFIX = "bundled:"
 _SOURCES = {
-    "arithmetic-train": lambda n: arithmetic_preferences(n or 256, seed=0, max_operand=50),
-    "arithmetic-eval": lambda n: arithmetic_preferences(n or 64, seed=1, max_operand=50),
-    "arithmetic-prompts": lambda n: arithmetic_prompts(n or 64, seed=2, max_operand=50),
-    "arithmetic-eval-prompts": lambda n: arithmetic_prompts(n or 64, seed=3, max_operand=50),
+    "arithmetic-train": lambda n: arithmetic_preferences(n or 256, seed=0, max_operand=50, split="train"),
+    "arithmetic-eval": lambda n: arithmetic_preferences(n or 64, seed=1, max_operand=50, split="eval"),
+    "arithmetic-prompts": lambda n: arithmetic_prompts(n or 64, seed=2, max_operand=50, split="train"),
+    "arithmetic-eval-prompts": lambda n: arithmetic_prompts(n or 64, seed=3, max_operand=50, split="eval"),
     "tiny-chat": lambda n: tiny_chat()[: n or None],
 }
 
