@@ -46,6 +46,7 @@ import numpy as np
 
 from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, load_records
 from cpo_jax.data import audit as tokenisation_report
+from cpo_jax.fileio import apply_umask
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 HISTOGRAM_BINS = 40
@@ -237,6 +238,7 @@ def _replace_atomically(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        apply_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -170,17 +170,22 @@ def _restored_trainer(config: Path, overrides: list[str] | None, *, writes_outpu
 
 def _evaluate(trainer, cfg) -> dict:
     from cpo_jax.report import generation_accuracy
+    from cpo_jax.train.stages import stage
 
-    metrics = trainer.evaluate(trainer.state.params) if trainer.eval_set is not None else {}
+    metrics = {}
+    if trainer.eval_set is not None:
+        with stage(f"evaluating on {len(trainer.eval_set.records)} held-out records"):
+            metrics = trainer.evaluate(trainer.state.params)
     if cfg.eval_generation_prompts:
-        metrics.update(
-            generation_accuracy(
-                trainer.policy(),
-                trainer.tokenizer,
-                cfg.eval_generation_prompts,
-                max_new_tokens=cfg.eval_generation_tokens,
+        with stage(f"greedy generation on {cfg.eval_generation_prompts}"):
+            metrics.update(
+                generation_accuracy(
+                    trainer.policy(),
+                    trainer.tokenizer,
+                    cfg.eval_generation_prompts,
+                    max_new_tokens=cfg.eval_generation_tokens,
+                )
             )
-        )
     return metrics
 
 
@@ -199,32 +204,49 @@ def train(
     """Train (DPO, CPO or any loss by name; SFT; reward model; RLOO/GRPO/PPO) from CONFIG.yaml with key=value
     overrides."""
     from cpo_jax.parallel import initialize
-    from cpo_jax.report import PREFERENCE_PANELS, RL_PANELS, format_before_after, plot_curves
+    from cpo_jax.report import (
+        PREFERENCE_PANELS,
+        RL_PANELS,
+        describe_outputs,
+        format_before_after,
+        plot_curves,
+        read_before,
+        write_before,
+    )
 
     initialize(cluster_detection=distributed)  # before any other JAX call; a no-op for one process
     cfg, trainer, start = _restored_trainer(config, overrides, writes_output=True)
     import jax
 
-    before = _evaluate(trainer, cfg) if start == 0 else {}
+    out = Path(cfg.output_dir)
     writes = jax.process_index() == 0  # on several hosts, process 0 writes the run's files
-    if before and writes:  # the step-0 point of the eval curves
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "metrics.jsonl", "w") as f:
-            f.write(json.dumps({"step": 0, **{f"eval/{k}": float(v) for k, v in before.items()}}) + "\n")
+    if start:  # the loop says "resuming from step N of M"
+        before = read_before(out)  # measured when the run started; a resume keeps it
+    else:
+        before = _evaluate(trainer, cfg)
+        if writes:
+            out.mkdir(parents=True, exist_ok=True)
+            write_before(out, before)
+            if before:  # the step-0 point of the eval curves
+                with open(out / "metrics.jsonl", "w") as f:
+                    f.write(json.dumps({"step": 0, **{f"eval/{k}": float(v) for k, v in before.items()}}) + "\n")
     result = trainer.run()
     after = _evaluate(trainer, cfg)
     if not writes:
         return
-    out = Path(cfg.output_dir)
+    generation = {f"eval/{k}": float(v) for k, v in after.items() if k.startswith("generation/")}
+    if generation and (out / "metrics.jsonl").is_file():  # the end point of the generation-accuracy curve
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": result.final_step, **generation}) + "\n")
     if (out / "metrics.jsonl").is_file():
         panels = RL_PANELS if cfg.loss.objective == "rlhf" else PREFERENCE_PANELS
         plot_curves(out / "metrics.jsonl", out / "curves.png", panels=panels)
     summary = {"start_step": result.start_step, "final_step": result.final_step, "before": before, "after": after}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    typer.echo(f"trained steps {result.start_step} -> {result.final_step}; outputs in {out}")
+    typer.echo(f"trained steps {result.start_step} -> {result.final_step} of {cfg.steps}")
     if before or after:
         typer.echo(format_before_after(before, after))
+    typer.echo(describe_outputs(out))
 
 
 @app.command("eval")
@@ -477,6 +499,17 @@ def _user_error_of(err: BaseException) -> UserError | None:
     return None
 
 
+def _show_stages() -> None:
+    """Print the ``cpo_jax.stages`` lines (what a run is doing and how long each stage took) on stderr."""
+    stages = logging.getLogger("cpo_jax.stages")
+    if not stages.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        stages.addHandler(handler)
+        stages.setLevel(logging.INFO)
+        stages.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs a command and returns its exit status.
 
@@ -486,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug, argv = _debug_requested(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _show_stages()
     try:
         # click's standalone mode reports usage errors itself (status 2) and always ends in SystemExit;
         # get_command avoids typer's excepthook, which would print a traceback for every exception.

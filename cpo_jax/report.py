@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -97,27 +98,46 @@ def format_before_after(before: dict, after: dict) -> str:
     return "\n".join(rows)
 
 
-#: ``(metric, title)`` panels of :func:`plot_curves` for preference runs and for RLHF runs.
+#: ``(metric, title, y label)`` panels of :func:`plot_curves` for preference runs and for RLHF runs.
 PREFERENCE_PANELS = (
-    ("loss", "loss"),
-    ("rewards/accuracies", "reward accuracy"),
-    ("diagnostics/frac_in_U", "share of pairs in U"),
-    ("diagnostics/abs_accuracy", "policy prefers chosen"),
+    ("loss", "loss", "loss per pair"),
+    ("rewards/accuracies", "reward accuracy", "share of pairs"),
+    ("diagnostics/frac_in_U", "share of pairs in U", "share of pairs"),
+    ("diagnostics/abs_accuracy", "policy prefers chosen", "share of pairs"),
+    ("generation/accuracy", "generation accuracy (greedy)", "share of prompts solved"),
 )
 RL_PANELS = (
-    ("objective/scores", "reward (sampled; eval: greedy)"),
-    ("objective/kl", "KL to reference (nats/seq)"),
-    ("policy/entropy_avg", "token entropy"),
-    ("response_length/mean", "completion length"),
+    ("objective/scores", "reward (sampled; eval: greedy)", "mean reward"),
+    ("objective/kl", "KL to reference", "nats per sequence"),
+    ("policy/entropy_avg", "token entropy", "nats per token"),
+    ("response_length/mean", "completion length", "tokens"),
 )
+PREFERENCE_CAPTION = (
+    "share of pairs in U: pairs whose reference prefers the rejected answer and whose policy still does, "
+    "by less (delta_ref < delta_theta < 0), where DPO's loss falls while the preference stays wrong"
+)
+EMA_WEIGHT = 0.9  # smoothing of the per-batch train lines (TensorBoard's "smoothing" slider)
+
+
+def ema(values, weight: float = EMA_WEIGHT) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing): ``s_t = w s_{t-1} + (1 - w) x_t`` divided by
+    ``1 - w^t``, so the first point is the first value."""
+    out, acc = [], 0.0
+    for t, x in enumerate(values, start=1):
+        acc = weight * acc + (1 - weight) * float(x)
+        out.append(acc / (1 - weight**t))
+    return np.asarray(out)
 
 
 def plot_curves(
     metrics_path: str | os.PathLike,
     out_path: str | os.PathLike,
-    panels: tuple[tuple[str, str], ...] = PREFERENCE_PANELS,
+    panels: tuple[tuple[str, ...], ...] = PREFERENCE_PANELS,
+    caption: str | None = None,
 ) -> Path:
-    """PNG of ``panels`` (metric, title) over steps, train and eval (``eval/<metric>``) when logged.
+    """PNG of ``panels`` (metric, title, y label) over steps: the train line smoothed (:func:`ema`) over a faint raw
+    line, and eval points (``eval/<metric>``). A panel whose metric was never logged is left out; ``caption`` (by
+    default :data:`PREFERENCE_CAPTION` when the U panel is shown) goes under the panels.
 
     Unreadable lines of ``metrics_path`` (a torn last write) are skipped with a warning."""
     import matplotlib
@@ -128,20 +148,87 @@ def plot_curves(
     from cpo_jax.train.metrics_writer import read_metrics  # tolerates a torn last line (a kill during a write)
 
     records = read_metrics(metrics_path)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        for prefix, style in (("", "-"), ("eval/", "o--")):
-            points = [
-                (r.get("step", 0), r[prefix + key]) for r in records if isinstance(r.get(prefix + key), (int, float))
-            ]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, style, label="eval" if prefix else "train")
+
+    def series(key):
+        points = [(r.get("step", 0), r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        return tuple(zip(*points)) if points else None
+
+    panels = [(key, title, rest[0] if rest else "") for key, title, *rest in panels]  # (metric, title) works too
+    shown = [p for p in panels if series(p[0]) or series("eval/" + p[0])]
+    if caption is None and any(p[0] == "diagnostics/frac_in_U" for p in shown):
+        caption = PREFERENCE_CAPTION
+    fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(4 * max(len(shown), 1), 3.4), squeeze=False)
+    for ax, (key, title, ylabel) in zip(axes[0], shown):
+        train = series(key)
+        if train:
+            (raw,) = ax.plot(*train, "-", alpha=0.25, linewidth=1)
+            ax.plot(train[0], ema(train[1]), "-", color=raw.get_color(), label="train (EMA)")
+        evaluation = series("eval/" + key)
+        if evaluation:
+            ax.plot(*evaluation, "o--", label="eval")
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
         ax.legend()
-    fig.tight_layout()
+    if caption:
+        fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=8, wrap=True)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+    else:
+        fig.tight_layout()
     out_path = Path(out_path)
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
+
+
+BEFORE_FILE = "eval_before.json"
+
+#: Files and folders a run may write, in the order :func:`describe_outputs` lists them, with what each is.
+RUN_OUTPUTS = (
+    ("hf", "the trained model in Hugging Face format (transformers' from_pretrained reads it)"),
+    ("hf_adapter", "the LoRA adapters in PEFT's format"),
+    ("checkpoints", "Orbax checkpoints: a rerun resumes from the newest; `cpo-jax convert orbax-to-hf` exports any"),
+    ("summary.json", "the before/after metrics printed above"),
+    ("curves.png", "training curves"),
+    ("metrics.jsonl", "every logged metric, one JSON line per step"),
+    ("tensorboard", "TensorBoard event files (tensorboard --logdir <this folder>)"),
+    ("config.json", "the run's resolved config (a rerun must match it)"),
+    ("reference_cache", "reference log-probs, reused by a rerun on the same data"),
+    (BEFORE_FILE, "the metrics before training, kept for a resumed run's report"),
+)
+
+
+def write_before(output_dir: Path, before: dict) -> None:
+    """Keep the metrics measured before training, for the report of a run that is later resumed."""
+    (Path(output_dir) / BEFORE_FILE).write_text(json.dumps({k: float(v) for k, v in before.items()}, indent=2))
+
+
+def read_before(output_dir: Path) -> dict:
+    """The metrics measured when the run started (:func:`write_before`), else an older run's ``summary.json``
+    "before"; ``{}`` when neither exists (the "before" column then shows "-")."""
+    for name, pick in ((BEFORE_FILE, lambda d: d), ("summary.json", lambda d: d.get("before") or {})):
+        path = Path(output_dir) / name
+        if path.is_file():
+            try:
+                found = pick(json.loads(path.read_text()))
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if found:
+                return found
+    return {}
+
+
+def describe_outputs(output_dir: Path) -> str:
+    """Lines naming what ``output_dir`` holds (of :data:`RUN_OUTPUTS`), for the end of a run."""
+    output_dir = Path(output_dir)
+    rows = [f"outputs in {output_dir}:"]
+    for name, what in RUN_OUTPUTS:
+        path = output_dir / name
+        if path.exists():
+            label = name + ("/" if path.is_dir() else "")
+            if name == "checkpoints":
+                steps = sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+                if steps:
+                    what = f"{what} (steps {', '.join(map(str, steps))})"
+            rows.append(f"  {label:<18}{what}")
+    return "\n".join(rows)

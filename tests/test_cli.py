@@ -4,6 +4,9 @@ generate, audit, and clear errors for bad keys, types, paths and meshes."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +53,47 @@ def test_train_writes_everything(run_dir):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["before"] and summary["after"] and summary["final_step"] == 4
+
+
+@pytest.fixture(scope="module")
+def run_output(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_says") / "run"
+    proc = cli(env, "train", TINY, f"output_dir={out}", "steps=2", "save_every=2", "eval_every=0")
+    return out, proc
+
+
+def test_a_run_says_what_it_does_and_lists_its_outputs(run_output):
+    out, proc = run_output
+    for stage in ("loading the model from", "evaluating on", "exporting"):
+        assert stage in proc.stderr, (stage, proc.stderr)
+    assert re.search(r"loading the model from .*: \d+\.\d s", proc.stderr)
+    assert f"outputs in {out}:" in proc.stdout
+    for line in ("hf/", "checkpoints/", "summary.json", "curves.png", "metrics.jsonl", "config.json"):
+        assert re.search(rf"^  {re.escape(line)}\s", proc.stdout, re.M), line
+    assert "(steps 2)" in proc.stdout
+
+
+def test_exported_files_follow_the_umask(run_output):
+    out, _ = run_output
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((out / "hf").stat().st_mode) == 0o777 & ~umask
+    for file in (out / "hf").iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file
+
+
+def test_a_resumed_run_says_so_and_keeps_its_before_column(env, run_output, tmp_path):
+    import shutil
+
+    out, _ = run_output
+    before = json.loads((out / "summary.json").read_text())["before"]
+    assert before
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    proc = cli(env, "train", TINY, f"output_dir={resumed}", "steps=3", "save_every=2", "eval_every=0")
+    assert "resuming from step 2 of 3" in proc.stderr
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["before"] == before and summary["start_step"] == 2 and summary["final_step"] == 3
 
 
 def test_same_command_resumes_from_the_latest_checkpoint(env, run_dir, tmp_path):

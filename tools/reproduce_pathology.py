@@ -1,7 +1,8 @@
 """Reproduce the paper's failure mode and CPO's fix, exactly, with tabular softmax policies (Part A).
 
-    python tools/reproduce_pathology.py                  # figures + table into docs/figures/pathology
-    python tools/reproduce_pathology.py --update-docs    # also rewrites the table in docs/paper_reproduction.md
+    python tools/reproduce_pathology.py                  # figures + table into runs/pathology (or --out DIR)
+    python tools/reproduce_pathology.py --update-docs    # also into docs/figures/pathology and the table of
+                                                         # docs/paper_reproduction.md
 
 Two settings (``cpo_jax.experiments.tabular.SETTINGS``): one where the RLHF optimum prefers the better answer
 on (almost) every pair, one where the reference prefers the worse answers so strongly that it does not
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import pathlib
 import re
+import shutil
 import time
 
 import matplotlib
@@ -32,6 +34,7 @@ from cpo_jax.losses import smooth_target  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "paper_reproduction.md"
+DOC_FIGURES = ROOT / "docs" / "figures" / "pathology"
 BEGIN, END = "<!-- tabular-table:begin -->", "<!-- tabular-table:end -->"
 COLUMNS = [
     ("loss", "final loss"),
@@ -234,9 +237,13 @@ def update_doc(table: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "figures" / "pathology")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs") / "pathology")
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--update-docs", action="store_true", help="rewrite the table in docs/paper_reproduction.md")
+    parser.add_argument(
+        "--update-docs",
+        action="store_true",
+        help=f"write the figures into {DOC_FIGURES.relative_to(ROOT)} and the table into docs/paper_reproduction.md",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -253,6 +260,9 @@ def main() -> None:
     (args.out / "table.md").write_text(table + "\n")
     (args.out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     if args.update_docs:
+        DOC_FIGURES.mkdir(parents=True, exist_ok=True)
+        for figure in sorted(args.out.glob("fig*.png")):
+            shutil.copyfile(figure, DOC_FIGURES / figure.name)
         update_doc(table)
     print(table)
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")

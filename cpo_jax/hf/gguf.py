@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cpo_jax.fileio import apply_umask
+
 if TYPE_CHECKING:
     import gguf as gguf_lib
     import transformers
@@ -280,8 +282,8 @@ def gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtyp
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
         ).save_pretrained(tmp)
         safetensors.numpy.save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "model.safetensors").chmod((tmp / "config.json").stat().st_mode & 0o777)  # safetensors writes 0600
         tokenizer.save_pretrained(tmp)
+        apply_umask(tmp)  # safetensors writes 0600
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         tmp.rename(out_dir)

@@ -30,6 +30,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from cpo_jax.errors import ConfigError, ModelError, UnsupportedConfig, UserFileNotFoundError
+from cpo_jax.fileio import apply_umask
 from cpo_jax.hf.families import family_of
 from cpo_jax.hf.pretrained import SAFETENSORS_DTYPES, open_safetensors, tensor_slice
 from cpo_jax.hf.resolve import read_json_object
@@ -210,6 +211,7 @@ def save_adapter(model, spec: LoraSpec, path: str | os.PathLike, *, base_model_n
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+        apply_umask(path / WEIGHTS_FILE)  # safetensors writes 0600
         with open(path / CONFIG_FILE, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
     return path

@@ -42,12 +42,14 @@ from cpo_jax.hf.pretrained import from_pretrained, save_pretrained
 from cpo_jax.hf.resolve import resolve_model_path
 from cpo_jax.hf.tokenizer import load_tokenizer
 from cpo_jax.parallel.sharding import make_mesh, merge_rules
+from cpo_jax.train import flops as flops_lib
 from cpo_jax.train.checkpoint import Checkpointer
 from cpo_jax.train.config import TrainConfig, to_dict
 from cpo_jax.train.export import save_lora_spec, save_model_description
 from cpo_jax.train.metrics_writer import MetricsWriter
 from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
 from cpo_jax.train.resume import check_resume
+from cpo_jax.train.stages import say, stage
 from cpo_jax.train.step import init_state, model_of, state_shardings
 from cpo_jax.train.validate import validate_config
 
@@ -285,7 +287,8 @@ class TrainLoop:
         self.output_dir = Path(cfg.output_dir)
         self.mesh, self.rules, self.checkpointer, self.model_path, self.tokenizer = prepare_run(cfg, devices, tokenizer)
         self.model_kwargs = model_load_kwargs(cfg, self.mesh)
-        policy = from_pretrained(self.model_path, **self.model_kwargs)
+        with stage(f"loading the model from {self.model_path}"):
+            policy = from_pretrained(self.model_path, **self.model_kwargs)
         self.model_config = policy.config
         self.lora_spec = adapt_policy(policy, cfg)
         if self.lora_spec is None:  # full fine-tuning: every weight trains
@@ -293,7 +296,7 @@ class TrainLoop:
             self.frozen = None
         else:  # only the adapters train; the base is held once, frozen (and is the reference with loss.reference=base)
             self.graphdef, self.initial_model_state, self.frozen = nnx.split(policy, nnx.LoRAParam, ...)
-        self.num_params = sum(x.size for x in jax.tree.leaves(nnx.state(policy)))
+        self.num_params = flops_lib.count_params(policy)
         self.train_set = self.load_split(cfg.data.train_files)
         self.eval_set = self.load_split(cfg.data.eval_files) if cfg.data.eval_files else None
         self._hooks: list[Hook] = []
@@ -442,7 +445,7 @@ class TrainLoop:
             start, extra = self.restore_latest()
             if start:
                 data.set_state(extra["data"])
-                log.info("resumed from step %d in %s", start, self.output_dir)
+                say("resuming from step %d of %d in %s", start, cfg.steps, self.output_dir)
             writer = open_run(cfg, self.output_dir, start, self.model_path)
             if self.lora_spec is not None and jax.process_index() == 0:
                 save_lora_spec(self.lora_spec, self.output_dir)
@@ -464,7 +467,8 @@ class TrainLoop:
                         hook.fn(info)
             self.checkpointer.wait()
             if cfg.export_hf:
-                self.export(self.output_dir / "hf")
+                with stage(f"exporting {self.output_dir / 'hf'}"):
+                    self.export(self.output_dir / "hf")
         finally:
             if writer is not None:
                 writer.close()

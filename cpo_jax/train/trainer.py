@@ -26,6 +26,7 @@ from cpo_jax.train import weighted
 from cpo_jax.train.config import TrainConfig
 from cpo_jax.train.loop import TrainLoop
 from cpo_jax.train.reference_cache import cache_key, compute_reference_logps, load_or_compute
+from cpo_jax.train.stages import stage
 from cpo_jax.train.step import eval_step, jit_train_step, model_of, starts_at_reference
 
 log = logging.getLogger(__name__)
@@ -97,20 +98,21 @@ class Trainer(TrainLoop):
 
     def _precompute(self, policy, records):
         key = cache_key(records.records, self.tokenizer, self.tokenize_cfg, self.model_path)
-        return load_or_compute(
-            self.output_dir / "reference_cache",
-            key,
-            lambda: compute_reference_logps(
-                policy,
-                records.records,
-                records.sources,
-                self.tokenizer,
-                self.tokenize_cfg,
-                self.batch_cfg,
-                chunk_size=self.cfg.model.logprob_chunk_size,
-            ),
-            rows=len(records.records),
-        )
+        with stage(f"reference log-probs of {len(records.records)} pairs (cached for reruns)"):
+            return load_or_compute(
+                self.output_dir / "reference_cache",
+                key,
+                lambda: compute_reference_logps(
+                    policy,
+                    records.records,
+                    records.sources,
+                    self.tokenizer,
+                    self.tokenize_cfg,
+                    self.batch_cfg,
+                    chunk_size=self.cfg.model.logprob_chunk_size,
+                ),
+                rows=len(records.records),
+            )
 
     def _with_reference(self, batch: dict, table) -> dict:
         if table is None:
@@ -182,7 +184,9 @@ class Trainer(TrainLoop):
             self.num_params,
             tokens,
             batch["input_ids"].shape[-1],
-            reference_forward=self.ref_params is not None,
+            reference_forward=self.ref_params is not None
+            or (self.cfg.loss.objective == "preference" and self.cfg.loss.reference == "base"),
+            frozen_base=self.frozen is not None,
         )
         metrics.update(step_time=elapsed, tokens_per_sec=tokens / elapsed, tflops_per_sec=step_flops / elapsed / 1e12)
         if self.peak_tflops:

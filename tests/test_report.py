@@ -1,0 +1,70 @@
+"""Run reports (``cpo_jax/report.py``): the smoothed curves, the kept "before" column and the list of outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cpo_jax.report import describe_outputs, ema, plot_curves, read_before, write_before
+
+
+def test_ema_is_tensorboards_debiased_smoothing():
+    xs = [4.0, 0.0, 2.0, 1.0]
+    w = 0.9
+    expected, acc = [], 0.0
+    for t, x in enumerate(xs, start=1):  # written out: s_t = (w s_{t-1} + (1 - w) x_t), debiased by 1 - w^t
+        acc = w * acc + (1 - w) * x
+        expected.append(acc / (1 - w**t))
+    np.testing.assert_allclose(ema(xs, w), expected, rtol=1e-12)
+    assert ema(xs, w)[0] == 4.0  # the first point is the first value
+    np.testing.assert_allclose(ema([3.0] * 50, w), 3.0)  # a constant stays constant
+    np.testing.assert_allclose(ema(xs, 0.0), xs)
+
+
+def test_curves_show_only_logged_panels_with_labels(tmp_path):
+    lines = [{"step": 0, "eval/loss": 0.7, "eval/generation/accuracy": 0.2}]
+    lines += [{"step": s, "loss": 0.7 - 0.01 * s, "diagnostics/frac_in_U": 0.1} for s in range(1, 9)]
+    lines += [{"step": 8, "eval/generation/accuracy": 0.3}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    original = plt.Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        seen["titles"] = [ax.get_title() for ax in fig.axes]
+        seen["ylabels"] = [ax.get_ylabel() for ax in fig.axes]
+        seen["texts"] = [t.get_text() for t in fig.texts]
+        return original(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plt.Figure, "savefig", capture)
+        out = plot_curves(path, tmp_path / "curves.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert seen["titles"] == ["loss", "share of pairs in U", "generation accuracy (greedy)"]
+    assert all(seen["ylabels"])
+    assert any("delta_ref < delta_theta < 0" in t for t in seen["texts"])
+
+
+def test_before_is_kept_and_read_back(tmp_path):
+    assert read_before(tmp_path) == {}
+    (tmp_path / "summary.json").write_text(json.dumps({"before": {"loss": 0.5}, "after": {}}))
+    assert read_before(tmp_path) == {"loss": 0.5}  # an older run: its summary's column
+    write_before(tmp_path, {"loss": np.float32(0.25)})
+    assert read_before(tmp_path) == {"loss": 0.25}  # the file written at the start wins
+    (tmp_path / "eval_before.json").write_text("{torn")
+    assert read_before(tmp_path) == {"loss": 0.5}
+
+
+def test_outputs_are_listed_when_present(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "20").mkdir()
+    (tmp_path / "summary.json").write_text("{}")
+    text = describe_outputs(tmp_path)
+    assert text.splitlines()[0] == f"outputs in {tmp_path}:"
+    assert "  hf/" in text and "(steps 10, 20)" in text and "summary.json" in text
+    assert "curves.png" not in text and "tensorboard" not in text
