@@ -284,3 +284,11 @@ def test_mesh_rules_from_the_config_change_parameter_and_batch_sharding(mesh8, t
     rules = sharding.merge_rules(cfg.mesh_rules)  # what the trainers pass to the batch helpers
     assert host_to_global(np.zeros((8, 4), np.int32), mesh8, rules=rules).sharding.spec == P("tensor", None)
     np.testing.assert_array_equal(np.asarray(custom.embed[...]), np.asarray(default.embed[...]))
+
+
+def test_router_loss_on_a_reward_run_is_refused():
+    """TRL's RewardTrainer adds no load-balancing loss; a coefficient there would be silently ignored."""
+    with pytest.raises(ConfigError) as err:
+        _validated(model={**BASE.get("model", {}), "router_aux_loss_coef": 0.01}, loss={"objective": "reward"})
+    assert err.value.where == "config key model.router_aux_loss_coef" and "reward" in str(err.value)
+    _validated(model={**BASE.get("model", {}), "router_aux_loss_coef": 0.01})  # preference: used

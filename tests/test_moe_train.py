@@ -1,7 +1,9 @@
 """Training a tiny MoE model through the one loop: DPO/CPO with the router's load-balancing loss added with its
-coefficient (and logged), SFT, and an RLOO step."""
+coefficient (and logged), SFT, and an RLOO step with and without the router loss."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -87,3 +89,14 @@ def test_sft_and_rloo_steps_on_a_moe_model(assets, tmp_path):
     )
     history = RLTrainer(cfg, devices=jax.devices()[:1]).run().history
     assert history[0]["objective/kl"] == 0.0 and all(np.isfinite(h["loss/total"]) for h in history)
+    assert "router_aux_loss" not in history[0]
+    # TRL's GRPO adds coef * aux_loss to each mini-batch's loss: the same first rollout, the loss moved by exactly that
+    coef = 0.5
+    aux_cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, router_aux_loss_coef=coef), output_dir=str(tmp_path / "rl_aux")
+    )
+    with_aux = RLTrainer(aux_cfg, devices=jax.devices()[:1]).run().history
+    aux = with_aux[0]["router_aux_loss"]
+    assert aux > 0.9
+    np.testing.assert_allclose(with_aux[0]["loss/policy_avg"], history[0]["loss/policy_avg"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(with_aux[0]["loss/total"], history[0]["loss/total"] + coef * aux, rtol=1e-5, atol=1e-6)

@@ -94,18 +94,25 @@ def sample(
     return ids, mask, out
 
 
-def completion_hidden(model, prompt_ids: Array, prompt_mask: Array, tokens: Array, mask: Array) -> Array:
+def completion_hidden(
+    model, prompt_ids: Array, prompt_mask: Array, tokens: Array, mask: Array, *, return_aux: bool = False
+) -> Array | tuple[Array, dict]:
     """``[B, N, D]`` final hidden states that predict each completion token.
 
     Runs the model once on prompt + completion ``[B, Tp + N]``; positions count real tokens, so left
-    padding and the padding after end-of-sequence change nothing.
+    padding and the padding after end-of-sequence change nothing. With ``return_aux`` also the model's auxiliary
+    outputs (the MoE load-balancing loss over the real prompt and completion tokens, as TRL's GRPO forward).
     """
     tp = prompt_ids.shape[1]
     input_ids = jnp.concatenate([prompt_ids, tokens], axis=1)
     attention = jnp.concatenate([prompt_mask, mask], axis=1).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(attention, axis=1) - 1, 0)
-    hidden = model.hidden_states(input_ids, attention_mask=attention > 0, positions=positions, segment_ids=attention)
-    return hidden[:, tp - 1 : tp - 1 + tokens.shape[1]]
+    out = model.hidden_states(
+        input_ids, attention_mask=attention > 0, positions=positions, segment_ids=attention, return_aux=return_aux
+    )
+    hidden, aux = out if return_aux else (out, None)
+    hidden = hidden[:, tp - 1 : tp - 1 + tokens.shape[1]]
+    return (hidden, aux) if return_aux else hidden
 
 
 def completion_logps(model, hidden: Array, tokens: Array, *, temperature: float = 1.0, chunk_size: int = 1024) -> Array:

@@ -26,6 +26,7 @@ from cpo_jax.rlhf.rollout import (
 )
 from cpo_jax.train import weighted
 from cpo_jax.train.config import TrainConfig
+from cpo_jax.train.objectives import uses_router_loss
 from cpo_jax.train.step import TrainState, model_of, nonfinite_counts, update_size
 
 
@@ -119,10 +120,12 @@ def update(
 
     def loss_fn(params, mb: Rollout):
         model = model_of(graphdef, params["model"], frozen)
-        hidden = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask)
+        router = uses_router_loss(model)
+        out = completion_hidden(model, mb.prompt_ids, mb.prompt_mask, mb.tokens, mb.mask, return_aux=router)
+        hidden, aux = out if router else (out, None)
         logps = completion_logps(model, hidden, mb.tokens, temperature=rl.temperature, chunk_size=chunk)
         values = value_predictions(hidden, params["value_head"]) if "value_head" in params else None
-        return policy_objective(
+        loss, metrics = policy_objective(
             rl,
             logps,
             mb.old_logps,
@@ -134,6 +137,10 @@ def update(
             old_values=mb.values,
             returns=mb.returns,
         )
+        if router:  # TRL's GRPO: loss + router_aux_loss_coef * aux_loss, per mini-batch
+            loss = loss + model.router_aux_loss_coef * aux["router_aux_loss"]
+            metrics = {**metrics, "router_aux_loss": aux["router_aux_loss"], "loss/total": loss}
+        return loss, metrics
 
     def body(carry, mb):
         params, opt_state, step = carry

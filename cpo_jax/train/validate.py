@@ -198,6 +198,13 @@ def _check_model_and_data(cfg: TrainConfig) -> None:
         "must be a finite number >= 0, or null",
     )
     _require(
+        not (cfg.loss.objective == "reward" and m.router_aux_loss_coef),
+        "model.router_aux_loss_coef",
+        m.router_aux_loss_coef,
+        "is not used by the reward objective (TRL's RewardTrainer adds no router loss either)",
+        hint="remove it, or set it to null or 0",
+    )
+    _require(
         bool(d.train_files),
         "data.train_files",
         list(d.train_files),
