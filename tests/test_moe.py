@@ -49,6 +49,13 @@ TINY_MOE = {
         dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True, attention_bias=True),
     ),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5)),
+    # layers 0 and 2 dense (decoder_sparse_step=2), layer 1 sparse
+    "qwen3_moe_mixed": (
+        "Qwen3MoeConfig",
+        dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=2, num_hidden_layers=3
+        ),
+    ),
     "qwen2_moe": (
         "Qwen2MoeConfig",
         dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40),
@@ -298,8 +305,9 @@ def test_load_balancing_loss_closed_forms():
 @pytest.mark.parametrize(
     "name,extra,key",
     [
-        ("qwen3_moe", dict(decoder_sparse_step=2), "decoder_sparse_step"),
-        ("qwen2_moe", dict(mlp_only_layers=[0]), "mlp_only_layers"),
+        ("qwen3_moe", dict(decoder_sparse_step=0), "decoder_sparse_step"),
+        ("qwen2_moe", dict(mlp_only_layers=[0, 5]), "mlp_only_layers"),
+        ("qwen2_moe", dict(mlp_only_layers="0"), "mlp_only_layers"),
         ("mixtral", dict(router_jitter_noise=0.1), "router_jitter_noise"),
         ("mixtral", dict(num_experts_per_tok=5), "num_experts_per_tok"),
         ("qwen3_moe", dict(hidden_act="swish_glu"), "hidden_act"),
@@ -312,15 +320,29 @@ def test_unsupported_options_name_the_key(name, extra, key):
         config_from_hf(hf)
 
 
-def test_inactive_expert_params_counts_unused_experts(root):
+def test_mixed_layers_follow_hf_and_refuse_scan(root):
+    hf, path = _build("qwen3_moe_mixed", str(root))
+    model = from_pretrained(path)
+    kinds = [type(layer.mlp).__name__ for layer in model.layers]
+    assert kinds == [
+        type(layer.mlp).__name__.removeprefix("Qwen3Moe").replace("SparseMoeBlock", "MoE") for layer in hf.model.layers
+    ]
+    assert kinds == ["MLP", "MoE", "MLP"]
+    with pytest.raises(ValueError, match="scan_layers=False"):
+        from_pretrained(path, scan_layers=True)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_moe_mixed"])
+def test_inactive_expert_params_counts_unused_experts(name, root):
     from cpo_jax.models.moe import inactive_expert_params
 
-    _, path = _build("qwen3_moe", str(root))
+    _, path = _build(name, str(root))
     model = from_pretrained(path)
     cfg = model.config
     experts = sum(
         int(np.prod(getattr(layer.mlp, name)[...].shape))
         for layer in model.layers
+        if hasattr(layer.mlp, "expert_gate")
         for name in ("expert_gate", "expert_up", "expert_down")
     )
     assert inactive_expert_params(cfg) == experts * (cfg.num_experts - cfg.experts_per_token) // cfg.num_experts

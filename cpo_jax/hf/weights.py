@@ -5,9 +5,16 @@ One rule says: the HF tensor ``hf`` is our parameter ``ours`` (a dotted NNX path
 ``transpose`` (HF ``nn.Linear`` stores ``[out, in]``, we store ``[in, out]``), and, when ``split`` is
 ``(axis, part, parts)``, our parameter is only part number ``part`` of the HF tensor along ``axis``: one of
 ``parts`` equal parts (GPT-2's fused ``c_attn``), or, when ``parts`` is a tuple of relative sizes, a part of
-``parts[part] / sum(parts)`` of the axis (Phi-3's fused ``qkv_proj``, sizes ``(N, K, K)`` in heads).
+``parts[part] / sum(parts)`` of the axis (Phi-3's fused ``qkv_proj``, sizes ``(N, K, K)`` in heads). With
+``interleaved`` the ``parts`` equal parts interleave instead of following each other: part ``p`` is every
+``parts``-th entry from ``p`` (gpt-oss's fused ``gate_up_proj``: gate ``[..., 0::2]``, up ``[..., 1::2]``); a
+device block then reads a strided slice of the HF tensor.
 ``{e}`` in the HF name only stands for an expert index: our parameter stacks the ``E`` HF tensors (one per
 expert) along a leading ``expert`` axis, after the ``layers`` axis of scanned layers (MoE families).
+A rule with ``packing="mxfp4"`` also reads its tensor ``[..., in, out]`` when a checkpoint stores it in MXFP4
+(OCP microscaling FP4, gpt-oss's Hub checkpoints): ``{hf}_blocks`` ``[..., out, in / 32, 16]`` uint8 (two E2M1 codes
+per byte, low nibble first) and ``{hf}_scales`` ``[..., out, in / 32]`` uint8 (E8M0 exponents, bias 127), dequantised
+as transformers' ``convert_moe_packed_tensors`` does (:func:`dequantize_mxfp4`); export writes it unpacked.
 Import reads each device's block of each tensor straight from the memory-mapped safetensors file
 (:func:`read_block`); export inverts the same rules.
 """
@@ -31,6 +38,15 @@ class WeightRule:
     ours: str
     transpose: bool = False
     split: tuple[int, int, int | tuple[int, ...]] | None = None
+    layers: tuple[int, ...] | None = None  # the layers a ``{i}`` rule binds (None: all; MoE models' dense layers)
+    interleaved: bool = False  # ``split`` parts interleave along the axis (part p: entries p, p + parts, ...)
+    packing: str | None = None  # "mxfp4": the tensor may be stored as ``{hf}_blocks`` + ``{hf}_scales``
+
+    def __post_init__(self):
+        if self.interleaved and (self.split is None or not isinstance(self.split[2], int)):
+            raise ValueError(f"{self.hf}: interleaved needs a split into equal parts, (axis, part, parts: int)")
+        if self.packing not in (None, "mxfp4"):
+            raise ValueError(f"{self.hf}: unknown packing {self.packing!r}; expected None or 'mxfp4'")
 
     @property
     def per_layer(self) -> bool:
@@ -45,7 +61,7 @@ class WeightRule:
     def hf_pattern(self) -> re.Pattern:
         """A regex matching the concrete HF names of this rule."""
         pattern = re.escape(self.hf).replace(re.escape("{i}"), r"(\d+)").replace(re.escape("{e}"), r"(\d+)")
-        return re.compile(pattern + "$")
+        return re.compile(pattern + ("(?:_blocks|_scales)?$" if self.packing else "$"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +74,28 @@ class Binding:
     layer: int | None
     rule: WeightRule
     expert: int | None = None
+    packed: bool = False  # the checkpoint stores the tensor packed (``rule.packing``; see :func:`mark_packed`)
+
+    @property
+    def stored_names(self) -> tuple[str, ...]:
+        """The checkpoint tensors this binding reads: its name, or the packed ``_blocks`` and ``_scales``."""
+        return packed_names(self.hf_name) if self.packed else (self.hf_name,)
+
+
+def packed_names(name: str) -> tuple[str, str]:
+    """The ``(blocks, scales)`` tensor names of an MXFP4-packed tensor."""
+    return f"{name}_blocks", f"{name}_scales"
+
+
+def mark_packed(bindings: Sequence[Binding], available: Mapping[str, object]) -> list[Binding]:
+    """``bindings`` with ``packed`` set where the rule allows packing and the checkpoint holds the packed tensors
+    instead of the plain one."""
+    return [
+        dataclasses.replace(b, packed=True)
+        if b.rule.packing and b.hf_name not in available and all(n in available for n in packed_names(b.hf_name))
+        else b
+        for b in bindings
+    ]
 
 
 def bind(table: Sequence[WeightRule], num_layers: int, scan_layers: bool, num_experts: int = 0) -> list[Binding]:
@@ -65,7 +103,7 @@ def bind(table: Sequence[WeightRule], num_layers: int, scan_layers: bool, num_ex
     the layer index (stacked axis 0); the expert index is never in our path (the expert axis follows)."""
     out = []
     for rule in table:
-        layers = range(num_layers) if rule.per_layer else [None]
+        layers = (range(num_layers) if rule.layers is None else rule.layers) if rule.per_layer else [None]
         experts = range(num_experts) if rule.per_expert else [None]
         for i in layers:
             path: list[str | int] = []
@@ -132,7 +170,11 @@ def hf_block_index(rule: WeightRule, index: tuple[slice, ...], hf_shape: Sequenc
     offset, width = split_range(rule, hf_shape[axis])
     start, stop = _norm_slice(ours[axis], width)
     mapped = list(ours)
-    mapped[axis] = slice(offset + start, offset + stop)
+    if rule.interleaved:
+        _, part, parts = rule.split
+        mapped[axis] = slice(part + start * parts, part + max(start, stop - 1) * parts + int(stop > start), parts)
+    else:
+        mapped[axis] = slice(offset + start, offset + stop)
     return tuple(mapped)
 
 
@@ -157,16 +199,76 @@ def our_shape(rule: WeightRule, hf_shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(shape[::-1]) if rule.transpose else tuple(shape)
 
 
-def read_block(handle, binding: Binding, index: tuple[slice, ...]) -> np.ndarray:
-    """Read one device block of our parameter from an open safetensors handle (memory-mapped)."""
-    tensor = handle.get_slice(binding.hf_name)
-    block = tensor[hf_block_index(binding.rule, index, tensor.get_shape())]
+def read_block(handle, binding: Binding, index: tuple[slice, ...], scales_handle=None) -> np.ndarray:
+    """Read one device block of our parameter from an open safetensors handle (memory-mapped).
+
+    A packed binding reads ``_blocks`` from ``handle`` and ``_scales`` from ``scales_handle`` (default: ``handle``),
+    only the rows and 32-entry groups that hold the block, and dequantises them to float32."""
+    if binding.packed:
+        block = _read_mxfp4(handle, handle if scales_handle is None else scales_handle, binding, index)
+    else:
+        tensor = handle.get_slice(binding.hf_name)
+        block = tensor[hf_block_index(binding.rule, index, tensor.get_shape())]
     return block.T if binding.rule.transpose else block
+
+
+#: The value of each E2M1 (FP4) code, as transformers' ``FP4_VALUES``.
+FP4_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32
+)
+MXFP4_GROUP = 32  # values per E8M0 scale
+
+
+def mxfp4_shape(blocks_shape: Sequence[int]) -> tuple[int, ...]:
+    """The unpacked HF shape ``[..., in, out]`` of MXFP4 blocks ``[..., out, in / 32, 16]``."""
+    *lead, out, groups, pairs = blocks_shape
+    return (*lead, groups * pairs * 2, out)
+
+
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Unpack MXFP4 ``blocks`` ``[..., rows, G, 16]`` and ``scales`` ``[..., rows, G]`` (uint8): ``[..., rows, 32G]``.
+
+    Entry ``2j`` of a group is the low nibble of byte ``j`` and ``2j + 1`` its high nibble; each is
+    ``FP4_VALUES[code] * 2 ** (scale - 127)``, in float32 as transformers' ``convert_moe_packed_tensors`` computes it
+    (which then transposes the last two axes). Every such value is also exact in bfloat16."""
+    blocks = np.asarray(blocks, np.uint8)
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1)  # [..., rows, G, 16, 2]
+    scale = np.exp2(np.asarray(scales).astype(np.int32) - 127).astype(np.float32)
+    return (FP4_VALUES[codes] * scale[..., None, None]).reshape(*blocks.shape[:-2], -1)
+
+
+def _read_mxfp4(handle, scales_handle, binding: Binding, index: tuple[slice, ...]) -> np.ndarray:
+    """The block ``index`` of the unpacked HF tensor ``[..., in, out]`` of a packed binding."""
+    blocks_name, scales_name = packed_names(binding.hf_name)
+    blocks = handle.get_slice(blocks_name)
+    shape = mxfp4_shape(blocks.get_shape())
+    *lead, rows, cols = hf_block_index(binding.rule, index, shape)
+    start, stop = _norm_slice(rows, shape[-2])
+    first, last = start // MXFP4_GROUP, -(-stop // MXFP4_GROUP)
+    values = dequantize_mxfp4(
+        blocks[(*lead, cols, slice(first, last), slice(None))],
+        scales_handle.get_slice(scales_name)[(*lead, cols, slice(first, last))],
+    )  # [..., out block, groups * 32]
+    offset = first * MXFP4_GROUP
+    return np.swapaxes(values[..., start - offset : stop - offset], -1, -2)
 
 
 def to_hf(rule: WeightRule, value: np.ndarray) -> np.ndarray:
     """Our parameter (or split part) -> the HF layout (before any concatenation of split parts)."""
     return np.ascontiguousarray(value.T if rule.transpose else value)
+
+
+def join_parts(rule: WeightRule, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The HF tensor from its parts in the HF layout (:func:`to_hf`, ordered by part): the one array, the parts
+    concatenated along the split axis, or with ``interleaved`` woven entry by entry along it."""
+    if rule.split is None:
+        (array,) = arrays
+        return array
+    axis = rule.split[0] % arrays[0].ndim
+    if not rule.interleaved:
+        return np.concatenate(arrays, axis=axis)
+    woven = np.stack(arrays, axis=axis + 1)  # [..., n, parts, ...] -> [..., n * parts, ...]
+    return woven.reshape(*arrays[0].shape[:axis], -1, *arrays[0].shape[axis + 1 :])
 
 
 def group_parts(bindings: Sequence[Binding]) -> Iterator[tuple[str, list[Binding]]]:

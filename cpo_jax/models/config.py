@@ -15,8 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpo_jax.errors import ConfigError
+
 FULL = "full_attention"
 SLIDING = "sliding_attention"
+#: The values of ``TransformerConfig.attention_impl`` (:mod:`cpo_jax.ops.attention`).
+ATTENTION_IMPLS = ("xla", "auto", "cudnn", "splash")
 
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
@@ -217,16 +221,30 @@ class TransformerConfig:
       scan_layers: run the layers with ``jax.lax.scan`` over stacked parameters.
       remat: activation checkpointing policy per layer (``"none"``, ``"full"``, ``"dots"``,
         ``"dots_no_batch"``); one string applies to all layers.
-      attention_impl: ``"xla"`` or ``"auto"`` (see :mod:`cpo_jax.ops.attention`).
+      attention_impl: ``"xla"`` (einsum reference, the default), ``"auto"`` (``jax.nn.dot_product_attention``),
+        ``"cudnn"`` (cuDNN flash attention on a GPU) or ``"splash"`` (the TPU Pallas kernel); a fused path falls
+        back to ``"xla"`` with a logged reason where it cannot take a call (see :mod:`cpo_jax.ops.attention`).
       padding_idx: the embedding row whose lookups get no gradient, as in HF's ``nn.Embedding(padding_idx=
         pad_token_id)`` (Llama and Gemma families; GPT-2 has none). The forward value is unchanged, and with tied
         embeddings the output projection's gradient still reaches that row, exactly as in PyTorch.
       num_experts: routed experts per layer (Mixture-of-Experts, :mod:`cpo_jax.models.moe`); 0: a dense MLP.
-        Every layer is then an MoE layer.
+        Every layer not in ``dense_layers`` is then an MoE layer.
+      dense_layers: indices of the layers of an MoE model whose MLP is dense (``intermediate_size``), as Qwen2/3-MoE's
+        ``mlp_only_layers`` and ``decoder_sparse_step``. Mixed layers cannot be stacked, so they need
+        ``scan_layers=False``.
       experts_per_token: top-k experts each token is routed to (HF ``num_experts_per_tok``).
       moe_intermediate_size: F of one expert (0: ``intermediate_size``, as Mixtral).
       norm_topk_prob: renormalise the top-k router probabilities to sum to 1 (Mixtral: always).
       shared_expert_size: F of Qwen2-MoE's sigmoid-gated shared expert (0: none).
+      router_bias: the router is a linear layer with a bias ``[E]`` (gpt-oss; parameter ``mlp.router_bias``).
+      router_softmax: ``"all"``: softmax over the ``E`` router logits, the ``k`` largest probabilities are the
+        experts and their weights (Mixtral, Qwen); ``"topk"``: the ``k`` largest logits are the experts and the
+        softmax over those ``k`` logits their weights (gpt-oss; ``norm_topk_prob`` is then moot).
+      expert_bias: biases on the experts' gate and up ``[E, F]`` and down ``[E, D]`` projections (gpt-oss).
+      swiglu_limit: gpt-oss's clamped SwiGLU in the experts when set: ``g = min(gate, limit)``,
+        ``u = clip(up, -limit, limit)``, ``h = (u + 1) * g * sigmoid(swiglu_alpha * g)`` instead of
+        ``act(gate) * up`` (``activation`` is then unused by the experts). None: off.
+      swiglu_alpha: the sigmoid gain of that clamped SwiGLU (HF ``swiglu_alpha``, 1.702).
       router_aux_loss_coef: weight of the load-balancing loss a trainer should add (HF's ``router_aux_loss_coef``
         when the config sets ``output_router_logits``, else 0, as TRL does); see ``Transformer.forward(return_aux)``.
       moe_impl: grouped expert matmul, ``"auto"``, ``"ragged"`` or ``"blocked"`` (see :mod:`cpo_jax.models.moe`).
@@ -270,17 +288,28 @@ class TransformerConfig:
     dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: str | tuple[str, ...] = "none"
-    attention_impl: Literal["xla", "auto"] = "xla"
+    attention_impl: Literal["xla", "auto", "cudnn", "splash"] = "xla"
     num_experts: int = 0
+    dense_layers: tuple[int, ...] = ()
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     shared_expert_size: int = 0
+    router_bias: bool = False
+    router_softmax: Literal["all", "topk"] = "all"
+    expert_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
     router_aux_loss_coef: float = 0.0
     moe_impl: Literal["auto", "ragged", "blocked"] = "auto"
     hf_config: dict | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"unknown attention_impl {self.attention_impl!r}; expected one of {list(ATTENTION_IMPLS)}",
+                where="attention_impl",
+            )
         if not self.layer_types:
             object.__setattr__(self, "layer_types", (FULL,) * self.num_layers)
         if len(self.layer_types) != self.num_layers:
@@ -292,6 +321,8 @@ class TransformerConfig:
             raise ValueError("sliding_attention layers need a positive sliding_window")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.router_softmax not in ("all", "topk"):
+            raise ValueError(f"unknown router_softmax {self.router_softmax!r}; expected 'all' or 'topk'")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise ValueError(f"experts_per_token {self.experts_per_token} not in [1, num_experts={self.num_experts}]")
         if isinstance(self.remat, tuple) and len(self.remat) != self.num_layers:
@@ -300,6 +331,15 @@ class TransformerConfig:
             raise ValueError(f"unknown block {self.block!r}; expected 'pre', 'sandwich' or 'post'")
         if self.qk_norm_scope not in ("head", "all_heads"):
             raise ValueError(f"unknown qk_norm_scope {self.qk_norm_scope!r}; expected 'head' or 'all_heads'")
+        if any(not 0 <= i < self.num_layers for i in self.dense_layers):
+            raise ValueError(f"dense_layers {self.dense_layers} name layers outside [0, {self.num_layers})")
+        if self.dense_layers and not self.num_experts:
+            raise ValueError("dense_layers is only meaningful for an MoE model (num_experts > 0)")
+        if self.scan_layers and self.dense_layers and len(self.dense_layers) < self.num_layers:
+            raise ValueError(
+                f"scan_layers stacks identical layers, but layers {list(self.dense_layers)} are dense and the others "
+                "MoE; set scan_layers=False (model.scan_layers: false) for this model"
+            )
         if any(not 0 <= i < self.num_layers for i in self.nope_layers):
             raise ValueError(f"nope_layers {self.nope_layers} name layers outside [0, {self.num_layers})")
 
@@ -307,6 +347,10 @@ class TransformerConfig:
     def scale(self) -> float:
         """The attention score multiplier."""
         return self.query_scale if self.query_scale is not None else self.head_dim**-0.5
+
+    def is_sparse(self, layer: int) -> bool:
+        """True when layer ``layer``'s MLP is the MoE block."""
+        return bool(self.num_experts) and layer not in self.dense_layers
 
     def rope_for(self, layer_type: str) -> RopeSpec:
         """The RoPE spec of a layer type (sliding layers fall back to the full spec)."""

@@ -1,18 +1,22 @@
-"""Sparse Mixture-of-Experts feed-forward block (Mixtral, Qwen2-MoE, Qwen3-MoE) with grouped expert matmuls.
+"""Sparse Mixture-of-Experts feed-forward block (Mixtral, Qwen2/3-MoE, gpt-oss) with grouped expert matmuls.
 
 A token ``x`` ``[D]`` is routed as in transformers 5 (``*TopKRouter``):
 
-* ``logits = x @ router`` ``[E]`` (compute dtype), ``p = softmax(logits)`` in float32;
-* the ``k`` largest ``p`` pick the experts; their weights are those ``p``, renormalised to sum to 1 when
-  ``norm_topk_prob`` (Mixtral always: ``softmax`` over the top-k logits is the same thing);
-* ``y = sum_j w_j * down_e(act(gate_e x) * up_e x)`` over the chosen experts ``e = e_j``, plus, for Qwen2-MoE,
+* ``logits = x @ router (+ router_bias)`` ``[E]`` (compute dtype), ``p = softmax(logits)`` in float32;
+* ``router_softmax="all"`` (Mixtral, Qwen): the ``k`` largest ``p`` pick the experts; their weights are those
+  ``p``, renormalised to sum to 1 when ``norm_topk_prob`` (Mixtral always: ``softmax`` over the top-k logits is the
+  same thing). ``"topk"`` (gpt-oss): the ``k`` largest logits pick the experts and their weights are the softmax
+  over those ``k`` logits;
+* ``y = sum_j w_j * down_e(glu(gate_e x, up_e x))`` over the chosen experts ``e = e_j``, with
+  ``glu(g, u) = act(g) * u``, or gpt-oss's clamped SwiGLU (``swiglu_limit``, :func:`expert_glu`), and with the
+  experts' biases (gpt-oss) added after each projection; plus, for Qwen2-MoE,
   ``sigmoid(x @ shared_gate) * shared_mlp(x)``.
 
 Experts are stored stacked, ``gate`` / ``up`` ``[E, D, F]`` with logical axes ``("expert", "embed", "mlp")`` and
-``down`` ``[E, F, D]`` (``("expert", "mlp", "embed")``). The ``B*T*k`` (token, expert) assignments are sorted by
-expert and multiplied group by group, never densely against every expert, and no token is dropped (no capacity
-factor), so the output equals HF's per-expert loop. Two grouped paths compute the same function
-(:func:`expert_ffn`):
+``down`` ``[E, F, D]`` (``("expert", "mlp", "embed")``); their optional biases are ``[E, F]`` and ``[E, D]``.
+The ``B*T*k`` (token, expert) assignments are sorted by expert and multiplied group by group, never densely
+against every expert, and no token is dropped (no capacity factor), so the output equals HF's per-expert loop.
+Two grouped paths compute the same function (:func:`expert_ffn`):
 
 * ``"ragged"``: :func:`jax.lax.ragged_dot` on the sorted rows (``group_sizes`` = tokens per expert). On TPU it
   lowers to the native grouped matmul. XLA's CPU (and default GPU) lowering of ``ragged_dot`` masks the rows
@@ -71,18 +75,34 @@ def load_balancing_loss(stats: RouterStats) -> jax.Array:
 
 
 def inactive_expert_params(cfg: TransformerConfig) -> int:
-    """Expert weights a token does not multiply: ``(E - k) * 3 * D * F`` per layer, summed over the layers.
+    """Expert weights a token does not multiply: ``(E - k) * 3 * D * F`` per MoE layer (plus ``(E - k) * (2F + D)``
+    expert biases, gpt-oss), summed over the MoE layers.
 
     A FLOP count built from the parameter count (MFU) subtracts this: only ``k`` of the ``E`` experts run per token."""
     if not cfg.num_experts:
         return 0
-    f = cfg.moe_intermediate_size or cfg.intermediate_size
-    return (cfg.num_experts - cfg.experts_per_token) * 3 * cfg.hidden_size * f * cfg.num_layers
+    f, d = cfg.moe_intermediate_size or cfg.intermediate_size, cfg.hidden_size
+    sparse_layers = sum(cfg.is_sparse(i) for i in range(cfg.num_layers))
+    per_expert = 3 * d * f + (2 * f + d if cfg.expert_bias else 0)
+    return (cfg.num_experts - cfg.experts_per_token) * per_expert * sparse_layers
 
 
-def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Top-k routing of ``logits`` ``[N, E]``: ``(weights [N, k] float32, experts [N, k] int32, probs [N, E])``."""
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+def route(
+    logits: jax.Array, top_k: int, normalize: bool, softmax: Literal["all", "topk"] = "all"
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k routing of ``logits`` ``[N, E]``: ``(weights [N, k] float32, experts [N, k] int32, probs [N, E])``.
+
+    ``probs`` is the float32 softmax over all ``E`` logits (what HF's ``load_balancing_loss_func`` computes from the
+    router logits, for either ``softmax``). ``softmax="all"``: the experts are the ``k`` largest ``probs`` and the
+    weights are those, renormalised when ``normalize``. ``"topk"`` (gpt-oss's ``GptOssTopKRouter``): the experts are
+    the ``k`` largest logits and the weights the softmax over those ``k`` logits (``normalize`` is moot)."""
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if softmax == "topk":
+        top, experts = jax.lax.top_k(logits, top_k)
+        return jax.nn.softmax(top, axis=-1), experts.astype(jnp.int32), probs
+    if softmax != "all":
+        raise ValueError(f"unknown router softmax {softmax!r}; expected 'all' or 'topk'")
     weights, experts = jax.lax.top_k(probs, top_k)
     if normalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -110,13 +130,40 @@ def _resolve_impl(impl: str) -> str:
     return impl
 
 
-def _ragged_ffn(xs, group_sizes, wg, wu, wd, act):
+def expert_glu(activation: str = "silu", swiglu_limit: float | None = None, swiglu_alpha: float = 1.702):
+    """The experts' gated unit ``glu(g, u)`` of the gate and up projections (biases included), in their dtype.
+
+    ``act(g) * u``; with ``swiglu_limit`` gpt-oss's clamped SwiGLU (HF ``GptOssExperts._apply_gate``):
+    ``g = min(g, limit)``, ``u = clip(u, -limit, limit)``, ``(u + 1) * (g * sigmoid(g * alpha))``. The clamps pass
+    the gradient at the limit itself, as ``torch.clamp`` does."""
+    if swiglu_limit is None:
+        act = _ACTIVATIONS[activation]
+        return lambda g, u: act(g) * u
+    limit, alpha = float(swiglu_limit), float(swiglu_alpha)
+
+    def clamped(g, u):
+        g = jnp.where(g > limit, limit, g)
+        u = jnp.where(u > limit, limit, jnp.where(u < -limit, -limit, u))
+        return (u + 1) * (g * jax.nn.sigmoid(g * alpha))
+
+    return clamped
+
+
+def _plus(y: jax.Array, bias: jax.Array | None, index) -> jax.Array:
+    """``y + bias[index]`` (a bias row per expert), or ``y`` without a bias."""
+    return y if bias is None else y + bias[index]
+
+
+def _ragged_ffn(xs, group_sizes, weights, biases, glu):
+    (wg, wu, wd), (bg, bu, bd) = weights, biases
     dot = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
-    h = act(dot(xs, wg)) * dot(xs, wu)
-    return dot(h, wd)
+    expert_of_row = jnp.repeat(jnp.arange(group_sizes.shape[0]), group_sizes, total_repeat_length=xs.shape[0])
+    h = glu(_plus(dot(xs, wg), bg, expert_of_row), _plus(dot(xs, wu), bu, expert_of_row))
+    return _plus(dot(h, wd), bd, expert_of_row)
 
 
-def _blocked_ffn(xs, group_sizes, wg, wu, wd, act, block_size):
+def _blocked_ffn(xs, group_sizes, weights, biases, glu, block_size):
+    (wg, wu, wd), (bg, bu, bd) = weights, biases
     m, d = xs.shape
     num_experts = group_sizes.shape[0]
     block = max(1, min(block_size, m))
@@ -135,8 +182,8 @@ def _blocked_ffn(xs, group_sizes, wg, wu, wd, act, block_size):
         x, e, live = inputs
 
         def compute(x):
-            h = act(x @ wg[e]) * (x @ wu[e])
-            return h @ wd[e]
+            h = glu(_plus(x @ wg[e], bg, e), _plus(x @ wu[e], bu, e))
+            return _plus(h @ wd[e], bd, e)
 
         y = jax.lax.cond(live, compute, lambda x: jnp.zeros((block, wd.shape[-1]), x.dtype), x)
         return None, y
@@ -152,19 +199,28 @@ def expert_ffn(
     up: jax.Array,
     down: jax.Array,
     *,
+    gate_bias: jax.Array | None = None,
+    up_bias: jax.Array | None = None,
+    down_bias: jax.Array | None = None,
     activation: str = "silu",
+    swiglu_limit: float | None = None,
+    swiglu_alpha: float = 1.702,
     impl: MoeImpl = "auto",
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> jax.Array:
-    """``down_e(act(gate_e x) * up_e x)`` for rows ``xs`` ``[M, D]`` sorted by expert, ``group_sizes[e]`` rows each.
+    """``down_e(glu(gate_e x + bg_e, up_e x + bu_e)) + bd_e`` for rows ``xs`` ``[M, D]`` sorted by expert,
+    ``group_sizes[e]`` rows each.
 
-    ``gate``/``up`` are ``[E, D, F]``, ``down`` ``[E, F, D]``; returns ``[M, D]`` in ``xs.dtype``. The groups must
-    cover all ``M`` rows (``sum(group_sizes) == M``)."""
-    act = _ACTIVATIONS[activation]
-    gate, up, down = (w.astype(xs.dtype) for w in (gate, up, down))
+    ``gate``/``up`` are ``[E, D, F]``, ``down`` ``[E, F, D]``; the optional biases ``[E, F]``, ``[E, F]`` and
+    ``[E, D]`` (absent ones are zero). ``glu`` is :func:`expert_glu` of ``activation`` / ``swiglu_limit`` /
+    ``swiglu_alpha``. Returns ``[M, D]`` in ``xs.dtype``, every product and sum in that dtype (as HF's grouped
+    experts). The groups must cover all ``M`` rows (``sum(group_sizes) == M``)."""
+    glu = expert_glu(activation, swiglu_limit, swiglu_alpha)
+    weights = tuple(w.astype(xs.dtype) for w in (gate, up, down))
+    biases = tuple(None if b is None else b.astype(xs.dtype) for b in (gate_bias, up_bias, down_bias))
     if _resolve_impl(impl) == "ragged":
-        return _ragged_ffn(xs, group_sizes, gate, up, down, act)
-    return _blocked_ffn(xs, group_sizes, gate, up, down, act, block_size)
+        return _ragged_ffn(xs, group_sizes, weights, biases, glu)
+    return _blocked_ffn(xs, group_sizes, weights, biases, glu, block_size)
 
 
 def sparse_moe(
@@ -176,24 +232,46 @@ def sparse_moe(
     *,
     top_k: int,
     normalize: bool,
+    router_bias: jax.Array | None = None,
+    router_softmax: Literal["all", "topk"] = "all",
+    gate_bias: jax.Array | None = None,
+    up_bias: jax.Array | None = None,
+    down_bias: jax.Array | None = None,
     activation: str = "silu",
+    swiglu_limit: float | None = None,
+    swiglu_alpha: float = 1.702,
     impl: MoeImpl = "auto",
     block_size: int = DEFAULT_BLOCK_SIZE,
     token_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, RouterStats]:
     """The routed experts of one layer on tokens ``x`` ``[N, D]``: ``(y [N, D], RouterStats)``.
 
-    ``router`` is ``[D, E]``; see :func:`expert_ffn` for the expert weights. ``token_mask`` ``[N]`` (1 for real
-    tokens) only affects the statistics: padding tokens are routed and computed like any other."""
+    ``router`` is ``[D, E]`` (``router_bias`` ``[E]``), routed by :func:`route` with ``router_softmax``; see
+    :func:`expert_ffn` for the expert weights, biases and activation. ``token_mask`` ``[N]`` (1 for real tokens) only
+    affects the statistics: padding tokens are routed and computed like any other."""
     n, _ = x.shape
     num_experts = router.shape[-1]
     logits = jnp.dot(x, router.astype(x.dtype))
-    weights, experts, probs = route(logits, top_k, normalize)
+    if router_bias is not None:
+        logits = logits + router_bias.astype(x.dtype)
+    weights, experts, probs = route(logits, top_k, normalize, router_softmax)
     flat = experts.reshape(-1)  # [N*k], row r belongs to token r // k
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     ys = expert_ffn(
-        x[order // top_k], group_sizes, gate, up, down, activation=activation, impl=impl, block_size=block_size
+        x[order // top_k],
+        group_sizes,
+        gate,
+        up,
+        down,
+        gate_bias=gate_bias,
+        up_bias=up_bias,
+        down_bias=down_bias,
+        activation=activation,
+        swiglu_limit=swiglu_limit,
+        swiglu_alpha=swiglu_alpha,
+        impl=impl,
+        block_size=block_size,
     )
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * top_k, dtype=order.dtype))
     per_choice = ys[inverse].reshape(n, top_k, -1)
@@ -211,6 +289,14 @@ class MoE(nnx.Module):
         self.expert_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), "normal", param_dtype)
         self.expert_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), "normal", param_dtype)
         self.expert_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), "normal", param_dtype)
+        # gpt-oss: a router bias [E] and expert biases gate / up [E, F], down [E, D]
+        self.router_bias = param(rngs, (e,), (None,), "zeros", param_dtype) if cfg.router_bias else nnx.data(None)
+        if cfg.expert_bias:
+            self.expert_gate_bias = param(rngs, (e, f), ("expert", "mlp"), "zeros", param_dtype)
+            self.expert_up_bias = param(rngs, (e, f), ("expert", "mlp"), "zeros", param_dtype)
+            self.expert_down_bias = param(rngs, (e, d), ("expert", "embed"), "zeros", param_dtype)
+        else:
+            self.expert_gate_bias = self.expert_up_bias = self.expert_down_bias = nnx.data(None)
         if cfg.shared_expert_size:
             self.shared = MLP(cfg.replace(intermediate_size=cfg.shared_expert_size), param_dtype=param_dtype, rngs=rngs)
             self.shared_gate = param(rngs, (d, 1), ("embed", None), "normal", param_dtype)
@@ -219,6 +305,11 @@ class MoE(nnx.Module):
             self.shared_gate = nnx.data(None)
         self.top_k, self.normalize = cfg.experts_per_token, cfg.norm_topk_prob
         self.activation, self.impl, self.dtype = cfg.activation, cfg.moe_impl, cfg.dtype
+        self.router_softmax, self.swiglu_limit, self.swiglu_alpha = (
+            cfg.router_softmax,
+            cfg.swiglu_limit,
+            cfg.swiglu_alpha,
+        )
 
     def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> tuple[jax.Array, RouterStats]:
         """``[B, T, D] -> ([B, T, D], RouterStats)``; ``token_mask`` ``[B, T]`` marks real tokens for the stats."""
@@ -232,7 +323,14 @@ class MoE(nnx.Module):
             self.expert_down[...],
             top_k=self.top_k,
             normalize=self.normalize,
+            router_bias=_value(self.router_bias),
+            router_softmax=self.router_softmax,
+            gate_bias=_value(self.expert_gate_bias),
+            up_bias=_value(self.expert_up_bias),
+            down_bias=_value(self.expert_down_bias),
             activation=self.activation,
+            swiglu_limit=self.swiglu_limit,
+            swiglu_alpha=self.swiglu_alpha,
             impl=self.impl,
             token_mask=None if token_mask is None else token_mask.reshape(b * t),
         )
@@ -240,3 +338,8 @@ class MoE(nnx.Module):
             gate = jax.nn.sigmoid(jnp.dot(h, self.shared_gate[...].astype(self.dtype)))
             y = y + gate * self.shared(h)
         return y.reshape(b, t, d), stats
+
+
+def _value(var) -> jax.Array | None:
+    """The array of an optional parameter (None when the module has none)."""
+    return None if var is None else var[...]

@@ -1,4 +1,5 @@
-"""RLOO, GRPO, REINFORCE and PPO as pure functions of a rollout, on the losses of :mod:`cpo_jax.losses.rlhf`.
+"""RLOO, GRPO, REINFORCE, PPO and online DPO/CPO as pure functions of a rollout, on the losses of
+:mod:`cpo_jax.losses.rlhf` and :mod:`cpo_jax.losses`.
 
 Two stages, both jittable:
 
@@ -10,6 +11,11 @@ Two stages, both jittable:
   when ``kl_in="loss"`` (GRPO style, usually with k3), plus ``vf_coef`` times the clipped value loss for PPO.
 
 :func:`adaptive_kl_coef` is Ziegler et al.'s proportional controller for beta.
+
+Online preference optimisation (``algorithm="online"``, TRL's ``OnlineDPOTrainer``): two completions per prompt,
+ranked by their scores (:func:`online_pairs`), make a preference pair on the policy's own samples; the loss is any
+pairwise loss of :mod:`cpo_jax.losses` (DPO, CPO, IPO...) on their summed log-probs and the reference's. Nothing
+is subtracted from the scores; the loss's beta is the regulariser, and ``objective/kl`` is a readout.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpo_jax.losses.pair import PairLogps
 from cpo_jax.losses.rlhf import (
     aggregate_token_losses,
     gae_advantages,
@@ -38,8 +45,48 @@ if TYPE_CHECKING:  # annotations only: this module is pure (jax and cpo_jax.loss
     from cpo_jax.train.config import RLConfig
 
 Array = jax.Array
-Algorithm = Literal["rloo", "grpo", "reinforce", "ppo"]
+Algorithm = Literal["rloo", "grpo", "reinforce", "ppo", "online"]
 SEQUENCE_LEVEL = ("rloo", "grpo", "reinforce")
+
+
+def online_pairs(scores: Array, logps: Array, ref_logps: Array, mask: Array, *, ties: str = "skip") -> PairLogps:
+    """Preference pairs from two sampled completions per prompt, ranked by their scores.
+
+    Args:
+      scores: ``[2P]`` rewards, rows grouped by prompt (rows ``2i`` and ``2i + 1`` answer prompt ``i``).
+      logps, ref_logps: ``[2P, N]`` token log-probs of the completions under the policy and the reference.
+      mask: ``[2P, N]`` 1 on completion tokens.
+      ties: ``"skip"``: a pair whose scores are equal carries no preference and is masked out (``PairLogps.mask``);
+        ``"first"``: the first completion is chosen on a tie, as TRL's ``OnlineDPOTrainer`` does
+        (``first >= second``).
+
+    Returns:
+      ``[P]`` :class:`~cpo_jax.losses.PairLogps`: summed log-probs of the higher-scored (chosen) and the other
+      completion, the reference's, token counts (at least 1) and the mask of ranked pairs.
+    """
+    if ties not in ("skip", "first"):
+        raise ValueError(f"ties={ties!r}: expected 'skip' or 'first'")
+    m = mask.astype(jnp.float32)
+    sums = jnp.sum(logps * m, axis=-1).reshape(-1, 2)
+    ref_sums = jnp.sum(ref_logps * m, axis=-1).reshape(-1, 2)
+    lengths = jnp.maximum(jnp.sum(m, axis=-1), 1.0).reshape(-1, 2)
+    pair_scores = scores.reshape(-1, 2)
+    first = pair_scores[:, 0] >= pair_scores[:, 1]
+
+    def order(x):
+        return jnp.where(first, x[:, 0], x[:, 1]), jnp.where(first, x[:, 1], x[:, 0])
+
+    (chosen, rejected), (ref_chosen, ref_rejected), (n_chosen, n_rejected) = map(order, (sums, ref_sums, lengths))
+    ranked = pair_scores[:, 0] != pair_scores[:, 1] if ties == "skip" else jnp.ones_like(first)
+    return PairLogps(
+        chosen,
+        rejected,
+        ref_chosen,
+        ref_rejected,
+        chosen_lengths=n_chosen,
+        rejected_lengths=n_rejected,
+        mask=ranked,
+    )
 
 
 def sequence_kl(logps: Array, ref_logps: Array, mask: Array, estimator: str) -> Array:
@@ -86,8 +133,10 @@ def advantages_and_returns(
             seq_adv = masked_whiten(seq_adv, jnp.ones_like(seq_adv))
         advantages = seq_adv[:, None] * mask
         returns = jnp.zeros_like(advantages)
+    elif cfg.algorithm == "online":  # the pair loss needs no advantages
+        advantages = returns = jnp.zeros_like(mask)
     else:
-        raise ValueError(f"rl.algorithm={cfg.algorithm!r}: expected one of rloo, grpo, reinforce, ppo")
+        raise ValueError(f"rl.algorithm={cfg.algorithm!r}: expected one of rloo, grpo, reinforce, ppo, online")
     grouped_scores = scores.reshape(-1, cfg.num_generations)
     metrics = {
         "objective/kl": jnp.mean(kl),

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cpo_jax import losses
 from cpo_jax.losses.rlhf import masked_mean
-from cpo_jax.rlhf.algorithms import advantages_and_returns, policy_objective
+from cpo_jax.rlhf.algorithms import advantages_and_returns, online_pairs, policy_objective
 from cpo_jax.rlhf.rollout import (
     Rollout,
     completion_entropy,
@@ -86,13 +87,28 @@ def score_rollout(
     return rollout, metrics
 
 
-def _minibatches(rollout: Rollout, key: jax.Array, epochs: int, num_mini_batches: int) -> Rollout:
-    """``[B, ...]`` -> ``[epochs * M, B / M, ...]``, rows shuffled afresh for each epoch."""
+def online_objective(cfg: TrainConfig, logps: jax.Array, mb: Rollout) -> tuple[jax.Array, dict]:
+    """Online DPO/CPO on one mini-batch: ``cfg.loss.name`` on :func:`online_pairs` of the mini-batch's completions,
+    averaged over the ranked pairs (0 when none is), with TRL's reward metrics and the paper's diagnostics."""
+    pairs = online_pairs(mb.scores, logps, mb.ref_logps, mb.mask, ties=cfg.rl.online_ties)
+    hparams = dict(cfg.loss.hparams)
+    per_pair = losses.get(cfg.loss.name)(pairs, **hparams)
+    ranked = pairs.real()
+    loss = jnp.sum(jnp.where(ranked, per_pair, 0.0)) / jnp.maximum(jnp.sum(ranked), 1)
+    metrics = losses.preference_metrics(pairs, beta=hparams.get("beta", 0.1), gamma=hparams.get("gamma"))
+    metrics.update({"loss/total": loss, "loss/policy_avg": loss, "online/ranked_pairs": jnp.mean(ranked)})
+    return loss, metrics
+
+
+def _minibatches(rollout: Rollout, key: jax.Array, epochs: int, num_mini_batches: int, group: int = 1) -> Rollout:
+    """``[B, ...]`` -> ``[epochs * M, B / M, ...]``, rows shuffled afresh for each epoch; with ``group`` > 1, whole
+    groups of ``group`` consecutive rows (an online pair's two completions) move together."""
     b = rollout.tokens.shape[0]
     size = b // num_mini_batches
 
     def one_epoch(k):
-        perm = jax.random.permutation(k, b)
+        perm = jax.random.permutation(k, b // group)
+        perm = (perm[:, None] * group + jnp.arange(group)[None, :]).reshape(-1)
         return jax.tree.map(lambda x: x[perm].reshape((num_mini_batches, size) + x.shape[1:]), rollout)
 
     per_epoch = [one_epoch(k) for k in jax.random.split(key, epochs)]
@@ -116,7 +132,8 @@ def update(
     policy with itself."""
     rl, chunk = cfg.rl, cfg.model.logprob_chunk_size
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    batches = _minibatches(rollout, key, rl.ppo_epochs, rl.num_mini_batches)
+    online = rl.algorithm == "online"
+    batches = _minibatches(rollout, key, rl.ppo_epochs, rl.num_mini_batches, group=2 if online else 1)
 
     def loss_fn(params, mb: Rollout):
         model = model_of(graphdef, params["model"], frozen)
@@ -125,18 +142,21 @@ def update(
         hidden, aux = out if router else (out, None)
         logps = completion_logps(model, hidden, mb.tokens, temperature=rl.temperature, chunk_size=chunk)
         values = value_predictions(hidden, params["value_head"]) if "value_head" in params else None
-        loss, metrics = policy_objective(
-            rl,
-            logps,
-            mb.old_logps,
-            mb.ref_logps,
-            mb.advantages,
-            mb.mask,
-            kl_coef,
-            values=values,
-            old_values=mb.values,
-            returns=mb.returns,
-        )
+        if online:
+            loss, metrics = online_objective(cfg, logps, mb)
+        else:
+            loss, metrics = policy_objective(
+                rl,
+                logps,
+                mb.old_logps,
+                mb.ref_logps,
+                mb.advantages,
+                mb.mask,
+                kl_coef,
+                values=values,
+                old_values=mb.values,
+                returns=mb.returns,
+            )
         if router:  # TRL's GRPO: loss + router_aux_loss_coef * aux_loss, per mini-batch
             loss = loss + model.router_aux_loss_coef * aux["router_aux_loss"]
             metrics = {**metrics, "router_aux_loss": aux["router_aux_loss"], "loss/total": loss}

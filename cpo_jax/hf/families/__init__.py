@@ -10,10 +10,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from cpo_jax.errors import UnsupportedConfig
-from cpo_jax.hf.families import gemma, gpt2, llama, moe, olmo2, phi3, smollm3
+from cpo_jax.hf.families import gemma, gpt2, gpt_oss, llama, moe, olmo2, phi3, smollm3
 
 FAMILIES: dict[str, ModuleType] = {
-    t: module for module in (llama, gemma, gpt2, moe, olmo2, phi3, smollm3) for t in module.MODEL_TYPES
+    t: module for module in (llama, gemma, gpt2, gpt_oss, moe, olmo2, phi3, smollm3) for t in module.MODEL_TYPES
 }
 
 
@@ -24,4 +24,4 @@ def family_of(model_type: str) -> ModuleType:
     return FAMILIES[model_type]
 
 
-__all__ = ["FAMILIES", "family_of", "gemma", "gpt2", "llama", "moe", "olmo2", "phi3", "smollm3"]
+__all__ = ["FAMILIES", "family_of", "gemma", "gpt2", "gpt_oss", "llama", "moe", "olmo2", "phi3", "smollm3"]

@@ -9,8 +9,9 @@ Attention is the Llama family's (:func:`cpo_jax.hf.families.llama.projection_rul
 
 Every layer's MLP is :class:`cpo_jax.models.moe.MoE`: a softmax router, top-``num_experts_per_tok`` experts
 (renormalised with ``norm_topk_prob``; always for Mixtral) and, for Qwen2-MoE, a sigmoid-gated shared expert.
-Configs that mix dense and sparse layers (``decoder_sparse_step != 1`` or a non-empty ``mlp_only_layers``) and
-Mixtral's training-time ``router_jitter_noise`` are refused.
+Qwen2/3-MoE's dense layers (``mlp_only_layers``, ``decoder_sparse_step``) get a plain gated MLP of
+``intermediate_size`` (``TransformerConfig.dense_layers``; such a model runs with ``scan_layers=False``). Mixtral's
+training-time ``router_jitter_noise`` is refused.
 
 Weights are named as ``save_pretrained`` writes them (transformers 5 converts its fused ``experts.gate_up_proj``
 ``[E, 2F, D]`` back to one tensor per expert on save, the layout of the Hub checkpoints): the ``E`` tensors
@@ -20,6 +21,7 @@ Weights are named as ``save_pretrained`` writes them (transformers 5 converts it
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from cpo_jax.errors import UnsupportedConfig
@@ -49,19 +51,22 @@ def _num_experts(hf: Mapping, model_type: str) -> int:
     return int_value(hf, key, model_type)
 
 
-def _check_all_layers_sparse(hf: Mapping, model_type: str) -> None:
-    step = int_value(hf, "decoder_sparse_step", model_type, required=False)
-    if step not in (None, 1):
+def _dense_layers(hf: Mapping, model_type: str, n_layers: int) -> tuple[int, ...]:
+    """Qwen2/3-MoE's dense layers, as HF's decoder layer decides: layer ``i`` is sparse when it is not in
+    ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0``."""
+    step = int_value(hf, "decoder_sparse_step", model_type, required=False, minimum=1) or 1
+    only = hf.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
         raise UnsupportedConfig(
-            f"{model_type}: config.json sets decoder_sparse_step={step}; cpo_jax supports MoE in every layer "
-            "(decoder_sparse_step=1), not a mix of dense and sparse layers"
+            f"{model_type}: config.json sets mlp_only_layers={only!r}; expected a list of layer indices"
         )
-    dense = hf.get("mlp_only_layers")
-    if dense:
+    outside = [i for i in only if not 0 <= i < n_layers]
+    if outside:
         raise UnsupportedConfig(
-            f"{model_type}: config.json sets mlp_only_layers={dense!r}; cpo_jax supports MoE in every layer "
-            "(mlp_only_layers=[]), not a mix of dense and sparse layers"
+            f"{model_type}: config.json's mlp_only_layers names layers {outside} outside [0, {n_layers}) "
+            "(num_hidden_layers)"
         )
+    return tuple(i for i in range(n_layers) if i in only or (i + 1) % step)
 
 
 def _attention(hf: Mapping, model_type: str, n_layers: int) -> dict:
@@ -110,8 +115,9 @@ def config_from_hf(hf: dict) -> TransformerConfig:
     if model_type == "mixtral":
         require_value(hf, "router_jitter_noise", (0, 0.0), model_type)
         moe_size, normalize, shared = 0, True, 0
+        dense = ()
     else:
-        _check_all_layers_sparse(hf, model_type)
+        dense = _dense_layers(hf, model_type, n_layers)
         moe_size = int_value(hf, "moe_intermediate_size", model_type)
         normalize = bool(hf.get("norm_topk_prob", False))
         shared = int_value(hf, "shared_expert_intermediate_size", model_type) if model_type == "qwen2_moe" else 0
@@ -129,6 +135,7 @@ def config_from_hf(hf: dict) -> TransformerConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         padding_idx=padding_row(hf, dims["vocab_size"]),
         num_experts=experts,
+        dense_layers=dense,
         experts_per_token=top_k,
         moe_intermediate_size=moe_size,
         norm_topk_prob=normalize,
@@ -139,7 +146,8 @@ def config_from_hf(hf: dict) -> TransformerConfig:
 
 
 def moe_rules(cfg: TransformerConfig, layer: str = "model.layers.{i}") -> list[WeightRule]:
-    """Router, stacked experts and (Qwen2-MoE) shared expert of one layer's MoE block."""
+    """Router, stacked experts and (Qwen2-MoE) shared expert of the MoE layers, and the dense MLP of the layers in
+    ``cfg.dense_layers`` (Llama's ``mlp.*_proj`` names)."""
     if cfg.model_type == "mixtral":
         prefix, names = f"{layer}.block_sparse_moe", (("expert_gate", "w1"), ("expert_up", "w3"), ("expert_down", "w2"))
     else:
@@ -154,7 +162,13 @@ def moe_rules(cfg: TransformerConfig, layer: str = "model.layers.{i}") -> list[W
                 WeightRule(f"{prefix}.shared_expert.{theirs}.weight", f"layers.{{i}}.mlp.shared.{ours}.kernel", True)
             )
         rules.append(WeightRule(f"{prefix}.shared_expert_gate.weight", "layers.{i}.mlp.shared_gate", transpose=True))
-    return rules
+    if not cfg.dense_layers:
+        return rules
+    sparse = tuple(i for i in range(cfg.num_layers) if cfg.is_sparse(i))
+    dense_mlp = [r for r in projection_rules(cfg, layer) if ".mlp." in r.ours]
+    return [dataclasses.replace(r, layers=sparse) for r in rules] + [
+        dataclasses.replace(r, layers=cfg.dense_layers) for r in dense_mlp
+    ]
 
 
 def weight_table(cfg: TransformerConfig) -> list[WeightRule]:
