@@ -33,9 +33,9 @@ def test_device_check_dry_run_covers_every_section(tmp_path):
         assert rows and not any("error" in r for r in rows), (section, rows)
     assert {(r["reference"], r["attention"]) for r in result["step"]} == {
         ("separate", "xla"),
-        ("separate", "auto"),
+        ("separate", "cudnn"),
         ("precomputed", "xla"),
-        ("precomputed", "auto"),
+        ("precomputed", "cudnn"),
     }
     assert all(r["tokens_per_s"] > 0 and r["loss"] == r["loss"] for r in result["step"])  # finite losses
     assert [r["quantize"] for r in result["lora8b"]] == ["none", "nf4"]

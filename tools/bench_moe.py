@@ -15,6 +15,12 @@ cost analysis (it counts a loop body once, so it undercounts ``blocked``). Time 
 after a warm-up (forward only, or value-and-grad with ``--grad``).
 
     python tools/bench_moe.py                       # E=8, top-2, D=512, F=1024, 4096 tokens, float32, CPU
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tools/bench_moe.py --expert-parallel 8 --grad
+
+``--expert-parallel N`` also times the blocked path with the experts sharded over an ``expert`` mesh axis of ``N``
+devices (the tokens sharded over the same axis, as the trainer's ``batch`` rule does with ``mesh.expert``), against
+the same computation on one device, and counts the collectives of the compiled sharded module
+(:func:`cpo_jax.parallel.hlo.count_collectives`; GSPMD chooses them, there is no hand-written all-to-all).
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--grad", action="store_true", help="time value_and_grad w.r.t. the input and the experts")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--expert-parallel", type=int, default=0, metavar="N", help="also time experts sharded on N devices"
+    )
     args = parser.parse_args()
 
     n, e, k, d, f = args.tokens, args.experts, args.top_k, args.dim, args.ffn
@@ -119,6 +128,54 @@ def main():
             f"| {name} | {count / 1e9:.1f} | {xla / 1e9:.1f} | {seconds * 1e3:.0f} | {dense_time / seconds:.2f}x | "
             f"{diff:.1e} |"
         )
+
+    if args.expert_parallel:
+        expert_parallel(args, operands, variants["blocked"], k)
+
+
+def _timed(compiled, operands, repeats):
+    jax.block_until_ready(compiled(*operands))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*operands))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def expert_parallel(args, operands, fn, k):
+    """The blocked MoE layer with experts (and tokens) sharded over ``args.expert_parallel`` devices vs one device."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from cpo_jax.parallel.hlo import KINDS, count_collectives
+
+    n = args.expert_parallel
+    if len(jax.devices()) < n:
+        raise SystemExit(
+            f"--expert-parallel {n} needs {n} devices, found {len(jax.devices())}; on the CPU set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n}"
+        )
+    mesh = Mesh(np.asarray(jax.devices()[:n]), ("expert",))
+    specs = (P("expert", None), P(), P("expert"), P("expert"), P("expert"))  # x, router, gate, up, down
+    forward = jax.tree_util.Partial(fn, top_k=k)
+    if args.grad:
+        body = jax.value_and_grad(lambda *a: jnp.sum(forward(*a).astype(jnp.float32)), argnums=(0, 2, 3, 4))
+    else:
+        body = forward
+    single = jax.jit(body).lower(*operands).compile()
+    placed = tuple(jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in zip(operands, specs))
+    sharded = jax.jit(body).lower(*placed).compile()
+    counts = count_collectives(sharded.as_text())
+    t1, tn = _timed(single, operands, args.repeats), _timed(sharded, placed, args.repeats)
+    out1, outn = single(*operands), sharded(*placed)
+    a, b = (out1[1][0], outn[1][0]) if args.grad else (out1, outn)
+    diff = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+    print(f"\nexpert parallel, blocked path, {'value_and_grad' if args.grad else 'forward'}:")
+    print("| layout | time (ms) | " + " | ".join(KINDS) + f" | max abs diff of {'dx' if args.grad else 'output'} |")
+    print("|---|---|" + "---|" * len(KINDS) + "---|")
+    print(f"| 1 device | {t1 * 1e3:.0f} | " + " | ".join("0" for _ in KINDS) + " | - |")
+    print(f"| expert={n} | {tn * 1e3:.0f} | " + " | ".join(str(counts[kind]) for kind in KINDS) + f" | {diff:.1e} |")
 
 
 if __name__ == "__main__":

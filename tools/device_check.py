@@ -5,11 +5,12 @@ Sections (each in its own subprocess, so every peak-memory figure is that sectio
 
 1. ``step``: the DPO/CPO train step (:func:`cpo_jax.train.step.train_step`, jitted as the trainer does) on a
    Llama-3.2-1B-shaped model with random weights (``configs/shapes/llama-3.2-1b``), bf16, sequence 2048, 4 pairs,
-   reference ``separate`` and ``precomputed``, ``attention_impl`` ``xla`` and ``auto`` (cuDNN through
-   ``jax.nn.dot_product_attention`` where available). Step time, tokens/s, TFLOP/s and MFU (FLOPs of
-   ``train/flops.py``: policy forward + backward, plus the reference forward for ``separate``).
+   reference ``separate`` and ``precomputed``, ``attention_impl`` ``xla`` and ``cudnn`` (cuDNN's fused attention
+   through ``jax.nn.dot_product_attention(implementation="cudnn")``; each row records the path the call took, and
+   the reason of a fallback, from :func:`cpo_jax.ops.attention.plan_attention`). Step time, tokens/s, TFLOP/s and
+   MFU (FLOPs of ``train/flops.py``: policy forward + backward, plus the reference forward for ``separate``).
 2. ``trl``: TRL's DPOTrainer on the same device, shape, batch and length (bf16, sdpa attention): step time and the
-   tokens/s ratio against cpo_jax's ``separate`` + ``auto`` step.
+   tokens/s ratio against cpo_jax's ``separate`` + ``cudnn`` step.
 3. ``logprobs``: peak device memory (``memory_stats``) of the value-and-grad of summed log-probs, chunked against
    naive, at B=4, T=2048, V=128256, D=2048.
 4. ``generate``: KV-cache greedy generation tokens/s at batch 1 and 64 (128-token prompts, 128 new tokens).
@@ -146,6 +147,7 @@ def train_step_run(
 
     from cpo_jax.hf.pretrained import config_from_hf
     from cpo_jax.models.transformer import Transformer
+    from cpo_jax.ops.attention import machine_facts, plan_attention
     from cpo_jax.train import TrainConfig, flops, from_dict
     from cpo_jax.train.loop import adapt_policy
     from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -175,7 +177,7 @@ def train_step_run(
     arch = config_from_hf(hf, dtype=jnp.bfloat16, scan_layers=True, remat=model_cfg["remat"], attention_impl=attention)
     model = Transformer(arch, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     adapt_policy(model, cfg)  # as the trainer does: adapters, then the quantised base
-    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+    num_params = flops.count_params(model)  # a quantised kernel counts its weights, not its packed codes
     if lora:
         graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
     else:
@@ -207,11 +209,27 @@ def train_step_run(
     compile_s = time.perf_counter() - t0
     state, seconds = time_steps(step, state, (batch, ref, frozen), s["steps"], s["warmup"])
     tokens = 2 * s["pairs"] * s["length"]
-    step_flops = flops.step_flops(arch, num_params, tokens, s["length"], reference_forward=reference == "separate")
+    step_flops = flops.step_flops(
+        arch,
+        num_params,
+        tokens,
+        s["length"],
+        reference_forward=reference in ("separate", "base"),
+        frozen_base=bool(lora),
+    )
+    plan = plan_attention(
+        attention,
+        **machine_facts(),
+        padded=True,  # pairs are right-padded to the batch length
+        dtype=jnp.bfloat16,
+        head_dim=arch.head_dim,
+    )
     peak = flops.peak_tflops(jax.devices()[0].device_kind)
     return {
         "reference": reference,
         "attention": attention,
+        "attention_path": plan.path,
+        "attention_reason": plan.reason,
         "lora": bool(lora),
         "quantize": quantize,
         "step_s": seconds,
@@ -230,7 +248,7 @@ def section_step(s: dict, dry: bool) -> list[dict]:
     return [
         train_step_run(hf, reference=ref, attention=attn, s=s)
         for ref in ("separate", "precomputed")
-        for attn in ("xla", "auto")
+        for attn in ("xla", "cudnn")
     ]
 
 
@@ -386,7 +404,7 @@ def lora8b_one(s: dict, dry: bool, quantize: str) -> dict:
     if dry:  # NF4 blocks of 64 need in-features that 64 divides
         hf.update(hidden_size=128, intermediate_size=256, head_dim=32)
     return train_step_run(
-        hf, reference="base", attention="auto", s=s, lora={"rank": 16, "alpha": 32}, quantize=quantize
+        hf, reference="base", attention="cudnn", s=s, lora={"rank": 16, "alpha": 32}, quantize=quantize
     )
 
 
@@ -414,7 +432,8 @@ def table(results: dict) -> str:
                 continue
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
             lines.append(
-                f"| 1B | {r['reference']} | {r['attention']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} |"
+                f"| 1B | {r['reference']} | {r['attention']} ({r['attention_path']}) | {r['step_s']:.3f} |"
+                f" {r['tokens_per_s']:,.0f} |"
                 f" {r['tflops']:.1f} | {mfu} | {_gib(r['peak_gib'])} |"
             )
     for name, keys in (
@@ -434,10 +453,10 @@ def table(results: dict) -> str:
                 + (f" error: {r['error'][-200:]!r}" if "error" in r else "")
             )
     if "trl" in results and "step" in results:
-        ours = [r for r in results["step"] if r.get("reference") == "separate" and r.get("attention") == "auto"]
+        ours = [r for r in results["step"] if r.get("reference") == "separate" and r.get("attention") == "cudnn"]
         if ours and "tokens_per_s" in ours[0] and "tokens_per_s" in results["trl"][0]:
             lines.append(
-                f"\ncpo_jax / TRL tokens/s (separate reference, auto attention): "
+                f"\ncpo_jax / TRL tokens/s (separate reference, cudnn attention): "
                 f"{ours[0]['tokens_per_s'] / results['trl'][0]['tokens_per_s']:.2f}x"
             )
     return "\n".join(lines)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from cpo_jax.models.config import RopeSpec, TransformerConfig
-from cpo_jax.ops.attention import dot_product_attention
+from cpo_jax.ops.attention import MaskSpec, dot_product_attention
 from cpo_jax.ops.quant import QuantizedTensor, dequantize, quantized_matmul
 
 _ACTIVATIONS = {
@@ -281,7 +281,7 @@ class Attention(nnx.Module):
     def __call__(
         self,
         x: jax.Array,
-        mask: jax.Array,
+        mask: MaskSpec | jax.Array,
         rope: tuple[jax.Array, jax.Array] | None,
         kv_cache: tuple[jax.Array, jax.Array] | None = None,
         cache_index: jax.Array | None = None,
@@ -289,7 +289,9 @@ class Attention(nnx.Module):
         """Attend ``x`` ``[B, T, D]``.
 
         Args:
-          mask: ``[B, T, S]`` bool; ``S = T`` without a cache, the cache length with one.
+          mask: the :class:`~cpo_jax.ops.attention.MaskSpec` that ``Transformer.forward`` builds (the fused
+            ``attention_impl`` paths read its structure), or a dense ``[B, T, S]`` bool mask; ``S = T`` without a
+            cache, the cache length with one.
           rope: ``(cos, sin)`` ``[B, T, head_dim]``, or None (learned positions).
           kv_cache: ``(k, v)`` ``[B, S, K, H]``; the new keys/values are written at ``cache_index``.
 

@@ -23,7 +23,8 @@ from flax import nnx, struct
 from cpo_jax.models.config import FULL, SLIDING, TransformerConfig
 from cpo_jax.models.layers import MLP, Attention, Linear, Norm, param, rope_for_positions
 from cpo_jax.models.moe import MoE, RouterStats, load_balancing_loss
-from cpo_jax.ops.attention import attention_mask as build_mask
+from cpo_jax.ops.attention import MaskSpec
+from cpo_jax.parallel.sharding import constrain
 
 _REMAT_POLICIES = {
     "full": None,
@@ -77,10 +78,16 @@ def positions_from_mask(attention_mask: jax.Array, segment_ids: jax.Array | None
     return idx - segment_start
 
 
+#: Logical axes of the residual stream ``[B, T, D]``: rows over the batch axes (``data``, ``fsdp``); the model
+#: dimension takes only a mesh axis that the batch left unused (none in the default rules when the rows divide).
+RESIDUAL = ("batch", "length", "embed")
+
+
 class Block(nnx.Module):
     """One decoder layer: pre-norm (Llama, Gemma 1, GPT-2), sandwich-norm (Gemma 2/3) or post-norm (OLMo 2)."""
 
-    def __init__(self, cfg: TransformerConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TransformerConfig, *, param_dtype, rngs: nnx.Rngs, sparse: bool | None = None):
+        """``sparse``: an MoE MLP (default: ``cfg.num_experts > 0``); False gives a dense layer in an MoE model."""
         norm = lambda: Norm(
             cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, rngs=rngs
         )
@@ -89,12 +96,19 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
         self.post_attn_norm = norm() if after else None
         self.mlp_norm = norm() if before else None
-        self.mlp = (MoE if cfg.num_experts else MLP)(cfg, param_dtype=param_dtype, rngs=rngs)
+        sparse = bool(cfg.num_experts) if sparse is None else sparse
+        self.mlp = (MoE if sparse else MLP)(cfg, param_dtype=param_dtype, rngs=rngs)
         self.post_mlp_norm = norm() if after else None
 
     def __call__(self, x, mask, rope, kv_cache=None, cache_index=None, token_mask=None):
         """``[B, T, D] -> ([B, T, D], updated kv, RouterStats or None)``; see :meth:`Attention.__call__` for the
-        other args. ``token_mask`` ``[B, T]`` marks the real tokens an MoE layer counts in its router statistics."""
+        other args. ``token_mask`` ``[B, T]`` marks the real tokens an MoE layer counts in its router statistics.
+
+        The residual stream is pinned to :data:`RESIDUAL` on entry and on exit
+        (:func:`~cpo_jax.parallel.sharding.constrain`, a no-op outside ``activation_sharding``). Without it GSPMD
+        follows the FSDP-sharded weights: it splits the matmuls over ``embed`` and all-reduces activations of the
+        whole batch on every device (``docs/benchmarks.md``, collectives of the train step)."""
+        x = constrain(x, RESIDUAL)
         h, kv_cache = self.attn(_apply(self.attn_norm, x), mask, rope, kv_cache, cache_index)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
@@ -106,7 +120,7 @@ class Block(nnx.Module):
             h = self.mlp(_apply(self.mlp_norm, x))
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
-        return x + h, kv_cache, stats
+        return constrain(x + h, RESIDUAL), kv_cache, stats
 
 
 def _apply(norm, x):
@@ -161,7 +175,9 @@ class Transformer(nnx.Module):
 
             self.layers = stacked(rngs)
         else:
-            self.layers = nnx.List([Block(cfg, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.layers = nnx.List(
+                [Block(cfg, param_dtype=param_dtype, rngs=rngs, sparse=cfg.is_sparse(i)) for i in range(cfg.num_layers)]
+            )
         self.final_norm = Norm(
             cfg.hidden_size, kind=cfg.norm, eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, rngs=rngs
         )
@@ -256,6 +272,7 @@ class Transformer(nnx.Module):
         """
         cfg = self.config
         b, t = input_ids.shape
+        padded = attention_mask is not None or cache is not None  # else the mask has no padding, statically
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
@@ -274,13 +291,15 @@ class Transformer(nnx.Module):
             query_slots = index + jnp.arange(t)
             key_slots = jnp.arange(cache.valid.shape[1])
             key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, index))
+        # the structure of each layer type's mask; the XLA path derives the dense [B, T, S] mask from it
         masks = {
-            kind: build_mask(
-                query_slots,
-                key_slots,
-                key_valid,
-                query_segments=segment_ids,
-                sliding_window=cfg.sliding_window if kind == SLIDING else None,
+            kind: MaskSpec(
+                query_slots=query_slots,
+                key_slots=key_slots,
+                key_valid=key_valid if padded else None,
+                segment_ids=segment_ids,
+                window=cfg.sliding_window if kind == SLIDING else None,
+                causal=cache is None,
             )
             for kind in set(cfg.layer_types)
         }
@@ -328,7 +347,11 @@ class Transformer(nnx.Module):
             (mask,) = masks.values()
             rope = None if ropes is None else next(iter(ropes.values()))
             return mask, rope
-        return pick(masks), (None if ropes is None else pick(ropes))
+        if isinstance(kind_is_sliding, bool):
+            mask = masks[SLIDING if kind_is_sliding else FULL]
+        else:  # a traced flag (scan): the sliding spec, its window on only in sliding layers
+            mask = masks[SLIDING].window_if(kind_is_sliding)
+        return mask, (None if ropes is None else pick(ropes))
 
     def _loop_layers(self, x, masks, ropes, cache, index, token_mask):
         cfg = self.config

@@ -11,7 +11,9 @@ from cpo_jax.parallel.multihost import (
 )
 from cpo_jax.parallel.sharding import (
     DEFAULT_RULES,
+    activation_sharding,
     check_mesh_rules,
+    constrain,
     logical_sharding,
     logical_spec,
     make_mesh,
@@ -22,8 +24,10 @@ from cpo_jax.parallel.sharding import (
 
 __all__ = [
     "DEFAULT_RULES",
+    "activation_sharding",
     "any_process",
     "check_mesh_rules",
+    "constrain",
     "gather_json",
     "global_to_host",
     "host_to_global",

@@ -18,16 +18,22 @@ A dimension that a mesh axis does not divide is replicated over that axis, with 
 Meshes are built with ``AxisType.Auto`` on purpose: jax >= 0.10 defaults ``jax.make_mesh`` to Explicit
 axes (sharding in types), and our jitted steps rely on GSPMD propagation from the parameter and
 batch shardings instead.
+
+Activations are pinned at a few layer boundaries by :func:`constrain` (``with_sharding_constraint`` by logical
+axes). It acts only while a function is traced inside :func:`activation_sharding` (a mesh and its rules); outside
+one it returns its input, so single-device and library callers trace exactly the code they did before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from cpo_jax.errors import ConfigError
 
@@ -160,7 +166,12 @@ def _mesh_axes(rule) -> tuple[str, ...]:
 
 
 def logical_spec(
-    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules | None = None
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh | AbstractMesh,
+    rules: Rules | None = None,
+    *,
+    warn: bool = True,
 ) -> PartitionSpec:
     """PartitionSpec for an array with logical axis ``names``.
 
@@ -168,7 +179,8 @@ def logical_spec(
     absent from the mesh, already used by an earlier dimension, or whose size does not divide the dimension is
     dropped for that dimension
     (the dimension is then replicated over it); a dropped axis of size > 1 that does not divide is logged as a
-    warning, once per (logical axis, dimension, mesh axes). Unknown logical names raise ``KeyError``.
+    warning (unless ``warn=False``), once per (logical axis, dimension, mesh axes). Unknown logical names raise
+    ``KeyError``.
     """
     rules = DEFAULT_RULES if rules is None else rules
     used: set[str] = set()
@@ -191,7 +203,7 @@ def logical_spec(
             axes.append(axis)
             divisor *= mesh.shape[axis]
         used.update(axes)
-        if dropped:
+        if dropped and warn:
             _warn_replicated(name, size, dropped, mesh)
         spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
     return PartitionSpec(*spec)
@@ -228,3 +240,41 @@ def param_shardings(abstract_state, mesh: Mesh, rules: Rules | None = None):
         return logical_sharding(names, var.shape, mesh, rules)
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Activation constraints
+_ACTIVATION_RULES: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules | None = None) -> Iterator[None]:
+    """Trace (call or ``.lower()``) a jitted function inside this to let :func:`constrain` pin its activations on
+    ``mesh`` by ``rules`` (None: :data:`DEFAULT_RULES`): ``jax.set_mesh(mesh)`` plus the rules.
+
+    Only tracing reads it: a function already compiled runs the same program inside or outside, and ``jax.jit``
+    keys its cache on the mesh context, so tracing once inside and once outside compiles two programs."""
+    token = _ACTIVATION_RULES.set(DEFAULT_RULES if rules is None else rules)
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _ACTIVATION_RULES.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``x`` pinned to the sharding of logical axes ``names`` (one per dimension, as a parameter's ``out_sharding``;
+    e.g. ``("batch", "length", "embed")``) by ``jax.lax.with_sharding_constraint``, under
+    :func:`activation_sharding`; ``x`` itself, unchanged, outside one (no mesh context or no rules).
+
+    The spec is :func:`logical_spec`'s: a dimension that its mesh axes do not divide is not split over them, and a
+    later dimension may then take such an axis (3 rows of ``("batch", "length", "embed")`` on ``fsdp=8`` put D over
+    ``fsdp``). Unlike for parameters this is silent: activations change shape from call to call (a decode step has
+    one token). The value of ``x`` never changes, only where its pieces live."""
+    rules = _ACTIVATION_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return x
+    if len(names) != x.ndim:
+        raise ValueError(f"logical axes {tuple(names)} do not match an array of shape {x.shape}")
+    return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh, rules, warn=False))

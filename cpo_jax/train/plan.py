@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cpo_jax.parallel.sharding import logical_sharding, make_mesh, merge_rules, param_shardings
+from cpo_jax.parallel.sharding import activation_sharding, logical_sharding, make_mesh, merge_rules, param_shardings
 from cpo_jax.train.config import TrainConfig
 
 GIB = 1024**3
@@ -196,7 +196,8 @@ def plan(cfg: TrainConfig, hf: dict, devices=None) -> Plan:
     temps = {}
     for n in (length, min(_SHORT, length)):
         batch, batch_s = _batch(cfg, n, mesh, rules)
-        temps[n] = _compiled_temp(step, state, state_s, batch, batch_s, ref, ref_s, frozen, frozen_s)
+        with activation_sharding(mesh, rules):  # the trainer's activation constraints (TrainLoop.activations)
+            temps[n] = _compiled_temp(step, state, state_s, batch, batch_s, ref, ref_s, frozen, frozen_s)
     batch, batch_s = _batch(cfg, length, mesh, rules)
     trainable_bytes = _per_device_bytes(trainable, trainable_s)
     return Plan(
