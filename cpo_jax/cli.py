@@ -2,8 +2,9 @@
 
 Configs are YAML files merged with ``key=value`` overrides (OmegaConf dot-lists), then loaded strictly
 into :class:`cpo_jax.train.TrainConfig`: an unknown key, a wrong type, a missing path or an impossible mesh
-is reported with the key's name before anything is compiled or downloaded. ``max_steps=N`` is an alias of
-``steps=N``.
+is reported with the key's name before anything is compiled or downloaded. How overrides combine with the file
+(replacing mappings, ``~key``, switching the loss in one override, TRL's names) is :mod:`cpo_jax.train.overrides`;
+``cpo-jax train --help-config`` lists every key.
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ app = typer.Typer(
 convert_app = typer.Typer(no_args_is_help=True, help="Convert between HF directories and Orbax checkpoints.")
 app.add_typer(convert_app, name="convert")
 
-_ALIASES = {"max_steps": "steps"}
-
-
 #: What ``cpo-jax plan`` puts in place of data files it never reads, when a config leaves them ``???``.
 PLAN_DATA = "(not read by plan)"
 
@@ -44,6 +42,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, for_pla
     from omegaconf.errors import OmegaConfBaseException
 
     from cpo_jax.train import TrainConfig, from_dict
+    from cpo_jax.train.overrides import apply_overrides
     from cpo_jax.train.validate import validate_config
 
     path = Path(path)
@@ -53,16 +52,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, for_pla
             where=str(path),
             hint="give a YAML file, e.g. configs/tiny.yaml",
         )
-    dotlist = []
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(
-                f"override {item!r} is not key=value",
-                where="command line",
-                hint="write overrides as key=value, e.g. optim.learning_rate=1e-6",
-            )
-        key, value = item.split("=", 1)
-        dotlist.append(f"{_ALIASES.get(key, key)}={value}")
     try:
         loaded = OmegaConf.load(path)
     except yaml.YAMLError as err:
@@ -74,7 +63,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, for_pla
     if not OmegaConf.is_dict(loaded):
         raise ConfigError("the config file must hold a mapping of keys (model:, data:, loss:, ...)", where=str(path))
     try:
-        merged = OmegaConf.merge(loaded, OmegaConf.from_dotlist(dotlist))
+        merged = OmegaConf.create(apply_overrides(OmegaConf.to_container(loaded), overrides, source=str(path)))
         if for_plan and "data.train_files" in OmegaConf.missing_keys(merged):
             merged = OmegaConf.merge(merged, OmegaConf.create({"data": {"train_files": [PLAN_DATA]}}))
         missing = sorted(OmegaConf.missing_keys(merged))
@@ -113,12 +102,12 @@ def _check_paths_and_mesh(cfg) -> None:
 
     from cpo_jax.data.sources import is_bundled
     from cpo_jax.errors import UserFileNotFoundError
-    from cpo_jax.hf.resolve import SMOLLM2, TINY, require_model_dir
+    from cpo_jax.hf.resolve import SMOLLM2, TINY, model_dir
     from cpo_jax.parallel import resolve_mesh_shape
 
     if cfg.model.path not in (SMOLLM2, TINY):
         try:
-            require_model_dir(cfg.model.path)
+            model_dir(cfg.model.path)  # a directory, or a hub id in the local HF cache
         except UserFileNotFoundError as err:
             raise ConfigError(
                 f"{cfg.model.path!r}: {err.problem}", where="config key model.path", hint=err.hint
@@ -165,7 +154,7 @@ def _restored_trainer(config: Path, overrides: list[str] | None, *, writes_outpu
     else:
         trainer = Trainer(cfg)
     step, _ = trainer.restore_latest()
-    return cfg, trainer, step
+    return trainer.cfg, trainer, step  # trainer.cfg: with epochs, the steps computed from the train set
 
 
 def _evaluate(trainer, cfg) -> dict:
@@ -189,6 +178,14 @@ def _evaluate(trainer, cfg) -> dict:
     return metrics
 
 
+def _print_config_help(value: bool) -> None:
+    if value:
+        from cpo_jax.train.config_doc import render_text
+
+        typer.echo(render_text(), nl=False)
+        raise typer.Exit()
+
+
 @app.command()
 def train(
     config: Path,
@@ -200,9 +197,19 @@ def train(
             "SLURM); CPO_JAX_COORDINATOR etc. also start one"
         ),
     ] = False,
+    help_config: Annotated[
+        bool,
+        typer.Option(
+            "--help-config",
+            is_eager=True,
+            expose_value=False,
+            callback=lambda value: _print_config_help(value),
+            help="list every config key with its type, default and meaning (docs/config.md), and exit",
+        ),
+    ] = False,
 ) -> None:
     """Train (DPO, CPO or any loss by name; SFT; reward model; RLOO/GRPO/PPO) from CONFIG.yaml with key=value
-    overrides."""
+    overrides (--help-config lists the keys)."""
     from cpo_jax.parallel import initialize
     from cpo_jax.report import (
         PREFERENCE_PANELS,
@@ -410,9 +417,21 @@ def orbax_to_hf(
         bool, typer.Option(help="write a LoRA run's adapters in PEFT's format instead of the merged model")
     ] = False,
 ) -> None:
-    """Export a training run's checkpoint (newest, or --step) as an HF directory with the tokenizer. RUN_DIR's own
+    """Export a training run's checkpoint (newest, or --step) as an HF directory with the tokenizer, or turn an
+    Orbax model directory written by hf-to-orbax back into the HF directory it came from. RUN_DIR's own
     checkpoints/ are the only source (and, for a merged LoRA export, the base model.path); an existing non-empty DST
     is refused without --overwrite."""
+    from cpo_jax.hf.orbax_dir import is_orbax_model_dir
+
+    if is_orbax_model_dir(run_dir) and not (run_dir / "checkpoints").is_dir():
+        from cpo_jax.hf.orbax_dir import orbax_to_hf as model_to_hf
+
+        for option, given in (("--step", step is not None), ("--adapter-only", adapter_only)):
+            _require_option(
+                not given, option, True, f"is for training runs; {run_dir} is an Orbax model directory (hf-to-orbax)"
+            )
+        typer.echo(f"wrote {model_to_hf(run_dir, dst, overwrite=overwrite)}")
+        return
     from cpo_jax.train.export import export_run
 
     typer.echo(f"wrote {export_run(run_dir, dst, step=step, overwrite=overwrite, adapter_only=adapter_only)}")
@@ -420,33 +439,12 @@ def orbax_to_hf(
 
 @convert_app.command("hf-to-orbax")
 def hf_to_orbax(src: str, dst: Path) -> None:
-    """Save an HF model's parameters as an Orbax checkpoint (``DST/params``), with its config and tokenizer."""
-    import shutil
-    import tempfile
+    """Save an HF model (a directory, a hub id in the local HF cache, smollm2 or tiny-random) as an Orbax model
+    directory: DST/params (the parameters, for fast sharded loading as model.path) with its config and tokenizer.
+    convert orbax-to-hf DST HF_DIR gives the HF directory back."""
+    from cpo_jax.hf.orbax_dir import hf_to_orbax as model_to_orbax
 
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from cpo_jax.hf.pretrained import from_pretrained
-    from cpo_jax.hf.resolve import resolve_model_path
-
-    path = resolve_model_path(src)
-    if dst.exists():
-        raise ConfigError("the destination exists", where=str(dst), hint="choose a new directory")
-    _, state = nnx.split(from_pretrained(path))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))  # moved into place once complete
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save((tmp / "params").absolute(), {"model": state})
-        for file in path.iterdir():
-            if file.suffix != ".safetensors" and file.name != "model.safetensors.index.json" and file.is_file():
-                shutil.copy(file, tmp / file.name)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    typer.echo(f"wrote {dst}")
+    typer.echo(f"wrote {model_to_orbax(src, dst)}")
 
 
 def _require_option(ok: bool, option: str, value, must: str) -> None:
@@ -499,12 +497,24 @@ def _user_error_of(err: BaseException) -> UserError | None:
     return None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (a caller may have replaced it since)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+#: The prefix of a stage line on stderr, ``[HH:MM:SS] ``; an error message follows any such lines.
+STAGE_LINE_FORMAT = "[%(asctime)s] %(message)s"
+
+
 def _show_stages() -> None:
     """Print the ``cpo_jax.stages`` lines (what a run is doing and how long each stage took) on stderr."""
     stages = logging.getLogger("cpo_jax.stages")
     if not stages.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(STAGE_LINE_FORMAT, "%H:%M:%S"))
         stages.addHandler(handler)
         stages.setLevel(logging.INFO)
         stages.propagate = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,11 @@ def run_cli(env: dict, *args, check: bool = False, cwd=None) -> subprocess.Compl
     if check and proc.returncode != 0:
         raise AssertionError(f"cpo-jax {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
+
+
+_STAGE_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
+
+
+def without_stages(err: str) -> str:
+    """``err`` without the ``[HH:MM:SS] ...`` progress lines a run prints before an error (``cpo_jax.stages``)."""
+    return "".join(line for line in err.splitlines(keepends=True) if not _STAGE_LINE.match(line))

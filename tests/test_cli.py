@@ -30,7 +30,7 @@ def cli(env, *args, check=True):
 @pytest.fixture(scope="module")
 def run_dir(env, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    proc = cli(env, "train", TINY, f"output_dir={out}", "max_steps=4", "save_every=2", "eval_every=4")
+    proc = cli(env, "train", TINY, f"output_dir={out}", "steps=4", "save_every=2", "eval_every=4")
     assert "trained steps 0 -> 4" in proc.stdout
     assert "diagnostics/frac_in_U" in proc.stdout  # the before/after table
     return out
@@ -101,7 +101,7 @@ def test_same_command_resumes_from_the_latest_checkpoint(env, run_dir, tmp_path)
     import shutil
 
     shutil.copytree(run_dir, resumed)
-    proc = cli(env, "train", TINY, f"output_dir={resumed}", "max_steps=6", "save_every=2", "eval_every=0")
+    proc = cli(env, "train", TINY, f"output_dir={resumed}", "steps=6", "save_every=2", "eval_every=0")
     assert "trained steps 4 -> 6" in proc.stdout
     steps = [
         json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)
@@ -147,13 +147,13 @@ def test_convert_both_ways_and_eval(env, run_dir, tmp_path):
         TINY,
         f"model.path={tmp_path / 'orbax'}",
         f"output_dir={tmp_path / 'from_orbax'}",
-        "max_steps=2",
+        "steps=2",
         "eval_every=0",
         "data.eval_files=[]",
     )
     assert "trained steps 0 -> 2" in proc.stdout
 
-    proc = cli(env, "eval", TINY, f"output_dir={run_dir}", "max_steps=4")
+    proc = cli(env, "eval", TINY, f"output_dir={run_dir}", "steps=4")
     metrics = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert metrics["step"] == 4 and "rewards/accuracies" in metrics and "diagnostics/frac_in_U" in metrics
 

@@ -131,7 +131,7 @@ def test_the_registry_marks_exactly_the_losses_that_couple_the_batch():
         changed = not np.allclose(first[0], moved[0], rtol=1e-6, atol=0.0)
         assert changed == losses.couples_batch(name), name
     with pytest.raises(KeyError, match="unknown loss"):
-        losses.couples_batch("dpo")
+        losses.couples_batch("dpo_v2")  # dpo is an alias of sigmoid
 
 
 def test_combined_losses_honour_the_mask_and_say_they_couple_the_batch():

@@ -39,10 +39,10 @@ def _numpy_pairs(scores, logps, ref, mask, ties):
     for i in range(len(scores) // 2):
         a, b = 2 * i, 2 * i + 1
         first = scores[a] >= scores[b]
-        w, l = (a, b) if first else (b, a)
+        win, lose = (a, b) if first else (b, a)
         s = lambda x, r: float(np.sum(np.float64(x[r]) * mask[r]))  # noqa: E731
         real = scores[a] != scores[b] if ties == "skip" else True
-        out.append((s(logps, w), s(logps, l), s(ref, w), s(ref, l), mask[w].sum(), mask[l].sum(), real))
+        out.append((s(logps, win), s(logps, lose), s(ref, win), s(ref, lose), mask[win].sum(), mask[lose].sum(), real))
     return np.asarray(out, np.float64)
 
 
@@ -106,7 +106,9 @@ def test_dpo_loss_is_trls_online_formula():
     ``loss = losses.mean()`` over every pair (ties included): our ``online_ties: first``."""
     scores, logps, ref, mask = _rollout_arrays(seed=1)
     beta = 0.5
-    loss, metrics = online_objective(_online_cfg(online_ties="first"), jnp.asarray(logps), _mb(scores, logps, ref, mask))
+    loss, metrics = online_objective(
+        _online_cfg(online_ties="first"), jnp.asarray(logps), _mb(scores, logps, ref, mask)
+    )
     p = _numpy_pairs(scores, logps, ref, mask, "first")
     logits = (p[:, 0] - p[:, 1]) - (p[:, 2] - p[:, 3])
     trl = np.mean(np.log1p(np.exp(-beta * logits)))

@@ -49,7 +49,7 @@ def test_registry_lists_every_loss_of_the_brief():
 
 def test_unknown_loss_names_the_available_ones():
     with pytest.raises(KeyError, match="available: aot"):
-        losses.get("dpo")
+        losses.get("dpo_v2")  # dpo is an alias of sigmoid
     with pytest.raises(KeyError, match="unpaired"):
         losses.get("kto")
 

@@ -123,7 +123,7 @@ def test_tiny_lora_config_trains(tmp_path, capsys):
             "train",
             str(REPO / "configs" / "tiny_lora.yaml"),
             f"output_dir={tmp_path / 'run'}",
-            "max_steps=2",
+            "steps=2",
             "eval_every=0",
             "save_every=2",
         ]

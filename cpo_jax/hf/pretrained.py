@@ -24,15 +24,20 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from cpo_jax.errors import ModelError, UnsupportedConfig, first_line
+from cpo_jax.errors import ConfigError, ModelError, UnsupportedConfig, first_line
+from cpo_jax.fileio import apply_umask
 from cpo_jax.hf.config import located
 from cpo_jax.hf.families import FAMILIES, family_of
-from cpo_jax.hf.resolve import read_json_object, require_model_dir
+from cpo_jax.hf.resolve import read_json_object, require_model_dir, resolve_model_path
 from cpo_jax.hf.weights import (
+    MXFP4_GROUP,
     Binding,
     bind,
     check_names,
     group_parts,
+    join_parts,
+    mark_packed,
+    mxfp4_shape,
     our_shape,
     read_block,
     to_hf,
@@ -72,13 +77,23 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str | os.PathLike | None = 
             raise UnsupportedConfig(
                 "config.json has no model_type", hint=f"add the model_type of the model, one of {sorted(FAMILIES)}"
             )
-        if hf.get("quantization_config"):
+        quant = hf.get("quantization_config")
+        method = quant.get("quant_method") if isinstance(quant, Mapping) else None
+        if quant and method not in getattr(FAMILIES.get(hf["model_type"]), "QUANT_METHODS", ()):
             raise UnsupportedConfig(
-                f"{hf['model_type']}: quantized checkpoints (quantization_config) are not supported",
+                f"{hf['model_type']}: quantized checkpoints (quantization_config, quant_method={method!r}) are "
+                "not supported",
                 hint="dequantize it first (tools/import_gguf.py for a GGUF file)",
             )
         cfg = family_of(hf["model_type"]).config_from_hf(hf)
-    return cfg.replace(**overrides) if overrides else cfg
+    if not overrides:
+        return cfg
+    try:
+        return cfg.replace(**overrides)
+    except ValueError as err:  # e.g. scan_layers on a model whose layers differ
+        raise ConfigError(
+            f"{cfg.model_type}: {err}", where=None if source is None else str(source), hint="change the model: section"
+        ) from None
 
 
 def _bad_safetensors(file: Path, err: Exception, tensor: str | None = None) -> ModelError:
@@ -199,8 +214,10 @@ def from_pretrained(
     """Load an HF checkpoint directory (``config.json`` + ``*.safetensors``) as a cpo_jax model.
 
     Args:
-      path: the directory (sharded with ``model.safetensors.index.json`` or not), or a directory written by
-        ``cpo-jax convert hf-to-orbax`` (``config.json`` + an Orbax ``params/`` checkpoint).
+      path: the directory (sharded with ``model.safetensors.index.json`` or not), a directory written by
+        ``cpo-jax convert hf-to-orbax`` (``config.json`` + an Orbax ``params/`` checkpoint), a Hugging Face hub id
+        already in the local HF cache, or the command line's names ``smollm2`` and ``tiny-random``
+        (:func:`cpo_jax.hf.resolve.resolve_model_path`).
       dtype: compute dtype of activations.
       param_dtype: parameter dtype; None keeps each tensor's stored dtype (exact round trips).
       mesh, rules: shard parameters by their logical axes (see :mod:`cpo_jax.parallel.sharding`);
@@ -211,7 +228,7 @@ def from_pretrained(
     Returns:
       A :class:`~cpo_jax.models.transformer.Transformer`.
     """
-    path = Path(path)
+    path = resolve_model_path(os.fspath(path), check_config=False)
     hf = read_hf_config(path)
     classifier = is_sequence_classifier(hf)
     if classifier:  # a reward model has no lm_head: the (unused) output layer reads the embedding
@@ -224,7 +241,8 @@ def from_pretrained(
     files = tensor_files(path)
     if classifier:
         files.pop(SCORE_TENSOR, None)
-    check_names(table, files, [b.hf_name for b in bindings], str(path))
+    bindings = mark_packed(bindings, files)  # e.g. gpt-oss's MXFP4 experts
+    check_names(table, files, [name for b in bindings for name in b.stored_names], str(path))
 
     by_path: dict[tuple, list[Binding]] = {}
     for b in bindings:
@@ -401,11 +419,33 @@ def _from_orbax(params_dir: Path, cfg: TransformerConfig, param_dtype, mesh, rul
     return nnx.merge(graphdef, restored)
 
 
+def _packed_shape(b: Binding, blocks, scales, files) -> tuple[int, ...]:
+    """The unpacked HF shape of a packed (MXFP4) tensor, checking its ``_blocks`` and ``_scales``."""
+    blocks_name, scales_name = b.stored_names
+    for name, t in ((blocks_name, blocks), (scales_name, scales)):
+        if t.get_dtype() != "U8":
+            raise ModelError(
+                f"tensor {name} has dtype {t.get_dtype()}; MXFP4 blocks and scales are U8",
+                where=str(files[name]),
+                hint=REDOWNLOAD,
+            )
+    shape, scales_shape = tuple(blocks.get_shape()), tuple(scales.get_shape())
+    if len(shape) < 3 or shape[-1] != MXFP4_GROUP // 2 or scales_shape != shape[:-1]:
+        raise ModelError(
+            f"MXFP4 tensors {blocks_name} {shape} and {scales_name} {scales_shape} do not fit: expected blocks "
+            f"[..., out, in / {MXFP4_GROUP}, {MXFP4_GROUP // 2}] and scales [..., out, in / {MXFP4_GROUP}]",
+            where=str(files[blocks_name]),
+            hint=REDOWNLOAD,
+        )
+    return mxfp4_shape(shape)
+
+
 def _load_param(var, group: list[Binding], files, handles, param_dtype, mesh, rules) -> jax.Array:
     shape = tuple(var.shape)
 
-    def tensor(b: Binding):
-        return tensor_slice(handles[files[b.hf_name]], files[b.hf_name], b.hf_name)
+    def tensor(b: Binding, name: str | None = None):
+        name = b.stored_names[0] if name is None else name  # a packed tensor's ``_blocks``
+        return tensor_slice(handles[files[name]], files[name], name)
 
     first = tensor(group[0])
     # Leading axes our parameter stacks HF tensors along: ``layers`` (scanned layers), then ``expert`` (MoE).
@@ -416,6 +456,8 @@ def _load_param(var, group: list[Binding], files, handles, param_dtype, mesh, ru
     for b in group:
         hf = tensor(b)
         hf_shape = tuple(hf.get_shape())
+        if b.packed:
+            hf_shape = _packed_shape(b, hf, tensor(b, b.stored_names[1]), files)
         try:
             ours = our_shape(b.rule, hf_shape)
         except ValueError:  # a split axis that does not divide
@@ -427,16 +469,23 @@ def _load_param(var, group: list[Binding], files, handles, param_dtype, mesh, ru
                 where=str(files[b.hf_name]),
                 hint="config.json does not describe these weights: use the config.json saved with them",
             )
-        if hf.get_dtype() not in SAFETENSORS_DTYPES:
+        if not b.packed and hf.get_dtype() not in SAFETENSORS_DTYPES:
             raise _unsupported_dtype(files[b.hf_name], b.hf_name, hf.get_dtype())
-    stored = first.get_dtype()
-    dtype = jnp.dtype(param_dtype) if param_dtype is not None else jnp.dtype(SAFETENSORS_DTYPES[stored])
+    if param_dtype is not None:
+        dtype = jnp.dtype(param_dtype)
+    elif group[0].packed:  # every MXFP4 value is exact in bfloat16, the dtype transformers dequantises the Hub's to
+        dtype = jnp.dtype(jnp.bfloat16)
+    else:
+        dtype = jnp.dtype(SAFETENSORS_DTYPES[first.get_dtype()])
 
     def read(b: Binding, index) -> np.ndarray:
+        name = b.stored_names[0]
         try:
-            return read_block(handles[files[b.hf_name]], b, index)
+            if b.packed:
+                return read_block(handles[files[name]], b, index, scales_handle=handles[files[b.stored_names[1]]])
+            return read_block(handles[files[name]], b, index)
         except SafetensorError as err:
-            raise _bad_safetensors(files[b.hf_name], err, b.hf_name) from None
+            raise _bad_safetensors(files[name], err, name) from None
 
     by_key = {((b.layer,) if stacked else ()) + ((b.expert,) if per_expert else ()): b for b in group}
 
@@ -494,7 +543,7 @@ def export_tensors(model: Transformer, dtype=None):
             if b.expert is not None:
                 value = value[b.expert]
             arrays.append(to_hf(b.rule, global_to_host(value)))
-        tensor = np.concatenate(arrays, axis=parts[0].rule.split[0]) if parts[0].rule.split else arrays[0]
+        tensor = join_parts(parts[0].rule, arrays)
         yield name, (tensor.astype(dtype) if dtype is not None else tensor)
 
 
@@ -601,6 +650,7 @@ def save_pretrained(
             json.dump(hf, f, indent=2, sort_keys=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        apply_umask(tmp)  # mkdtemp made it 0700 and safetensors its files 0600
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / path.name)

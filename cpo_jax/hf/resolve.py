@@ -1,5 +1,6 @@
 """Model paths: the aliases ``smollm2`` (the offline SmolLM2-135M-Instruct) and ``tiny-random`` (a random-init tiny
-Llama with the byte-level tokenizer), checks that a path is a model directory, and strict reading of its JSON files.
+Llama with the byte-level tokenizer), Hugging Face hub ids already in the local HF cache (``org/name``, looked up
+offline: nothing is downloaded), checks that a path is a model directory, and strict reading of its JSON files.
 
 Every problem is a typed user error (:mod:`cpo_jax.errors`) naming the path: a missing path or a directory
 without ``config.json`` is a :class:`UserFileNotFoundError`, a JSON file that cannot be parsed a :class:`ModelError`
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,59 @@ _JSON_KINDS = {
     bool: "a boolean",
     type(None): "null",
 }
-ACCEPTED = f"an HF checkpoint directory (config.json + *.safetensors), {SMOLLM2!r} or {TINY!r}"
+ACCEPTED = (
+    f"an HF checkpoint directory (config.json + *.safetensors), a Hugging Face hub id in the local HF cache, "
+    f"{SMOLLM2!r} or {TINY!r}"
+)
+#: ``org/name``: what a Hugging Face hub repo id looks like (a relative path can look the same; a path that exists
+#: is always taken as a path).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 def cache_dir() -> Path:
     """``$CPO_JAX_CACHE`` or ``~/.cache/cpo_jax``."""
     return Path(os.environ.get("CPO_JAX_CACHE", Path.home() / ".cache" / "cpo_jax"))
+
+
+def hub_cache_dir() -> Path:
+    """Where ``huggingface_hub`` keeps downloaded repos, read from the environment at each call:
+    ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return Path(os.environ[name]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot directory of hub repo ``repo_id`` (its ``main`` revision) in :func:`hub_cache_dir`,
+    found offline (``huggingface_hub.snapshot_download(local_files_only=True)``); :class:`UserFileNotFoundError`
+    when it is not cached (or only partly)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
+    except (LocalEntryNotFoundError, IncompleteSnapshotError, HFValidationError) as err:
+        partly = isinstance(err, IncompleteSnapshotError)
+        raise UserFileNotFoundError(
+            f"not a local path, and the Hugging Face hub repo {repo_id!r} is "
+            f"{'only partly' if partly else 'not'} in the local HF cache ({cache}); nothing is downloaded",
+            where=repo_id,
+            hint=f"download it once where there is internet (`hf download {repo_id}`, or "
+            f"huggingface_hub.snapshot_download), set HF_HUB_CACHE (or HF_HOME) to the cache that holds it, "
+            f"or give a local model directory",
+        ) from None
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a local model directory: a directory that holds ``config.json``, or the cached snapshot of a hub
+    id (``org/name`` that is not a local path); see :func:`require_model_dir` and :func:`hub_snapshot` for errors."""
+    text = os.fspath(path)
+    if HUB_ID.match(text) and not Path(text).exists():
+        return require_model_dir(hub_snapshot(text))
+    return require_model_dir(text)
 
 
 def _smollm2() -> Path:
@@ -112,7 +161,8 @@ def require_model_dir(path: str | os.PathLike) -> Path:
 
 
 def resolve_model_path(path: str | os.PathLike, *, check_config: bool = True) -> Path:
-    """The checkpoint directory for ``path`` (an alias or a directory); see :func:`require_model_dir` for errors.
+    """The checkpoint directory for ``path`` (an alias, a directory, or a hub id in the local HF cache); see
+    :func:`model_dir` for errors.
 
     ``check_config``: also translate its ``config.json`` now, so that a bad or unsupported config is reported as
     such (naming the key) before anything else reads the directory (transformers' tokenizer loading reads
@@ -121,7 +171,7 @@ def resolve_model_path(path: str | os.PathLike, *, check_config: bool = True) ->
         return _smollm2()
     if path == TINY:
         return _tiny()
-    directory = require_model_dir(path)
+    directory = model_dir(path)
     if check_config:
         from cpo_jax.hf.pretrained import config_from_hf, read_hf_config
 

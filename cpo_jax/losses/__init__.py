@@ -48,7 +48,18 @@ from cpo_jax.losses.kto import kto_kl_estimate, kto_loss
 from cpo_jax.losses.metrics import preference_metrics
 from cpo_jax.losses.pair import PairLogps
 from cpo_jax.losses.reference_free import chosen_nll, contrastive_loss, orpo_loss, sft_loss, simpo_loss
-from cpo_jax.losses.registry import PairwiseLoss, couples_batch, get, hyperparameters, names, register
+from cpo_jax.losses.registry import (
+    ALIASES,
+    PairwiseLoss,
+    canonical,
+    combined_name,
+    components,
+    couples_batch,
+    get,
+    hyperparameters,
+    names,
+    register,
+)
 from cpo_jax.losses.reward_model import bradley_terry_loss
 from cpo_jax.losses.rlhf import (
     aggregate_token_losses,
@@ -66,6 +77,7 @@ from cpo_jax.losses.rlhf import (
 )
 
 __all__ = [
+    "ALIASES",
     "PairLogps",
     "PairwiseLoss",
     "aggregate_token_losses",
@@ -75,9 +87,12 @@ __all__ = [
     "apo_zero_loss",
     "bco_pair_loss",
     "bradley_terry_loss",
+    "canonical",
     "chosen_nll",
     "clip_target",
     "combine",
+    "combined_name",
+    "components",
     "contrastive_loss",
     "couples_batch",
     "cpo_clip_loss",

@@ -11,6 +11,10 @@ the reference or the lengths ignore them. Entries at masked (empty) slots are un
 mask them. A loss registered with ``couples_batch=True`` computes something across pairs (a token
 total, a sort); it uses only the real pairs, so padding never changes a real pair's loss.
 
+Names: ``dpo`` is an alias of ``sigmoid`` (:data:`ALIASES`). A weighted sum of registered losses (TRL's
+``loss_type=[...]`` with ``loss_weights``) is named by its terms, ``"0.8*sigmoid+0.2*bco_pair+1.0*sft"``
+(:func:`combined_name`); :func:`get` builds it with :func:`cpo_jax.losses.combine`.
+
 The legacy positional form ``loss(pc, pr, rc, rr, *, chosen_lengths=, rejected_lengths=, mask=, **hp)``
 is still accepted: :func:`register` turns it into a ``PairLogps`` before calling the one implementation.
 """
@@ -41,6 +45,9 @@ _NOT_OURS = {
     "kto": "KTO takes unpaired data; call cpo_jax.losses.kto_loss directly",
 }
 _LEGACY_KEYWORDS = ("chosen_lengths", "rejected_lengths", "mask")
+#: Other names of registered losses: the names TRL users type.
+ALIASES = {"dpo": "sigmoid"}
+_COMBINED: dict[str, PairwiseLoss] = {}
 
 
 def accept_legacy_arrays(fn: Callable[..., Array]) -> PairwiseLoss:
@@ -80,13 +87,56 @@ def register(name: str, *, couples_batch: bool = False) -> Callable[[Callable[..
     return wrap
 
 
+def canonical(name: str) -> str:
+    """``name`` with an alias replaced by the loss it names (``dpo`` -> ``sigmoid``); other names unchanged."""
+    return ALIASES.get(name, name)
+
+
+def combined_name(weighted_losses) -> str:
+    """The registry name of ``sum_k w_k * loss_k`` for ``[(name, weight), ...]``: ``"0.8*sigmoid+1.0*sft"``.
+    Aliases are replaced; one loss with weight 1 is just its name."""
+    terms = [(canonical(name), float(weight)) for name, weight in weighted_losses]
+    if len(terms) == 1 and terms[0][1] == 1.0:
+        return terms[0][0]
+    return "+".join(f"{weight!r}*{name}" for name, weight in terms)
+
+
+def components(name: str) -> list[tuple[str, float]]:
+    """``[(registered name, weight), ...]`` of loss ``name``: one term for a plain name or alias, several for a
+    weighted sum (:func:`combined_name`). Raises ``KeyError`` for a name that is neither."""
+    if "+" not in name and "*" not in name:
+        get(name)
+        return [(canonical(name), 1.0)]
+    terms = []
+    for term in name.split("+"):
+        weight, _, loss = term.strip().rpartition("*")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise KeyError(f"loss {name!r}: {weight!r} in {term!r} is not a weight") from None
+        get(loss.strip())
+        terms.append((canonical(loss.strip()), value))
+    return terms
+
+
 def get(name: str) -> PairwiseLoss:
-    """Returns the pairwise loss registered as ``name``; unknown names list what exists."""
+    """Returns the pairwise loss registered as ``name`` (or an alias of it, or a weighted sum named as
+    :func:`combined_name` writes it); unknown names list what exists."""
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[canonical(name)]
     except KeyError:
-        hint = f" ({_NOT_OURS[name]})" if name in _NOT_OURS else ""
-        raise KeyError(f"unknown loss {name!r}{hint}; available: {', '.join(sorted(_REGISTRY))}") from None
+        pass
+    if "+" in name or "*" in name:
+        if name not in _COMBINED:
+            from cpo_jax.losses.combine import combine
+
+            _COMBINED[name] = combine(components(name))
+        return _COMBINED[name]
+    hint = f" ({_NOT_OURS[name]})" if name in _NOT_OURS else ""
+    raise KeyError(
+        f"unknown loss {name!r}{hint}; available: {', '.join(sorted(_REGISTRY))} (and the aliases "
+        f"{', '.join(f'{a}={n}' for a, n in sorted(ALIASES.items()))})"
+    )
 
 
 def names() -> list[str]:
@@ -96,11 +146,15 @@ def names() -> list[str]:
 
 def couples_batch(name: str) -> bool:
     """Whether loss ``name`` couples the pairs of a batch (and so depends on ``PairLogps.mask``)."""
-    get(name)
-    return name in _COUPLES_BATCH
+    return any(part in _COUPLES_BATCH for part, _ in components(name))
 
 
 def hyperparameters(name: str) -> dict[str, object]:
-    """The keyword hyperparameters of loss ``name`` and their defaults (for config validation)."""
-    params = inspect.signature(get(name)).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    """The keyword hyperparameters of loss ``name`` and their defaults (for config validation); for a weighted
+    sum, those of every component (a shared one, such as ``beta``, with the first component's default)."""
+    out: dict[str, object] = {}
+    for part, _ in components(name):
+        for p in inspect.signature(_REGISTRY[part]).parameters.values():
+            if p.kind is inspect.Parameter.KEYWORD_ONLY:
+                out.setdefault(p.name, p.default)
+    return out

@@ -96,7 +96,7 @@ class RLTrainer(TrainLoop):
         self.reward = reward if reward is not None else make_reward(rl.reward, mesh=self.mesh)
 
         self.updates_per_step = rl.ppo_epochs * rl.num_mini_batches
-        self.init_state(params, cfg.steps * self.updates_per_step)
+        self.init_state(params, self.cfg.steps * self.updates_per_step)  # with epochs, TrainLoop's steps
         self.kl_coef = rl.kl_coef
         self.sampling = SamplingConfig(temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p)
         self._score = jit_score(cfg, self.graphdef)
@@ -187,22 +187,24 @@ class RLTrainer(TrainLoop):
         timings["timing_s/reward"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        rollout, metrics = self._score(
-            self.state.params,
-            self.ref_params,
-            ids,
-            mask,
-            gen.tokens,
-            gen.mask,
-            host_value_to_global(scores, self.mesh, ("batch",), rules=self.rules),
-            jnp.float32(self.kl_coef),
-            self.frozen,
-        )
+        with self.activations():
+            rollout, metrics = self._score(
+                self.state.params,
+                self.ref_params,
+                ids,
+                mask,
+                gen.tokens,
+                gen.mask,
+                host_value_to_global(scores, self.mesh, ("batch",), rules=self.rules),
+                jnp.float32(self.kl_coef),
+                self.frozen,
+            )
         metrics = jax.device_get(metrics)
         timings["timing_s/old_log_prob"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        self.state, update_metrics = self._update(self.state, rollout, jnp.float32(self.kl_coef), self.frozen)
+        with self.activations():
+            self.state, update_metrics = self._update(self.state, rollout, jnp.float32(self.kl_coef), self.frozen)
         update_metrics = jax.device_get(update_metrics)
         timings["timing_s/update_actor"] = time.perf_counter() - t3
         timings["timing_s/step"] = time.perf_counter() - t0

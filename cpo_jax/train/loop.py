@@ -41,10 +41,10 @@ from cpo_jax.errors import CheckpointError, DataError, TrainingDiverged
 from cpo_jax.hf.pretrained import from_pretrained, save_pretrained
 from cpo_jax.hf.resolve import resolve_model_path
 from cpo_jax.hf.tokenizer import load_tokenizer
-from cpo_jax.parallel.sharding import make_mesh, merge_rules
+from cpo_jax.parallel.sharding import activation_sharding, make_mesh, merge_rules
 from cpo_jax.train import flops as flops_lib
 from cpo_jax.train.checkpoint import Checkpointer
-from cpo_jax.train.config import TrainConfig, to_dict
+from cpo_jax.train.config import TrainConfig, resolve_epochs, to_dict
 from cpo_jax.train.export import save_lora_spec, save_model_description
 from cpo_jax.train.metrics_writer import MetricsWriter
 from cpo_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -284,6 +284,12 @@ class TrainLoop:
 
     def __init__(self, cfg: TrainConfig, *, tokenizer=None, devices=None):
         self.cfg = cfg
+        train_set = None
+        if cfg.epochs is not None:  # steps from the train set's size, before the config is compared or saved
+            validate_config(cfg)
+            train_set = self.load_split(cfg.data.train_files)
+            self.cfg = cfg = resolve_epochs(cfg, len(train_set.records), jax.process_count())
+            say("epochs=%g over %d training records: %d steps", cfg.epochs, len(train_set.records), cfg.steps)
         self.output_dir = Path(cfg.output_dir)
         self.mesh, self.rules, self.checkpointer, self.model_path, self.tokenizer = prepare_run(cfg, devices, tokenizer)
         self.model_kwargs = model_load_kwargs(cfg, self.mesh)
@@ -297,7 +303,7 @@ class TrainLoop:
         else:  # only the adapters train; the base is held once, frozen (and is the reference with loss.reference=base)
             self.graphdef, self.initial_model_state, self.frozen = nnx.split(policy, nnx.LoRAParam, ...)
         self.num_params = flops_lib.count_params(policy)
-        self.train_set = self.load_split(cfg.data.train_files)
+        self.train_set = train_set if train_set is not None else self.load_split(cfg.data.train_files)
         self.eval_set = self.load_split(cfg.data.eval_files) if cfg.data.eval_files else None
         self._hooks: list[Hook] = []
 
@@ -488,6 +494,12 @@ class TrainLoop:
         if step:
             self.load_extra_state(extra)
         return step, extra
+
+    def activations(self):
+        """The context the jitted steps are called in: :func:`cpo_jax.parallel.constrain` pins activations (the
+        residual stream at each block) on the run's mesh by its rules while they are traced. Every call of a jitted
+        step goes through it, so each compiles once (``jax.jit`` keys its cache on the mesh context)."""
+        return activation_sharding(self.mesh, self.rules)
 
     def policy(self):
         """The current policy as an NNX model (with its adapters, when they train)."""

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 HARMLESS = (
     "output_dir",
     "steps",
+    "epochs",
     "log_every",
     "eval_every",
     "eval_batches",

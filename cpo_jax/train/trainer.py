@@ -89,7 +89,7 @@ class Trainer(TrainLoop):
         self._step_fn = None
         self.peak_tflops = cfg.peak_tflops_per_device or flops_lib.peak_tflops(jax.devices()[0].device_kind)
         self._last_indexes: list[int] = []
-        self.init_state(params, cfg.steps)
+        self.init_state(params, self.cfg.steps)  # with epochs, the steps TrainLoop computed
         del self.initial_model_state  # the state holds the parameters now
 
     # ----------------------------------------------------------------------------------------------
@@ -148,7 +148,8 @@ class Trainer(TrainLoop):
         def batch_metrics(batch):
             batch = self._with_reference(batch, self.eval_reference_table)
             g = {k: v[0] for k, v in self._global(stack_micro_batches([batch], self.batch_cfg.pad_id)).items()}
-            return jax.device_get(self._eval_fn(params, g, self.ref_params, initial, self.frozen))
+            with self.activations():
+                return jax.device_get(self._eval_fn(params, g, self.ref_params, initial, self.frozen))
 
         sums = weighted.total(
             batch_metrics(b) for b in lockstep(self._pipeline(self.eval_set, train=False), limit=self.cfg.eval_batches)
@@ -175,7 +176,8 @@ class Trainer(TrainLoop):
                 frozen_shardings,
             )
         t0 = time.perf_counter()
-        self.state, metrics = self._step_fn(self.state, batch, self.ref_params, self.frozen)
+        with self.activations():
+            self.state, metrics = self._step_fn(self.state, batch, self.ref_params, self.frozen)
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - t0
         tokens = int(metrics["tokens"])

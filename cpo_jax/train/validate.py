@@ -51,9 +51,10 @@ def _check_loss(cfg: TrainConfig) -> None:
     from cpo_jax import losses
     from cpo_jax.train.objectives import reference_free_losses
 
+    _check_loss_type(cfg)
     name = cfg.loss.name
     try:
-        losses.get(name)
+        parts = [part for part, _ in losses.components(name)]
     except KeyError as err:
         raise ConfigError(err.args[0], where="config key loss.name") from None
     allowed = losses.hyperparameters(name)
@@ -69,7 +70,7 @@ def _check_loss(cfg: TrainConfig) -> None:
             test, must = HPARAM_RANGES[key]
             _require(test(value), f"loss.hparams.{key}", value, must)
     gamma = cfg.loss.hparams.get("gamma", allowed.get("gamma"))
-    if name in POSITIVE_GAMMA:
+    if set(parts) & set(POSITIVE_GAMMA):
         _require(
             _number(gamma) and gamma > 0,
             "loss.hparams.gamma",
@@ -77,13 +78,45 @@ def _check_loss(cfg: TrainConfig) -> None:
             f"must be > 0 for {name!r}: CPO holds the target margin above gamma > 0",
         )
     _dry_run_loss(name, dict(cfg.loss.hparams))
-    if cfg.loss.reference == "none" and name not in reference_free_losses():
+    if cfg.loss.reference == "none" and not set(parts) <= reference_free_losses():
         raise ConfigError(
             f"loss {name!r} needs reference log-probs",
             where="config key loss.reference='none'",
             hint=f"use loss.reference=separate or precomputed, or a reference-free loss "
             f"{sorted(reference_free_losses())}",
         )
+
+
+def _check_loss_type(cfg: TrainConfig) -> None:
+    """TRL's ``loss_type`` list and ``loss_weights``: known names, one finite weight >= 0 per name."""
+    from cpo_jax import losses
+
+    kinds, weights = cfg.loss.type, cfg.loss.weights
+    if kinds is None:
+        _require(
+            weights is None,
+            "loss.weights",
+            weights,
+            "weighs the losses of loss.type, which is not set",
+            hint="give loss.type=[...] (TRL's loss_type list), or remove loss.weights",
+        )
+        return
+    _require(len(kinds) > 0, "loss.type", list(kinds), "is empty", hint="list loss names, or set it to null")
+    for i, kind in enumerate(kinds):
+        try:
+            losses.get(kind)
+        except KeyError as err:
+            raise ConfigError(err.args[0], where=f"config key loss.type[{i}]") from None
+    if weights is not None:
+        _require(
+            len(weights) == len(kinds),
+            "loss.weights",
+            list(weights),
+            f"has {len(weights)} weight(s) for the {len(kinds)} loss(es) of loss.type={list(kinds)}",
+            hint="give one weight per loss (TRL's loss_weights), or leave it out for 1.0 each",
+        )
+        for i, weight in enumerate(weights):
+            _require(_number(weight) and weight >= 0, f"loss.weights[{i}]", weight, "must be a finite number >= 0")
 
 
 #: ``loss.hparams`` each non-preference objective takes (sft and rlhf take none; RL settings live in ``rl:``).
@@ -296,6 +329,12 @@ def _check_cadence(cfg: TrainConfig) -> None:
     ):
         _at_least(getattr(cfg, key), key, low)
     _require(
+        cfg.epochs is None or (_number(cfg.epochs) and cfg.epochs > 0),
+        "epochs",
+        cfg.epochs,
+        "must be a finite number > 0 (passes over data.train_files), or null to use steps",
+    )
+    _require(
         cfg.max_update_ratio is None or (_number(cfg.max_update_ratio) and cfg.max_update_ratio > 0),
         "max_update_ratio",
         cfg.max_update_ratio,
@@ -316,12 +355,49 @@ def _check_cadence(cfg: TrainConfig) -> None:
             "wandb_project",
             cfg.wandb_project,
             "needs the wandb package, which is not installed",
-            hint="pip install wandb, or unset wandb_project",
+            hint="pip install 'cpo_jax[wandb]' (or pip install wandb), or unset wandb_project",
         )
+
+
+def _is_online(cfg: TrainConfig) -> bool:
+    return cfg.loss.objective == "rlhf" and cfg.rl is not None and cfg.rl.algorithm == "online"
+
+
+def _check_online(cfg: TrainConfig) -> None:
+    rl = cfg.rl
+    _require(
+        rl.num_generations == 2,
+        "rl.num_generations",
+        rl.num_generations,
+        "must be 2 for rl.algorithm=online: the two samples of a prompt make its preference pair",
+    )
+    rows = rl.prompts_per_step * rl.num_generations
+    _require(
+        rows % rl.num_mini_batches == 0 and (rows // rl.num_mini_batches) % 2 == 0,
+        "rl.num_mini_batches",
+        rl.num_mini_batches,
+        f"must split the {rl.prompts_per_step} pairs per step into whole pairs",
+    )
+    _require(
+        rl.kl_in == "reward",
+        "rl.kl_in",
+        rl.kl_in,
+        "has no effect with rl.algorithm=online: the pair loss's beta regularises towards the reference",
+        hint="remove rl.kl_in (objective/kl is still logged)",
+    )
+    _require(
+        rl.adaptive_kl_target is None,
+        "rl.adaptive_kl_target",
+        rl.adaptive_kl_target,
+        "has no effect with rl.algorithm=online (no KL penalty is applied; the loss's beta regularises)",
+        hint="remove it",
+    )
 
 
 def _check_rl(cfg: TrainConfig) -> None:
     rl = cfg.rl
+    if rl.algorithm == "online":
+        _check_online(cfg)
     if rl.algorithm in ("rloo", "grpo"):
         _require(
             rl.num_generations >= 2,
@@ -393,8 +469,8 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_mesh(cfg)
     _check_optim(cfg)
     _check_cadence(cfg)
-    if cfg.loss.objective == "preference":
-        _check_loss(cfg)
+    if cfg.loss.objective == "preference" or _is_online(cfg):
+        _check_loss(cfg)  # online DPO/CPO trains a pairwise loss on sampled pairs
     else:
         _check_objective_hparams(cfg)
     if cfg.loss.objective == "rlhf":
