@@ -19,8 +19,10 @@ after a warm-up (forward only, or value-and-grad with ``--grad``).
 
 ``--expert-parallel N`` also times the blocked path with the experts sharded over an ``expert`` mesh axis of ``N``
 devices (the tokens sharded over the same axis, as the trainer's ``batch`` rule does with ``mesh.expert``), against
-the same computation on one device, and counts the collectives of the compiled sharded module
-(:func:`cpo_jax.parallel.hlo.count_collectives`; GSPMD chooses them, there is no hand-written all-to-all).
+the same computation on one device, twice: traced without a mesh context (GSPMD partitions the layer), and inside
+:func:`cpo_jax.parallel.activation_sharding` as the trainers trace their steps (the explicit ``shard_map`` path of
+:mod:`cpo_jax.models.moe`: local experts, one ``psum``). It counts the collectives one run executes and their bytes
+(:mod:`cpo_jax.parallel.hlo`).
 """
 
 from __future__ import annotations
@@ -145,10 +147,11 @@ def _timed(compiled, operands, repeats):
 
 def expert_parallel(args, operands, fn, k):
     """The blocked MoE layer with experts (and tokens) sharded over ``args.expert_parallel`` devices vs one device."""
-    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from cpo_jax.parallel.hlo import KINDS, count_collectives
+    from cpo_jax.parallel import activation_sharding, make_mesh
+    from cpo_jax.parallel.hlo import KINDS, collective_bytes, count_collectives
 
     n = args.expert_parallel
     if len(jax.devices()) < n:
@@ -156,7 +159,7 @@ def expert_parallel(args, operands, fn, k):
             f"--expert-parallel {n} needs {n} devices, found {len(jax.devices())}; on the CPU set "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={n}"
         )
-    mesh = Mesh(np.asarray(jax.devices()[:n]), ("expert",))
+    mesh = make_mesh({"expert": n}, devices=jax.devices()[:n])
     specs = (P("expert", None), P(), P("expert"), P("expert"), P("expert"))  # x, router, gate, up, down
     forward = jax.tree_util.Partial(fn, top_k=k)
     if args.grad:
@@ -165,17 +168,28 @@ def expert_parallel(args, operands, fn, k):
         body = forward
     single = jax.jit(body).lower(*operands).compile()
     placed = tuple(jax.device_put(x, NamedSharding(mesh, spec)) for x, spec in zip(operands, specs))
-    sharded = jax.jit(body).lower(*placed).compile()
-    counts = count_collectives(sharded.as_text())
-    t1, tn = _timed(single, operands, args.repeats), _timed(sharded, placed, args.repeats)
-    out1, outn = single(*operands), sharded(*placed)
-    a, b = (out1[1][0], outn[1][0]) if args.grad else (out1, outn)
-    diff = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+    gspmd = jax.jit(body).lower(*placed).compile()  # no mesh context: GSPMD partitions the layer
+    with activation_sharding(mesh):  # the trainers' context: the shard_map path of cpo_jax.models.moe
+        manual = jax.jit(body).lower(*placed).compile()
+    t1 = _timed(single, operands, args.repeats)
+    out1 = single(*operands)
+    reference = out1[1][0] if args.grad else out1
     print(f"\nexpert parallel, blocked path, {'value_and_grad' if args.grad else 'forward'}:")
-    print("| layout | time (ms) | " + " | ".join(KINDS) + f" | max abs diff of {'dx' if args.grad else 'output'} |")
+    print(
+        "| layout | time (ms) | "
+        + " | ".join(f"{kind} (n / KiB)" for kind in KINDS)
+        + f" | max abs diff of {'dx' if args.grad else 'output'} |"
+    )
     print("|---|---|" + "---|" * len(KINDS) + "---|")
     print(f"| 1 device | {t1 * 1e3:.0f} | " + " | ".join("0" for _ in KINDS) + " | - |")
-    print(f"| expert={n} | {tn * 1e3:.0f} | " + " | ".join(str(counts[kind]) for kind in KINDS) + f" | {diff:.1e} |")
+    for name, compiled in ((f"expert={n}, GSPMD", gspmd), (f"expert={n}, shard_map", manual)):
+        counts = count_collectives(compiled.as_text(), executed=True)
+        sizes = collective_bytes(compiled.as_text(), executed=True)
+        out = compiled(*placed)
+        got = out[1][0] if args.grad else out
+        diff = float(jnp.max(jnp.abs(got.astype(jnp.float32) - reference.astype(jnp.float32))))
+        cells = " | ".join(f"{counts[kind]} / {sizes[kind] / 1024:,.0f}" for kind in KINDS)
+        print(f"| {name} | {_timed(compiled, placed, args.repeats) * 1e3:.0f} | {cells} | {diff:.1e} |")
 
 
 if __name__ == "__main__":

@@ -38,11 +38,13 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
 
 from cpo_jax.models.config import TransformerConfig
 from cpo_jax.models.layers import _ACTIVATIONS, MLP, param
 
 MoeImpl = Literal["auto", "ragged", "blocked"]
+EXPERT_AXIS = "expert"  # the mesh axis the experts are split over (the default rule of the "expert" logical axis)
 DEFAULT_BLOCK_SIZE = 128
 
 
@@ -162,7 +164,9 @@ def _ragged_ffn(xs, group_sizes, weights, biases, glu):
     return _plus(dot(h, wd), bd, expert_of_row)
 
 
-def _blocked_ffn(xs, group_sizes, weights, biases, glu, block_size):
+def _blocked_ffn(xs, group_sizes, weights, biases, glu, block_size, live_groups=None):
+    """``live_groups`` ``[G]`` bool: groups whose blocks are computed (others give zeros); group ``g`` uses expert
+    ``min(g, E - 1)`` of the weights, so a trailing dead group needs no weights (expert parallelism)."""
     (wg, wu, wd), (bg, bu, bd) = weights, biases
     m, d = xs.shape
     num_experts = group_sizes.shape[0]
@@ -175,8 +179,12 @@ def _blocked_ffn(xs, group_sizes, weights, biases, glu, block_size):
     dest = (padded_end - padded)[expert_of_row] + jnp.arange(m) - start[expert_of_row]
     rows = jnp.zeros((num_blocks * block, d), xs.dtype).at[dest].set(xs).reshape(num_blocks, block, d)
     block_start = jnp.arange(num_blocks) * block
-    block_expert = jnp.minimum(jnp.searchsorted(padded_end, block_start, side="right"), num_experts - 1)
+    # searchsorted(padded_end, block_start, side="right"), written out: jnp.searchsorted fails inside shard_map
+    block_expert = jnp.minimum(jnp.sum(padded_end[None, :] <= block_start[:, None], axis=1), num_experts - 1)
     used = block_start < padded_end[-1]
+    if live_groups is not None:
+        used = used & live_groups[block_expert]
+    block_expert = jnp.minimum(block_expert, wg.shape[0] - 1)
 
     def step(_, inputs):
         x, e, live = inputs
@@ -185,7 +193,8 @@ def _blocked_ffn(xs, group_sizes, weights, biases, glu, block_size):
             h = glu(_plus(x @ wg[e], bg, e), _plus(x @ wu[e], bu, e))
             return _plus(h @ wd[e], bd, e)
 
-        y = jax.lax.cond(live, compute, lambda x: jnp.zeros((block, wd.shape[-1]), x.dtype), x)
+        # zeros_like keeps x's varying-over-devices type, as the branches of a cond inside shard_map must agree
+        y = jax.lax.cond(live, compute, lambda x: jnp.zeros_like(x, shape=(block, wd.shape[-1])), x)
         return None, y
 
     _, out = jax.lax.scan(step, None, (rows, block_expert, used))
@@ -258,25 +267,76 @@ def sparse_moe(
     flat = experts.reshape(-1)  # [N*k], row r belongs to token r // k
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    ys = expert_ffn(
-        x[order // top_k],
-        group_sizes,
-        gate,
-        up,
-        down,
-        gate_bias=gate_bias,
-        up_bias=up_bias,
-        down_bias=down_bias,
-        activation=activation,
-        swiglu_limit=swiglu_limit,
-        swiglu_alpha=swiglu_alpha,
-        impl=impl,
-        block_size=block_size,
-    )
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * top_k, dtype=order.dtype))
-    per_choice = ys[inverse].reshape(n, top_k, -1)
-    y = jnp.sum(per_choice * weights.astype(x.dtype)[..., None], axis=1)
+    experts_of = dict(gate=gate, up=up, down=down, gate_bias=gate_bias, up_bias=up_bias, down_bias=down_bias)
+    ffn = dict(activation=activation, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, impl=impl)
+    ffn["block_size"] = block_size
+    if expert_shards(num_experts) > 1:
+        y = _expert_parallel(x[order // top_k], group_sizes, inverse, weights, experts_of, ffn, top_k)
+    else:
+        ys = expert_ffn(x[order // top_k], group_sizes, **experts_of, **ffn)
+        y = _combine(ys, inverse, weights, top_k)
     return y, router_stats(probs, experts, token_mask)
+
+
+def _combine(ys: jax.Array, inverse: jax.Array, weights: jax.Array, top_k: int) -> jax.Array:
+    """``[N, D]``: each token's ``k`` expert outputs (rows ``inverse`` of ``ys`` ``[N*k, D]``) weighted and summed."""
+    per_choice = ys[inverse].reshape(-1, top_k, ys.shape[-1])
+    return jnp.sum(per_choice * weights.astype(ys.dtype)[..., None], axis=1)
+
+
+def expert_shards(num_experts: int) -> int:
+    """Devices the experts are split over: the size of the ``expert`` axis of the mesh the call is traced under
+    (``jax.set_mesh``, as :func:`cpo_jax.parallel.activation_sharding` sets it for the trainers' steps) when it
+    divides ``num_experts``; 1 without such a mesh (library calls, generation), where GSPMD partitions the layer."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or EXPERT_AXIS not in mesh.axis_names:
+        return 1
+    n = int(dict(mesh.shape)[EXPERT_AXIS])
+    return n if n > 1 and num_experts % n == 0 else 1
+
+
+def _expert_parallel(xs, group_sizes, inverse, weights, experts_of: dict, ffn: dict, top_k: int) -> jax.Array:
+    """The routed experts with expert parallelism over the mesh's ``expert`` axis (``shard_map``, manual on that
+    axis only): ``[N, D]``, equal to the single-device computation.
+
+    The tokens are replicated over the ``expert`` axis (the ``batch`` rule shards them over ``data`` and ``fsdp``),
+    so no all-to-all is needed: each device runs the grouped matmuls of its ``E / n`` experts on the rows routed to
+    them (a contiguous run of the expert-sorted rows, moved to the front), combines them with the routing weights,
+    and one all-reduce (``psum``) of ``[N, D]`` sums the devices' parts. That moves ``N * D`` per layer where an
+    all-to-all dispatch and return would move about ``2 * N * k * D``; the expert weights never move."""
+    present = {name: w for name, w in experts_of.items() if w is not None}
+    num_experts = present["gate"].shape[0]
+
+    def local(xs, group_sizes, inverse, weights, params):
+        e_local = params["gate"].shape[0]
+        first = jax.lax.axis_index(EXPERT_AXIS) * e_local
+        sizes = jax.lax.dynamic_slice(group_sizes, (first,), (e_local,))
+        offset = jnp.sum(jnp.where(jnp.arange(num_experts) < first, group_sizes, 0))
+        m, held = xs.shape[0], jnp.sum(sizes)
+        rows = jnp.roll(xs, -offset, axis=0)  # this device's rows first; the others form one group never computed
+        local_experts = {name: params.get(name) for name in experts_of}
+        if _resolve_impl(ffn["impl"]) == "ragged":  # ragged_dot leaves the rows past sum(sizes) zero
+            ys = expert_ffn(rows, sizes, **local_experts, **ffn)
+        else:
+            glu = expert_glu(ffn["activation"], ffn["swiglu_limit"], ffn["swiglu_alpha"])
+            w = tuple(local_experts[k].astype(xs.dtype) for k in ("gate", "up", "down"))
+            b = tuple(
+                None if local_experts[k] is None else local_experts[k].astype(xs.dtype)
+                for k in ("gate_bias", "up_bias", "down_bias")
+            )
+            live = jnp.arange(e_local + 1) < e_local
+            ys = _blocked_ffn(rows, jnp.append(sizes, m - held), w, b, glu, ffn["block_size"], live_groups=live)
+        ys = jnp.where((jnp.arange(m) < held)[:, None], ys, 0)  # biases of the rows that are not this device's
+        return jax.lax.psum(_combine(jnp.roll(ys, offset, axis=0), inverse, weights, top_k), EXPERT_AXIS)
+
+    return jax.shard_map(
+        local,
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(P(), P(), P(), P(), {name: P(EXPERT_AXIS) for name in present}),
+        out_specs=P(),
+        axis_names={EXPERT_AXIS},
+    )(xs, group_sizes, inverse, weights, present)
 
 
 class MoE(nnx.Module):
