@@ -281,6 +281,18 @@ def test_translation_follows_transformers_standardisation():
     assert legacy[0][1] == RopeSpec(theta=5e5, rope_type="dynamic", factor=2.0, original_max_position_embeddings=64)
 
 
+@pytest.mark.parametrize("legacy", ["su", "yarn"])
+def test_phi3_legacy_rope_type_is_longrope_as_in_transformers(legacy):
+    """The first Phi-3 128k configs said rope_scaling {"type": "su"}; Phi3Config reads "su" and "yarn" as longrope."""
+    import transformers
+
+    hf = _hf_config("longrope_phi3").to_dict()
+    params = {k: v for k, v in hf.pop("rope_parameters").items() if k != "rope_type"}
+    old = dict(hf, rope_scaling=dict(params, type=legacy))
+    assert config_from_hf(old).rope == config_from_hf(_hf_config("longrope_phi3").to_dict()).rope
+    assert transformers.Phi3Config(**old).rope_parameters["rope_type"] == "longrope"
+
+
 @pytest.mark.parametrize(
     "rope_parameters,needle",
     [

@@ -26,9 +26,21 @@ from cpo_jax.models.config import FULL, SLIDING, TransformerConfig
 MODEL_TYPES = ("phi3",)
 
 
+def _legacy_rope_type(hf: dict) -> dict:
+    """``hf`` with an early Phi-3 release's RoPE type ``su`` (or ``yarn``) read as ``longrope``, as ``Phi3Config``
+    does for backward compatibility (``Phi-3-mini-128k-instruct``'s first ``config.json`` said ``"type": "su"``)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = hf.get(key)
+        if isinstance(params, dict) and params.get("rope_type", params.get("type")) in ("su", "yarn"):
+            renamed = {k: v for k, v in params.items() if k != "type"}
+            return {**hf, key: {**renamed, "rope_type": "longrope"}}
+    return hf
+
+
 def config_from_hf(hf: dict) -> TransformerConfig:
     """Translate a Phi-3 ``config.json`` dict. Unsupported options raise."""
     model_type = require_model_type(hf, MODEL_TYPES, "phi3")
+    hf = _legacy_rope_type(hf)
     require_value(hf, "hidden_act", ACTIVATIONS, model_type)
     for key in ("attention_dropout", "resid_pdrop", "embd_pdrop"):
         require_value(hf, key, (0, 0.0), model_type)
