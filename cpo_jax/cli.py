@@ -158,7 +158,9 @@ def _restored_trainer(config: Path, overrides: list[str] | None, *, writes_outpu
 
 
 def _evaluate(trainer, cfg) -> dict:
-    from cpo_jax.report import generation_accuracy
+    """Eval metrics, plus the greedy verifier's verdict per prompt (``generation/correct``, a list) when
+    ``eval_generation_prompts`` is set, for the paired before/after comparison."""
+    from cpo_jax.report import generation_correct
     from cpo_jax.train.stages import stage
 
     metrics = {}
@@ -167,15 +169,25 @@ def _evaluate(trainer, cfg) -> dict:
             metrics = trainer.evaluate(trainer.state.params)
     if cfg.eval_generation_prompts:
         with stage(f"greedy generation on {cfg.eval_generation_prompts}"):
-            metrics.update(
-                generation_accuracy(
-                    trainer.policy(),
-                    trainer.tokenizer,
-                    cfg.eval_generation_prompts,
-                    max_new_tokens=cfg.eval_generation_tokens,
-                )
+            correct = generation_correct(
+                trainer.policy(),
+                trainer.tokenizer,
+                cfg.eval_generation_prompts,
+                max_new_tokens=cfg.eval_generation_tokens,
             )
+        metrics.update(
+            {
+                "generation/accuracy": float(correct.mean()) if correct.size else 0.0,
+                "generation/prompts": float(correct.size),
+                "generation/correct": [bool(c) for c in correct],
+            }
+        )
     return metrics
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    """The scalar metrics of ``metrics`` as floats (per-prompt lists left out)."""
+    return {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
 
 
 def _print_config_help(value: bool) -> None:
@@ -210,12 +222,14 @@ def train(
 ) -> None:
     """Train (DPO, CPO or any loss by name; SFT; reward model; RLOO/GRPO/PPO) from CONFIG.yaml with key=value
     overrides (--help-config lists the keys)."""
+    from cpo_jax.experiments.stats import describe_change
     from cpo_jax.parallel import initialize
     from cpo_jax.report import (
         PREFERENCE_PANELS,
         RL_PANELS,
         describe_outputs,
         format_before_after,
+        generation_change,
         plot_curves,
         read_before,
         write_before,
@@ -236,12 +250,12 @@ def train(
             write_before(out, before)
             if before:  # the step-0 point of the eval curves
                 with open(out / "metrics.jsonl", "w") as f:
-                    f.write(json.dumps({"step": 0, **{f"eval/{k}": float(v) for k, v in before.items()}}) + "\n")
+                    f.write(json.dumps({"step": 0, **{f"eval/{k}": v for k, v in _scalars(before).items()}}) + "\n")
     result = trainer.run()
     after = _evaluate(trainer, cfg)
     if not writes:
         return
-    generation = {f"eval/{k}": float(v) for k, v in after.items() if k.startswith("generation/")}
+    generation = {f"eval/{k}": v for k, v in _scalars(after).items() if k.startswith("generation/")}
     if generation and (out / "metrics.jsonl").is_file():  # the end point of the generation-accuracy curve
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": result.final_step, **generation}) + "\n")
@@ -249,10 +263,15 @@ def train(
         panels = RL_PANELS if cfg.loss.objective == "rlhf" else PREFERENCE_PANELS
         plot_curves(out / "metrics.jsonl", out / "curves.png", panels=panels)
     summary = {"start_step": result.start_step, "final_step": result.final_step, "before": before, "after": after}
+    change = generation_change(before, after)
+    if change is not None:
+        summary["generation/change"] = change
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     typer.echo(f"trained steps {result.start_step} -> {result.final_step} of {cfg.steps}")
     if before or after:
         typer.echo(format_before_after(before, after))
+    if change is not None:
+        typer.echo(describe_change(change))
     typer.echo(describe_outputs(out))
 
 
@@ -261,7 +280,7 @@ def evaluate(config: Path, overrides: Annotated[list[str] | None, typer.Argument
     """Preference accuracy, the paper's diagnostics and (verifiable task) generation accuracy of a run's latest
     checkpoint, or of model.path when the run has none."""
     cfg, trainer, step = _restored_trainer(config, overrides)
-    metrics = {"step": step, **_evaluate(trainer, cfg)}
+    metrics = {"step": step, **_scalars(_evaluate(trainer, cfg))}
     typer.echo(json.dumps(metrics, indent=2))
 
 

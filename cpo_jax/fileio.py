@@ -9,6 +9,9 @@ readable by its owner only. :func:`apply_umask` gives each written file ``0666 &
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -32,3 +35,25 @@ def apply_umask(path: str | os.PathLike) -> None:
             Path(root, name).chmod(0o777 & ~mask)
         for name in files:
             Path(root, name).chmod(0o666 & ~mask)
+
+
+def assemble_directory(dst: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Build the directory ``dst`` in a temporary sibling with ``write(tmp)``, give it the umask's modes, and move it
+    into place once complete (replacing an existing ``dst``), so a crash never leaves a half-written ``dst``."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        write(tmp)
+        apply_umask(tmp)  # mkdtemp made it 0700 (and safetensors writes its files 0600)
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
+            os.replace(dst, old / dst.name)
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst

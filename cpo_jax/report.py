@@ -199,8 +199,21 @@ RUN_OUTPUTS = (
 
 
 def write_before(output_dir: Path, before: dict) -> None:
-    """Keep the metrics measured before training, for the report of a run that is later resumed."""
-    (Path(output_dir) / BEFORE_FILE).write_text(json.dumps({k: float(v) for k, v in before.items()}, indent=2))
+    """Keep the metrics measured before training (scalars, and per-prompt lists such as ``generation/correct``), for
+    the report of a run that is later resumed."""
+    kept = {k: (list(v) if isinstance(v, (list, tuple)) else float(v)) for k, v in before.items()}
+    (Path(output_dir) / BEFORE_FILE).write_text(json.dumps(kept, indent=2))
+
+
+def generation_change(before: dict, after: dict) -> dict | None:
+    """:func:`cpo_jax.experiments.stats.paired_change` of the per-prompt greedy verdicts (``generation/correct``)
+    before and after training, or None when either is missing or they cover different prompts."""
+    from cpo_jax.experiments.stats import paired_change
+
+    b, a = before.get("generation/correct"), after.get("generation/correct")
+    if not b or not a or len(b) != len(a):
+        return None
+    return paired_change(b, a)
 
 
 def read_before(output_dir: Path) -> dict:

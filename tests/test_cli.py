@@ -58,7 +58,17 @@ def test_train_writes_everything(run_dir):
 @pytest.fixture(scope="module")
 def run_output(env, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli_says") / "run"
-    proc = cli(env, "train", TINY, f"output_dir={out}", "steps=2", "save_every=2", "eval_every=0")
+    proc = cli(
+        env,
+        "train",
+        TINY,
+        f"output_dir={out}",
+        "steps=2",
+        "save_every=2",
+        "eval_every=0",
+        "eval_generation_prompts=bundled:arithmetic-eval-prompts:4",
+        "eval_generation_tokens=4",
+    )
     return out, proc
 
 
@@ -71,6 +81,12 @@ def test_a_run_says_what_it_does_and_lists_its_outputs(run_output):
     for line in ("hf/", "checkpoints/", "summary.json", "curves.png", "metrics.jsonl", "config.json"):
         assert re.search(rf"^  {re.escape(line)}\s", proc.stdout, re.M), line
     assert "(steps 2)" in proc.stdout
+    # the greedy verdicts per held-out prompt, before and after: the paired change with its interval and test
+    assert "of 4 held-out prompts, McNemar p = " in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    change = summary["generation/change"]
+    assert change["n"] == 4 and change["ci_low"] <= change["change"] <= change["ci_high"]
+    assert len(summary["before"]["generation/correct"]) == 4
 
 
 def test_exported_files_follow_the_umask(run_output):
@@ -90,10 +106,12 @@ def test_a_resumed_run_says_so_and_keeps_its_before_column(env, run_output, tmp_
     assert before
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
-    proc = cli(env, "train", TINY, f"output_dir={resumed}", "steps=3", "save_every=2", "eval_every=0")
+    generation = ["eval_generation_prompts=bundled:arithmetic-eval-prompts:4", "eval_generation_tokens=4"]
+    proc = cli(env, "train", TINY, f"output_dir={resumed}", "steps=3", "save_every=2", "eval_every=0", *generation)
     assert "resuming from step 2 of 3" in proc.stderr
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["before"] == before and summary["start_step"] == 2 and summary["final_step"] == 3
+    assert "generation/change" in summary  # the kept per-prompt verdicts pair with the new ones
 
 
 def test_same_command_resumes_from_the_latest_checkpoint(env, run_dir, tmp_path):

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from cpo_jax.errors import CheckpointError
-from cpo_jax.fileio import apply_umask
+from cpo_jax.fileio import assemble_directory
 
 PARAMS = "params"  # = cpo_jax.hf.pretrained.ORBAX_PARAMS
 _WEIGHT_FILES = ("model.safetensors.index.json",)
@@ -38,26 +37,6 @@ def _side_files(directory: Path):
     for file in sorted(directory.iterdir()):
         if file.is_file() and file.suffix != ".safetensors" and file.name not in _WEIGHT_FILES:
             yield file
-
-
-def _assemble(dst: Path, write) -> Path:
-    """Build ``dst`` in a temporary sibling with ``write(tmp)`` and move it into place when complete."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        write(tmp)
-        apply_umask(tmp)  # mkdtemp made it 0700
-        if dst.exists():  # an empty directory, or --overwrite
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-            os.replace(dst, old / dst.name)
-            os.replace(tmp, dst)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
 
 
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -81,7 +60,7 @@ def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         for file in _side_files(path):
             shutil.copyfile(file, tmp / file.name)
 
-    return _assemble(dst, write)
+    return assemble_directory(dst, write)
 
 
 def _stored_dtype(params: Path):
@@ -128,4 +107,4 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bo
         for file in _side_files(src):  # config.json and the tokenizer, byte for byte
             shutil.copyfile(file, tmp / file.name)
 
-    return _assemble(dst, write)
+    return assemble_directory(dst, write)

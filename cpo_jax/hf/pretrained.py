@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from cpo_jax.errors import ConfigError, ModelError, UnsupportedConfig, first_line
-from cpo_jax.fileio import apply_umask
+from cpo_jax.fileio import assemble_directory
 from cpo_jax.hf.config import located
 from cpo_jax.hf.families import FAMILIES, family_of
 from cpo_jax.hf.resolve import read_json_object, require_model_dir, resolve_model_path
@@ -630,9 +628,7 @@ def save_pretrained(
     if jax.process_index() != 0:
         return path
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    def write(tmp: Path) -> None:
         weight_map = {}
         for k, shard in enumerate(shards, start=1):
             file = "model.safetensors" if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
@@ -650,15 +646,6 @@ def save_pretrained(
             json.dump(hf, f, indent=2, sort_keys=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        apply_umask(tmp)  # mkdtemp made it 0700 and safetensors its files 0600
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    assemble_directory(path, write)
     return path
