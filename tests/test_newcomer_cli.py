@@ -477,3 +477,23 @@ def test_the_generator_tool_checks_the_committed_file():
 def test_the_docs_use_one_name_for_the_step_count():
     for doc in ("README.md", "docs/user_guide.md", "docs/training.md"):
         assert "max_steps=" not in (REPO / doc).read_text(), doc
+
+
+@pytest.mark.parametrize("objective", ["sft", "reward", "rlhf"])
+def test_a_combined_loss_type_on_an_objective_without_pairwise_loss_is_refused(objective):
+    """loss.type would be silently ignored by SFT, reward and (non-online) RL runs."""
+    from cpo_jax.errors import ConfigError
+    from cpo_jax.train import TrainConfig, from_dict
+    from cpo_jax.train.validate import validate_config
+
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "model": {"path": "tiny-random"},
+            "data": {"train_files": ["bundled:arithmetic-prompts:8"], "max_length": 96, "max_prompt_length": 64},
+            "loss": {"objective": objective, "type": ["sigmoid", "sft"], "hparams": {}},
+        },
+    )
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert err.value.where == "config key loss.type" and objective in str(err.value)

@@ -125,6 +125,13 @@ OBJECTIVE_HPARAMS = {"sft": (), "rlhf": (), "reward": ("margin", "center_rewards
 
 def _check_objective_hparams(cfg: TrainConfig) -> None:
     objective = cfg.loss.objective
+    _require(
+        cfg.loss.type is None and cfg.loss.weights is None,
+        "loss.type",
+        None if cfg.loss.type is None else list(cfg.loss.type),
+        f"combines pairwise losses, which loss.objective={objective!r} does not train",
+        hint="remove loss.type and loss.weights, or use loss.objective=preference (or rl.algorithm=online)",
+    )
     allowed = OBJECTIVE_HPARAMS[objective]
     unknown = sorted(set(cfg.loss.hparams) - set(allowed))
     if unknown:
