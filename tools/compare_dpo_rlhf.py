@@ -1,14 +1,17 @@
-"""DPO vs CPO vs RLOO from the same SmolLM2-135M-Instruct on the verifiable arithmetic task, matched compute.
+"""DPO vs CPO vs RLOO vs online DPO/CPO from the same SmolLM2-135M-Instruct on the verifiable arithmetic task,
+matched compute.
 
     python tools/compare_dpo_rlhf.py all --update-docs      # train the three runs, evaluate, write the doc section
-    python tools/compare_dpo_rlhf.py train [--pref-steps 48]  # cpo-jax train configs/compare/{dpo,cpo,rloo}.yaml
+    python tools/compare_dpo_rlhf.py train [--pref-steps 48]  # cpo-jax train configs/compare/<run>.yaml for each run
     python tools/compare_dpo_rlhf.py train --only dpo_lr5e-6  # a sensitivity variant (VARIANTS), same budget
     python tools/compare_dpo_rlhf.py report [--update-docs]   # evaluate the start model and every trained run
 
 DPO and CPO train on offline preference pairs (right answer chosen, a plausible wrong one rejected); RLOO samples
-its own answers and is rewarded by the verifier, with a KL penalty to the start. The budget is counted in forward
-token equivalents of padded rows (:mod:`cpo_jax.experiments.compare`): the tool gives DPO and CPO
-``--pref-steps`` steps and RLOO as many steps as fit in the same budget. Every policy is then measured the same way:
+its own answers and is rewarded by the verifier, with a KL penalty to the start. Online DPO and CPO sample two answers
+per prompt, rank them by the verifier and train the same DPO / CPO losses on those pairs (``rl.algorithm: online``):
+the loss held fixed, the data on-policy. The budget is counted in forward token equivalents of padded rows
+(:mod:`cpo_jax.experiments.compare`): the tool gives DPO and CPO ``--pref-steps`` steps and each sampled run as many
+steps as fit in the same budget. Every policy is then measured the same way:
 greedy verifier accuracy on held-out prompts (with an exact McNemar p-value against the start model on the same
 prompts), KL(pi || pi_ref) on its own samples, and the paper's diagnostics on held-out preference pairs.
 """
@@ -32,7 +35,8 @@ OUT = ROOT / "runs" / "compare"
 DOC = ROOT / "docs" / "paper_reproduction.md"
 FIGURES = ROOT / "docs" / "figures" / "compare"
 BEGIN, END = "<!-- compare-table:begin -->", "<!-- compare-table:end -->"
-RUNS = ("dpo", "cpo", "rloo")
+RUNS = ("dpo", "cpo", "rloo", "online_dpo", "online_cpo")
+RL_RUNS = ("rloo", "online_dpo", "online_cpo")  # sampled on-policy; their steps are fitted to the preference budget
 # Sensitivity runs: name -> (base config, overrides); same budget as their base.
 VARIANTS = {"dpo_lr5e-6": ("dpo", ["optim.learning_rate=5e-6"])}
 # Held-out evaluation: questions in neither the DPO/CPO pairs nor the RLOO prompts, each once (eval_sets()).
@@ -58,16 +62,17 @@ def budgets(pref_steps: int) -> dict[str, dict]:
             c.data.pairs_per_batch, c.data.max_length, reference_forward=c.loss.reference == "separate"
         )
         out[run] = {"steps": pref_steps, "step_cost": cost, "budget": pref_steps * cost}
-    c = _load("rloo")
-    cost = rl_step_cost(
-        c.rl.prompts_per_step,
-        c.rl.num_generations,
-        c.data.max_prompt_length,
-        c.rl.max_new_tokens,
-        c.rl.get("ppo_epochs", 1),
-    )
-    steps = max(1, round(out["dpo"]["budget"] / cost))
-    out["rloo"] = {"steps": steps, "step_cost": cost, "budget": steps * cost}
+    for run in RL_RUNS:
+        c = _load(run)
+        cost = rl_step_cost(
+            c.rl.prompts_per_step,
+            c.rl.num_generations,
+            c.data.max_prompt_length,
+            c.rl.max_new_tokens,
+            c.rl.get("ppo_epochs", 1),
+        )
+        steps = max(1, round(out["dpo"]["budget"] / cost))
+        out[run] = {"steps": steps, "step_cost": cost, "budget": steps * cost}
     for name, (base, overrides) in VARIANTS.items():
         out[name] = dict(out[base], base=base, overrides=overrides)
     return out

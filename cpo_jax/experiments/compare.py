@@ -16,12 +16,11 @@ a preference step is ``rows x length x (3 + reference)``; an RLOO step is ``rows
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpo_jax.experiments.stats import mcnemar_p
 from cpo_jax.losses.metrics import preference_metrics
 from cpo_jax.losses.pair import PairLogps
 from cpo_jax.losses.rlhf import kl_estimate
@@ -153,6 +152,4 @@ def mcnemar_exact(before: np.ndarray, after: np.ndarray) -> dict[str, float]:
     if before.shape != after.shape:
         raise ValueError(f"paired outcomes differ in shape: {before.shape} vs {after.shape}")
     gained, lost = int(np.sum(~before & after)), int(np.sum(before & ~after))
-    n, k = gained + lost, min(gained, lost)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n if n else 1.0
-    return {"mcnemar/gained": float(gained), "mcnemar/lost": float(lost), "mcnemar/p": min(1.0, 2.0 * tail)}
+    return {"mcnemar/gained": float(gained), "mcnemar/lost": float(lost), "mcnemar/p": mcnemar_p(gained, lost)}

@@ -3,7 +3,7 @@
 * :func:`paired_change`: the change in a pass rate measured on the same items twice (greedy verifier accuracy on the
   same held-out prompts before and after training): the items gained and lost, the difference with a 95% interval,
   and McNemar's exact two-sided test on the discordant items.
-* :func:`mcnemar_exact`: that test alone (a two-sided binomial test of ``wins`` against ``losses`` at p = 1/2).
+* :func:`mcnemar_p`: that test alone (a two-sided binomial test of ``wins`` against ``losses`` at p = 1/2).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 
 
-def mcnemar_exact(wins: int, losses: int) -> float:
+def mcnemar_p(wins: int, losses: int) -> float:
     """Two-sided exact McNemar p-value: ``P(|X - n/2| >= |wins - n/2|)`` for ``X ~ Binomial(wins + losses, 1/2)``.
 
     1.0 when there is no discordant item."""
@@ -51,7 +51,7 @@ def paired_change(before: Sequence[bool], after: Sequence[bool]) -> dict[str, fl
         "change": change,
         "ci_low": max(-1.0, change - half),
         "ci_high": min(1.0, change + half),
-        "p": mcnemar_exact(gained, lost),
+        "p": mcnemar_p(gained, lost),
     }
 
 
