@@ -48,7 +48,7 @@ from cpo_jax.hf.config import (
     rope_specs,
     sliding_window,
 )
-from cpo_jax.hf.families.llama import projection_rules
+from cpo_jax.hf.families.moe import sparse_decoder_table
 from cpo_jax.hf.weights import WeightRule
 from cpo_jax.models.config import FULL, SLIDING, TransformerConfig
 
@@ -186,15 +186,5 @@ def moe_rules(layer: str = "model.layers.{i}") -> list[WeightRule]:
 def weight_table(cfg: TransformerConfig) -> list[WeightRule]:
     """HF <-> cpo_jax names for gpt-oss: the Llama attention projections (with biases), ``self_attn.sinks``, the
     router and fused experts (:func:`moe_rules`), the two norms of each layer, the final norm and ``lm_head``."""
-    layer = "model.layers.{i}"
-    attention = [r for r in projection_rules(cfg, layer) if ".attn." in r.ours]
-    rules = [WeightRule("model.embed_tokens.weight", "embed"), *attention]
-    rules += [WeightRule(f"{layer}.self_attn.sinks", "layers.{i}.attn.sinks"), *moe_rules(layer)]
-    rules += [
-        WeightRule(f"{layer}.input_layernorm.weight", "layers.{i}.attn_norm.scale"),
-        WeightRule(f"{layer}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.scale"),
-        WeightRule("model.norm.weight", "final_norm.scale"),
-    ]
-    if not cfg.tie_embeddings:
-        rules.append(WeightRule("lm_head.weight", "lm_head.kernel", transpose=True))
-    return rules
+    sinks = WeightRule("model.layers.{i}.self_attn.sinks", "layers.{i}.attn.sinks")
+    return sparse_decoder_table(cfg, [sinks, *moe_rules()])

@@ -173,9 +173,16 @@ def moe_rules(cfg: TransformerConfig, layer: str = "model.layers.{i}") -> list[W
 
 def weight_table(cfg: TransformerConfig) -> list[WeightRule]:
     """HF <-> cpo_jax names for the MoE families (``nn.Linear`` ``[out, in]``: transposed, per expert too)."""
+    return sparse_decoder_table(cfg, moe_rules(cfg))
+
+
+def sparse_decoder_table(cfg: TransformerConfig, mlp_rules: list[WeightRule]) -> list[WeightRule]:
+    """The table of an MoE decoder with Llama's module names: the embedding, the attention projections of
+    :func:`~cpo_jax.hf.families.llama.projection_rules`, the family's ``mlp_rules`` (router and experts, plus
+    anything else it adds), each layer's two norms, the final norm and an untied ``lm_head``."""
     layer = "model.layers.{i}"
     attention = [r for r in projection_rules(cfg, layer) if ".attn." in r.ours]
-    rules = [WeightRule("model.embed_tokens.weight", "embed"), *attention, *moe_rules(cfg, layer)]
+    rules = [WeightRule("model.embed_tokens.weight", "embed"), *attention, *mlp_rules]
     rules += [
         WeightRule(f"{layer}.input_layernorm.weight", "layers.{i}.attn_norm.scale"),
         WeightRule(f"{layer}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.scale"),
