@@ -175,3 +175,15 @@ def max_diff(a, b, mask) -> float:
     import numpy as np
 
     return float(np.abs(np.where(mask[..., None].astype(bool), a - b, 0.0)).max())
+
+
+def assert_same_safetensors(expected: Path, got: Path) -> None:
+    """``got`` holds exactly the tensors of ``expected`` (two safetensors files): same names, dtypes and values."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    before, after = load_file(expected), load_file(got)
+    assert sorted(before) == sorted(after)
+    for key in before:
+        assert before[key].dtype == after[key].dtype, key
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)

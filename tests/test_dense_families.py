@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors.numpy import load_file
 
 from cpo_jax.errors import UnsupportedConfig
 from cpo_jax.hf.pretrained import from_pretrained, save_pretrained
-from tests.hf_tiny import COMMON, assert_greedy_matches_hf, hf_logits, max_diff
+from tests.hf_tiny import COMMON, assert_greedy_matches_hf, assert_same_safetensors, hf_logits, max_diff
 
 torch = pytest.importorskip("torch")
 ATOL = 1e-4
@@ -141,12 +140,7 @@ def test_export_round_trip(name, root, tmp_path):
     hf, path = tiny(name, root)
     # Stacked (scanned) layers must write the same fused tensors as the per-layer list.
     save_pretrained(from_pretrained(path, scan_layers=name == "phi3"), tmp_path / "out")
-    before = load_file(path / "model.safetensors")
-    after = load_file(tmp_path / "out" / "model.safetensors")
-    assert sorted(before) == sorted(after)
-    for key in before:
-        assert before[key].dtype == after[key].dtype, key
-        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    assert_same_safetensors(path / "model.safetensors", tmp_path / "out" / "model.safetensors")
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     ids, right = _batch(1)

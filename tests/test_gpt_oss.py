@@ -28,7 +28,7 @@ from cpo_jax.hf.pretrained import config_from_hf, from_pretrained, save_pretrain
 from cpo_jax.hf.weights import WeightRule, dequantize_mxfp4, hf_block_index, join_parts, our_shape
 from cpo_jax.models.moe import sparse_moe
 from cpo_jax.ops.attention import attention_mask, dot_product_attention
-from tests.hf_tiny import assert_greedy_matches_hf, hf_forward, max_diff
+from tests.hf_tiny import assert_greedy_matches_hf, assert_same_safetensors, hf_forward, max_diff
 from tests.test_moe import _numpy_aux_loss
 
 torch = pytest.importorskip("torch")
@@ -149,12 +149,7 @@ def test_export_reloads_and_round_trips_every_tensor(tiny, tmp_path):
 
     hf, path = tiny
     save_pretrained(from_pretrained(path, scan_layers=True), tmp_path / "out")
-    before = load_file(path / "model.safetensors")
-    after = load_file(tmp_path / "out" / "model.safetensors")
-    assert sorted(before) == sorted(after)
-    for key in before:
-        assert before[key].dtype == after[key].dtype, key
-        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    assert_same_safetensors(path / "model.safetensors", tmp_path / "out" / "model.safetensors")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     ids, right, _ = _batch(1)
     np.testing.assert_allclose(

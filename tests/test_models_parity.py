@@ -5,11 +5,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from cpo_jax.hf.pretrained import from_pretrained, save_pretrained
 from cpo_jax.ops.logprobs import sequence_logps_from_hidden, token_logps
-from tests.hf_tiny import TINY, hf_logits, max_diff, tiny_model
+from tests.hf_tiny import TINY, assert_same_safetensors, hf_logits, max_diff, tiny_model
 
 torch = pytest.importorskip("torch")
 NAMES = sorted(TINY)
@@ -63,12 +62,7 @@ def test_round_trip_reproduces_every_tensor(name, root, tmp_path):
     _, path = tiny_model(name, root)
     # Scanned (stacked) layers must export the same tensors as the per-layer list.
     save_pretrained(from_pretrained(path, scan_layers=name in ("gpt2", "gemma3", "qwen3")), tmp_path / "out")
-    before = load_file(path / "model.safetensors")
-    after = load_file(tmp_path / "out" / "model.safetensors")
-    assert sorted(before) == sorted(after)
-    for key in before:
-        assert before[key].dtype == after[key].dtype, key
-        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    assert_same_safetensors(path / "model.safetensors", tmp_path / "out" / "model.safetensors")
 
 
 def test_sharded_export_writes_index_and_reloads(root, tmp_path):

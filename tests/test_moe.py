@@ -18,13 +18,12 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from safetensors.numpy import load_file
 
 from cpo_jax.errors import UnsupportedConfig
 from cpo_jax.hf.pretrained import config_from_hf, from_pretrained, save_pretrained
 from cpo_jax.models.moe import RouterStats, load_balancing_loss, sparse_moe
 from cpo_jax.parallel import make_mesh
-from tests.hf_tiny import assert_greedy_matches_hf, hf_forward, max_diff
+from tests.hf_tiny import assert_greedy_matches_hf, assert_same_safetensors, hf_forward, max_diff
 
 torch = pytest.importorskip("torch")
 
@@ -121,12 +120,7 @@ def test_export_reloads_and_round_trips_every_tensor(name, root, tmp_path):
 
     hf, path = _build(name, str(root))
     save_pretrained(from_pretrained(path, scan_layers=name == "qwen3_moe"), tmp_path / "out")
-    before = load_file(path / "model.safetensors")
-    after = load_file(tmp_path / "out" / "model.safetensors")
-    assert sorted(before) == sorted(after)
-    for key in before:
-        assert before[key].dtype == after[key].dtype, key
-        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    assert_same_safetensors(path / "model.safetensors", tmp_path / "out" / "model.safetensors")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     ids, right, _ = _batch(1)
     np.testing.assert_allclose(
