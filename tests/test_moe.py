@@ -288,6 +288,30 @@ def test_explicit_expert_parallel_equals_single_device_with_gradients(impl, root
         assert manual["all-gather"] * 20 < gspmd["all-gather"], (manual, gspmd)
 
 
+@pytest.mark.parametrize("impl", ["ragged", "blocked"])
+def test_groups_covering_only_the_first_rows_leave_the_rest_zero(impl):
+    """``expert_ffn(covers_all_rows=False)`` (a device's local experts under expert parallelism): the covered rows
+    equal a full computation of them, biases included; the others are exactly zero."""
+    from cpo_jax.models.moe import expert_ffn
+
+    ks = jax.random.split(jax.random.key(4), 7)
+    e, d, f, m = 3, 8, 12, 20
+    xs = jax.random.normal(ks[0], (m, d))
+    weights = dict(
+        gate=jax.random.normal(ks[1], (e, d, f)),
+        up=jax.random.normal(ks[2], (e, d, f)),
+        down=jax.random.normal(ks[3], (e, f, d)),
+        gate_bias=jax.random.normal(ks[4], (e, f)),
+        up_bias=jax.random.normal(ks[5], (e, f)),
+        down_bias=jax.random.normal(ks[6], (e, d)),
+    )
+    sizes = jnp.array([4, 0, 7], jnp.int32)  # 11 of the 20 rows
+    got = expert_ffn(xs, sizes, **weights, impl=impl, block_size=4, covers_all_rows=False)
+    want = expert_ffn(xs[:11], sizes, **weights, impl=impl, block_size=4)
+    np.testing.assert_allclose(np.asarray(got[:11]), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert not np.asarray(got[11:]).any()
+
+
 def _dense_reference(x, router, gate, up, down, top_k, normalize):
     """Every expert on every token, combined with the (mostly zero) routing weights."""
     probs = jax.nn.softmax(x @ router, axis=-1)

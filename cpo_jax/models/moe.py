@@ -216,6 +216,7 @@ def expert_ffn(
     swiglu_alpha: float = 1.702,
     impl: MoeImpl = "auto",
     block_size: int = DEFAULT_BLOCK_SIZE,
+    covers_all_rows: bool = True,
 ) -> jax.Array:
     """``down_e(glu(gate_e x + bg_e, up_e x + bu_e)) + bd_e`` for rows ``xs`` ``[M, D]`` sorted by expert,
     ``group_sizes[e]`` rows each.
@@ -223,13 +224,24 @@ def expert_ffn(
     ``gate``/``up`` are ``[E, D, F]``, ``down`` ``[E, F, D]``; the optional biases ``[E, F]``, ``[E, F]`` and
     ``[E, D]`` (absent ones are zero). ``glu`` is :func:`expert_glu` of ``activation`` / ``swiglu_limit`` /
     ``swiglu_alpha``. Returns ``[M, D]`` in ``xs.dtype``, every product and sum in that dtype (as HF's grouped
-    experts). The groups must cover all ``M`` rows (``sum(group_sizes) == M``)."""
+    experts). The groups cover all ``M`` rows (``sum(group_sizes) == M``), or with ``covers_all_rows=False`` only the
+    first ``sum(group_sizes)``, the rest giving zeros and costing no matmul (a device's local experts under expert
+    parallelism)."""
     glu = expert_glu(activation, swiglu_limit, swiglu_alpha)
     weights = tuple(w.astype(xs.dtype) for w in (gate, up, down))
     biases = tuple(None if b is None else b.astype(xs.dtype) for b in (gate_bias, up_bias, down_bias))
-    if _resolve_impl(impl) == "ragged":
-        return _ragged_ffn(xs, group_sizes, weights, biases, glu)
-    return _blocked_ffn(xs, group_sizes, weights, biases, glu, block_size)
+    ragged = _resolve_impl(impl) == "ragged"
+    if covers_all_rows:
+        if ragged:
+            return _ragged_ffn(xs, group_sizes, weights, biases, glu)
+        return _blocked_ffn(xs, group_sizes, weights, biases, glu, block_size)
+    m, held = xs.shape[0], jnp.sum(group_sizes)
+    if ragged:  # ragged_dot leaves the rows past sum(group_sizes) zero
+        ys = _ragged_ffn(xs, group_sizes, weights, biases, glu)
+    else:  # the uncovered rows form one more group, never computed
+        live = jnp.arange(group_sizes.shape[0] + 1) < group_sizes.shape[0]
+        ys = _blocked_ffn(xs, jnp.append(group_sizes, m - held), weights, biases, glu, block_size, live_groups=live)
+    return jnp.where((jnp.arange(m) < held)[:, None], ys, 0)  # no bias on the uncovered rows
 
 
 def sparse_moe(
@@ -313,21 +325,9 @@ def _expert_parallel(xs, group_sizes, inverse, weights, experts_of: dict, ffn: d
         first = jax.lax.axis_index(EXPERT_AXIS) * e_local
         sizes = jax.lax.dynamic_slice(group_sizes, (first,), (e_local,))
         offset = jnp.sum(jnp.where(jnp.arange(num_experts) < first, group_sizes, 0))
-        m, held = xs.shape[0], jnp.sum(sizes)
-        rows = jnp.roll(xs, -offset, axis=0)  # this device's rows first; the others form one group never computed
+        rows = jnp.roll(xs, -offset, axis=0)  # this device's rows first
         local_experts = {name: params.get(name) for name in experts_of}
-        if _resolve_impl(ffn["impl"]) == "ragged":  # ragged_dot leaves the rows past sum(sizes) zero
-            ys = expert_ffn(rows, sizes, **local_experts, **ffn)
-        else:
-            glu = expert_glu(ffn["activation"], ffn["swiglu_limit"], ffn["swiglu_alpha"])
-            w = tuple(local_experts[k].astype(xs.dtype) for k in ("gate", "up", "down"))
-            b = tuple(
-                None if local_experts[k] is None else local_experts[k].astype(xs.dtype)
-                for k in ("gate_bias", "up_bias", "down_bias")
-            )
-            live = jnp.arange(e_local + 1) < e_local
-            ys = _blocked_ffn(rows, jnp.append(sizes, m - held), w, b, glu, ffn["block_size"], live_groups=live)
-        ys = jnp.where((jnp.arange(m) < held)[:, None], ys, 0)  # biases of the rows that are not this device's
+        ys = expert_ffn(rows, sizes, **local_experts, **ffn, covers_all_rows=False)
         return jax.lax.psum(_combine(jnp.roll(ys, offset, axis=0), inverse, weights, top_k), EXPERT_AXIS)
 
     return jax.shard_map(
