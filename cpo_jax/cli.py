@@ -160,7 +160,7 @@ def _restored_trainer(config: Path, overrides: list[str] | None, *, writes_outpu
 def _evaluate(trainer, cfg) -> dict:
     """Eval metrics, plus the greedy verifier's verdict per prompt (``generation/correct``, a list) when
     ``eval_generation_prompts`` is set, for the paired before/after comparison."""
-    from cpo_jax.report import generation_correct
+    from cpo_jax.report import generation_accuracy
     from cpo_jax.train.stages import stage
 
     metrics = {}
@@ -169,19 +169,14 @@ def _evaluate(trainer, cfg) -> dict:
             metrics = trainer.evaluate(trainer.state.params)
     if cfg.eval_generation_prompts:
         with stage(f"greedy generation on {cfg.eval_generation_prompts}"):
-            correct = generation_correct(
-                trainer.policy(),
-                trainer.tokenizer,
-                cfg.eval_generation_prompts,
-                max_new_tokens=cfg.eval_generation_tokens,
+            metrics.update(
+                generation_accuracy(
+                    trainer.policy(),
+                    trainer.tokenizer,
+                    cfg.eval_generation_prompts,
+                    max_new_tokens=cfg.eval_generation_tokens,
+                )
             )
-        metrics.update(
-            {
-                "generation/accuracy": float(correct.mean()) if correct.size else 0.0,
-                "generation/prompts": float(correct.size),
-                "generation/correct": [bool(c) for c in correct],
-            }
-        )
     return metrics
 
 

@@ -28,14 +28,23 @@ SUMMARY_KEYS = (
 
 def generation_accuracy(
     model, tokenizer, prompts_path, *, max_new_tokens: int = 24, batch: int = 16, max_prompt_length: int = 256
-) -> dict[str, float]:
-    """Greedy answers to prompt-only arithmetic records, scored by :func:`cpo_jax.data.score_arithmetic`."""
+) -> dict:
+    """Greedy answers to prompt-only arithmetic records, scored by :func:`cpo_jax.data.score_arithmetic`:
+    :func:`generation_metrics` of :func:`generation_correct`."""
     correct = generation_correct(
         model, tokenizer, prompts_path, max_new_tokens=max_new_tokens, batch=batch, max_prompt_length=max_prompt_length
     )
+    return generation_metrics(correct)
+
+
+def generation_metrics(correct) -> dict:
+    """``generation/accuracy`` and ``generation/prompts`` of per-prompt verdicts ``correct`` ``[N]`` bool, and the
+    verdicts themselves as ``generation/correct`` (a list, for a paired before/after comparison)."""
+    correct = [bool(c) for c in correct]
     return {
-        "generation/accuracy": float(correct.mean()) if correct.size else 0.0,
-        "generation/prompts": float(correct.size),
+        "generation/accuracy": sum(correct) / len(correct) if correct else 0.0,
+        "generation/prompts": float(len(correct)),
+        "generation/correct": correct,
     }
 
 

@@ -128,7 +128,7 @@ def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, refer
     Each of the three parts is cached in ``runs/compare/<name>/eval.json`` (``--fresh`` recomputes)."""
     from cpo_jax.experiments.compare import pair_diagnostics, sampled_kl
     from cpo_jax.hf.pretrained import from_pretrained
-    from cpo_jax.report import generation_correct
+    from cpo_jax.report import generation_correct, generation_metrics
 
     cache_path = OUT / name / "eval.json"
     cache = {} if fresh or not cache_path.exists() else json.loads(cache_path.read_text())
@@ -175,9 +175,7 @@ def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, refer
     )
     pairs = part("pairs", lambda m: pair_diagnostics(pair_logps(m, tokenizer, pair_records, c), reference_pairs))
     return {
-        "generation/accuracy": float(np.mean(correct)),
-        "generation/prompts": float(len(correct)),
-        "generation/correct": correct,
+        **generation_metrics(correct),
         **kl,
         **pairs,
     }
