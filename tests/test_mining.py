@@ -58,8 +58,23 @@ def test_select_ignores_dropped_records_and_checks_shapes():
         mining.select_pairs(records, np.zeros((2, 2)), np.ones((2, 2)))
 
 
-def test_split_holds_out_the_tail_and_refuses_impossible_sizes():
-    train, held = mining.split(list(range(10)), 3)
-    assert train == list(range(7)) and held == [7, 8, 9]
-    with pytest.raises(ValueError, match="cannot hold out 10 of 10"):
-        mining.split(list(range(10)), 10)
+def test_distinct_questions_keeps_the_first_problem_that_asks_each_question():
+    def rec(problem, q, wrong):
+        return {"problem": problem, "prompt": [{"role": "user", "content": q}], "rejected": wrong}
+
+    records = [
+        rec(0, "1 + 1", "3"),
+        rec(0, "1 + 1", "1"),
+        rec(1, "2 + 2", "5"),
+        rec(2, "1 + 1", "3"),
+        rec(3, "3 + 3", "7"),
+    ]
+    kept = mining.distinct_questions(records)
+    assert [(r["problem"], r["rejected"]) for r in kept] == [(0, "3"), (0, "1"), (1, "5"), (3, "7")]
+
+
+def test_mined_train_and_held_out_questions_are_disjoint():
+    train = mining.distinct_questions(arithmetic_candidates(200, seed=7, split="train"))
+    held = mining.distinct_questions(arithmetic_candidates(100, seed=7, split="eval"))
+    questions = lambda rs: {r["prompt"][0]["content"] for r in rs}  # noqa: E731
+    assert questions(train) and questions(held) and not questions(train) & questions(held)

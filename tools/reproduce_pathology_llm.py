@@ -46,8 +46,12 @@ def _length_policy() -> tuple[int, int]:
 MAX_LENGTH, MAX_PROMPT_LENGTH = _length_policy()
 
 
-def mine(problems: int, seed: int, eval_size: int, contrast_eval_size: int) -> dict:
-    """Scores every candidate wrong answer with SmolLM2 and writes the mined train/held-out files into ``DATA``."""
+def mine(train_problems: int, eval_problems: int, seed: int, eval_size: int, contrast_eval_size: int) -> dict:
+    """Scores every candidate wrong answer with SmolLM2 and writes the mined train/held-out files into ``DATA``.
+
+    Training pairs come from training questions and held-out pairs from held-out ones
+    (:func:`cpo_jax.data.bundled.question_split`), each question once, so no held-out question is ever trained on.
+    """
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -58,8 +62,12 @@ def mine(problems: int, seed: int, eval_size: int, contrast_eval_size: int) -> d
     from cpo_jax.train.reference_cache import compute_reference_logps
 
     start = time.perf_counter()
-    candidates = arithmetic_candidates(problems, seed=seed)
-    scores = DATA / f"candidate_scores_{problems}_{seed}.npz"  # the slow part (~4 pairs/s on 2 CPU cores), kept
+    splits = {
+        "train": mining.distinct_questions(arithmetic_candidates(train_problems, seed=seed, split="train")),
+        "eval": mining.distinct_questions(arithmetic_candidates(eval_problems, seed=seed, split="eval")),
+    }
+    candidates = splits["train"] + splits["eval"]
+    scores = DATA / f"candidate_scores_{train_problems}_{eval_problems}_{seed}.npz"  # the slow part (~4 pairs/s), kept
     if scores.is_file():
         cached = np.load(scores)
         logps, lengths = cached["logps"], cached["lengths"]
@@ -77,22 +85,31 @@ def mine(problems: int, seed: int, eval_size: int, contrast_eval_size: int) -> d
         DATA.mkdir(parents=True, exist_ok=True)
         np.savez(scores.with_suffix(".tmp.npz"), logps=logps, lengths=lengths)
         scores.with_suffix(".tmp.npz").replace(scores)
-    mined = mining.select_pairs(candidates, logps, lengths)
-    violated_train, violated_eval = mining.split(mined.violated, eval_size)
-    contrast_train, contrast_eval = mining.split(mined.contrast, contrast_eval_size)
-    DATA.mkdir(parents=True, exist_ok=True)
+    n_train = len(splits["train"])
+    mined_train = mining.select_pairs(splits["train"], logps[:n_train], lengths[:n_train])
+    mined_eval = mining.select_pairs(splits["eval"], logps[n_train:], lengths[n_train:])
+    violated_eval, contrast_eval = mined_eval.violated[:eval_size], mined_eval.contrast[:contrast_eval_size]
     files = {
-        "violated_train.jsonl": violated_train,
+        "violated_train.jsonl": mined_train.violated,
         "violated_eval.jsonl": violated_eval,
         "violated_eval_prompts.jsonl": mining.prompt_records(violated_eval),
-        "contrast_train.jsonl": contrast_train,
+        "contrast_train.jsonl": mined_train.contrast,
         "contrast_eval.jsonl": contrast_eval,
         "contrast_eval_prompts.jsonl": mining.prompt_records(contrast_eval),
     }
+    DATA.mkdir(parents=True, exist_ok=True)
     for name, records in files.items():
         write_jsonl(records, DATA / name)
     stats = {
-        **mined.stats,
+        "train": mined_train.stats,
+        "eval": mined_eval.stats,
+        "problems": mined_train.stats["problems"] + mined_eval.stats["problems"],
+        "candidates": len(candidates),
+        "candidates_ref_prefers_wrong": (
+            mined_train.stats["candidates_ref_prefers_wrong"] + mined_eval.stats["candidates_ref_prefers_wrong"]
+        ),
+        "problems_with_a_preferred_wrong_answer": len(mined_train.violated) + len(mined_eval.violated),
+        "split": "question_split (SHA-256 of the question; train and held-out questions disjoint)",
         "seed": seed,
         "max_length": MAX_LENGTH,
         "sizes": {name: len(records) for name, records in files.items()},
@@ -237,7 +254,8 @@ def report(update_docs: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["mine", "train", "report", "all"])
-    parser.add_argument("--problems", type=int, default=360)
+    parser.add_argument("--train-problems", type=int, default=240, help="problems drawn from training questions")
+    parser.add_argument("--eval-problems", type=int, default=110, help="problems drawn from held-out questions")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--eval-size", type=int, default=64, help="held-out violated pairs")
     parser.add_argument("--contrast-eval-size", type=int, default=48, help="held-out contrast pairs")
@@ -245,7 +263,7 @@ def main() -> None:
     parser.add_argument("--update-docs", action="store_true")
     args = parser.parse_args()
     if args.stage in ("mine", "all"):
-        mine(args.problems, args.seed, args.eval_size, args.contrast_eval_size)
+        mine(args.train_problems, args.eval_problems, args.seed, args.eval_size, args.contrast_eval_size)
     if args.stage in ("train", "all"):
         train(args.runs)
     if args.stage in ("report", "all"):

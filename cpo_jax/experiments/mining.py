@@ -10,6 +10,7 @@ A *contrast* pair is one where the reference prefers the correct answer in both 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 
@@ -79,8 +80,13 @@ def prompt_records(pairs: list[dict]) -> list[dict]:
     return [{"prompt": p["prompt"], "answer": p["answer"]} for p in pairs]
 
 
-def split(records: list[dict], eval_size: int) -> tuple[list[dict], list[dict]]:
-    """``(train, held_out)``: the last ``eval_size`` records are held out (records are in problem order)."""
-    if not 0 < eval_size < len(records):
-        raise ValueError(f"cannot hold out {eval_size} of {len(records)} mined records")
-    return records[:-eval_size], records[-eval_size:]
+def distinct_questions(records: list[dict]) -> list[dict]:
+    """The candidate records of each problem whose question no earlier problem asked (a generator may draw a
+    question twice; mined pairs then hold each question once)."""
+    first_problem: dict[str, int] = {}
+    out = []
+    for record in records:
+        question = json.dumps(record["prompt"], sort_keys=True)
+        if first_problem.setdefault(question, int(record["problem"])) == int(record["problem"]):
+            out.append(record)
+    return out

@@ -1,0 +1,459 @@
+"""Part D of the paper at LM scale (issue 20): Bradley–Terry-noised violated pairs on SmolLM2-135M-Instruct.
+
+    python tools/reproduce_pathology_llm.py mine             # 0. the mined pairs (shared with Part B)
+    python tools/reproduce_partd.py label                    # 1. BT-labelled training files, one per seed
+    python tools/reproduce_partd.py run                      # 2. every cell (method x beta x units x seed)
+    python tools/reproduce_partd.py run --methods dpo cpo --betas 1 --units summed --seeds 0 1 2   # any subset
+    python tools/reproduce_partd.py report [--update-docs]   # 3. table with 95% intervals, paired tests, figures
+
+The pairs are the held-out-safe violated pairs of Part B (the reference prefers the wrong answer; train and
+held-out questions disjoint by construction). The correct answer is better by a known reward margin, and each
+training pair appears ``--copies`` times in both orders in proportion ``sigmoid(margin)``
+(:func:`cpo_jax.experiments.noisy.bt_labelled`). Every cell trains from the same reference with the same budget
+(``configs/paper/partd.yaml``) in this one process, and then measures, on the held-out violated pairs and their
+questions: frac_in_U, absolute accuracy, true-reward win rate, the chosen log-likelihood change (summed and per
+token), greedy verifier accuracy and the sampled KL to the reference. A finished cell is kept in
+``runs/paper_llm/partd/<cell>/cell.json`` and skipped on the next ``run``; one finished under other settings is
+refused (``--force`` reruns it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import pathlib
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MINED = ROOT / "runs" / "paper_llm" / "data"
+OUT = ROOT / "runs" / "paper_llm" / "partd"
+BASE = ROOT / "configs" / "paper" / "partd.yaml"
+DOC = ROOT / "docs" / "paper_reproduction.md"
+FIGURES = ROOT / "docs" / "figures" / "partd"
+BEGIN, END = "<!-- partd-table:begin -->", "<!-- partd-table:end -->"
+KL_PROMPTS, KL_TOKENS = 32, 16  # KL(pi || pi_ref) from one sample on each of the first 32 held-out questions
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    method: str
+    beta: float
+    units: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_b{self.beta:g}_{self.units}_s{self.seed}"
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def train_file(seed: int) -> pathlib.Path:
+    return OUT / "data" / f"train_seed{seed}.jsonl"
+
+
+def label(seeds: list[int], reward_margin: float, copies: int) -> None:
+    """Writes the BT-labelled training file of each seed (and ``labels.json`` with the settings)."""
+    from cpo_jax.data import load_records, write_jsonl
+    from cpo_jax.experiments.noisy import bt_labelled, true_preference
+
+    source = MINED / "violated_train.jsonl"
+    if not source.is_file():
+        _fail(f"{source} is missing: mine the pairs first (python tools/reproduce_pathology_llm.py mine)")
+    pairs = [dict(r) for r in load_records(source).records]
+    settings = {"reward_margin": reward_margin, "copies": copies, "source": str(source.relative_to(ROOT))}
+    (OUT / "data").mkdir(parents=True, exist_ok=True)
+    saved = OUT / "data" / "labels.json"
+    if saved.is_file() and {k: v for k, v in json.loads(saved.read_text()).items() if k != "seeds"} != settings:
+        _fail(
+            f"{saved} was written with other settings ({saved.read_text().strip()}); cells trained on those labels "
+            f"would mix with new ones. Move {OUT} away to start over."
+        )
+    for seed in seeds:
+        records = bt_labelled(pairs, reward_margin=reward_margin, copies=copies, seed=seed)
+        write_jsonl(records, train_file(seed))
+        kept = sum(r["true_order"] for r in records) / len(records)
+        p = true_preference(reward_margin)
+        print(f"seed {seed}: {len(records)} records, {kept:.3f} in the true order (p = {p:.3f})")
+    done = sorted(set(json.loads(saved.read_text()).get("seeds", [])) | set(seeds)) if saved.is_file() else seeds
+    saved.write_text(json.dumps({**settings, "seeds": done}, indent=1) + "\n")
+
+
+def _settings() -> dict:
+    path = OUT / "data" / "labels.json"
+    if not path.is_file():
+        _fail(f"{path} is missing: write the labelled training files first (python tools/reproduce_partd.py label)")
+    return json.loads(path.read_text())
+
+
+def cell_overrides(cell: Cell) -> list[str]:
+    """The ``key=value`` overrides of ``configs/paper/partd.yaml`` that make ``cell``."""
+    from cpo_jax.experiments.noisy import loss_of
+
+    name, hparams = loss_of(cell.method, cell.beta, cell.units)
+    out = [
+        f"output_dir={OUT / cell.name}",
+        f"data.train_files=[{train_file(cell.seed)}]",
+        f"loss.name={name}",
+        f"seed={cell.seed}",
+        f"data.seed={cell.seed}",
+    ]
+    out += [f"loss.hparams.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in hparams.items()]
+    if cell.method == "simpo":
+        out.append("loss.reference=none")
+    return out
+
+
+def _spec(cell: Cell, cfg) -> dict:
+    """What the cell's result depends on: its settings, the resolved config and the label file's hash."""
+    digest = hashlib.sha256(train_file(cell.seed).read_bytes()).hexdigest()
+    config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    config.pop("output_dir", None)
+    measure = {"kl_prompts": KL_PROMPTS, "kl_tokens": KL_TOKENS, "eval_pairs": str(MINED / "violated_eval.jsonl")}
+    return {
+        "cell": dataclasses.asdict(cell),
+        "labels": _settings() | {"sha256": digest},
+        "config": config,
+        "measure": measure,
+    }
+
+
+class Evaluator:
+    """The held-out measurements, with the reference loaded once for every cell of the process."""
+
+    def __init__(self, cfg):
+        from transformers import AutoTokenizer
+
+        from cpo_jax.data import load_records
+        from cpo_jax.hf.pretrained import from_pretrained
+        from cpo_jax.hf.resolve import resolve_model_path
+
+        path = resolve_model_path(cfg.model.path)
+        self.cfg = cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.reference = from_pretrained(path)
+        self.pairs = load_records(list(cfg.data.eval_files))
+        self.prompts_path = str(MINED / "violated_eval_prompts.jsonl")
+        prompts = load_records(self.prompts_path, "prompt_only")
+        self.kl_prompts = dataclasses.replace(
+            prompts, records=prompts.records[:KL_PROMPTS], sources=prompts.sources[:KL_PROMPTS]
+        )
+        cached = OUT / "reference_eval.npz"
+        if cached.is_file():
+            saved = np.load(cached)
+            self.ref_logps, self.lengths = saved["logps"], saved["lengths"]
+        else:
+            self.ref_logps, self.lengths = self.pair_logps(self.reference)
+            OUT.mkdir(parents=True, exist_ok=True)
+            np.savez(cached.with_suffix(".tmp.npz"), logps=self.ref_logps, lengths=self.lengths)
+            cached.with_suffix(".tmp.npz").replace(cached)
+
+    def pair_logps(self, model) -> tuple[np.ndarray, np.ndarray]:
+        from cpo_jax.data import BatchConfig, TokenizeConfig
+        from cpo_jax.train.reference_cache import compute_reference_logps
+
+        d = self.cfg.data
+        return compute_reference_logps(
+            model, self.pairs.records, self.pairs.sources, self.tokenizer,
+            TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length),
+            BatchConfig(pairs_per_batch=16, max_length=d.max_length, pad_id=self.tokenizer.pad_token_id or 0),
+            return_lengths=True,
+        )  # fmt: skip
+
+    def measure(self, model, *, seed: int, with_kl: bool = True) -> dict:
+        """Pair metrics (:func:`noisy.pair_metrics`), greedy verifier outcomes and the sampled KL of ``model``."""
+        from cpo_jax.experiments.compare import sampled_kl
+        from cpo_jax.experiments.noisy import pair_metrics
+        from cpo_jax.report import generation_correct, generation_metrics
+
+        logps, _ = self.pair_logps(model)
+        out = pair_metrics(logps, self.ref_logps, self.lengths)
+        correct = generation_correct(
+            model, self.tokenizer, self.prompts_path, max_new_tokens=self.cfg.eval_generation_tokens,
+            max_prompt_length=self.cfg.data.max_prompt_length,
+        )  # fmt: skip
+        out.update(generation_metrics(correct))
+        if with_kl:
+            out.update(
+                sampled_kl(
+                    model,
+                    self.reference,
+                    self.tokenizer,
+                    self.kl_prompts,
+                    prompt_length=self.cfg.data.max_prompt_length,
+                    max_new_tokens=KL_TOKENS,
+                    seed=seed,
+                )  # fmt: skip
+            )
+        else:
+            out.update({"kl/k1": 0.0, "kl/k3": 0.0})
+        out["delta_theta"] = (logps[:, 0] - logps[:, 1]).tolist()
+        return out
+
+
+def _curve(out: pathlib.Path) -> list[dict]:
+    """The in-training held-out evaluations (``eval/`` rows of metrics.jsonl)."""
+    from cpo_jax.train.metrics_writer import read_metrics
+
+    rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+    return [
+        {"step": r["step"], **{k[len("eval/") :]: v for k, v in r.items() if k.startswith("eval/")}}
+        for r in rows
+        if any(k.startswith("eval/") for k in r)
+    ]
+
+
+def run_cell(cell: Cell, evaluator: Evaluator | None, *, force: bool) -> Evaluator:
+    """Trains and measures one cell (skipped when done with the same spec); returns the process's evaluator."""
+    from cpo_jax.cli import load_config
+    from cpo_jax.train.trainer import Trainer
+
+    cfg = load_config(BASE, cell_overrides(cell))
+    spec = _spec(cell, cfg)
+    out = OUT / cell.name
+    result = out / "cell.json"
+    if result.is_file() and not force:
+        saved = json.loads(result.read_text())
+        if saved["spec"] == spec:
+            print(f"{cell.name}: done, skipped")
+            return evaluator
+        _fail(
+            f"{result} was trained under other settings (labels, config or budget changed); its numbers would mix "
+            f"with the new cells'. Rerun it with --force, or move {OUT} away."
+        )
+    if out.exists():  # an interrupted cell: no result was written, its partial files are ours to replace
+        print(f"{cell.name}: removing the interrupted attempt in {out}")
+        shutil.rmtree(out)
+    evaluator = evaluator or Evaluator(cfg)
+    before_path = OUT / "before.json"
+    if not before_path.is_file():  # the reference: every cell's step 0
+        before = evaluator.measure(evaluator.reference, seed=0, with_kl=False)
+        before_path.write_text(json.dumps(before) + "\n")
+    shared = OUT / "reference_cache"  # keyed by data and model: cells of one seed share the reference pass
+    shared.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True)
+    (out / "reference_cache").symlink_to(shared, target_is_directory=True)
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    trainer.run()
+    train_seconds = time.perf_counter() - start
+    after = evaluator.measure(trainer.policy(), seed=cell.seed)
+    curve = _curve(out)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # 1.6 GB per cell; the result is cell.json
+    record = {
+        "spec": spec,
+        "after": after,
+        "curve": curve,
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    result.write_text(json.dumps(record) + "\n")
+    print(
+        f"{cell.name}: frac_in_U {after['frac_in_U']:.3f} (per token {after['frac_in_U_norm']:.3f}), "
+        f"abs acc {after['abs_accuracy']:.3f}, generation {after['generation/accuracy']:.3f}, "
+        f"KL k3 {after['kl/k3']:.2f}, {record['seconds']:.0f} s",
+        flush=True,
+    )
+    return evaluator
+
+
+def cells(methods, betas, units, seeds) -> list[Cell]:
+    """The grid in the given order (seed outermost: one seed of every cell first), where the method is defined."""
+    from cpo_jax.experiments.noisy import METHODS
+
+    return [
+        Cell(m, float(b), u, s)
+        for s in seeds
+        for b in betas
+        for u in units
+        for m in methods
+        if METHODS[m][u] is not None
+    ]
+
+
+def run(grid: list[Cell], force: bool) -> None:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(OUT / "xla_cache"))  # cells of one loss share compiles
+    settings = _settings()
+    missing = sorted({c.seed for c in grid} - set(settings["seeds"]))
+    if missing:
+        _fail(f"no labelled training file for seeds {missing}: run `python tools/reproduce_partd.py label --seeds ...`")
+    evaluator = None
+    for cell in grid:
+        evaluator = run_cell(cell, evaluator, force=force)
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+REPORTED = [
+    ("frac_in_U", "frac_in_U", "{:.3f}"),
+    ("abs_accuracy", "abs. acc.", "{:.3f}"),
+    ("win_rate", "true-reward win rate", "{:.3f}"),
+    ("kl/k3", "KL k3", "{:.2f}"),
+    ("chosen_logp_change", "Δ chosen log-lik.", "{:+.2f}"),
+    ("generation/accuracy", "verifier acc.", "{:.3f}"),
+]
+
+
+def _unit_key(key: str, units: str) -> str:
+    """U and the accuracy are read in the loss's units (the theory's); the win rate always from the policy's
+    sequence probabilities (``sigmoid`` of the summed margin: its odds of picking the better answer)."""
+    return f"{key}_norm" if units == "normalised" and key in ("frac_in_U", "abs_accuracy") else key
+
+
+def load_cells() -> list[dict]:
+    out = []
+    for path in sorted(OUT.glob("*/cell.json")):
+        record = json.loads(path.read_text())
+        out.append({**record["spec"]["cell"], "after": record["after"], "curve": record["curve"],
+                    "seconds": record["seconds"]})  # fmt: skip
+    return out
+
+
+def predicted_in_u(method: str, beta: float, units: str, reward_margin: float) -> float | None:
+    """The theory's fraction of held-out pairs whose minimiser lies in U, in the cell's units."""
+    from cpo_jax.experiments.noisy import in_u, predicted_margin
+
+    saved = np.load(OUT / "reference_eval.npz")
+    r, n = saved["logps"].astype(np.float64), saved["lengths"].astype(np.float64)
+    d = r[:, 0] - r[:, 1] if units == "summed" else r[:, 0] / n[:, 0] - r[:, 1] / n[:, 1]
+    margin = predicted_margin(method, d, reward_margin=reward_margin, beta=beta)
+    return None if margin is None else float(in_u(margin, d).mean())
+
+
+def report(update_docs: bool) -> str:
+    from cpo_jax.experiments.noisy import mean_ci, paired_seed_test, verdict
+
+    records = load_cells()
+    if not records:
+        _fail(f"no finished cell in {OUT}: run `python tools/reproduce_partd.py run` first")
+    margin = _settings()["reward_margin"]
+    before = json.loads((OUT / "before.json").read_text())
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["beta"], r["units"], r["method"]), []).append(r)
+    lines = [
+        "| β | units | method | seeds | predicted in U | " + " | ".join(t for _, t, _ in REPORTED) + " |",
+        "|---:|---|---|---:|---:|" + "---:|" * len(REPORTED),
+    ]
+    for units in ("summed", "normalised"):
+        cells_ = [f"{before[_unit_key(k, units)]:{f[2:-1]}}" if _unit_key(k, units) in before else "–"
+                  for k, _, f in REPORTED]  # fmt: skip
+        lines.append(f"| – | {units} | reference | – | – | " + " | ".join(cells_) + " |")
+    verdicts = []
+    for (beta, units, method), rows in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])):
+        rows = sorted(rows, key=lambda r: r["seed"])
+        predicted = predicted_in_u(method, beta, units, margin)
+        cells_ = []
+        for key, _, fmt in REPORTED:
+            ci = mean_ci([r["after"][_unit_key(key, units)] for r in rows])
+            spec = fmt[2:-1]
+            half = "" if math.isnan(ci["half"]) else f" ± {ci['half']:{spec.lstrip('+')}}"
+            cells_.append(f"{ci['mean']:{spec}}{half}")
+        shown = "–" if predicted is None else f"{predicted:.2f}"
+        lines.append(f"| {beta:g} | {units} | {method} | {len(rows)} | {shown} | " + " | ".join(cells_) + " |")
+    lines += ["", "| β | units | DPO − CPO frac_in_U (95% CI) | paired p | DPO in U predicted | verdict |",
+              "|---:|---|---|---:|---:|---|"]  # fmt: skip
+    for beta in sorted({k[0] for k in groups}, reverse=True):
+        for units in ("summed", "normalised"):
+            dpo, cpo = groups.get((beta, units, "dpo"), []), groups.get((beta, units, "cpo"), [])
+            seeds = sorted({r["seed"] for r in dpo} & {r["seed"] for r in cpo})
+            if not seeds:
+                continue
+            key = _unit_key("frac_in_U", units)
+            a = [next(r for r in dpo if r["seed"] == s)["after"][key] for s in seeds]
+            b = [next(r for r in cpo if r["seed"] == s)["after"][key] for s in seeds]
+            test = paired_seed_test(a, b)
+            predicted = predicted_in_u("dpo", beta, units, margin)
+            word = verdict(a, b, predicted)
+            verdicts.append((beta, units, word))
+            d = test["diff"]
+            ci = "" if math.isnan(d["half"]) else f" [{d['low']:+.3f}, {d['high']:+.3f}]"
+            p = "–" if math.isnan(test["p"]) else f"{test['p']:.2g}"
+            lines.append(f"| {beta:g} | {units} | {d['mean']:+.3f}{ci} ({len(seeds)} seeds) | {p} | "
+                         f"{predicted:.2f} | **{word}** |")  # fmt: skip
+    table = "\n".join(lines)
+    _figures(groups)
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    (FIGURES / "table.md").write_text(table + "\n")
+    if update_docs:
+        text = DOC.read_text()
+        if BEGIN not in text or END not in text:
+            _fail(f"{DOC}: missing the markers {BEGIN} / {END}")
+        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+        DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text))
+    print(table)
+    return table
+
+
+def _figures(groups: dict) -> None:
+    """frac_in_U over training, mean across seeds with the 95% band, one panel per (beta, units)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cpo_jax.experiments.noisy import mean_ci
+
+    panels = sorted({(b, u) for b, u, _ in groups}, key=lambda p: (-p[0], p[1]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (beta, units) in zip(axes[0], panels):
+        key = "diagnostics/" + _unit_key("frac_in_U", units)
+        for (b, u, method), rows in sorted(groups.items()):
+            if (b, u) != (beta, units):
+                continue
+            steps = sorted({p["step"] for r in rows for p in r["curve"] if key in p})
+            means, lows, highs = [], [], []
+            for step in steps:
+                ci = mean_ci([p[key] for r in rows for p in r["curve"] if p["step"] == step and key in p])
+                means.append(ci["mean"])
+                lows.append(ci["low"] if not math.isnan(ci["low"]) else ci["mean"])
+                highs.append(ci["high"] if not math.isnan(ci["high"]) else ci["mean"])
+            line = ax.plot(steps, means, marker=".", label=f"{method} ({len(rows)} seeds)")[0]
+            ax.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.15)
+        ax.set_title(f"β = {beta:g}, {units}: held-out frac_in_U", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURES / "frac_in_u.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    from cpo_jax.experiments.noisy import METHODS, UNITS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=["label", "run", "report"])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--reward-margin", type=float, default=1.0, help="r(correct) - r(wrong), known")
+    parser.add_argument("--copies", type=int, default=4, help="labelled copies of each training pair")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--betas", nargs="*", type=float, default=[1.0, 0.1])
+    parser.add_argument("--units", nargs="*", default=list(UNITS), choices=list(UNITS))
+    parser.add_argument("--force", action="store_true", help="rerun finished cells")
+    parser.add_argument("--update-docs", action="store_true")
+    args = parser.parse_args()
+    if args.stage == "label":
+        label(args.seeds, args.reward_margin, args.copies)
+    elif args.stage == "run":
+        run(cells(args.methods, args.betas, args.units, args.seeds), args.force)
+    else:
+        report(args.update_docs)
+
+
+if __name__ == "__main__":
+    main()
