@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import pathlib
 import re
 import shutil
@@ -33,7 +34,7 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MINED = ROOT / "runs" / "paper_llm" / "data"
+MINED = DEFAULT_MINED = ROOT / "runs" / "paper_llm" / "data"
 OUT = ROOT / "runs" / "paper_llm" / "partd"
 BASE = ROOT / "configs" / "paper" / "partd.yaml"
 DOC = ROOT / "docs" / "paper_reproduction.md"
@@ -72,7 +73,8 @@ def label(seeds: list[int], reward_margin: float, copies: int) -> None:
     if not source.is_file():
         _fail(f"{source} is missing: mine the pairs first (python tools/reproduce_pathology_llm.py mine)")
     pairs = [dict(r) for r in load_records(source).records]
-    settings = {"reward_margin": reward_margin, "copies": copies, "source": str(source.relative_to(ROOT))}
+    shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
+    settings = {"reward_margin": reward_margin, "copies": copies, "source": str(shown)}
     (OUT / "data").mkdir(parents=True, exist_ok=True)
     saved = OUT / "data" / "labels.json"
     if saved.is_file() and {k: v for k, v in json.loads(saved.read_text()).items() if k != "seeds"} != settings:
@@ -112,6 +114,8 @@ def cell_overrides(cell: Cell) -> list[str]:
     out += [f"loss.hparams.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in hparams.items()]
     if cell.method == "simpo":
         out.append("loss.reference=none")
+    if MINED != DEFAULT_MINED:  # the config names the default location
+        out.append(f"data.eval_files=[{MINED / 'violated_eval.jsonl'}]")
     return out
 
 
@@ -285,6 +289,9 @@ def cells(methods, betas, units, seeds) -> list[Cell]:
 def run(grid: list[Cell], force: bool) -> None:
     import jax
 
+    if not grid:
+        _fail("no cell to run: ipo and simpo are defined on per-token log-probs only (add --units normalised)")
+
     jax.config.update("jax_compilation_cache_dir", str(OUT / "xla_cache"))  # cells of one loss share compiles
     settings = _settings()
     missing = sorted({c.seed for c in grid} - set(settings["seeds"]))
@@ -385,10 +392,11 @@ def report(update_docs: bool) -> str:
             lines.append(f"| {beta:g} | {units} | {d['mean']:+.3f}{ci} ({len(seeds)} seeds) | {p} | "
                          f"{predicted:.2f} | **{word}** |")  # fmt: skip
     table = "\n".join(lines)
-    _figures(groups)
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    (FIGURES / "table.md").write_text(table + "\n")
+    figures = OUT / "figures"
+    _figures(groups, figures)
+    (figures / "table.md").write_text(table + "\n")
     if update_docs:
+        shutil.copytree(figures, FIGURES, dirs_exist_ok=True)
         text = DOC.read_text()
         if BEGIN not in text or END not in text:
             _fail(f"{DOC}: missing the markers {BEGIN} / {END}")
@@ -398,7 +406,7 @@ def report(update_docs: bool) -> str:
     return table
 
 
-def _figures(groups: dict) -> None:
+def _figures(groups: dict, directory: pathlib.Path) -> None:
     """frac_in_U over training, mean across seeds with the 95% band, one panel per (beta, units)."""
     import matplotlib
 
@@ -428,12 +436,13 @@ def _figures(groups: dict) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    fig.savefig(FIGURES / "frac_in_u.png", dpi=110)
+    directory.mkdir(parents=True, exist_ok=True)
+    fig.savefig(directory / "frac_in_u.png", dpi=110)
     plt.close(fig)
 
 
 def main() -> None:
+    global OUT, MINED
     from cpo_jax.experiments.noisy import METHODS, UNITS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -446,7 +455,10 @@ def main() -> None:
     parser.add_argument("--units", nargs="*", default=list(UNITS), choices=list(UNITS))
     parser.add_argument("--force", action="store_true", help="rerun finished cells")
     parser.add_argument("--update-docs", action="store_true")
+    parser.add_argument("--out", type=pathlib.Path, default=OUT, help="where labels and cells are kept")
+    parser.add_argument("--mined", type=pathlib.Path, default=MINED, help="the mined pairs (Part B's mine stage)")
     args = parser.parse_args()
+    OUT, MINED = args.out.resolve(), args.mined.resolve()
     if args.stage == "label":
         label(args.seeds, args.reward_margin, args.copies)
     elif args.stage == "run":
@@ -456,4 +468,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from cpo_jax.errors import UserError
+
+    try:
+        main()
+    except UserError as err:  # a bad file, config or model: its message, not a traceback (CPO_JAX_DEBUG=1 shows it)
+        if os.environ.get("CPO_JAX_DEBUG"):
+            raise
+        _fail(str(err))

@@ -1,0 +1,124 @@
+"""``tools/reproduce_partd.py``'s refusals: each bad input is a short message and exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tool(*args, check_fail=True):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "reproduce_partd.py"), *map(str, args)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    if check_fail:
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+    return proc
+
+
+@pytest.fixture()
+def mined(tmp_path):
+    from cpo_jax.data import arithmetic_preferences, write_jsonl
+
+    pairs = [dict(p, delta_ref=-2.0, delta_ref_norm=-0.2) for p in arithmetic_preferences(5, seed=0)]
+    write_jsonl(pairs, tmp_path / "mined" / "violated_train.jsonl")
+    write_jsonl(pairs[:2], tmp_path / "mined" / "violated_eval.jsonl")
+    return tmp_path / "mined"
+
+
+def test_label_without_mined_pairs_names_the_mine_command(tmp_path):
+    proc = tool("label", "--out", tmp_path / "out", "--mined", tmp_path / "nothing")
+    assert "violated_train.jsonl is missing" in proc.stderr and "reproduce_pathology_llm.py mine" in proc.stderr
+
+
+def test_labels_with_other_settings_are_refused_not_mixed(tmp_path, mined):
+    out = tmp_path / "out"
+    ok = tool("label", "--out", out, "--mined", mined, "--seeds", 0, 1, "--copies", 2, check_fail=False)
+    assert ok.returncode == 0, ok.stderr
+    records = [json.loads(line) for line in (out / "data" / "train_seed1.jsonl").read_text().splitlines()]
+    assert len(records) == 10 and {r["reward_margin"] for r in records} == {1.0}
+    saved = json.loads((out / "data" / "labels.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["copies"] == 2
+    before = (out / "data" / "train_seed0.jsonl").read_bytes()
+    proc = tool("label", "--out", out, "--mined", mined, "--seeds", 0, "--reward-margin", 2)
+    assert "other settings" in proc.stderr and "Move" in proc.stderr
+    assert (out / "data" / "train_seed0.jsonl").read_bytes() == before  # nothing overwritten
+    more = tool("label", "--out", out, "--mined", mined, "--seeds", 2, "--copies", 2, check_fail=False)
+    assert more.returncode == 0 and json.loads((out / "data" / "labels.json").read_text())["seeds"] == [0, 1, 2]
+
+
+def test_run_refuses_missing_labels_and_empty_grids(tmp_path, mined):
+    out = tmp_path / "out"
+    proc = tool("run", "--out", out, "--mined", mined)
+    assert "labels.json is missing" in proc.stderr and "reproduce_partd.py label" in proc.stderr
+    tool("label", "--out", out, "--mined", mined, "--seeds", 0, check_fail=False)
+    proc = tool("run", "--out", out, "--mined", mined, "--seeds", 0, 5)
+    assert "no labelled training file for seeds [5]" in proc.stderr
+    proc = tool("run", "--out", out, "--mined", mined, "--methods", "ipo", "--units", "summed", "--seeds", 0)
+    assert "no cell to run" in proc.stderr and "--units normalised" in proc.stderr
+    (mined / "violated_eval.jsonl").unlink()
+    proc = tool("run", "--out", out, "--mined", mined, "--methods", "dpo", "--units", "summed", "--seeds", 0)
+    assert "violated_eval.jsonl" in proc.stderr and "does not exist" in proc.stderr  # a library error: its message
+
+
+def test_report_without_cells_says_what_to_run(tmp_path, mined):
+    out = tmp_path / "out"
+    tool("label", "--out", out, "--mined", mined, "--seeds", 0, check_fail=False)
+    proc = tool("report", "--out", out, "--mined", mined)
+    assert "no finished cell" in proc.stderr and "reproduce_partd.py run" in proc.stderr
+
+
+def _metrics(in_u, acc):
+    return {
+        "frac_in_U": in_u, "frac_in_U_norm": in_u, "abs_accuracy": acc, "abs_accuracy_norm": acc, "win_rate": 0.4,
+        "kl/k3": 2.0, "chosen_logp_change": -1.0, "generation/accuracy": 0.02,
+    }  # fmt: skip
+
+
+def test_report_aggregates_seeds_pairs_dpo_with_cpo_and_gives_the_verdict(tmp_path, mined):
+    import numpy as np
+
+    out = tmp_path / "out"
+    tool("label", "--out", out, "--mined", mined, "--seeds", 0, 1, 2, check_fail=False)
+    delta_ref = np.array([-3.0, -2.0, -1.5, -0.5])  # m / beta = 1 at beta 1: 3 of 4 pairs predicted in U for DPO
+    logps = np.stack([delta_ref - 10.0, np.full(4, -10.0)], axis=1)
+    np.savez(out / "reference_eval.npz", logps=logps, lengths=np.full((4, 2), 10.0))
+    (out / "before.json").write_text(json.dumps(_metrics(0.0, 0.0)))
+    in_u = {"dpo": [0.60, 0.55, 0.65], "cpo": [0.05, 0.10, 0.00]}
+    for method, values in in_u.items():
+        for seed, value in enumerate(values):
+            cell = out / f"{method}_b1_summed_s{seed}"
+            cell.mkdir(parents=True)
+            curve = [{"step": s, "diagnostics/frac_in_U": value * s / 16} for s in (8, 16)]
+            spec = {"cell": {"method": method, "beta": 1.0, "units": "summed", "seed": seed}}
+            after = _metrics(value, 1 - value)
+            (cell / "cell.json").write_text(json.dumps({"spec": spec, "after": after, "curve": curve, "seconds": 1}))
+    proc = tool("report", "--out", out, "--mined", mined, check_fail=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split("|")[3].strip(): line for line in proc.stdout.splitlines() if line.startswith("| 1 | summed")}
+    assert "| 3 | 0.75 |" in rows["dpo"] and "0.600 ± 0.124" in rows["dpo"]  # t(0.975, 2) * 0.05 / sqrt(3)
+    assert "| 3 | 0.00 |" in rows["cpo"]
+    verdict = next(line for line in proc.stdout.splitlines() if "**" in line)
+    assert "+0.550" in verdict and "**supported**" in verdict and "0.75" in verdict
+    assert (out / "figures" / "frac_in_u.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "figures" / "table.md").read_text().startswith("| β | units |")
+
+
+def test_a_cell_finished_under_other_settings_is_refused_not_mixed(tmp_path, mined):
+    out = tmp_path / "out"
+    tool("label", "--out", out, "--mined", mined, "--seeds", 0, check_fail=False)
+    cell = out / "dpo_b1_summed_s0"
+    cell.mkdir(parents=True)
+    old = {"spec": {"cell": {"method": "dpo", "beta": 1.0, "units": "summed", "seed": 0}, "config": {"steps": 8}}}
+    (cell / "cell.json").write_text(json.dumps({**old, "after": {}, "curve": [], "seconds": 1}))
+    proc = tool("run", "--out", out, "--mined", mined, "--methods", "dpo", "--betas", 1, "--units", "summed",
+                "--seeds", 0)  # fmt: skip
+    assert "trained under other settings" in proc.stderr and "--force" in proc.stderr
+    assert json.loads((cell / "cell.json").read_text())["spec"] == old["spec"]  # kept as it was
