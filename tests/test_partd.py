@@ -146,34 +146,44 @@ def test_verdict_words():
 # ------------------------------------------------------------------ the qualitative outcome, small configuration
 
 
+def _train(out, model_path, records, *, loss: dict, steps: int, learning_rate: float, schedule: str, batch: int):
+    """A one-device Trainer run of ``records`` on the tiny model at ``model_path``; returns the trainer."""
+    from cpo_jax.data import write_jsonl
+    from cpo_jax.train import TrainConfig, from_dict
+    from cpo_jax.train.trainer import Trainer
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "output_dir": str(out),
+            "model": {"path": str(model_path)},
+            "data": {"train_files": [str(write_jsonl(records, out / "train.jsonl"))], "max_length": 96,
+                     "pairs_per_batch": batch},
+            "loss": loss,
+            "optim": {"learning_rate": learning_rate, "warmup_steps": 0, "schedule": schedule},
+            "steps": steps, "save_every": 1000, "progress_bar": False, "tensorboard": False, "export_hf": False,
+            "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        },
+    )  # fmt: skip
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    trainer.run()
+    return trainer
+
+
 @pytest.fixture(scope="module")
 def wrong_reference(tmp_path_factory):
     """A tiny Llama taught the wrong answers (SFT), so that it prefers them: every pair is a violated pair."""
-    from cpo_jax.data import arithmetic_preferences, write_jsonl
-    from cpo_jax.train import TrainConfig, from_dict
-    from cpo_jax.train.trainer import Trainer
+    from cpo_jax.data import arithmetic_preferences
     from tests.train_fixtures import tiny_policy
 
     pytest.importorskip("torch")
     root = tmp_path_factory.mktemp("partd")
     pairs = arithmetic_preferences(8, seed=0, max_operand=20)
     wrong = [dict(p, chosen=p["rejected"], rejected=p["chosen"]) for p in pairs]  # SFT reads the chosen
-    sft = from_dict(
-        TrainConfig,
-        {
-            "output_dir": str(root / "sft"),
-            "model": {"path": str(tiny_policy(root / "init"))},
-            "data": {"train_files": [str(write_jsonl(wrong, root / "wrong.jsonl"))], "max_length": 96,
-                     "pairs_per_batch": 8},
-            "loss": {"objective": "sft", "name": "sft"},
-            "optim": {"learning_rate": 1e-2, "warmup_steps": 0, "schedule": "constant"},
-            "steps": 25, "save_every": 1000, "progress_bar": False, "tensorboard": False, "export_hf": False,
-            "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
-        },
-    )  # fmt: skip
-    trainer = Trainer(sft, devices=jax.devices()[:1])
-    trainer.run()
-    trainer.export(root / "reference")
+    sft = _train(root / "sft", tiny_policy(root / "init"), wrong, loss={"objective": "sft", "name": "sft"},
+                 steps=25, learning_rate=1e-2, schedule="constant", batch=8)  # fmt: skip
+    sft.export(root / "reference")
     return root, pairs
 
 
@@ -192,27 +202,11 @@ def _margins(model_path, model, pairs):
 
 
 def _train_on_noisy_labels(root, pairs, method):
-    from cpo_jax.data import write_jsonl
-    from cpo_jax.train import TrainConfig, from_dict
-    from cpo_jax.train.trainer import Trainer
-
     name, hparams = noisy.loss_of(method, 1.0, "summed")
     labelled = noisy.bt_labelled(pairs, reward_margin=1.0, copies=8, seed=0)
-    cfg = from_dict(
-        TrainConfig,
-        {
-            "output_dir": str(root / method),
-            "model": {"path": str(root / "reference")},
-            "data": {"train_files": [str(write_jsonl(labelled, root / "labelled.jsonl"))], "max_length": 96,
-                     "pairs_per_batch": 16},
-            "loss": {"name": name, "hparams": hparams, "reference": "precomputed"},
-            "optim": {"learning_rate": 3e-3, "warmup_steps": 0, "schedule": "cosine"},
-            "steps": 80, "save_every": 1000, "progress_bar": False, "tensorboard": False, "export_hf": False,
-            "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
-        },
-    )  # fmt: skip
-    trainer = Trainer(cfg, devices=jax.devices()[:1])
-    trainer.run()
+    loss = {"name": name, "hparams": hparams, "reference": "precomputed"}
+    trainer = _train(root / method, root / "reference", labelled, loss=loss, steps=80, learning_rate=3e-3,
+                     schedule="cosine", batch=16)  # fmt: skip
     return trainer.policy()
 
 
