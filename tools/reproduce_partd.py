@@ -341,7 +341,7 @@ def predicted_in_u(method: str, beta: float, units: str, reward_margin: float) -
 
 
 def report(update_docs: bool) -> str:
-    from cpo_jax.experiments.noisy import mean_ci, paired_seed_test, verdict
+    from cpo_jax.experiments.noisy import METHODS, mean_ci, paired_seed_test, verdict
 
     records = load_cells()
     if not records:
@@ -359,8 +359,10 @@ def report(update_docs: bool) -> str:
         cells_ = [f"{before[_unit_key(k, units)]:{f[2:-1]}}" if _unit_key(k, units) in before else "–"
                   for k, _, f in REPORTED]  # fmt: skip
         lines.append(f"| – | {units} | reference | – | – | " + " | ".join(cells_) + " |")
-    verdicts = []
-    for (beta, units, method), rows in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])):
+    order = list(METHODS)
+    for (beta, units, method), rows in sorted(
+        groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], order.index(kv[0][2]))
+    ):
         rows = sorted(rows, key=lambda r: r["seed"])
         predicted = predicted_in_u(method, beta, units, margin)
         cells_ = []
@@ -371,26 +373,29 @@ def report(update_docs: bool) -> str:
             cells_.append(f"{ci['mean']:{spec}}{half}")
         shown = "–" if predicted is None else f"{predicted:.2f}"
         lines.append(f"| {beta:g} | {units} | {method} | {len(rows)} | {shown} | " + " | ".join(cells_) + " |")
-    lines += ["", "| β | units | DPO − CPO frac_in_U (95% CI) | paired p | DPO in U predicted | verdict |",
-              "|---:|---|---|---:|---:|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| β | units | comparison | frac_in_U difference (95% CI) | paired p | DPO in U predicted | verdict |",
+        "|---:|---|---|---|---:|---:|---|",
+    ]
     for beta in sorted({k[0] for k in groups}, reverse=True):
         for units in ("summed", "normalised"):
-            dpo, cpo = groups.get((beta, units, "dpo"), []), groups.get((beta, units, "cpo"), [])
-            seeds = sorted({r["seed"] for r in dpo} & {r["seed"] for r in cpo})
-            if not seeds:
-                continue
-            key = _unit_key("frac_in_U", units)
-            a = [next(r for r in dpo if r["seed"] == s)["after"][key] for s in seeds]
-            b = [next(r for r in cpo if r["seed"] == s)["after"][key] for s in seeds]
-            test = paired_seed_test(a, b)
-            predicted = predicted_in_u("dpo", beta, units, margin)
-            word = verdict(a, b, predicted)
-            verdicts.append((beta, units, word))
-            d = test["diff"]
-            ci = "" if math.isnan(d["half"]) else f" [{d['low']:+.3f}, {d['high']:+.3f}]"
-            p = "–" if math.isnan(test["p"]) else f"{test['p']:.2g}"
-            lines.append(f"| {beta:g} | {units} | {d['mean']:+.3f}{ci} ({len(seeds)} seeds) | {p} | "
-                         f"{predicted:.2f} | **{word}** |")  # fmt: skip
+            for variant in ("cpo", "cpo_clip"):
+                dpo, other = groups.get((beta, units, "dpo"), []), groups.get((beta, units, variant), [])
+                seeds = sorted({r["seed"] for r in dpo} & {r["seed"] for r in other})
+                if not seeds:
+                    continue
+                key = _unit_key("frac_in_U", units)
+                a = [next(r for r in dpo if r["seed"] == s)["after"][key] for s in seeds]
+                b = [next(r for r in other if r["seed"] == s)["after"][key] for s in seeds]
+                test = paired_seed_test(a, b)
+                predicted = predicted_in_u("dpo", beta, units, margin)
+                word = verdict(a, b, predicted)
+                d = test["diff"]
+                ci = "" if math.isnan(d["half"]) else f" [{d['low']:+.3f}, {d['high']:+.3f}]"
+                p = "–" if math.isnan(test["p"]) else f"{test['p']:.2g}"
+                lines.append(f"| {beta:g} | {units} | DPO − {variant} | {d['mean']:+.3f}{ci} ({len(seeds)} seeds) | "
+                             f"{p} | {predicted:.2f} | **{word}** |")  # fmt: skip
     table = "\n".join(lines)
     figures = OUT / "figures"
     _figures(groups, figures)
