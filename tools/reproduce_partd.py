@@ -398,7 +398,7 @@ def report(update_docs: bool) -> str:
                              f"{p} | {predicted:.2f} | **{word}** |")  # fmt: skip
     table = "\n".join(lines)
     figures = OUT / "figures"
-    _figures(groups, figures)
+    _figures(groups, figures, before)
     (figures / "table.md").write_text(table + "\n")
     if update_docs:
         shutil.copytree(figures, FIGURES, dirs_exist_ok=True)
@@ -411,7 +411,7 @@ def report(update_docs: bool) -> str:
     return table
 
 
-def _figures(groups: dict, directory: pathlib.Path) -> None:
+def _figures(groups: dict, directory: pathlib.Path, before: dict) -> None:
     """frac_in_U over training, mean across seeds with the 95% band, one panel per (beta, units)."""
     import matplotlib
 
@@ -434,6 +434,8 @@ def _figures(groups: dict, directory: pathlib.Path) -> None:
                 means.append(ci["mean"])
                 lows.append(ci["low"] if not math.isnan(ci["low"]) else ci["mean"])
                 highs.append(ci["high"] if not math.isnan(ci["high"]) else ci["mean"])
+            start = before.get(key.split("/", 1)[1], 0.0)  # step 0 is the reference, the same for every seed
+            steps, means, lows, highs = [0, *steps], [start, *means], [start, *lows], [start, *highs]
             line = ax.plot(steps, means, marker=".", label=f"{method} ({len(rows)} seeds)")[0]
             ax.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.15)
         ax.set_title(f"β = {beta:g}, {units}: held-out frac_in_U", fontsize=10)
