@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from cpo_jax.errors import ConfigError, UserError, first_line
+from cpo_jax.errors import ConfigError, UserError, debug_requested, report_user_error
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0], pretty_exceptions_enable=False
@@ -479,38 +479,6 @@ def _root(
     """Commands; user errors end with a short message and exit status 2."""
 
 
-DEBUG_ENV = "CPO_JAX_DEBUG"
-
-
-def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
-    """``--debug`` anywhere on the command line (removed from it) or ``CPO_JAX_DEBUG`` set to a true value."""
-    flag = "--debug" in argv
-    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
-    return flag or env, [a for a in argv if a != "--debug"]
-
-
-def _user_error_of(err: BaseException) -> UserError | None:
-    """The :class:`UserError` an exception amounts to, or None for a bug (which keeps its traceback).
-
-    Operating-system errors on a named path (permissions, a full disk, a missing file) are the user's to fix."""
-    if isinstance(err, UserError):
-        return err
-    if isinstance(err, OSError) and err.filename is not None:
-        what = err.strerror or type(err).__name__
-        return UserError(
-            f"{what} ({type(err).__name__})",
-            where=str(err.filename),
-            hint="check the path, its permissions and the free disk space",
-        )
-    if isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)[:2000]:
-        return UserError(
-            f"out of memory: {first_line(err, 300)}",
-            hint="lower data.pairs_per_batch or data.max_length, raise grad_accum, set "
-            "model.remat=full, or shard over more devices (mesh.fsdp)",
-        )
-    return None
-
-
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record is emitted (a caller may have replaced it since)."""
 
@@ -541,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     lines and return 2; ``--debug`` or ``CPO_JAX_DEBUG=1`` also prints the traceback. Other exceptions are bugs
     and propagate with their traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug, argv = _debug_requested(argv)
+    debug, argv = debug_requested(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _show_stages()
     try:
@@ -551,17 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except Exception as err:  # noqa: BLE001 - the one place where user errors become an exit status
-        user = _user_error_of(err)
-        if user is None:
-            raise
-        if debug:
-            import traceback
-
-            traceback.print_exception(err)
-        typer.secho(f"error: {user}", fg=typer.colors.RED, err=True)
-        if not debug:
-            typer.echo(f"  (run with --debug or {DEBUG_ENV}=1 for the traceback)", err=True)
-        return 2
+        return report_user_error(err, debug, echo=lambda text: typer.secho(text, fg=typer.colors.RED, err=True))
     return 0
 
 

@@ -13,6 +13,11 @@ keeps working.
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
 
 def first_line(err: BaseException, limit: int | None = None, *, with_type: bool = False) -> str:
     """The first line of ``err``'s message (third-party messages run to many lines), at most ``limit`` characters,
@@ -73,3 +78,65 @@ class TrainingDiverged(UserError, RuntimeError):
     """Training stopped: too many non-finite steps, or an update that exploded the parameters.
 
     The message says what diverged, where, and the usual causes; checkpoints on disk are intact."""
+
+
+#: Set to a true value (``1``) to print the traceback of a user error as well as its message.
+DEBUG_ENV = "CPO_JAX_DEBUG"
+
+
+def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """``--debug`` anywhere on the command line (removed from it) or ``CPO_JAX_DEBUG`` set to a true value."""
+    flag = "--debug" in argv
+    env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return flag or env, [a for a in argv if a != "--debug"]
+
+
+def user_error_of(err: BaseException) -> UserError | None:
+    """The :class:`UserError` an exception amounts to, or None for a bug (which keeps its traceback).
+
+    Operating-system errors on a named path (permissions, a full disk, a missing file) are the user's to fix."""
+    if isinstance(err, UserError):
+        return err
+    if isinstance(err, OSError) and err.filename is not None:
+        what = err.strerror or type(err).__name__
+        return UserError(
+            f"{what} ({type(err).__name__})",
+            where=str(err.filename),
+            hint="check the path, its permissions and the free disk space",
+        )
+    if isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)[:2000]:
+        return UserError(
+            f"out of memory: {first_line(err, 300)}",
+            hint="lower data.pairs_per_batch or data.max_length, raise grad_accum, set "
+            "model.remat=full, or shard over more devices (mesh.fsdp)",
+        )
+    return None
+
+
+def report_user_error(err: BaseException, debug: bool, echo: Callable[[str], None] | None = None) -> int:
+    """Prints a user error as ``error: ...`` (with its traceback when ``debug``) and returns 2; re-raises a bug.
+
+    ``echo`` writes one message to stderr (default: ``print``); the CLI passes a coloured one."""
+    user = user_error_of(err)
+    if user is None:
+        raise err
+    if debug:
+        traceback.print_exception(err)
+    echo = echo or (lambda text: print(text, file=sys.stderr, flush=True))
+    echo(f"error: {user}")
+    if not debug:
+        echo(f"  (run with --debug or {DEBUG_ENV}=1 for the traceback)")
+    return 2
+
+
+def run_tool(main: Callable[[], object]) -> int:
+    """Runs a ``tools/`` script's ``main`` as the CLI runs a command: a user error prints a few lines and gives exit
+    status 2 (``--debug`` or ``CPO_JAX_DEBUG=1``: with the traceback); a bug keeps its traceback.
+
+    Use as ``sys.exit(run_tool(main))``; ``--debug`` is taken off ``sys.argv`` before ``main`` parses it."""
+    debug, sys.argv[1:] = debug_requested(sys.argv[1:])
+    try:
+        main()
+    except Exception as err:  # noqa: BLE001 - user errors become an exit status, bugs are re-raised
+        return report_user_error(err, debug)
+    return 0

@@ -254,3 +254,24 @@ def describe_outputs(output_dir: Path) -> str:
                     what = f"{what} (steps {', '.join(map(str, steps))})"
             rows.append(f"  {label:<18}{what}")
     return "\n".join(rows)
+
+
+def replace_marked(path: Path, begin: str, end: str, body: str) -> None:
+    """Rewrites ``path`` with ``body`` between its ``begin`` and ``end`` marker lines (kept), the rest untouched.
+
+    Raises :class:`~cpo_jax.errors.DataError` unless each marker occurs exactly once, ``begin`` first: a table is
+    never written into the wrong place, nor dropped silently."""
+    from cpo_jax.errors import DataError
+
+    text = Path(path).read_text()
+    counts = (text.count(begin), text.count(end))
+    if counts != (1, 1) or text.index(begin) > text.index(end):
+        raise DataError(
+            str(path),
+            f"expected the markers {begin!r} and {end!r} once each, in that order; found them {counts[0]} and "
+            f"{counts[1]} times",
+            hint="restore the two marker lines around the generated text, then rerun",
+        )
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    Path(path).write_text(f"{head}{begin}\n{body}\n{end}{tail}")

@@ -68,3 +68,39 @@ def test_outputs_are_listed_when_present(tmp_path):
     assert text.splitlines()[0] == f"outputs in {tmp_path}:"
     assert "  hf/" in text and "(steps 10, 20)" in text and "summary.json" in text
     assert "curves.png" not in text and "tensorboard" not in text
+
+
+BEGIN, END = "<!-- t:begin -->", "<!-- t:end -->"
+
+
+def test_replace_marked_rewrites_only_between_the_markers(tmp_path):
+    from cpo_jax.report import replace_marked
+
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# title\n\nbefore\n{BEGIN}\nold | table\n{END}\nafter \\1 $x$\n")
+    body = "| a | b |\n|---|---|\n| \\1 | \\g<0> |"  # backslashes are text, not regex group references
+    replace_marked(doc, BEGIN, END, body)
+    assert doc.read_text() == f"# title\n\nbefore\n{BEGIN}\n{body}\n{END}\nafter \\1 $x$\n"
+    replace_marked(doc, BEGIN, END, "new")  # idempotent structure: the markers stay, once each
+    assert doc.read_text() == f"# title\n\nbefore\n{BEGIN}\nnew\n{END}\nafter \\1 $x$\n"
+
+
+@pytest.mark.parametrize(
+    "text, found",
+    [
+        ("no markers at all\n", "0 and 0"),
+        (f"{BEGIN}\nonly the first\n", "1 and 0"),
+        (f"{BEGIN}\nx\n{END}\n{BEGIN}\ny\n{END}\n", "2 and 2"),
+        (f"{END}\nreversed\n{BEGIN}\n", "1 and 1"),
+    ],
+)
+def test_replace_marked_refuses_a_doc_without_one_pair_of_markers(tmp_path, text, found):
+    from cpo_jax.errors import DataError
+    from cpo_jax.report import replace_marked
+
+    doc = tmp_path / "doc.md"
+    doc.write_text(text)
+    with pytest.raises(DataError, match=found) as err:
+        replace_marked(doc, BEGIN, END, "table")
+    assert str(doc) in str(err.value) and "restore the two marker lines" in str(err.value)
+    assert doc.read_text() == text  # nothing written

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import re
 import subprocess
 import sys
 import time
@@ -228,9 +227,9 @@ def report(update_docs: bool, fresh: bool = False) -> str:
     table = _table(results, plan)
     (OUT / "table.md").write_text(table)
     if update_docs:
-        text = DOC.read_text()
-        text = re.sub(f"{re.escape(BEGIN)}.*?{re.escape(END)}", f"{BEGIN}\n{table}\n{END}", text, flags=re.DOTALL)
-        DOC.write_text(text)
+        from cpo_jax.report import replace_marked
+
+        replace_marked(DOC, BEGIN, END, table)
     print(table)
     return table
 
@@ -304,4 +303,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from cpo_jax.errors import run_tool
+
+    sys.exit(run_tool(main))

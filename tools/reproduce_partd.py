@@ -24,9 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import pathlib
-import re
 import shutil
 import sys
 import time
@@ -402,11 +400,9 @@ def report(update_docs: bool) -> str:
     (figures / "table.md").write_text(table + "\n")
     if update_docs:
         shutil.copytree(figures, FIGURES, dirs_exist_ok=True)
-        text = DOC.read_text()
-        if BEGIN not in text or END not in text:
-            _fail(f"{DOC}: missing the markers {BEGIN} / {END}")
-        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text))
+        from cpo_jax.report import replace_marked
+
+        replace_marked(DOC, BEGIN, END, table)
     print(table)
     return table
 
@@ -475,11 +471,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from cpo_jax.errors import UserError
+    from cpo_jax.errors import run_tool
 
-    try:
-        main()
-    except UserError as err:  # a bad file, config or model: its message, not a traceback (CPO_JAX_DEBUG=1 shows it)
-        if os.environ.get("CPO_JAX_DEBUG"):
-            raise
-        _fail(str(err))
+    sys.exit(run_tool(main))

@@ -16,8 +16,8 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import re
 import shutil
+import sys
 import time
 
 import matplotlib
@@ -31,6 +31,7 @@ import scipy.special  # noqa: E402
 
 from cpo_jax.experiments import tabular  # noqa: E402
 from cpo_jax.losses import smooth_target  # noqa: E402
+from cpo_jax.report import replace_marked  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "paper_reproduction.md"
@@ -226,15 +227,6 @@ def sweep_table(sweep: dict) -> str:
     return "\n".join(lines)
 
 
-def update_doc(table: str) -> None:
-    """Replaces the text between the table markers in docs/paper_reproduction.md."""
-    text = DOC.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{DOC}: missing the markers {BEGIN} / {END}")
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs") / "pathology")
@@ -263,10 +255,12 @@ def main() -> None:
         DOC_FIGURES.mkdir(parents=True, exist_ok=True)
         for figure in sorted(args.out.glob("fig*.png")):
             shutil.copyfile(figure, DOC_FIGURES / figure.name)
-        update_doc(table)
+        replace_marked(DOC, BEGIN, END, table)
     print(table)
     print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":
-    main()
+    from cpo_jax.errors import run_tool
+
+    sys.exit(run_tool(main))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 import subprocess
 import sys
 import time
@@ -242,11 +241,9 @@ def report(update_docs: bool) -> str:
     plt.close(fig)
     (FIGURES / "table.md").write_text(table + "\n")
     if update_docs:
-        text = DOC.read_text()
-        if BEGIN not in text or END not in text:
-            raise SystemExit(f"{DOC}: missing the markers {BEGIN} / {END}")
-        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        DOC.write_text(pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text))
+        from cpo_jax.report import replace_marked
+
+        replace_marked(DOC, BEGIN, END, table)
     print(table)
     return table
 
@@ -271,4 +268,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from cpo_jax.errors import run_tool
+
+    sys.exit(run_tool(main))
