@@ -54,14 +54,22 @@ def generation_correct(
     """bool ``[N]``: whether the greedy answer to each kept prompt (in file order) is right.
 
     ``prompts_path``: a data spec/path of prompt-only arithmetic records, or a loaded ``RecordSet``."""
-    from cpo_jax.data import (
-        BatchConfig,
-        PipelineConfig,
-        TokenizeConfig,
-        build_dataset,
-        load_records,
-        score_arithmetic,
+    from cpo_jax.data import score_arithmetic
+
+    records, answers = greedy_answers(
+        model, tokenizer, prompts_path, max_new_tokens=max_new_tokens, batch=batch, max_prompt_length=max_prompt_length
     )
+    return np.asarray([bool(score_arithmetic(r["prompt"], a)) for r, a in zip(records, answers, strict=True)], bool)
+
+
+def greedy_answers(
+    model, tokenizer, prompts_path, *, max_new_tokens: int = 24, batch: int = 16, max_prompt_length: int = 256
+) -> tuple[list[dict], list[str]]:
+    """``(records, answers)``: the kept prompt records in file order and the greedy completion of each, decoded.
+
+    ``prompts_path``: a data spec/path of prompt-only records, or a loaded ``RecordSet``. Prompts the tokenisation
+    policy drops (too long) are left out of both lists."""
+    from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, build_dataset, load_records
     from cpo_jax.models.generate import generate
 
     records = prompts_path if hasattr(prompts_path, "records") else load_records(prompts_path, "prompt_only")
@@ -70,7 +78,7 @@ def generation_correct(
     pipe = PipelineConfig(kind="prompt_only", shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
     # On several hosts every process runs every batch, and the inputs go onto the model's mesh.
     place = functools.partial(host_value_to_global, mesh=_multihost_mesh(model))
-    correct = {}
+    answers = {}
     for b in build_dataset(records.records, tokenizer, tok_cfg, batch_cfg, pipe, sources=records.sources):
         out = generate(
             model,
@@ -82,10 +90,9 @@ def generation_correct(
         )
         tokens, mask = global_to_host(out.tokens), global_to_host(out.mask)
         for slot in np.nonzero(b["pair_mask"])[0]:
-            text = tokenizer.decode(tokens[slot][mask[slot] > 0], skip_special_tokens=True)
-            index = int(b["index"][slot])
-            correct[index] = bool(score_arithmetic(records.records[index]["prompt"], text))
-    return np.asarray([correct[i] for i in sorted(correct)], bool)
+            answers[int(b["index"][slot])] = tokenizer.decode(tokens[slot][mask[slot] > 0], skip_special_tokens=True)
+    kept = sorted(answers)
+    return [records.records[i] for i in kept], [answers[i] for i in kept]
 
 
 def _multihost_mesh(model):

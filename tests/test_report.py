@@ -104,3 +104,44 @@ def test_replace_marked_refuses_a_doc_without_one_pair_of_markers(tmp_path, text
         replace_marked(doc, BEGIN, END, "table")
     assert str(doc) in str(err.value) and "restore the two marker lines" in str(err.value)
     assert doc.read_text() == text  # nothing written
+
+
+def test_greedy_answers_match_transformers_greedy_generate_in_file_order(tmp_path):
+    """Each answer is HF's greedy continuation of the same prompt tokens, decoded; the order is the file's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpo_jax.data import (
+        BatchConfig,
+        PipelineConfig,
+        RecordSet,
+        TokenizeConfig,
+        arithmetic_prompts,
+        build_dataset,
+        score_arithmetic,
+    )
+    from cpo_jax.hf.pretrained import from_pretrained
+    from cpo_jax.report import generation_correct, greedy_answers
+    from tests.train_fixtures import tiny_policy
+
+    path = tiny_policy(tmp_path / "policy", seed=3)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    records = arithmetic_prompts(5, seed=2)
+    prompts = RecordSet(records, [f"mem:{i}" for i in range(len(records))])
+    model = from_pretrained(path)
+    kept, answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=6, batch=2, max_prompt_length=64)
+    assert [r["prompt"] for r in kept] == [r["prompt"] for r in records]
+
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok_cfg = TokenizeConfig(max_length=128, max_prompt_length=64)
+    pipe = PipelineConfig(kind="prompt_only", shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
+    batches = build_dataset(records, tokenizer, tok_cfg, BatchConfig(1, 128, pad_id=0), pipe, sources=prompts.sources)
+    for b in batches:
+        index = int(b["index"][0])
+        ids = torch.tensor(np.asarray(b["input_ids"])[0][np.asarray(b["attention_mask"])[0] > 0])[None]
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=3, pad_token_id=0)
+        expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        assert answers[index] == expected
+    correct = generation_correct(model, tokenizer, prompts, max_new_tokens=6, batch=2, max_prompt_length=64)
+    assert list(correct) == [bool(score_arithmetic(r["prompt"], a)) for r, a in zip(records, answers, strict=True)]
