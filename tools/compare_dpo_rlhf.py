@@ -34,6 +34,7 @@ OUT = ROOT / "runs" / "compare"
 DOC = ROOT / "docs" / "paper_reproduction.md"
 FIGURES = ROOT / "docs" / "figures" / "compare"
 BEGIN, END = "<!-- compare-table:begin -->", "<!-- compare-table:end -->"
+EXAMPLES_BEGIN, EXAMPLES_END = "<!-- compare-examples:begin -->", "<!-- compare-examples:end -->"
 RUNS = ("dpo", "cpo", "rloo", "online_dpo", "online_cpo")
 RL_RUNS = ("rloo", "online_dpo", "online_cpo")  # sampled on-policy; their steps are fitted to the preference budget
 # Sensitivity runs: name -> (base config, overrides); same budget as their base.
@@ -41,7 +42,7 @@ VARIANTS = {"dpo_lr5e-6": ("dpo", ["optim.learning_rate=5e-6"])}
 # Held-out evaluation: questions in neither the DPO/CPO pairs nor the RLOO prompts, each once (eval_sets()).
 EVAL_PROMPTS, EVAL_PAIRS = ("bundled:arithmetic-eval-prompts:1024", 256), ("bundled:arithmetic-eval:512", 128)
 KL_PROMPTS = 64  # the first of the held-out prompts, sampled for KL(pi || pi_ref)
-EVAL_SPEC = f"{EVAL_PROMPTS} {EVAL_PAIRS} kl:{KL_PROMPTS}"  # cached evaluations are valid for this spec only
+EVAL_SPEC = f"{EVAL_PROMPTS} {EVAL_PAIRS} kl:{KL_PROMPTS} answers"  # cached evaluations are valid for this spec only
 
 
 def _load(run: str):
@@ -125,9 +126,10 @@ def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, refer
     """Verifier outcomes, sampled KL to the reference, and the paper's diagnostics of one policy.
 
     Each of the three parts is cached in ``runs/compare/<name>/eval.json`` (``--fresh`` recomputes)."""
+    from cpo_jax.data import score_arithmetic
     from cpo_jax.experiments.compare import pair_diagnostics, sampled_kl
     from cpo_jax.hf.pretrained import from_pretrained
-    from cpo_jax.report import generation_correct, generation_metrics
+    from cpo_jax.report import generation_metrics, greedy_answers
 
     cache_path = OUT / name / "eval.json"
     cache = {} if fresh or not cache_path.exists() else json.loads(cache_path.read_text())
@@ -145,19 +147,17 @@ def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, refer
             cache_path.write_text(json.dumps(cache, indent=2))
         return cache[key]
 
-    correct = part(
-        "correct",
-        lambda m: [
-            bool(x)
-            for x in generation_correct(
-                m,
-                tokenizer,
-                prompts,
-                max_new_tokens=c.rl.eval_max_new_tokens,
-                max_prompt_length=c.data.max_prompt_length,
-            )
-        ],
+    answers = part(
+        "answers",
+        lambda m: greedy_answers(
+            m,
+            tokenizer,
+            prompts,
+            max_new_tokens=c.rl.eval_max_new_tokens,
+            max_prompt_length=c.data.max_prompt_length,
+        )[1],
     )
+    correct = [bool(score_arithmetic(r["prompt"], a)) for r, a in zip(prompts.records, answers, strict=True)]
     kl_prompts = dataclasses.replace(
         prompts, records=prompts.records[:KL_PROMPTS], sources=prompts.sources[:KL_PROMPTS]
     )
@@ -173,11 +173,7 @@ def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, refer
         ),
     )
     pairs = part("pairs", lambda m: pair_diagnostics(pair_logps(m, tokenizer, pair_records, c), reference_pairs))
-    return {
-        **generation_metrics(correct),
-        **kl,
-        **pairs,
-    }
+    return {**generation_metrics(correct), "generation/answers": answers, **kl, **pairs}
 
 
 def eval_sets():
@@ -220,18 +216,52 @@ def report(update_docs: bool, fresh: bool = False) -> str:
         results[run] |= mcnemar_exact(
             np.asarray(results["start"]["generation/correct"]), np.asarray(results[run]["generation/correct"])
         )
-        print(run, {k: v for k, v in results[run].items() if k != "generation/correct"}, flush=True)
+        print(run, {k: v for k, v in results[run].items() if k not in PER_PROMPT}, flush=True)
     (OUT / "results.json").write_text(json.dumps({"plan": plan, "results": results}, indent=2))
     FIGURES.mkdir(parents=True, exist_ok=True)
     _plot({k: v for k, v in results.items() if k == "start" or k in RUNS}, plan)
     table = _table(results, plan)
     (OUT / "table.md").write_text(table)
+    examples = _examples(results, prompts)
+    (OUT / "examples.md").write_text(examples)
     if update_docs:
         from cpo_jax.report import replace_marked
 
         replace_marked(DOC, BEGIN, END, table)
-    print(table)
+        replace_marked(DOC, EXAMPLES_BEGIN, EXAMPLES_END, examples)
+    print(table, examples, sep="\n\n")
     return table
+
+
+PER_PROMPT = ("generation/correct", "generation/answers")
+
+
+def _cell(answer: str, limit: int = 70) -> str:
+    """A completion as one markdown table cell: newlines shown as ␤, pipes escaped, cut at ``limit`` characters."""
+    text = answer.strip().replace("\n", "␤").replace("|", "\\|")
+    return f"`{text[:limit]}`" + (" (cut)" if len(text) > limit else "")
+
+
+def _examples(results: dict, prompts, per_kind: int = 3) -> str:
+    """Greedy answers of every policy to held-out prompts the start gets right and offline DPO gets wrong, then to
+    prompts the start gets wrong and an on-policy run (RLOO, online DPO/CPO) gets right: the first ``per_kind`` of
+    each, in file order."""
+    names = list(results)
+    right = {n: np.asarray(results[n]["generation/correct"], bool) for n in names}
+    kinds = []
+    if "dpo" in right:
+        kinds.append(("start right, DPO wrong", right["start"] & ~right["dpo"]))
+    online = [n for n in RL_RUNS if n in right]
+    if online:
+        kinds.append(("start wrong, an on-policy run right", ~right["start"] & np.any([right[n] for n in online], 0)))
+    rows = ["| prompt | kind | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for kind, chosen in kinds:
+        for i in np.flatnonzero(chosen)[:per_kind]:
+            question = prompts.records[i]["prompt"]
+            question = question[-1]["content"] if isinstance(question, list) else question
+            marks = [("✓ " if right[n][i] else "✗ ") + _cell(results[n]["generation/answers"][i]) for n in names]
+            rows.append(f"| {_cell(question, 40)} | {kind} | " + " | ".join(marks) + " |")
+    return "\n".join(rows)
 
 
 def _table(results: dict, plan: dict) -> str:
@@ -275,8 +305,9 @@ def _plot(results: dict, plan: dict) -> None:
     )
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (key, title) in zip(axes, panels):
-        ax.bar(names, [results[n][key] for n in names], color=["grey", "C0", "C1", "C2"][: len(names)])
+        ax.bar(names, [results[n][key] for n in names], color=["grey"] + [f"C{i}" for i in range(len(names) - 1)])
         ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     fig.suptitle(
         f"SmolLM2-135M-Instruct, arithmetic; budget {plan['plan']['dpo']['budget'] / 1e6:.2f}M "
         "forward-token equivalents each"
@@ -284,7 +315,9 @@ def _plot(results: dict, plan: dict) -> None:
     fig.tight_layout()
     fig.savefig(FIGURES / "summary.png", dpi=100)
     plt.close(fig)
-    plot_curves(OUT / "rloo" / "metrics.jsonl", FIGURES / "rloo_curves.png", panels=RL_PANELS)
+    for run in RL_RUNS:  # the sampled runs' own training curves
+        if (OUT / run / "metrics.jsonl").is_file():
+            plot_curves(OUT / run / "metrics.jsonl", FIGURES / f"{run}_curves.png", panels=RL_PANELS)
 
 
 def main() -> None:
