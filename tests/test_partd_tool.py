@@ -91,13 +91,14 @@ def test_report_aggregates_seeds_pairs_dpo_with_cpo_and_gives_the_verdict(tmp_pa
     logps = np.stack([delta_ref - 10.0, np.full(4, -10.0)], axis=1)
     np.savez(out / "reference_eval.npz", logps=logps, lengths=np.full((4, 2), 10.0))
     (out / "before.json").write_text(json.dumps(_metrics(0.0, 0.0)))
-    in_u = {"dpo": [0.60, 0.55, 0.65], "cpo": [0.05, 0.10, 0.00]}
-    for method, values in in_u.items():
+    in_u = {("dpo", "summed"): [0.60, 0.55, 0.65], ("cpo", "summed"): [0.05, 0.10, 0.00]}
+    in_u |= {("ipo", "normalised"): [0.30, 0.20, 0.25], ("cpo", "normalised"): [0.28, 0.21, 0.25]}
+    for (method, units), values in in_u.items():
         for seed, value in enumerate(values):
-            cell = out / f"{method}_b1_summed_s{seed}"
+            cell = out / f"{method}_b1_{units}_s{seed}"
             cell.mkdir(parents=True)
             curve = [{"step": s, "diagnostics/frac_in_U": value * s / 16} for s in (8, 16)]
-            spec = {"cell": {"method": method, "beta": 1.0, "units": "summed", "seed": seed}}
+            spec = {"cell": {"method": method, "beta": 1.0, "units": units, "seed": seed}}
             after = _metrics(value, 1 - value)
             (cell / "cell.json").write_text(json.dumps({"spec": spec, "after": after, "curve": curve, "seconds": 1}))
     proc = tool("report", "--out", out, "--mined", mined, check_fail=False)
@@ -105,8 +106,15 @@ def test_report_aggregates_seeds_pairs_dpo_with_cpo_and_gives_the_verdict(tmp_pa
     rows = {line.split("|")[3].strip(): line for line in proc.stdout.splitlines() if line.startswith("| 1 | summed")}
     assert "| 3 | 0.75 |" in rows["dpo"] and "0.600 ± 0.124" in rows["dpo"]  # t(0.975, 2) * 0.05 / sqrt(3)
     assert "| 3 | 0.00 |" in rows["cpo"]
-    verdict = next(line for line in proc.stdout.splitlines() if "**" in line)
+    verdict = next(line for line in proc.stdout.splitlines() if "DPO − cpo" in line)
     assert "+0.550" in verdict and "**supported**" in verdict and "0.75" in verdict
+    # IPO's target is anchored at delta_ref too: per token, delta_ref / 10 plus (2 sigmoid(1) - 1) / 2 = 0.231 is
+    # negative on 1 of the 4 pairs. Against CPO the paired differences are +0.02, -0.01, 0: mean +0.003, 95% interval
+    # [-0.035, +0.041], below 0.05, so the verdict is "not supported".
+    ipo = next(line for line in proc.stdout.splitlines() if "IPO − cpo" in line)
+    assert "| 1 | normalised |" in ipo and "+0.003 [-0.035, +0.041]" in ipo
+    assert "| 0.25 |" in ipo and "**not supported**" in ipo
+    assert "| 3 | 0.25 |" in next(line for line in proc.stdout.splitlines() if "| normalised | ipo |" in line)
     assert (out / "figures" / "frac_in_u.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "figures" / "table.md").read_text().startswith("| β | units |")
 

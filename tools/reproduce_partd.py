@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import pathlib
@@ -373,27 +374,28 @@ def report(update_docs: bool) -> str:
         lines.append(f"| {beta:g} | {units} | {method} | {len(rows)} | {shown} | " + " | ".join(cells_) + " |")
     lines += [
         "",
-        "| β | units | comparison | frac_in_U difference (95% CI) | paired p | DPO in U predicted | verdict |",
+        "| β | units | comparison | frac_in_U difference (95% CI) | paired p | baseline in U predicted | verdict |",
         "|---:|---|---|---|---:|---:|---|",
     ]
     for beta in sorted({k[0] for k in groups}, reverse=True):
         for units in ("summed", "normalised"):
-            for variant in ("cpo", "cpo_clip"):
-                dpo, other = groups.get((beta, units, "dpo"), []), groups.get((beta, units, variant), [])
-                seeds = sorted({r["seed"] for r in dpo} & {r["seed"] for r in other})
+            # The losses whose target is anchored at delta_ref (DPO, IPO) against the constrained ones, paired by seed.
+            for baseline, variant in itertools.product(("dpo", "ipo"), ("cpo", "cpo_clip")):
+                base, other = groups.get((beta, units, baseline), []), groups.get((beta, units, variant), [])
+                seeds = sorted({r["seed"] for r in base} & {r["seed"] for r in other})
                 if not seeds:
                     continue
                 key = _unit_key("frac_in_U", units)
-                a = [next(r for r in dpo if r["seed"] == s)["after"][key] for s in seeds]
+                a = [next(r for r in base if r["seed"] == s)["after"][key] for s in seeds]
                 b = [next(r for r in other if r["seed"] == s)["after"][key] for s in seeds]
                 test = paired_seed_test(a, b)
-                predicted = predicted_in_u("dpo", beta, units, margin)
+                predicted = predicted_in_u(baseline, beta, units, margin)
                 word = verdict(a, b, predicted)
                 d = test["diff"]
                 ci = "" if math.isnan(d["half"]) else f" [{d['low']:+.3f}, {d['high']:+.3f}]"
                 p = "–" if math.isnan(test["p"]) else f"{test['p']:.2g}"
-                lines.append(f"| {beta:g} | {units} | DPO − {variant} | {d['mean']:+.3f}{ci} ({len(seeds)} seeds) | "
-                             f"{p} | {predicted:.2f} | **{word}** |")  # fmt: skip
+                lines.append(f"| {beta:g} | {units} | {baseline.upper()} − {variant} | {d['mean']:+.3f}{ci} "
+                             f"({len(seeds)} seeds) | {p} | {predicted:.2f} | **{word}** |")  # fmt: skip
     table = "\n".join(lines)
     figures = OUT / "figures"
     _figures(groups, figures, before)

@@ -204,7 +204,8 @@ MEANINGFUL_DIFFERENCE = 0.05
 
 
 def verdict(dpo_in_u: Sequence[float], cpo_in_u: Sequence[float], predicted_dpo_in_u: float) -> str:
-    """The claim "DPO lands in U where CPO does not", in one cell, in plain words.
+    """The claim "DPO lands in U where CPO does not", in one cell, in plain words (IPO, whose target is also
+    anchored at ``delta_ref``, can stand in for DPO).
 
     ``control`` where the theory predicts DPO in U for under 10% of the pairs (no separation expected). Otherwise,
     from the paired 95% interval of DPO's minus CPO's frac_in_U across seeds: ``supported`` when it lies above
