@@ -54,11 +54,16 @@ def generation_correct(
     """bool ``[N]``: whether the greedy answer to each kept prompt (in file order) is right.
 
     ``prompts_path``: a data spec/path of prompt-only arithmetic records, or a loaded ``RecordSet``."""
-    from cpo_jax.data import score_arithmetic
-
     records, answers = greedy_answers(
         model, tokenizer, prompts_path, max_new_tokens=max_new_tokens, batch=batch, max_prompt_length=max_prompt_length
     )
+    return score_answers(records, answers)
+
+
+def score_answers(records: list[dict], answers: list[str]) -> np.ndarray:
+    """bool ``[N]``: :func:`cpo_jax.data.score_arithmetic` of each answer against its prompt record."""
+    from cpo_jax.data import score_arithmetic
+
     return np.asarray([bool(score_arithmetic(r["prompt"], a)) for r, a in zip(records, answers, strict=True)], bool)
 
 

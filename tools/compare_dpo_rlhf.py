@@ -126,10 +126,9 @@ def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, refer
     """Verifier outcomes, sampled KL to the reference, and the paper's diagnostics of one policy.
 
     Each of the three parts is cached in ``runs/compare/<name>/eval.json`` (``--fresh`` recomputes)."""
-    from cpo_jax.data import score_arithmetic
     from cpo_jax.experiments.compare import pair_diagnostics, sampled_kl
     from cpo_jax.hf.pretrained import from_pretrained
-    from cpo_jax.report import generation_metrics, greedy_answers
+    from cpo_jax.report import generation_metrics, greedy_answers, score_answers
 
     cache_path = OUT / name / "eval.json"
     cache = {} if fresh or not cache_path.exists() else json.loads(cache_path.read_text())
@@ -157,7 +156,7 @@ def evaluate(name: str, path, reference, tokenizer, prompts, pair_records, refer
             max_prompt_length=c.data.max_prompt_length,
         )[1],
     )
-    correct = [bool(score_arithmetic(r["prompt"], a)) for r, a in zip(prompts.records, answers, strict=True)]
+    correct = score_answers(prompts.records, answers)
     kl_prompts = dataclasses.replace(
         prompts, records=prompts.records[:KL_PROMPTS], sources=prompts.sources[:KL_PROMPTS]
     )
