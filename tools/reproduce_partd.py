@@ -29,6 +29,7 @@ import pathlib
 import shutil
 import sys
 import time
+from typing import NoReturn
 
 import numpy as np
 
@@ -54,9 +55,11 @@ class Cell:
         return f"{self.method}_b{self.beta:g}_{self.units}_s{self.seed}"
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+def _fail(message: str) -> NoReturn:
+    """A user error: ``run_tool`` prints it in a few lines and exits with status 2, as for the library's own."""
+    from cpo_jax.errors import UserError
+
+    raise UserError(message)
 
 
 def train_file(seed: int) -> pathlib.Path:
@@ -416,8 +419,9 @@ def _figures(groups: dict, directory: pathlib.Path, before: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cpo_jax.experiments.noisy import mean_ci
+    from cpo_jax.experiments.noisy import METHODS, mean_ci
 
+    colour = {m: f"C{i}" for i, m in enumerate(METHODS)}  # one colour per method in every panel
     panels = sorted({(b, u) for b, u, _ in groups}, key=lambda p: (-p[0], p[1]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
     for ax, (beta, units) in zip(axes[0], panels):
@@ -426,6 +430,8 @@ def _figures(groups: dict, directory: pathlib.Path, before: dict) -> None:
             if (b, u) != (beta, units):
                 continue
             steps = sorted({p["step"] for r in rows for p in r["curve"] if key in p})
+            if not steps:  # no in-training value (SimPO: the trainer's eval needs a reference); the table has its end
+                continue
             means, lows, highs = [], [], []
             for step in steps:
                 ci = mean_ci([p[key] for r in rows for p in r["curve"] if p["step"] == step and key in p])
@@ -434,8 +440,8 @@ def _figures(groups: dict, directory: pathlib.Path, before: dict) -> None:
                 highs.append(ci["high"] if not math.isnan(ci["high"]) else ci["mean"])
             start = before.get(key.split("/", 1)[1], 0.0)  # step 0 is the reference, the same for every seed
             steps, means, lows, highs = [0, *steps], [start, *means], [start, *lows], [start, *highs]
-            line = ax.plot(steps, means, marker=".", label=f"{method} ({len(rows)} seeds)")[0]
-            ax.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.15)
+            ax.plot(steps, means, marker=".", color=colour[method], label=f"{method} ({len(rows)} seeds)")
+            ax.fill_between(steps, lows, highs, color=colour[method], alpha=0.15)
         ax.set_title(f"β = {beta:g}, {units}: held-out frac_in_U", fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylim(-0.02, 1.02)
