@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -54,6 +55,23 @@ def test_sampled_kl_is_zero_against_itself_and_positive_against_another_model(tm
     assert sampled_kl(policy, copy, byte_chat_tokenizer(), prompts, **kw) == same
     different = sampled_kl(policy, other, byte_chat_tokenizer(), prompts, **kw)
     assert different["kl/k3"] > 0.01 and different["kl/k1"] != 0.0  # k1 may be negative on few samples
+
+
+def test_sampled_kl_scores_with_the_weights_as_arguments_not_as_baked_constants(tmp_path):
+    """A jitted closure over the two models embeds their weights in the executable (1 GB per SmolLM2 policy,
+    recompiled and cached on disk for each one): the lowered program must not depend on the weights' values."""
+    from cpo_jax.experiments.compare import _policy_and_reference_logps
+
+    a = from_pretrained(tiny_policy(tmp_path / "a", seed=0))
+    b = from_pretrained(tiny_policy(tmp_path / "b", seed=1))
+    ids = jnp.ones((2, 8), jnp.int32)
+    tokens, mask = ids[:, -3:], jnp.ones((2, 3), jnp.int32)
+
+    def lowered(policy, reference):
+        (g, p), (rg, rp) = nnx.split(policy), nnx.split(reference)
+        return _policy_and_reference_logps.lower(g, p, rg, rp, ids, jnp.ones_like(ids), tokens, mask).as_text()
+
+    assert lowered(a, b) == lowered(b, a)
 
 
 def test_mcnemar_exact_against_scipy_binomtest():

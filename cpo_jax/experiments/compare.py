@@ -16,6 +16,8 @@ a preference step is ``rows x length x (3 + reference)``; an RLOO step is ``rows
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +78,23 @@ def forward_token_equivalents(steps: int, step_cost: int) -> int:
     return steps * step_cost
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _policy_and_reference_logps(graphdef, params, ref_graphdef, ref_params, ids, mask, tokens, comp_mask):
+    """Per-token log-probs ``[B, N]`` of the sampled ``tokens`` under the policy and the reference.
+
+    The weights are arguments, not captured: a jitted closure over the models would bake both into the executable
+    as constants (about 1 GB for two SmolLM2-135M copies, compiled anew and cached on disk for every policy)."""
+    from flax import nnx
+
+    from cpo_jax.rlhf.rollout import completion_hidden, completion_logps
+
+    out = []
+    for g, p in ((graphdef, params), (ref_graphdef, ref_params)):
+        model = nnx.merge(g, p)
+        out.append(completion_logps(model, completion_hidden(model, ids, mask, tokens, comp_mask), tokens))
+    return out
+
+
 def sampled_kl(
     policy,
     reference,
@@ -95,7 +114,7 @@ def sampled_kl(
 
     from cpo_jax.data import BatchConfig, PipelineConfig, TokenizeConfig, build_dataset
     from cpo_jax.models.generate import SamplingConfig
-    from cpo_jax.rlhf.rollout import completion_hidden, completion_logps, sample
+    from cpo_jax.rlhf.rollout import sample
 
     graphdef, params = nnx.split(policy)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -105,12 +124,7 @@ def sampled_kl(
     )
     pipe = PipelineConfig(kind="prompt_only", shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
 
-    @jax.jit
-    def logps(ids, mask, tokens, comp_mask):
-        out = []
-        for model in (policy, reference):
-            out.append(completion_logps(model, completion_hidden(model, ids, mask, tokens, comp_mask), tokens))
-        return out
+    ref_graphdef, ref_params = nnx.split(reference)
 
     k1, k3 = [], []
     for i, b in enumerate(build_dataset(prompts.records, tokenizer, tok, batch_cfg, pipe, sources=prompts.sources)):
@@ -126,7 +140,9 @@ def sampled_kl(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad,
         )
-        lp, ref = logps(ids, mask, gen.tokens, gen.mask)
+        lp, ref = _policy_and_reference_logps(
+            graphdef, params, ref_graphdef, ref_params, ids, mask, gen.tokens, gen.mask
+        )
         m = np.asarray(gen.mask, np.float32)
         real = np.asarray(b["pair_mask"])
         k1.extend((np.asarray(kl_estimate(lp, ref, "k1")) * m).sum(-1)[real])
