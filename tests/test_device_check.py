@@ -38,6 +38,7 @@ def test_device_check_dry_run_covers_every_section(tmp_path):
         ("precomputed", "cudnn"),
     }
     assert all(r["tokens_per_s"] > 0 and r["loss"] == r["loss"] for r in result["step"])  # finite losses
+    assert all(r["step_gib"] > 0 for r in result["step"] + result["lora8b"])  # XLA's buffer assignment, also on CPU
     assert [r["quantize"] for r in result["lora8b"]] == ["none", "nf4"]
     assert "cpo_jax / TRL tokens/s" in (tmp_path / "device_check.md").read_text()
 
@@ -59,3 +60,18 @@ def test_device_check_refuses_an_unknown_section(tmp_path):
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert proc.returncode == 2 and "unknown section 'stepz'" in proc.stderr
+
+
+def test_a_failed_row_is_named_by_its_out_of_memory_line():
+    sys.path.insert(0, str(REPO / "tools"))
+    from device_check import failure_reason
+
+    stderr = (
+        "W1129 bfc_allocator.cc:371] Allocator (GPU_0_bfc) ran out of memory trying to allocate 32.02GiB\n"
+        "Traceback (most recent call last):\n  File x\n"
+        "jax.errors.JaxRuntimeError: NOT_FOUND: All configs failed during profiling.\n"
+        "EXECUTION FAILED: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 64.02GiB with allocator "
+        "GPU_0_bfc on device 0.\n--------------------\nFor simplicity, JAX has removed its internal frames.\n"
+    )
+    assert failure_reason(stderr).startswith("Out of memory while trying to allocate 64.02GiB")
+    assert failure_reason("Traceback:\nValueError: bad shape\n") == "ValueError: bad shape"

@@ -163,6 +163,21 @@ def test_matmul_materialises_at_most_one_dequantised_weight(kind):
     assert temp <= n_in * n_out * 4 + 8 * (n_in + n_out) * 4 + 4096, temp
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantising_holds_at_most_one_float32_copy_of_the_weight(kind):
+    """Quantising one [in, out] matrix needs its float32 blocks and nothing the weight's size beyond them (the
+    codes are 1 B or less per weight): searchsorted's [in, out, 15] comparisons used 6x that."""
+    n_in, n_out = 1024, 2048
+
+    def codes_and_scales(w):
+        q = quantize(w, kind)
+        return q.codes, q.scales
+
+    w = jax.ShapeDtypeStruct((n_in, n_out), jnp.bfloat16)
+    temp = jax.jit(codes_and_scales).lower(w).compile().memory_analysis().temp_size_in_bytes
+    assert temp <= n_in * n_out * (4 + 1) + 4096, temp
+
+
 def test_matches_bitsandbytes():
     """Bit for bit: bitsandbytes quantises W = w.T [out, in] flattened, so its bytes are our arrays transposed."""
     torch = pytest.importorskip("torch")

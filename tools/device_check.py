@@ -95,6 +95,22 @@ def peak_gib() -> float | None:
     return stats["peak_bytes_in_use"] / GIB if "peak_bytes_in_use" in stats else None
 
 
+def bytes_in_use() -> int | None:
+    import jax
+
+    return (jax.devices()[0].memory_stats() or {}).get("bytes_in_use")
+
+
+def step_gib(memory) -> float | None:
+    """The compiled step's own footprint: its arguments, outputs (less those aliased to donated arguments) and
+    temporaries, from XLA's buffer assignment. Unlike the process peak it leaves out whatever set-up (random
+    initialisation, quantising the base) held before the first step."""
+    if memory is None:
+        return None
+    total = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+    return (total + memory.temp_size_in_bytes) / GIB
+
+
 def synthetic_batch(pairs: int, length: int, vocab: int, *, precomputed: bool, seed: int = 0) -> dict:
     """One micro-batch ``[1, 2P, L]`` in the layout of :mod:`cpo_jax.data.batching`: row ``2p`` chosen, ``2p+1``
     rejected, the first half of each row the prompt, the second half the completion."""
@@ -203,11 +219,14 @@ def train_step_run(
         shard(ref),
         shard(frozen),
     )
+    resident = bytes_in_use()  # weights, optimiser state, reference and batch: what the step starts from
     t0 = time.perf_counter()
-    state, metrics = step(state, batch, ref, frozen)
+    compiled = step.lower(state, batch, ref, frozen).compile()
+    state, metrics = compiled(state, batch, ref, frozen)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
-    state, seconds = time_steps(step, state, (batch, ref, frozen), s["steps"], s["warmup"])
+    state, seconds = time_steps(compiled, state, (batch, ref, frozen), s["steps"], s["warmup"])
+    memory = compiled.memory_analysis()
     tokens = 2 * s["pairs"] * s["length"]
     step_flops = flops.step_flops(
         arch,
@@ -239,17 +258,24 @@ def train_step_run(
         "mfu": step_flops / seconds / (peak * 1e12) if peak else None,
         "loss": float(metrics["loss"]),
         "peak_gib": peak_gib(),
+        "resident_gib": None if resident is None else resident / GIB,
+        "step_gib": step_gib(memory),
         "params": num_params,
     }
 
 
 def section_step(s: dict, dry: bool) -> list[dict]:
-    hf = hf_config("llama-3.2-1b", dry)
+    """Each configuration in its own process: its own memory peak, and one that fails (out of memory, say) leaves
+    the others to run."""
     return [
-        train_step_run(hf, reference=ref, attention=attn, s=s)
+        run_child("step_one", dry, reference=ref, attention=attn)
         for ref in ("separate", "precomputed")
         for attn in ("xla", "cudnn")
     ]
+
+
+def step_one(s: dict, dry: bool, reference: str, attention: str) -> dict:
+    return train_step_run(hf_config("llama-3.2-1b", dry), reference=reference, attention=attention, s=s)
 
 
 def section_trl(s: dict, dry: bool) -> list[dict]:
@@ -415,32 +441,43 @@ def run_child(function: str, dry: bool, **kwargs) -> dict:
         cmd.append("--dry-run")
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
-        return {"error": proc.stderr[-2000:], **kwargs}
+        return {"error": proc.stderr[-2000:], "reason": failure_reason(proc.stderr), **kwargs}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def failure_reason(stderr: str) -> str:
+    """One line for the table: the out-of-memory line if there is one, else the last exception line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "RESOURCE_EXHAUSTED" in line or "Out of memory" in line:
+            return line[line.find("Out of memory") if "Out of memory" in line else 0 :][:160]
+    errors = [line for line in lines if "Error" in line.split(":")[0] or line.startswith(("Exception", "Killed"))]
+    return (errors or lines or ["no output"])[-1][:160]
 
 
 def table(results: dict) -> str:
     lines = []
     if "step" in results:
         lines += [
-            "| cpo_jax step | reference | attention | step s | tokens/s | TFLOP/s | MFU | peak GiB |",
-            "|---|---|---|---|---|---|---|---|",
+            "| cpo_jax step | reference | attention | step s | tokens/s | TFLOP/s | MFU | step GiB | peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["step"]:
             if "error" in r:
-                lines.append(f"| error | {r.get('reference')} | {r.get('attention')} | {r['error'][-200:]!r} |")
+                reason = r.get("reason") or r["error"][-160:]
+                lines.append(f"| 1B | {r.get('reference')} | {r.get('attention')} | failed: {reason} | | | | | |")
                 continue
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
             lines.append(
                 f"| 1B | {r['reference']} | {r['attention']} ({r['attention_path']}) | {r['step_s']:.3f} |"
                 f" {r['tokens_per_s']:,.0f} |"
-                f" {r['tflops']:.1f} | {mfu} | {_gib(r['peak_gib'])} |"
+                f" {r['tflops']:.1f} | {mfu} | {_gib(r.get('step_gib'))} | {_gib(r['peak_gib'])} |"
             )
     for name, keys in (
         ("trl", ("step_s", "tokens_per_s", "peak_gib")),
         ("logprobs", ("path", "peak_gib", "temp_gib", "step_s")),
         ("generate", ("batch", "tokens_per_s", "seconds")),
-        ("lora8b", ("quantize", "step_s", "tokens_per_s", "peak_gib", "mfu")),
+        ("lora8b", ("quantize", "step_s", "tokens_per_s", "resident_gib", "step_gib", "peak_gib", "mfu")),
     ):
         if name not in results:
             continue
@@ -450,7 +487,7 @@ def table(results: dict) -> str:
                 f"| {name} | "
                 + " | ".join(_cell(r.get(k)) for k in keys)
                 + " |"
-                + (f" error: {r['error'][-200:]!r}" if "error" in r else "")
+                + (f" failed: {r.get('reason') or r['error'][-160:]}" if "error" in r else "")
             )
     if "trl" in results and "step" in results:
         ours = [r for r in results["step"] if r.get("reference") == "separate" and r.get("attention") == "cudnn"]
@@ -501,7 +538,7 @@ def main() -> None:
         if name not in SECTIONS:
             parser.error(f"unknown section {name!r}; expected some of {SECTIONS}")
         t0 = time.perf_counter()
-        if name in ("logprobs", "lora8b"):
+        if name in ("step", "logprobs", "lora8b"):
             results[name] = globals()[f"section_{name}"](s, args.dry_run)
         else:
             results[name] = _child_rows(name, args.dry_run)
