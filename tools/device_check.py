@@ -175,7 +175,7 @@ def train_step_run(
         "param_dtype": "bfloat16",
         "attention_impl": attention,
         "scan_layers": True,
-        "remat": "full" if lora else "none",
+        "remat": "full" if lora else s["remat"],
         "quantize": quantize,
     }
     if lora:
@@ -247,6 +247,7 @@ def train_step_run(
     return {
         "reference": reference,
         "attention": attention,
+        "remat": model_cfg["remat"],
         "attention_path": plan.path,
         "attention_reason": plan.reason,
         "lora": bool(lora),
@@ -268,7 +269,7 @@ def section_step(s: dict, dry: bool) -> list[dict]:
     """Each configuration in its own process: its own memory peak, and one that fails (out of memory, say) leaves
     the others to run."""
     return [
-        run_child("step_one", dry, reference=ref, attention=attn)
+        run_child("step_one", s, dry, reference=ref, attention=attn)
         for ref in ("separate", "precomputed")
         for attn in ("xla", "cudnn")
     ]
@@ -321,6 +322,7 @@ def section_trl(s: dict, dry: bool) -> list[dict]:
     args = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl_"),
         per_device_train_batch_size=s["pairs"],
+        gradient_checkpointing=s["remat"] != "none",
         max_length=s["length"],
         max_steps=s["steps"] + s["warmup"],
         learning_rate=1e-6,
@@ -348,6 +350,7 @@ def section_trl(s: dict, dry: bool) -> list[dict]:
             "step_s": seconds,
             "tokens_per_s": tokens / seconds,
             "torch": torch.__version__,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
         }
     ]
@@ -366,7 +369,7 @@ def _word_tokenizer(cls, vocab_size: int):
 
 def section_logprobs(s: dict, dry: bool) -> list[dict]:
     """Peak memory of value-and-grad of summed log-probs, each path in its own process."""
-    return [run_child("logprobs_one", dry, path=path) for path in ("chunked", "naive")]
+    return [run_child("logprobs_one", s, dry, path=path) for path in ("chunked", "naive")]
 
 
 def logprobs_one(s: dict, dry: bool, path: str) -> dict:
@@ -422,7 +425,7 @@ def section_generate(s: dict, dry: bool) -> list[dict]:
 
 
 def section_lora8b(s: dict, dry: bool) -> list[dict]:
-    return [run_child("lora8b_one", dry, quantize=q) for q in ("none", "nf4")]
+    return [run_child("lora8b_one", s, dry, quantize=q) for q in ("none", "nf4")]
 
 
 def lora8b_one(s: dict, dry: bool, quantize: str) -> dict:
@@ -434,9 +437,10 @@ def lora8b_one(s: dict, dry: bool, quantize: str) -> dict:
     )
 
 
-def run_child(function: str, dry: bool, **kwargs) -> dict:
+def run_child(function: str, s: dict, dry: bool, **kwargs) -> dict:
     """``function(**kwargs)`` of this file in a fresh process (its own device memory peak); its JSON result."""
     cmd = [sys.executable, __file__, "--child", json.dumps({"function": function, "kwargs": kwargs})]
+    cmd += ["--remat", s["remat"]]
     if dry:
         cmd.append("--dry-run")
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -459,22 +463,27 @@ def table(results: dict) -> str:
     lines = []
     if "step" in results:
         lines += [
-            "| cpo_jax step | reference | attention | step s | tokens/s | TFLOP/s | MFU | step GiB | peak GiB |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| cpo_jax step | reference | attention | remat | step s | tokens/s | TFLOP/s | MFU | step GiB"
+            " | peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["step"]:
             if "error" in r:
                 reason = r.get("reason") or r["error"][-160:]
-                lines.append(f"| 1B | {r.get('reference')} | {r.get('attention')} | failed: {reason} | | | | | |")
+                lines.append(
+                    f"| 1B | {r.get('reference')} | {r.get('attention')} | {r.get('remat', '')} | failed: {reason}"
+                    " | | | | | |"
+                )
                 continue
             mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
             lines.append(
-                f"| 1B | {r['reference']} | {r['attention']} ({r['attention_path']}) | {r['step_s']:.3f} |"
+                f"| 1B | {r['reference']} | {r['attention']} ({r['attention_path']}) | {r['remat']} |"
+                f" {r['step_s']:.3f} |"
                 f" {r['tokens_per_s']:,.0f} |"
                 f" {r['tflops']:.1f} | {mfu} | {_gib(r.get('step_gib'))} | {_gib(r['peak_gib'])} |"
             )
     for name, keys in (
-        ("trl", ("step_s", "tokens_per_s", "peak_gib")),
+        ("trl", ("gradient_checkpointing", "step_s", "tokens_per_s", "peak_gib")),
         ("logprobs", ("path", "peak_gib", "temp_gib", "step_s")),
         ("generate", ("batch", "tokens_per_s", "seconds")),
         ("lora8b", ("quantize", "step_s", "tokens_per_s", "resident_gib", "step_gib", "peak_gib", "mfu")),
@@ -514,10 +523,17 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device_check_out")))
     parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument(
+        "--remat",
+        choices=("none", "full"),
+        default="none",
+        help="activation checkpointing of the full-model step rows, and TRL's gradient_checkpointing to match "
+        "(TRL's DPOConfig turns it on by default); the LoRA rows always use full",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    s = sizes(args.dry_run)
+    s = sizes(args.dry_run) | {"remat": args.remat}
     if args.child:
         job = json.loads(args.child)
         print(json.dumps(globals()[job["function"]](s, args.dry_run, **job["kwargs"])))
@@ -531,7 +547,7 @@ def main() -> None:
     )
     header = (
         f"{time.strftime('%Y-%m-%d')}, {device.platform} {device.device_kind}, jax {jax.__version__}, "
-        f"commit {commit}{' (dry run)' if args.dry_run else ''}"
+        f"commit {commit}, remat {args.remat}{' (dry run)' if args.dry_run else ''}"
     )
     results: dict = {}
     for name in args.sections.split(","):
@@ -541,7 +557,7 @@ def main() -> None:
         if name in ("step", "logprobs", "lora8b"):
             results[name] = globals()[f"section_{name}"](s, args.dry_run)
         else:
-            results[name] = _child_rows(name, args.dry_run)
+            results[name] = _child_rows(name, s, args.dry_run)
         print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
     text = f"{header}\n\n{table(results)}"
     print(text)
@@ -550,8 +566,8 @@ def main() -> None:
     (args.out / "device_check.md").write_text(text + "\n")
 
 
-def _child_rows(name: str, dry: bool) -> list[dict]:
-    out = run_child("rows_of", dry, section=name)
+def _child_rows(name: str, s: dict, dry: bool) -> list[dict]:
+    out = run_child("rows_of", s, dry, section=name)
     return out["rows"] if "rows" in out else [out]
 
 
