@@ -530,6 +530,11 @@ def main() -> None:
         help="activation checkpointing of the full-model step rows, and TRL's gradient_checkpointing to match "
         "(TRL's DPOConfig turns it on by default); the LoRA rows always use full",
     )
+    parser.add_argument(
+        "--commit",
+        help="the commit to record in the header (default: git rev-parse of the checkout; the device tool's copy "
+        "carries a .git that can lag the working tree, so pass the commit from where the run was launched)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
@@ -541,7 +546,7 @@ def main() -> None:
     import jax
 
     device = jax.devices()[0]
-    commit = (
+    commit = args.commit or (
         subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
         or "unknown"
     )

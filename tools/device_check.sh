@@ -2,7 +2,8 @@
 # The one prepared accelerator check (issue 19; see tools/device_check.py for what it measures).
 #
 #   make device-wheels                                   # here, once: .whl/ with what the GPU machine lacks
-#   bash tools/device_check.sh --out "$OUT"              # on the GPU machine (carry .whl), under 8 minutes
+#   bash tools/device_check.sh --out "$OUT" --commit SHA # on the GPU machine (carry .whl), about 5 minutes
+#   bash tools/device_check.sh --out "$OUT" --sections step,trl --remat full   # the like-for-like TRL comparison
 #   PYTHON=.venv/bin/python bash tools/device_check.sh --dry-run --out /tmp/dc   # tiny shapes on this CPU
 #
 # When python lacks cpo_jax's dependencies (grain, trl, datasets, omegaconf, ...), the wheels of .whl/ are installed
