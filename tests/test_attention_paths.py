@@ -194,6 +194,34 @@ def test_splash_decides_fused_or_fallback(facts, path, reason):
     assert plan.reason is None if reason is None else reason in plan.reason
 
 
+@pytest.mark.parametrize(
+    "facts,path,form",
+    [
+        (dict(GPU), "cudnn", "causal"),
+        (dict(GPU, padded=True), "cudnn", "masked"),
+        (dict(GPU, dtype=jnp.float32), "xla", ""),  # cuDNN's flash attention takes half precision only
+        (dict(GPU, causal=False), "xla", ""),  # a KV-cache call
+        (dict(GPU, softcap=True), "xla", ""),
+        (dict(GPU, compute_capability="7.5"), "xla", ""),
+        (dict(platform="tpu"), "splash", ""),
+        (dict(platform="tpu", mesh_devices=8), "xla", ""),
+        (dict(platform="cpu"), "xla", ""),
+        (dict(platform="cpu", interpret=True), "xla", ""),  # interpret mode is for asking for splash in tests
+    ],
+)
+def test_best_takes_the_machines_fused_kernel_or_xla_quietly(facts, path, form):
+    plan = plan_attention("best", **facts)
+    assert (plan.path, plan.form, plan.reason) == (path, form, None)
+
+
+def test_the_trainer_defaults_to_the_best_kernel_and_the_model_library_to_the_reference():
+    from cpo_jax.models.config import TransformerConfig
+    from cpo_jax.train.config import ModelConfig
+
+    assert ModelConfig.__dataclass_fields__["attention_impl"].default == "best"
+    assert TransformerConfig.__dataclass_fields__["attention_impl"].default == "xla"
+
+
 def test_xla_and_auto_plans_and_unknown_names():
     assert plan_attention("xla", platform="gpu", softcap=True) == attention.AttentionPlan("xla")
     assert plan_attention("auto", platform="gpu").path == "auto"
@@ -201,6 +229,11 @@ def test_xla_and_auto_plans_and_unknown_names():
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         plan_attention("flash", platform="cpu")
     assert tuple(IMPLEMENTATIONS) == tuple(ATTENTION_IMPLS)
+    from typing import get_args
+
+    from cpo_jax.train import config as train_config
+
+    assert get_args(train_config.AttentionImpl) == tuple(IMPLEMENTATIONS)
 
 
 def test_cudnn_fused_run_matches_xla_on_a_gpu():

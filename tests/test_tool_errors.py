@@ -71,3 +71,17 @@ def test_a_bug_keeps_its_traceback_and_system_exit_passes_through(tmp_path):
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "KeyError: 'a bug'" in bug.stderr
     done = run(tmp_path, "exit")
     assert done.returncode == 1 and done.stderr.strip() == "plain message"
+
+
+def test_the_compare_tool_names_an_unknown_run_and_exits_2():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "compare_dpo_rlhf.py"), "train", "--only", "nosuch"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "CPO_JAX_DEBUG"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--only: unknown run 'nosuch'" in proc.stderr and "online_cpo" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -88,7 +88,9 @@ def train(pref_steps: int, only: list[str] | None = None) -> dict:
     times = {}
     for run in only or RUNS:
         if run not in plan:
-            raise SystemExit(f"unknown run {run!r}; known: {sorted(plan)}")
+            from cpo_jax.errors import ConfigError
+
+            raise ConfigError(f"unknown run {run!r}", where="--only", hint=f"pick some of {', '.join(sorted(plan))}")
         base, overrides = VARIANTS.get(run, (run, []))
         steps = plan[run]["steps"]
         eval_every = max(1, steps // 2)

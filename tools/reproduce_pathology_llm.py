@@ -38,11 +38,14 @@ def _length_policy() -> tuple[int, int]:
         for c in (OmegaConf.load(ROOT / "configs" / "paper" / f"{run}.yaml") for run in RUNS)
     }
     if len(policies) != 1:
-        raise SystemExit(f"configs/paper/ disagree on data.max_length / data.max_prompt_length: {sorted(policies)}")
+        from cpo_jax.errors import ConfigError
+
+        raise ConfigError(
+            f"the paper configs disagree on (data.max_length, data.max_prompt_length): {sorted(policies)}",
+            where=f"configs/paper/{{{','.join(RUNS)}}}.yaml",
+            hint="mining and the audit must see what training sees: give every paper config the same two values",
+        )
     return policies.pop()
-
-
-MAX_LENGTH, MAX_PROMPT_LENGTH = _length_policy()
 
 
 def mine(train_problems: int, eval_problems: int, seed: int, eval_size: int, contrast_eval_size: int) -> dict:
@@ -51,6 +54,7 @@ def mine(train_problems: int, eval_problems: int, seed: int, eval_size: int, con
     Training pairs come from training questions and held-out pairs from held-out ones
     (:func:`cpo_jax.data.bundled.question_split`), each question once, so no held-out question is ever trained on.
     """
+    max_length, max_prompt_length = _length_policy()
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -76,9 +80,9 @@ def mine(train_problems: int, eval_problems: int, seed: int, eval_size: int, con
         model = from_pretrained(path)
         logps, lengths = compute_reference_logps(
             model, candidates, [f"candidate:{i}" for i in range(len(candidates))], tokenizer,
-            TokenizeConfig(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
+            TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
                            vocab_size=model.config.vocab_size),
-            BatchConfig(pairs_per_batch=16, max_length=MAX_LENGTH, pad_id=tokenizer.pad_token_id or 0),
+            BatchConfig(pairs_per_batch=16, max_length=max_length, pad_id=tokenizer.pad_token_id or 0),
             return_lengths=True,
         )  # fmt: skip
         DATA.mkdir(parents=True, exist_ok=True)
@@ -110,7 +114,7 @@ def mine(train_problems: int, eval_problems: int, seed: int, eval_size: int, con
         "problems_with_a_preferred_wrong_answer": len(mined_train.violated) + len(mined_eval.violated),
         "split": "question_split (SHA-256 of the question; train and held-out questions disjoint)",
         "seed": seed,
-        "max_length": MAX_LENGTH,
+        "max_length": _length_policy()[0],
         "sizes": {name: len(records) for name, records in files.items()},
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -127,6 +131,7 @@ def _cli(*args: str) -> None:
 
 def train(runs: list[str]) -> None:
     """``cpo-jax audit`` on both training sets, then ``cpo-jax train configs/paper/<run>.yaml`` for each run."""
+    max_length, max_prompt_length = _length_policy()
     for dataset in ("violated", "contrast"):
         _cli(
             "audit",
@@ -135,9 +140,9 @@ def train(runs: list[str]) -> None:
             "--out",
             str(OUT / f"audit_{dataset}"),
             "--max-length",
-            str(MAX_LENGTH),
+            str(max_length),
             "--max-prompt-length",
-            str(MAX_PROMPT_LENGTH),
+            str(max_prompt_length),
         )
     for run in runs:
         start = time.perf_counter()

@@ -20,7 +20,7 @@ from cpo_jax.errors import ConfigError
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 #: The values of ``TransformerConfig.attention_impl`` (:mod:`cpo_jax.ops.attention`).
-ATTENTION_IMPLS = ("xla", "auto", "cudnn", "splash")
+ATTENTION_IMPLS = ("xla", "auto", "cudnn", "splash", "best")
 
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
@@ -222,7 +222,8 @@ class TransformerConfig:
       remat: activation checkpointing policy per layer (``"none"``, ``"full"``, ``"dots"``,
         ``"dots_no_batch"``); one string applies to all layers.
       attention_impl: ``"xla"`` (einsum reference, the default), ``"auto"`` (``jax.nn.dot_product_attention``),
-        ``"cudnn"`` (cuDNN flash attention on a GPU) or ``"splash"`` (the TPU Pallas kernel); a fused path falls
+        ``"cudnn"`` (cuDNN flash attention on a GPU), ``"splash"`` (the TPU Pallas kernel) or ``"best"`` (whichever
+        fused kernel the machine has, quietly ``"xla"`` where none can take the call); a requested fused path falls
         back to ``"xla"`` with a logged reason where it cannot take a call (see :mod:`cpo_jax.ops.attention`).
       padding_idx: the embedding row whose lookups get no gradient, as in HF's ``nn.Embedding(padding_idx=
         pad_token_id)`` (Llama and Gemma families; GPT-2 has none). The forward value is unchanged, and with tied
@@ -288,7 +289,7 @@ class TransformerConfig:
     dtype: Any = jnp.float32
     scan_layers: bool = False
     remat: str | tuple[str, ...] = "none"
-    attention_impl: Literal["xla", "auto", "cudnn", "splash"] = "xla"
+    attention_impl: Literal["xla", "auto", "cudnn", "splash", "best"] = "xla"
     num_experts: int = 0
     dense_layers: tuple[int, ...] = ()
     experts_per_token: int = 0

@@ -13,7 +13,7 @@ from typing import Any, Literal
 #: free of jax; tests/test_config_typing.py checks each against its implementation.
 Dtype = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
-AttentionImpl = Literal["xla", "auto", "cudnn", "splash"]
+AttentionImpl = Literal["xla", "auto", "cudnn", "splash", "best"]  # as cpo_jax.ops.attention.IMPLEMENTATIONS (tested)
 Truncation = Literal["keep_start", "keep_end"]
 OptimizerName = Literal["adamw", "adam", "lion", "sgd", "adafactor"]
 #: A logical-axis rule: one mesh axis, several (tried in order), or none (replicated).
@@ -70,10 +70,11 @@ class ModelConfig:
     """Activation checkpointing policy (``jax.checkpoint``): ``none``, ``full``, ``dots`` or ``dots_no_batch``."""
     scan_layers: bool = False
     """Run the decoder layers with ``lax.scan``: one layer compiles once, which compiles deep models faster."""
-    attention_impl: AttentionImpl = "xla"
-    """Attention kernel (:mod:`cpo_jax.ops.attention`): ``xla`` (einsum reference), ``auto``
+    attention_impl: AttentionImpl = "best"
+    """Attention kernel (:mod:`cpo_jax.ops.attention`): ``best`` (the fused kernel the machine has: cuDNN flash
+    attention on a GPU, splash on a TPU, else the einsum path, quietly), ``xla`` (einsum reference), ``auto``
     (``jax.nn.dot_product_attention``), ``cudnn`` (cuDNN flash attention on a GPU), ``splash`` (the TPU Pallas
-    kernel). A path that cannot run falls back to ``xla`` with a warning."""
+    kernel). A requested fused path that cannot run falls back to ``xla`` with a warning."""
     logprob_chunk_size: int = 1024
     """Vocabulary-projection chunk (tokens) of the memory-lean log-probs: the logits are never materialised as
     ``[rows, length, vocab]``, only a few ``chunk x vocab`` float32 buffers at a time."""
