@@ -3,6 +3,8 @@ memory, and KV-cache generation speed, in one run that prints a markdown table a
 
 Sections (each in its own subprocess, so every peak-memory figure is that section's alone):
 
+0. ``parity``: the suite's GPU-only tests (``GPU_TESTS``: cuDNN attention's values and gradients against the
+   einsum path), through pytest; they skip without a GPU.
 1. ``step``: the DPO/CPO train step (:func:`cpo_jax.train.step.train_step`, jitted as the trainer does) on a
    Llama-3.2-1B-shaped model with random weights (``configs/shapes/llama-3.2-1b``), bf16, sequence 2048, 4 pairs,
    reference ``separate`` and ``precomputed``, ``attention_impl`` ``xla`` and ``cudnn`` (cuDNN's fused attention
@@ -19,7 +21,8 @@ Sections (each in its own subprocess, so every peak-memory figure is that sectio
 
 ``--dry-run`` runs every section on tiny shapes on the CPU (the default test suite does, so this cannot rot).
 
-    python tools/device_check.py [--dry-run] [--out DIR] [--sections step,trl,logprobs,generate,lora8b]
+    python tools/device_check.py [--dry-run] [--out DIR] [--sections parity,step,trl,logprobs,generate,lora8b]
+        [--remat none|full] [--commit SHA]
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("step", "trl", "logprobs", "generate", "lora8b")
+SECTIONS = ("parity", "step", "trl", "logprobs", "generate", "lora8b")
+#: Tests of the suite that skip without a GPU: the device check runs them where one is.
+GPU_TESTS = ("tests/test_attention_paths.py::test_cudnn_fused_run_matches_xla_on_a_gpu",)
 TINY = {
     "model_type": "llama",
     "architectures": ["LlamaForCausalLM"],
@@ -398,6 +403,33 @@ def logprobs_one(s: dict, dry: bool, path: str) -> dict:
     }
 
 
+def section_parity(s: dict, dry: bool) -> list[dict]:
+    """The suite's GPU-only tests (values and gradients of the fused paths against the einsum path), run with pytest
+    in a fresh process; on a machine without a GPU they skip, and the row says so."""
+    rows = []
+    for test in GPU_TESTS:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.strip()]
+        summary = lines[-1] if lines else proc.stderr[-200:]
+        outcome = (
+            "passed"
+            if proc.returncode == 0 and "passed" in summary
+            else "skipped"
+            if "skipped" in summary
+            else "failed"
+        )
+        row = {"test": test.split("::")[-1], "outcome": outcome, "summary": summary[-200:]}
+        if outcome == "failed":
+            row["error"] = (proc.stdout + proc.stderr)[-2000:]
+        rows.append(row)
+    return rows
+
+
 def section_generate(s: dict, dry: bool) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -483,6 +515,7 @@ def table(results: dict) -> str:
                 f" {r['tflops']:.1f} | {mfu} | {_gib(r.get('step_gib'))} | {_gib(r['peak_gib'])} |"
             )
     for name, keys in (
+        ("parity", ("test", "outcome", "summary")),
         ("trl", ("gradient_checkpointing", "step_s", "tokens_per_s", "peak_gib")),
         ("logprobs", ("path", "peak_gib", "temp_gib", "step_s")),
         ("generate", ("batch", "tokens_per_s", "seconds")),
@@ -559,7 +592,7 @@ def main() -> None:
         if name not in SECTIONS:
             parser.error(f"unknown section {name!r}; expected some of {SECTIONS}")
         t0 = time.perf_counter()
-        if name in ("step", "logprobs", "lora8b"):
+        if name in ("parity", "step", "logprobs", "lora8b"):
             results[name] = globals()[f"section_{name}"](s, args.dry_run)
         else:
             results[name] = _child_rows(name, s, args.dry_run)
