@@ -130,3 +130,17 @@ def test_a_cell_finished_under_other_settings_is_refused_not_mixed(tmp_path, min
                 "--seeds", 0)  # fmt: skip
     assert "trained under other settings" in proc.stderr and "--force" in proc.stderr
     assert json.loads((cell / "cell.json").read_text())["spec"] == old["spec"]  # kept as it was
+
+
+def test_a_cell_is_kept_when_only_the_execution_path_changed():
+    """The attention kernel, remat policy and log-prob chunking compute the same numbers; the budget does not."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import reproduce_partd as partd
+
+    old = {"cell": {"method": "dpo"}, "config": {"steps": 32, "model": {"attention_impl": "xla", "remat": "none"}}}
+    new = {"cell": {"method": "dpo"}, "config": {"steps": 32, "model": {"attention_impl": "best", "remat": "full"}}}
+    assert partd.comparable(old) == partd.comparable(new)
+    longer = {**new, "config": {**new["config"], "steps": 64}}
+    assert partd.comparable(old) != partd.comparable(longer)
+    other_model = {**new, "config": {**new["config"], "model": {"path": "other", "attention_impl": "xla"}}}
+    assert partd.comparable(old) != partd.comparable(other_model)

@@ -135,6 +135,19 @@ def _spec(cell: Cell, cfg) -> dict:
     }
 
 
+#: Config keys that choose how the same numbers are computed, not which numbers: a cell run with another attention
+#: kernel, remat policy or log-prob chunk size is the same experiment (the trainer lets a resume change them too).
+EXECUTION_ONLY = ("attention_impl", "remat", "logprob_chunk_size")
+
+
+def comparable(spec: dict) -> dict:
+    """``spec`` without the :data:`EXECUTION_ONLY` model keys: what must match for a finished cell to be kept."""
+    model = {k: v for k, v in spec.get("config", {}).get("model", {}).items() if k not in EXECUTION_ONLY}
+    if "config" not in spec:
+        return spec
+    return {**spec, "config": {**spec["config"], "model": model}}
+
+
 class Evaluator:
     """The held-out measurements, with the reference loaded once for every cell of the process."""
 
@@ -231,7 +244,7 @@ def run_cell(cell: Cell, evaluator: Evaluator | None, *, force: bool) -> Evaluat
     result = out / "cell.json"
     if result.is_file() and not force:
         saved = json.loads(result.read_text())
-        if saved["spec"] == spec:
+        if comparable(saved["spec"]) == comparable(spec):
             print(f"{cell.name}: done, skipped")
             return evaluator
         _fail(
