@@ -135,16 +135,16 @@ def _spec(cell: Cell, cfg) -> dict:
     }
 
 
-#: Config keys that choose how the same numbers are computed, not which numbers: a cell run with another attention
-#: kernel, remat policy or log-prob chunk size is the same experiment (the trainer lets a resume change them too).
-EXECUTION_ONLY = ("attention_impl", "remat", "logprob_chunk_size")
-
-
 def comparable(spec: dict) -> dict:
-    """``spec`` without the :data:`EXECUTION_ONLY` model keys: what must match for a finished cell to be kept."""
-    model = {k: v for k, v in spec.get("config", {}).get("model", {}).items() if k not in EXECUTION_ONLY}
+    """``spec`` without the model keys that only choose how the numbers are computed
+    (:data:`cpo_jax.train.resume.EXECUTION_ONLY`: attention kernel, remat, log-prob chunking), which a resume may
+    change too: what must match for a finished cell to be kept."""
+    from cpo_jax.train.resume import EXECUTION_ONLY
+
     if "config" not in spec:
         return spec
+    execution = {key.removeprefix("model.") for key in EXECUTION_ONLY}
+    model = {k: v for k, v in spec["config"].get("model", {}).items() if k not in execution}
     return {**spec, "config": {**spec["config"], "model": model}}
 
 

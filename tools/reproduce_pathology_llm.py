@@ -114,7 +114,7 @@ def mine(train_problems: int, eval_problems: int, seed: int, eval_size: int, con
         "problems_with_a_preferred_wrong_answer": len(mined_train.violated) + len(mined_eval.violated),
         "split": "question_split (SHA-256 of the question; train and held-out questions disjoint)",
         "seed": seed,
-        "max_length": _length_policy()[0],
+        "max_length": max_length,
         "sizes": {name: len(records) for name, records in files.items()},
         "seconds": round(time.perf_counter() - start, 1),
     }

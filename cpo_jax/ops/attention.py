@@ -236,24 +236,18 @@ def plan_attention(
         raise ValueError(
             f"unknown attention implementation {implementation!r}; expected one of {list(IMPLEMENTATIONS)}"
         )
+    quiet = implementation == "best"  # no kernel was asked for: a fallback is the plan, not news
+    if quiet:
+        implementation = {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
     if implementation == "xla":
         return AttentionPlan("xla")
-    if implementation == "best":
-        facts = dict(
-            platform=platform, structured=structured, causal=causal, padded=padded, packed=packed, softcap=softcap,
-            sinks=sinks, dtype=dtype, head_dim=head_dim, compute_capability=compute_capability,
-            cudnn_available=cudnn_available, mesh_devices=mesh_devices, interpret=interpret,
-        )  # fmt: skip
-        fused = {"gpu": "cudnn", "tpu": "splash"}.get(platform)
-        plan = plan_attention(fused, **facts) if fused else AttentionPlan("xla")
-        return plan if plan.reason is None else AttentionPlan("xla")
     if implementation == "auto":
         if softcap:
             return AttentionPlan("xla", reason="logit soft-capping is not expressible in jax.nn.dot_product_attention")
         if sinks:
             return AttentionPlan("xla", reason="attention sinks are not expressible in jax.nn.dot_product_attention")
         return AttentionPlan("auto")
-    fallback = lambda why: AttentionPlan("xla", reason=why)
+    fallback = lambda why: AttentionPlan("xla", reason=None if quiet else why)
     if implementation == "cudnn":
         if platform != "gpu":
             return fallback(f"cuDNN attention needs an NVIDIA GPU; this machine's platform is {platform}")

@@ -20,6 +20,10 @@ from cpo_jax.train.config import RLConfig, TrainConfig, to_dict
 
 log = logging.getLogger(__name__)
 
+#: Keys that choose how the same numbers are computed, not which: the attention kernel, the remat policy, the
+#: log-prob chunk size. A resume may change them, and the Part D tool keeps a finished cell across them.
+EXECUTION_ONLY = ("model.remat", "model.attention_impl", "model.logprob_chunk_size")
+
 #: Dotted keys (or prefixes ending in ".") whose change does not change what a run means.
 HARMLESS = (
     "output_dir",
@@ -45,9 +49,7 @@ HARMLESS = (
     "mesh.",
     "mesh_rules",
     "mesh_rules.",
-    "model.remat",
-    "model.attention_impl",
-    "model.logprob_chunk_size",
+    *EXECUTION_ONLY,
     "resume.",
 )
 
