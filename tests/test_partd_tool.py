@@ -56,7 +56,7 @@ def test_labels_with_other_settings_are_refused_not_mixed(tmp_path, mined):
 
 def test_run_refuses_missing_labels_and_empty_grids(tmp_path, mined):
     out = tmp_path / "out"
-    proc = tool("run", "--out", out, "--mined", mined)
+    proc = tool("run", "--out", out, "--mined", mined, "--results", tmp_path / "results")
     assert "labels.json is missing" in proc.stderr and "reproduce_partd.py label" in proc.stderr
     tool("label", "--out", out, "--mined", mined, "--seeds", 0, check_fail=False)
     proc = tool("run", "--out", out, "--mined", mined, "--seeds", 0, 5)
@@ -64,14 +64,28 @@ def test_run_refuses_missing_labels_and_empty_grids(tmp_path, mined):
     proc = tool("run", "--out", out, "--mined", mined, "--methods", "ipo", "--units", "summed", "--seeds", 0)
     assert "no cell to run" in proc.stderr and "--units normalised" in proc.stderr
     (mined / "violated_eval.jsonl").unlink()
-    proc = tool("run", "--out", out, "--mined", mined, "--methods", "dpo", "--units", "summed", "--seeds", 0)
+    proc = tool(
+        "run",
+        "--out",
+        out,
+        "--mined",
+        mined,
+        "--results",
+        tmp_path / "results",
+        "--methods",
+        "dpo",
+        "--units",
+        "summed",
+        "--seeds",
+        0,
+    )
     assert "violated_eval.jsonl" in proc.stderr and "does not exist" in proc.stderr  # a library error: its message
 
 
 def test_report_without_cells_says_what_to_run(tmp_path, mined):
     out = tmp_path / "out"
     tool("label", "--out", out, "--mined", mined, "--seeds", 0, check_fail=False)
-    proc = tool("report", "--out", out, "--mined", mined)
+    proc = tool("report", "--out", out, "--mined", mined, "--results", tmp_path / "results")
     assert "no finished cell" in proc.stderr and "reproduce_partd.py run" in proc.stderr
 
 
@@ -82,26 +96,32 @@ def _metrics(in_u, acc):
     }  # fmt: skip
 
 
+def write_cell(results, method, units, seed, after, *, curve=(), reward_margin=1.0, config=None):
+    spec = {"cell": {"method": method, "beta": 1.0, "units": units, "seed": seed},
+            "labels": {"reward_margin": reward_margin}, "config": config or {}}  # fmt: skip
+    path = results / "cells" / f"{method}_b1_{units}_s{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"spec": spec, "after": after, "curve": list(curve), "seconds": 1}))
+    return path
+
+
 def test_report_aggregates_seeds_pairs_dpo_with_cpo_and_gives_the_verdict(tmp_path, mined):
     import numpy as np
 
-    out = tmp_path / "out"
-    tool("label", "--out", out, "--mined", mined, "--seeds", 0, 1, 2, check_fail=False)
+    out, results = tmp_path / "out", tmp_path / "results"  # no labels in out: the report needs the kept results only
     delta_ref = np.array([-3.0, -2.0, -1.5, -0.5])  # m / beta = 1 at beta 1: 3 of 4 pairs predicted in U for DPO
     logps = np.stack([delta_ref - 10.0, np.full(4, -10.0)], axis=1)
-    np.savez(out / "reference_eval.npz", logps=logps, lengths=np.full((4, 2), 10.0))
-    (out / "before.json").write_text(json.dumps(_metrics(0.0, 0.0)))
+    reference = {"eval_sha256": "0" * 64, "before": _metrics(0.0, 0.0), "logps": logps.tolist(),
+                 "lengths": np.full((4, 2), 10.0).tolist()}  # fmt: skip
+    results.mkdir()
+    (results / "reference.json").write_text(json.dumps(reference))
     in_u = {("dpo", "summed"): [0.60, 0.55, 0.65], ("cpo", "summed"): [0.05, 0.10, 0.00]}
     in_u |= {("ipo", "normalised"): [0.30, 0.20, 0.25], ("cpo", "normalised"): [0.28, 0.21, 0.25]}
     for (method, units), values in in_u.items():
         for seed, value in enumerate(values):
-            cell = out / f"{method}_b1_{units}_s{seed}"
-            cell.mkdir(parents=True)
-            curve = [{"step": s, "diagnostics/frac_in_U": value * s / 16} for s in (8, 16)]
-            spec = {"cell": {"method": method, "beta": 1.0, "units": units, "seed": seed}}
-            after = _metrics(value, 1 - value)
-            (cell / "cell.json").write_text(json.dumps({"spec": spec, "after": after, "curve": curve, "seconds": 1}))
-    proc = tool("report", "--out", out, "--mined", mined, check_fail=False)
+            write_cell(results, method, units, seed, _metrics(value, 1 - value),
+                       curve=[{"step": s, "diagnostics/frac_in_U": value * s / 16} for s in (8, 16)])  # fmt: skip
+    proc = tool("report", "--out", out, "--mined", mined, "--results", results, check_fail=False)
     assert proc.returncode == 0, proc.stderr
     rows = {line.split("|")[3].strip(): line for line in proc.stdout.splitlines() if line.startswith("| 1 | summed")}
     assert "| 3 | 0.75 |" in rows["dpo"] and "0.600 ± 0.124" in rows["dpo"]  # t(0.975, 2) * 0.05 / sqrt(3)
@@ -120,16 +140,47 @@ def test_report_aggregates_seeds_pairs_dpo_with_cpo_and_gives_the_verdict(tmp_pa
 
 
 def test_a_cell_finished_under_other_settings_is_refused_not_mixed(tmp_path, mined):
-    out = tmp_path / "out"
+    out, results = tmp_path / "out", tmp_path / "results"
     tool("label", "--out", out, "--mined", mined, "--seeds", 0, check_fail=False)
-    cell = out / "dpo_b1_summed_s0"
-    cell.mkdir(parents=True)
-    old = {"spec": {"cell": {"method": "dpo", "beta": 1.0, "units": "summed", "seed": 0}, "config": {"steps": 8}}}
-    (cell / "cell.json").write_text(json.dumps({**old, "after": {}, "curve": [], "seconds": 1}))
-    proc = tool("run", "--out", out, "--mined", mined, "--methods", "dpo", "--betas", 1, "--units", "summed",
-                "--seeds", 0)  # fmt: skip
+    cell = write_cell(results, "dpo", "summed", 0, {}, config={"steps": 8})
+    old = cell.read_text()
+    proc = tool("run", "--out", out, "--mined", mined, "--results", results, "--methods", "dpo", "--betas", 1,
+                "--units", "summed", "--seeds", 0)  # fmt: skip
     assert "trained under other settings" in proc.stderr and "--force" in proc.stderr
-    assert json.loads((cell / "cell.json").read_text())["spec"] == old["spec"]  # kept as it was
+    assert cell.read_text() == old  # kept as it was
+
+
+def test_report_refuses_cells_labelled_with_different_margins(tmp_path, mined):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "reference.json").write_text(json.dumps({"eval_sha256": "0", "before": {}, "logps": [], "lengths": []}))
+    write_cell(results, "dpo", "summed", 0, _metrics(0.5, 0.5), reward_margin=1.0)
+    write_cell(results, "cpo", "summed", 0, _metrics(0.1, 0.9), reward_margin=2.0)
+    proc = tool("report", "--out", tmp_path / "out", "--mined", mined, "--results", results)
+    assert "different reward margins [1.0, 2.0]" in proc.stderr
+
+
+def test_kept_results_measured_on_other_held_out_pairs_are_refused(tmp_path, mined):
+    """Re-mined held-out pairs (another hash) would put cells measured on two different sets in one table."""
+    out, results = tmp_path / "out", tmp_path / "results"
+    tool("label", "--out", out, "--mined", mined, "--seeds", 0, check_fail=False)
+    results.mkdir()
+    kept = {"eval_sha256": "f" * 64, "before": {}, "logps": [], "lengths": []}
+    (results / "reference.json").write_text(json.dumps(kept))
+    proc = tool("run", "--out", out, "--mined", mined, "--results", results, "--methods", "dpo", "--betas", 1,
+                "--units", "summed", "--seeds", 0)  # fmt: skip
+    assert "measured on other held-out pairs" in proc.stderr and "ffffffffffff" in proc.stderr
+    assert json.loads((results / "reference.json").read_text()) == kept
+
+
+def test_kept_specs_name_paths_relative_to_the_checkout():
+    """A result kept in git compares equal on another clone, wherever it is checked out."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import reproduce_partd as partd
+
+    spec = {"data": {"train_files": [f"{REPO}/runs/x/train_seed0.jsonl"]}, "path": "smollm2", "other": "/elsewhere/f"}
+    assert partd.portable(spec) == {"data": {"train_files": ["runs/x/train_seed0.jsonl"]}, "path": "smollm2",
+                                    "other": "/elsewhere/f"}  # fmt: skip
 
 
 def test_a_cell_is_kept_when_only_the_execution_path_changed():
@@ -144,3 +195,8 @@ def test_a_cell_is_kept_when_only_the_execution_path_changed():
     assert partd.comparable(old) != partd.comparable(longer)
     other_model = {**new, "config": {**new["config"], "model": {"path": "other", "attention_impl": "xla"}}}
     assert partd.comparable(old) != partd.comparable(other_model)
+    labelled = {**new, "labels": {"reward_margin": 1.0, "sha256": "ab", "seeds": [0, 1, 2]}}
+    more_seeds = {**labelled, "labels": {**labelled["labels"], "seeds": [0, 1, 2, 3]}}  # seed 3 labelled later
+    assert partd.comparable(labelled) == partd.comparable(more_seeds)
+    other_labels = {**labelled, "labels": {**labelled["labels"], "sha256": "cd"}}
+    assert partd.comparable(labelled) != partd.comparable(other_labels)

@@ -12,9 +12,11 @@ training pair appears ``--copies`` times in both orders in proportion ``sigmoid(
 (:func:`cpo_jax.experiments.noisy.bt_labelled`). Every cell trains from the same reference with the same budget
 (``configs/paper/partd.yaml``) in this one process, and then measures, on the held-out violated pairs and their
 questions: frac_in_U, absolute accuracy, true-reward win rate, the chosen log-likelihood change (summed and per
-token), greedy verifier accuracy and the sampled KL to the reference. A finished cell is kept in
-``runs/paper_llm/partd/<cell>/cell.json`` and skipped on the next ``run``; one finished under other settings is
-refused (``--force`` reruns it).
+token), greedy verifier accuracy and the sampled KL to the reference. A finished cell's result is kept in git, in
+``docs/results/partd/cells/<cell>.json`` (with the reference's own measurements in ``reference.json``), so that the
+report can be rebuilt on any checkout; checkpoints and logs stay in ``runs/``, which git ignores. A finished cell is
+skipped on the next ``run``; one finished under other settings (labels, held-out pairs, config or budget) is refused
+(``--force`` reruns it).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MINED = DEFAULT_MINED = ROOT / "runs" / "paper_llm" / "data"
 OUT = ROOT / "runs" / "paper_llm" / "partd"
+RESULTS = ROOT / "docs" / "results" / "partd"  # tracked: the numbers behind the doc's table
 BASE = ROOT / "configs" / "paper" / "partd.yaml"
 DOC = ROOT / "docs" / "paper_reproduction.md"
 FIGURES = ROOT / "docs" / "figures" / "partd"
@@ -121,26 +124,82 @@ def cell_overrides(cell: Cell) -> list[str]:
     return out
 
 
+def _sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def portable(value):
+    """``value`` (a JSON tree) with every path under the checkout written relative to it: a kept result compares equal
+    on another clone of the repository."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and value.startswith(f"{ROOT}/"):
+        return value[len(str(ROOT)) + 1 :]
+    return value
+
+
 def _spec(cell: Cell, cfg) -> dict:
-    """What the cell's result depends on: its settings, the resolved config and the label file's hash."""
-    digest = hashlib.sha256(train_file(cell.seed).read_bytes()).hexdigest()
+    """What the cell's result depends on: its settings, the resolved config, and the hashes of its labelled training
+    file and of the held-out pairs it is measured on."""
     config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     config.pop("output_dir", None)
-    measure = {"kl_prompts": KL_PROMPTS, "kl_tokens": KL_TOKENS, "eval_pairs": str(MINED / "violated_eval.jsonl")}
-    return {
+    eval_pairs = MINED / "violated_eval.jsonl"
+    measure = {"kl_prompts": KL_PROMPTS, "kl_tokens": KL_TOKENS, "eval_pairs": str(eval_pairs),
+               "eval_sha256": _sha256(eval_pairs)}  # fmt: skip
+    return portable({
         "cell": dataclasses.asdict(cell),
-        "labels": _settings() | {"sha256": digest},
+        "labels": {k: v for k, v in _settings().items() if k != "seeds"} | {"sha256": _sha256(train_file(cell.seed))},
         "config": config,
         "measure": measure,
-    }
+    })  # fmt: skip
+
+
+def cell_result(cell: Cell) -> pathlib.Path:
+    return RESULTS / "cells" / f"{cell.name}.json"
+
+
+def _write_json(path: pathlib.Path, value) -> None:
+    """Writes ``path`` whole or not at all (a temporary file renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(value) + "\n")
+    partial.replace(path)
+
+
+def _check_kept_reference() -> None:
+    """Refuses to add cells to kept results that were measured on other held-out pairs (re-mined, another hash)."""
+    kept, pairs = RESULTS / "reference.json", MINED / "violated_eval.jsonl"
+    if not kept.is_file() or not pairs.is_file():  # nothing kept yet; or the trainer names the missing file
+        return
+    expected, digest = json.loads(kept.read_text())["eval_sha256"], _sha256(pairs)
+    if expected != digest:
+        _fail(
+            f"{kept} and the cells beside it were measured on other held-out pairs than {pairs} (sha256 "
+            f"{expected[:12]} against {digest[:12]}); new cells would mix with them. Restore the mined pairs they "
+            f"came from, or move {RESULTS} away."
+        )
+
+
+def load_reference() -> dict:
+    """The kept reference measurements (``before``, ``logps``, ``lengths``, ``eval_sha256``) on the held-out pairs."""
+    path = RESULTS / "reference.json"
+    if not path.is_file():
+        _fail(
+            f"{path} is missing: run a cell first (python tools/reproduce_partd.py run), which measures the reference"
+        )
+    return json.loads(path.read_text())
 
 
 def comparable(spec: dict) -> dict:
-    """``spec`` without the model keys that only choose how the numbers are computed
-    (:data:`cpo_jax.train.resume.EXECUTION_ONLY`: attention kernel, remat, log-prob chunking), which a resume may
-    change too: what must match for a finished cell to be kept."""
+    """``spec`` without the list of labelled seeds, and without the model keys that only choose how the numbers are
+    computed (:data:`cpo_jax.train.resume.EXECUTION_ONLY`: attention kernel, remat, log-prob chunking), which a
+    resume may change too: what must match for a finished cell to be kept."""
     from cpo_jax.train.resume import EXECUTION_ONLY
 
+    if "labels" in spec:  # which other seeds were labelled beside this cell's does not change it
+        spec = {**spec, "labels": {k: v for k, v in spec["labels"].items() if k != "seeds"}}
     if "config" not in spec:
         return spec
     execution = {key.removeprefix("model.") for key in EXECUTION_ONLY}
@@ -168,15 +227,21 @@ class Evaluator:
         self.kl_prompts = dataclasses.replace(
             prompts, records=prompts.records[:KL_PROMPTS], sources=prompts.sources[:KL_PROMPTS]
         )
-        cached = OUT / "reference_eval.npz"
-        if cached.is_file():
-            saved = np.load(cached)
-            self.ref_logps, self.lengths = saved["logps"], saved["lengths"]
+        kept = RESULTS / "reference.json"
+        if kept.is_file():  # run() has checked that it was measured on these held-out pairs
+            saved = json.loads(kept.read_text())
+            self.ref_logps, self.lengths = np.asarray(saved["logps"]), np.asarray(saved["lengths"])
+            self.before = saved["before"]
         else:
             self.ref_logps, self.lengths = self.pair_logps(self.reference)
-            OUT.mkdir(parents=True, exist_ok=True)
-            np.savez(cached.with_suffix(".tmp.npz"), logps=self.ref_logps, lengths=self.lengths)
-            cached.with_suffix(".tmp.npz").replace(cached)
+            self.before = self.measure(self.reference, seed=0, with_kl=False)  # every cell's step 0
+            kept_value = {
+                "eval_sha256": _sha256(MINED / "violated_eval.jsonl"),
+                "before": self.before,
+                "logps": self.ref_logps.tolist(),
+                "lengths": self.lengths.tolist(),
+            }
+            _write_json(kept, kept_value)
 
     def pair_logps(self, model) -> tuple[np.ndarray, np.ndarray]:
         from cpo_jax.data import BatchConfig, TokenizeConfig
@@ -241,7 +306,7 @@ def run_cell(cell: Cell, evaluator: Evaluator | None, *, force: bool) -> Evaluat
     cfg = load_config(BASE, cell_overrides(cell))
     spec = _spec(cell, cfg)
     out = OUT / cell.name
-    result = out / "cell.json"
+    result = cell_result(cell)
     if result.is_file() and not force:
         saved = json.loads(result.read_text())
         if comparable(saved["spec"]) == comparable(spec):
@@ -249,16 +314,12 @@ def run_cell(cell: Cell, evaluator: Evaluator | None, *, force: bool) -> Evaluat
             return evaluator
         _fail(
             f"{result} was trained under other settings (labels, config or budget changed); its numbers would mix "
-            f"with the new cells'. Rerun it with --force, or move {OUT} away."
+            f"with the new cells'. Rerun it with --force, or move {RESULTS} away."
         )
     if out.exists():  # an interrupted cell: no result was written, its partial files are ours to replace
         print(f"{cell.name}: removing the interrupted attempt in {out}")
         shutil.rmtree(out)
     evaluator = evaluator or Evaluator(cfg)
-    before_path = OUT / "before.json"
-    if not before_path.is_file():  # the reference: every cell's step 0
-        before = evaluator.measure(evaluator.reference, seed=0, with_kl=False)
-        before_path.write_text(json.dumps(before) + "\n")
     shared = OUT / "reference_cache"  # keyed by data and model: cells of one seed share the reference pass
     shared.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True)
@@ -269,7 +330,7 @@ def run_cell(cell: Cell, evaluator: Evaluator | None, *, force: bool) -> Evaluat
     train_seconds = time.perf_counter() - start
     after = evaluator.measure(trainer.policy(), seed=cell.seed)
     curve = _curve(out)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # 1.6 GB per cell; the result is cell.json
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # 1.6 GB per cell; the result is kept in RESULTS
     record = {
         "spec": spec,
         "after": after,
@@ -277,7 +338,7 @@ def run_cell(cell: Cell, evaluator: Evaluator | None, *, force: bool) -> Evaluat
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    result.write_text(json.dumps(record) + "\n")
+    _write_json(result, record)
     print(
         f"{cell.name}: frac_in_U {after['frac_in_U']:.3f} (per token {after['frac_in_U_norm']:.3f}), "
         f"abs acc {after['abs_accuracy']:.3f}, generation {after['generation/accuracy']:.3f}, "
@@ -312,6 +373,7 @@ def run(grid: list[Cell], force: bool) -> None:
     missing = sorted({c.seed for c in grid} - set(settings["seeds"]))
     if missing:
         _fail(f"no labelled training file for seeds {missing}: run `python tools/reproduce_partd.py label --seeds ...`")
+    _check_kept_reference()
     evaluator = None
     for cell in grid:
         evaluator = run_cell(cell, evaluator, force=force)
@@ -337,10 +399,11 @@ def _unit_key(key: str, units: str) -> str:
 
 def load_cells() -> list[dict]:
     out = []
-    for path in sorted(OUT.glob("*/cell.json")):
+    for path in sorted((RESULTS / "cells").glob("*.json")):
         record = json.loads(path.read_text())
+        margin = record["spec"]["labels"]["reward_margin"]
         out.append({**record["spec"]["cell"], "after": record["after"], "curve": record["curve"],
-                    "seconds": record["seconds"]})  # fmt: skip
+                    "seconds": record["seconds"], "reward_margin": margin})  # fmt: skip
     return out
 
 
@@ -348,8 +411,8 @@ def predicted_in_u(method: str, beta: float, units: str, reward_margin: float) -
     """The theory's fraction of held-out pairs whose minimiser lies in U, in the cell's units."""
     from cpo_jax.experiments.noisy import in_u, predicted_margin
 
-    saved = np.load(OUT / "reference_eval.npz")
-    r, n = saved["logps"].astype(np.float64), saved["lengths"].astype(np.float64)
+    saved = load_reference()
+    r, n = np.asarray(saved["logps"], np.float64), np.asarray(saved["lengths"], np.float64)
     d = r[:, 0] - r[:, 1] if units == "summed" else r[:, 0] / n[:, 0] - r[:, 1] / n[:, 1]
     margin = predicted_margin(method, d, reward_margin=reward_margin, beta=beta)
     return None if margin is None else float(in_u(margin, d).mean())
@@ -360,9 +423,12 @@ def report(update_docs: bool) -> str:
 
     records = load_cells()
     if not records:
-        _fail(f"no finished cell in {OUT}: run `python tools/reproduce_partd.py run` first")
-    margin = _settings()["reward_margin"]
-    before = json.loads((OUT / "before.json").read_text())
+        _fail(f"no finished cell in {RESULTS / 'cells'}: run `python tools/reproduce_partd.py run` first")
+    margins = {r["reward_margin"] for r in records}
+    if len(margins) != 1:
+        _fail(f"the cells in {RESULTS / 'cells'} were labelled with different reward margins {sorted(margins)}")
+    margin = margins.pop()
+    before = load_reference()["before"]
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["beta"], r["units"], r["method"]), []).append(r)
@@ -410,8 +476,9 @@ def report(update_docs: bool) -> str:
                 d = test["diff"]
                 ci = "" if math.isnan(d["half"]) else f" [{d['low']:+.3f}, {d['high']:+.3f}]"
                 p = "–" if math.isnan(test["p"]) else f"{test['p']:.2g}"
+                n = f"{len(seeds)} seed" + "s" * (len(seeds) != 1)
                 lines.append(f"| {beta:g} | {units} | {baseline.upper()} − {variant} | {d['mean']:+.3f}{ci} "
-                             f"({len(seeds)} seeds) | {p} | {predicted:.2f} | **{word}** |")  # fmt: skip
+                             f"({n}) | {p} | {predicted:.2f} | **{word}** |")  # fmt: skip
     table = "\n".join(lines)
     figures = OUT / "figures"
     _figures(groups, figures, before)
@@ -466,7 +533,7 @@ def _figures(groups: dict, directory: pathlib.Path, before: dict) -> None:
 
 
 def main() -> None:
-    global OUT, MINED
+    global OUT, MINED, RESULTS
     from cpo_jax.experiments.noisy import METHODS, UNITS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -481,8 +548,9 @@ def main() -> None:
     parser.add_argument("--update-docs", action="store_true")
     parser.add_argument("--out", type=pathlib.Path, default=OUT, help="where labels and cells are kept")
     parser.add_argument("--mined", type=pathlib.Path, default=MINED, help="the mined pairs (Part B's mine stage)")
+    parser.add_argument("--results", type=pathlib.Path, default=RESULTS, help="where finished cells' results are kept")
     args = parser.parse_args()
-    OUT, MINED = args.out.resolve(), args.mined.resolve()
+    OUT, MINED, RESULTS = args.out.resolve(), args.mined.resolve(), args.results.resolve()
     if args.stage == "label":
         label(args.seeds, args.reward_margin, args.copies)
     elif args.stage == "run":
