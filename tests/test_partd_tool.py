@@ -200,3 +200,25 @@ def test_a_cell_is_kept_when_only_the_execution_path_changed():
     assert partd.comparable(labelled) == partd.comparable(more_seeds)
     other_labels = {**labelled, "labels": {**labelled["labels"], "sha256": "cd"}}
     assert partd.comparable(labelled) != partd.comparable(other_labels)
+
+
+def test_the_docs_table_is_the_report_of_the_kept_results(tmp_path):
+    """``docs/paper_reproduction.md``'s Part D table is what ``report`` builds from ``docs/results/partd``: no number
+    in it lacks a kept result, and no kept result is left out of it."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import reproduce_partd as partd
+
+    kept = sorted((partd.RESULTS / "cells").glob("*.json"))
+    if not kept:
+        pytest.skip("no kept Part D result in this checkout")
+    reference = json.loads((partd.RESULTS / "reference.json").read_text())
+    for path in kept:
+        spec = json.loads(path.read_text())["spec"]
+        assert spec["measure"]["eval_sha256"] == reference["eval_sha256"], path.name  # one held-out set
+        assert str(REPO) not in json.dumps(spec), path.name  # portable
+        assert path.stem == partd.Cell(**spec["cell"]).name
+    proc = tool("report", "--out", tmp_path / "out", check_fail=False)
+    assert proc.returncode == 0, proc.stderr
+    doc = partd.DOC.read_text()
+    in_doc = doc[doc.index(partd.BEGIN) + len(partd.BEGIN) : doc.index(partd.END)].strip()
+    assert in_doc == (tmp_path / "out" / "figures" / "table.md").read_text().strip()
