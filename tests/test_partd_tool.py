@@ -64,21 +64,8 @@ def test_run_refuses_missing_labels_and_empty_grids(tmp_path, mined):
     proc = tool("run", "--out", out, "--mined", mined, "--methods", "ipo", "--units", "summed", "--seeds", 0)
     assert "no cell to run" in proc.stderr and "--units normalised" in proc.stderr
     (mined / "violated_eval.jsonl").unlink()
-    proc = tool(
-        "run",
-        "--out",
-        out,
-        "--mined",
-        mined,
-        "--results",
-        tmp_path / "results",
-        "--methods",
-        "dpo",
-        "--units",
-        "summed",
-        "--seeds",
-        0,
-    )
+    proc = tool("run", "--out", out, "--mined", mined, "--results", tmp_path / "results", "--methods", "dpo",
+                "--units", "summed", "--seeds", 0)  # fmt: skip
     assert "violated_eval.jsonl" in proc.stderr and "does not exist" in proc.stderr  # a library error: its message
 
 

@@ -150,7 +150,7 @@ def _spec(cell: Cell, cfg) -> dict:
                "eval_sha256": _sha256(eval_pairs)}  # fmt: skip
     return portable({
         "cell": dataclasses.asdict(cell),
-        "labels": {k: v for k, v in _settings().items() if k != "seeds"} | {"sha256": _sha256(train_file(cell.seed))},
+        "labels": _settings() | {"sha256": _sha256(train_file(cell.seed))},  # comparable() ignores its "seeds"
         "config": config,
         "measure": measure,
     })  # fmt: skip
@@ -161,11 +161,11 @@ def cell_result(cell: Cell) -> pathlib.Path:
 
 
 def _write_json(path: pathlib.Path, value) -> None:
-    """Writes ``path`` whole or not at all (a temporary file renamed over it)."""
+    """Writes ``path`` whole or not at all (:func:`cpo_jax.train.metrics_writer.write_atomically`)."""
+    from cpo_jax.train.metrics_writer import write_atomically
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps(value) + "\n")
-    partial.replace(path)
+    write_atomically(path, json.dumps(value) + "\n")
 
 
 def _check_kept_reference() -> None:
@@ -407,12 +407,12 @@ def load_cells() -> list[dict]:
     return out
 
 
-def predicted_in_u(method: str, beta: float, units: str, reward_margin: float) -> float | None:
-    """The theory's fraction of held-out pairs whose minimiser lies in U, in the cell's units."""
+def predicted_in_u(method: str, beta: float, units: str, reward_margin: float, reference: dict) -> float | None:
+    """The theory's fraction of held-out pairs whose minimiser lies in U, in the cell's units (``reference``: the
+    kept :func:`load_reference`)."""
     from cpo_jax.experiments.noisy import in_u, predicted_margin
 
-    saved = load_reference()
-    r, n = np.asarray(saved["logps"], np.float64), np.asarray(saved["lengths"], np.float64)
+    r, n = np.asarray(reference["logps"], np.float64), np.asarray(reference["lengths"], np.float64)
     d = r[:, 0] - r[:, 1] if units == "summed" else r[:, 0] / n[:, 0] - r[:, 1] / n[:, 1]
     margin = predicted_margin(method, d, reward_margin=reward_margin, beta=beta)
     return None if margin is None else float(in_u(margin, d).mean())
@@ -428,7 +428,8 @@ def report(update_docs: bool) -> str:
     if len(margins) != 1:
         _fail(f"the cells in {RESULTS / 'cells'} were labelled with different reward margins {sorted(margins)}")
     margin = margins.pop()
-    before = load_reference()["before"]
+    reference = load_reference()
+    before = reference["before"]
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["beta"], r["units"], r["method"]), []).append(r)
@@ -445,7 +446,7 @@ def report(update_docs: bool) -> str:
         groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], order.index(kv[0][2]))
     ):
         rows = sorted(rows, key=lambda r: r["seed"])
-        predicted = predicted_in_u(method, beta, units, margin)
+        predicted = predicted_in_u(method, beta, units, margin, reference)
         cells_ = []
         for key, _, fmt in REPORTED:
             ci = mean_ci([r["after"][_unit_key(key, units)] for r in rows])
@@ -471,7 +472,7 @@ def report(update_docs: bool) -> str:
                 a = [next(r for r in base if r["seed"] == s)["after"][key] for s in seeds]
                 b = [next(r for r in other if r["seed"] == s)["after"][key] for s in seeds]
                 test = paired_seed_test(a, b)
-                predicted = predicted_in_u(baseline, beta, units, margin)
+                predicted = predicted_in_u(baseline, beta, units, margin, reference)
                 word = verdict(a, b, predicted)
                 d = test["diff"]
                 ci = "" if math.isnan(d["half"]) else f" [{d['low']:+.3f}, {d['high']:+.3f}]"
