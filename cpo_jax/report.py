@@ -151,7 +151,7 @@ def ema(values, weight: float = EMA_WEIGHT) -> np.ndarray:
 
 
 def plot_curves(
-    metrics_path: str | os.PathLike,
+    metrics_path: str | os.PathLike | list[dict],
     out_path: str | os.PathLike,
     panels: tuple[tuple[str, ...], ...] = PREFERENCE_PANELS,
     caption: str | None = None,
@@ -160,7 +160,8 @@ def plot_curves(
     line, and eval points (``eval/<metric>``). A panel whose metric was never logged is left out; ``caption`` (by
     default :data:`PREFERENCE_CAPTION` when the U panel is shown) goes under the panels.
 
-    Unreadable lines of ``metrics_path`` (a torn last write) are skipped with a warning."""
+    ``metrics_path``: a metrics.jsonl file (unreadable lines, a torn last write, are skipped with a warning), or its
+    rows already read (a kept curve)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +169,7 @@ def plot_curves(
 
     from cpo_jax.train.metrics_writer import read_metrics  # tolerates a torn last line (a kill during a write)
 
-    records = read_metrics(metrics_path)
+    records = list(metrics_path) if isinstance(metrics_path, list) else read_metrics(metrics_path)
 
     def series(key):
         points = [(r.get("step", 0), r[key]) for r in records if isinstance(r.get(key), (int, float))]

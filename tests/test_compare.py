@@ -109,17 +109,13 @@ def test_held_out_drops_seen_and_repeated_questions():
 
 def test_compare_tool_examples_pick_prompts_by_outcome_and_keep_the_table_intact():
     """``tools/compare_dpo_rlhf.py``'s completions table: which prompts it shows, and cells that cannot break a row."""
-    import importlib.util
+    import sys
     from pathlib import Path
 
-    from cpo_jax.data import RecordSet
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import compare_dpo_rlhf as tool
 
-    path = Path(__file__).parents[1] / "tools" / "compare_dpo_rlhf.py"
-    spec = importlib.util.spec_from_file_location("compare_tool", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    records = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": i + 1} for i in range(6)]
-    prompts = RecordSet(records, [f"mem:{i}" for i in range(6)])
+    questions = [f"What is {i} + 1?" for i in range(6)]
     correct = {  # prompt: 0 1 2 3 4 5
         "start": [1, 1, 0, 0, 1, 0],
         "dpo": [0, 1, 0, 0, 0, 0],
@@ -130,7 +126,7 @@ def test_compare_tool_examples_pick_prompts_by_outcome_and_keep_the_table_intact
         n: {"generation/correct": c, "generation/answers": [f"{n} says|{i}\nmore" for i in range(6)]}
         for n, c in correct.items()
     }
-    rows = tool._examples(results, prompts, per_kind=3).splitlines()
+    rows = tool._examples(results, questions, per_kind=3).splitlines()
     assert rows[0] == "| prompt | kind | start | dpo | rloo | online_cpo |"
     body = rows[2:]
     assert [r.split(" | ")[0] for r in body] == ["| `What is 0 + 1?`", "| `What is 4 + 1?`", "| `What is 2 + 1?`",

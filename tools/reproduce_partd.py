@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -34,6 +33,8 @@ import time
 from typing import NoReturn
 
 import numpy as np
+
+from cpo_jax.experiments.kept import KeptResults, portable, sha256_of, without_execution_keys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MINED = DEFAULT_MINED = ROOT / "runs" / "paper_llm" / "data"
@@ -124,20 +125,9 @@ def cell_overrides(cell: Cell) -> list[str]:
     return out
 
 
-def _sha256(path: pathlib.Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def portable(value):
-    """``value`` (a JSON tree) with every path under the checkout written relative to it: a kept result compares equal
-    on another clone of the repository."""
-    if isinstance(value, dict):
-        return {k: portable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [portable(v) for v in value]
-    if isinstance(value, str) and value.startswith(f"{ROOT}/"):
-        return value[len(str(ROOT)) + 1 :]
-    return value
+def _cells():
+    """The kept cell results (:class:`cpo_jax.experiments.kept.KeptResults`), one ``<cell>.json`` each."""
+    return KeptResults(RESULTS / "cells", "python tools/reproduce_partd.py run")
 
 
 def _spec(cell: Cell, cfg) -> dict:
@@ -147,25 +137,13 @@ def _spec(cell: Cell, cfg) -> dict:
     config.pop("output_dir", None)
     eval_pairs = MINED / "violated_eval.jsonl"
     measure = {"kl_prompts": KL_PROMPTS, "kl_tokens": KL_TOKENS, "eval_pairs": str(eval_pairs),
-               "eval_sha256": _sha256(eval_pairs)}  # fmt: skip
+               "eval_sha256": sha256_of(eval_pairs)}  # fmt: skip
     return portable({
         "cell": dataclasses.asdict(cell),
-        "labels": _settings() | {"sha256": _sha256(train_file(cell.seed))},  # comparable() ignores its "seeds"
+        "labels": _settings() | {"sha256": sha256_of(train_file(cell.seed))},  # comparable() ignores its "seeds"
         "config": config,
         "measure": measure,
-    })  # fmt: skip
-
-
-def cell_result(cell: Cell) -> pathlib.Path:
-    return RESULTS / "cells" / f"{cell.name}.json"
-
-
-def _write_json(path: pathlib.Path, value) -> None:
-    """Writes ``path`` whole or not at all (:func:`cpo_jax.train.metrics_writer.write_atomically`)."""
-    from cpo_jax.train.metrics_writer import write_atomically
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps(value) + "\n")
+    }, ROOT)  # fmt: skip
 
 
 def _check_kept_reference() -> None:
@@ -173,7 +151,7 @@ def _check_kept_reference() -> None:
     kept, pairs = RESULTS / "reference.json", MINED / "violated_eval.jsonl"
     if not kept.is_file() or not pairs.is_file():  # nothing kept yet; or the trainer names the missing file
         return
-    expected, digest = json.loads(kept.read_text())["eval_sha256"], _sha256(pairs)
+    expected, digest = json.loads(kept.read_text())["eval_sha256"], sha256_of(pairs)
     if expected != digest:
         _fail(
             f"{kept} and the cells beside it were measured on other held-out pairs than {pairs} (sha256 "
@@ -193,18 +171,11 @@ def load_reference() -> dict:
 
 
 def comparable(spec: dict) -> dict:
-    """``spec`` without the list of labelled seeds, and without the model keys that only choose how the numbers are
-    computed (:data:`cpo_jax.train.resume.EXECUTION_ONLY`: attention kernel, remat, log-prob chunking), which a
-    resume may change too: what must match for a finished cell to be kept."""
-    from cpo_jax.train.resume import EXECUTION_ONLY
-
+    """``spec`` without the list of labelled seeds and without the execution-only model keys
+    (:func:`cpo_jax.experiments.kept.without_execution_keys`): what must match for a finished cell to be kept."""
     if "labels" in spec:  # which other seeds were labelled beside this cell's does not change it
         spec = {**spec, "labels": {k: v for k, v in spec["labels"].items() if k != "seeds"}}
-    if "config" not in spec:
-        return spec
-    execution = {key.removeprefix("model.") for key in EXECUTION_ONLY}
-    model = {k: v for k, v in spec["config"].get("model", {}).items() if k not in execution}
-    return {**spec, "config": {**spec["config"], "model": model}}
+    return without_execution_keys(spec)
 
 
 class Evaluator:
@@ -227,6 +198,8 @@ class Evaluator:
         self.kl_prompts = dataclasses.replace(
             prompts, records=prompts.records[:KL_PROMPTS], sources=prompts.sources[:KL_PROMPTS]
         )
+        from cpo_jax.train.metrics_writer import write_atomically
+
         kept = RESULTS / "reference.json"
         if kept.is_file():  # run() has checked that it was measured on these held-out pairs
             saved = json.loads(kept.read_text())
@@ -236,12 +209,13 @@ class Evaluator:
             self.ref_logps, self.lengths = self.pair_logps(self.reference)
             self.before = self.measure(self.reference, seed=0, with_kl=False)  # every cell's step 0
             kept_value = {
-                "eval_sha256": _sha256(MINED / "violated_eval.jsonl"),
+                "eval_sha256": sha256_of(MINED / "violated_eval.jsonl"),
                 "before": self.before,
                 "logps": self.ref_logps.tolist(),
                 "lengths": self.lengths.tolist(),
             }
-            _write_json(kept, kept_value)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(kept, json.dumps(kept_value) + "\n")
 
     def pair_logps(self, model) -> tuple[np.ndarray, np.ndarray]:
         from cpo_jax.data import BatchConfig, TokenizeConfig
@@ -306,16 +280,10 @@ def run_cell(cell: Cell, evaluator: Evaluator | None, *, force: bool) -> Evaluat
     cfg = load_config(BASE, cell_overrides(cell))
     spec = _spec(cell, cfg)
     out = OUT / cell.name
-    result = cell_result(cell)
-    if result.is_file() and not force:
-        saved = json.loads(result.read_text())
-        if comparable(saved["spec"]) == comparable(spec):
-            print(f"{cell.name}: done, skipped")
-            return evaluator
-        _fail(
-            f"{result} was trained under other settings (labels, config or budget changed); its numbers would mix "
-            f"with the new cells'. Rerun it with --force, or move {RESULTS} away."
-        )
+    kept = _cells()
+    if kept.finished(cell.name, spec, force=force, comparable=comparable):  # refuses one kept under another spec
+        print(f"{cell.name}: done, skipped")
+        return evaluator
     if out.exists():  # an interrupted cell: no result was written, its partial files are ours to replace
         print(f"{cell.name}: removing the interrupted attempt in {out}")
         shutil.rmtree(out)
@@ -338,7 +306,7 @@ def run_cell(cell: Cell, evaluator: Evaluator | None, *, force: bool) -> Evaluat
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    _write_json(result, record)
+    kept.save(cell.name, record)
     print(
         f"{cell.name}: frac_in_U {after['frac_in_U']:.3f} (per token {after['frac_in_U_norm']:.3f}), "
         f"abs acc {after['abs_accuracy']:.3f}, generation {after['generation/accuracy']:.3f}, "
@@ -399,8 +367,7 @@ def _unit_key(key: str, units: str) -> str:
 
 def load_cells() -> list[dict]:
     out = []
-    for path in sorted((RESULTS / "cells").glob("*.json")):
-        record = json.loads(path.read_text())
+    for record in _cells().records().values():
         margin = record["spec"]["labels"]["reward_margin"]
         out.append({**record["spec"]["cell"], "after": record["after"], "curve": record["curve"],
                     "seconds": record["seconds"], "reward_margin": margin})  # fmt: skip
@@ -419,7 +386,7 @@ def predicted_in_u(method: str, beta: float, units: str, reward_margin: float, r
 
 
 def report(update_docs: bool) -> str:
-    from cpo_jax.experiments.noisy import METHODS, mean_ci, paired_seed_test, verdict
+    from cpo_jax.experiments.noisy import METHODS, mean_ci_text, paired_seed_test, verdict
 
     records = load_cells()
     if not records:
@@ -447,12 +414,9 @@ def report(update_docs: bool) -> str:
     ):
         rows = sorted(rows, key=lambda r: r["seed"])
         predicted = predicted_in_u(method, beta, units, margin, reference)
-        cells_ = []
-        for key, _, fmt in REPORTED:
-            ci = mean_ci([r["after"][_unit_key(key, units)] for r in rows])
-            spec = fmt[2:-1]
-            half = "" if math.isnan(ci["half"]) else f" ± {ci['half']:{spec.lstrip('+')}}"
-            cells_.append(f"{ci['mean']:{spec}}{half}")
+        cells_ = [
+            mean_ci_text([r["after"][_unit_key(key, units)] for r in rows], fmt[2:-1]) for key, _, fmt in REPORTED
+        ]
         shown = "–" if predicted is None else f"{predicted:.2f}"
         lines.append(f"| {beta:g} | {units} | {method} | {len(rows)} | {shown} | " + " | ".join(cells_) + " |")
     lines += [

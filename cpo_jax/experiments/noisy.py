@@ -176,6 +176,14 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
     return {"mean": mean, "low": mean - half, "high": mean + half, "half": half, "n": float(len(x))}
 
 
+def mean_ci_text(values: Sequence[float], spec: str = ".3f") -> str:
+    """``"mean ± half"`` of :func:`mean_ci` in the format ``spec`` (a sign flag applies to the mean only); the mean
+    alone for one value."""
+    ci = mean_ci(values)
+    half = "" if math.isnan(ci["half"]) else f" ± {ci['half']:{spec.lstrip('+')}}"
+    return f"{ci['mean']:{spec}}{half}"
+
+
 def paired_seed_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     """Paired two-sided t-test of ``a - b`` across seeds (the same seed: the same labels and data order).
 
