@@ -108,3 +108,11 @@ def test_the_kept_curve_keeps_only_what_the_figure_draws(tool):
             {"step": 1, "loss": 0.69, "grad_norm": 3.0}, {"step": 2, "grad_norm": 2.0}]  # fmt: skip
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert tool._curve("dpo_violated") == [{"step": 0, "eval/diagnostics/frac_in_U": 0.0}, {"step": 1, "loss": 0.69}]
+
+
+def test_a_failed_cpo_jax_command_is_a_short_message_not_a_traceback(tool, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 2))
+    with pytest.raises(UserError, match="`cpo-jax train` failed \\(its message is above\\); nothing of it was kept"):
+        tool._cli("train", "configs/paper/dpo_violated.yaml")

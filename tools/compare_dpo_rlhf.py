@@ -240,7 +240,8 @@ def train(pref_steps: int, only: list[str] | None = None, seeds: list[int] = (0,
     kept under another is refused (``force`` reruns it)."""
     import shutil
 
-    from cpo_jax.errors import ConfigError
+    from cpo_jax.errors import ConfigError, UserError
+    from cpo_jax.experiments.kept import without_execution_keys
     from cpo_jax.hf.pretrained import from_pretrained
 
     plan = budgets(pref_steps)
@@ -252,7 +253,7 @@ def train(pref_steps: int, only: list[str] | None = None, seeds: list[int] = (0,
     for seed in seeds:
         for run in only or RUNS:
             name, spec = run_name(run, seed), _spec(run, seed, plan, sets)
-            if store.finished(name, spec, force=force):
+            if store.finished(name, spec, force=force, comparable=without_execution_keys):
                 print(f"{name}: kept, skipped", flush=True)
                 continue
             evaluator = evaluator or Evaluator(sets, force=force)
@@ -264,7 +265,11 @@ def train(pref_steps: int, only: list[str] | None = None, seeds: list[int] = (0,
             cmd = [sys.executable, "-m", "cpo_jax.cli", "train", str(CONFIGS / f"{base}.yaml"), *overrides]
             print("$", " ".join(cmd), flush=True)
             start = time.perf_counter()
-            subprocess.run(cmd, check=True, cwd=ROOT)
+            if subprocess.run(cmd, cwd=ROOT).returncode != 0:  # its own message is printed above
+                raise UserError(
+                    f"training {name} failed (its message is above); nothing of it was kept",
+                    hint="fix what it names and rerun: the runs kept so far are skipped",
+                )
             train_seconds = time.perf_counter() - start
             measured = evaluator.measure(from_pretrained(out / "hf"))
             shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the exported model in hf/ stays

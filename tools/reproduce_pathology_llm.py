@@ -166,7 +166,13 @@ def _run_spec(run: str) -> dict:
 def _cli(*args: str) -> None:
     command = [str(pathlib.Path(sys.executable).parent / "cpo-jax"), *args]
     print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
+    if subprocess.run(command, cwd=ROOT).returncode != 0:  # its own message is printed above
+        from cpo_jax.errors import UserError
+
+        raise UserError(
+            f"`cpo-jax {args[0]}` failed (its message is above); nothing of it was kept",
+            hint="fix what it names and rerun: what is kept so far is skipped",
+        )
 
 
 def train(runs: list[str], force: bool = False) -> None:
