@@ -142,3 +142,17 @@ def test_arithmetic_records_are_verifiable_and_deterministic():
     assert score_arithmetic("What is 12 * 3?", "I think 35, no wait, 36") == 1.0
     assert score_arithmetic("What is 12 - 30?", "It is -18.") == 1.0
     assert score_arithmetic("What is 1 + 1?", "no idea") == 0.0
+
+
+def test_write_jsonl_is_whole_or_not_at_all(tmp_path):
+    """A record that cannot be written (or a kill) leaves the old file, and no temporary file beside it."""
+    import os
+
+
+    path = write_jsonl([{"a": 1}], tmp_path / "d.jsonl")
+    with pytest.raises(TypeError):
+        write_jsonl([{"a": 2}, {"b": object()}], path)
+    assert path.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["d.jsonl"]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # the umask's mode, not mkstemp's 0600

@@ -394,10 +394,24 @@ def load_records(
 
 
 def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Path:
-    """Write records as UTF-8 JSONL (one object per line); returns the path."""
+    """Write records as UTF-8 JSONL (one object per line); returns the path.
+
+    The file is written whole or not at all: into a temporary sibling, then renamed over ``path``. A reader never sees
+    half of it, and a kill (or a record that cannot be serialised) leaves the old file as it was."""
+    import tempfile
+
+    from cpo_jax.fileio import apply_umask
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        apply_umask(tmp)  # mkstemp made it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
