@@ -148,7 +148,6 @@ def test_write_jsonl_is_whole_or_not_at_all(tmp_path):
     """A record that cannot be written (or a kill) leaves the old file, and no temporary file beside it."""
     import os
 
-
     path = write_jsonl([{"a": 1}], tmp_path / "d.jsonl")
     with pytest.raises(TypeError):
         write_jsonl([{"a": 2}, {"b": object()}], path)

@@ -63,7 +63,9 @@ def test_report_is_rebuilt_from_the_kept_results(tool):
 def test_unknown_scoring_time_is_not_printed(tool):
     tool._kept().save("mining", mining_record(seconds=None))
     keep_run(tool, "dpo_violated", metrics(0.078, -40.48))
-    assert "candidate wrong answers scored; the reference" in tool.report(update_docs=False)
+    assert "candidate wrong answers scored (reused from an earlier call; its time was not recorded); the" in (
+        tool.report(update_docs=False)
+    )
 
 
 def test_runs_trained_on_other_mined_files_are_refused(tool):
@@ -116,3 +118,20 @@ def test_a_failed_cpo_jax_command_is_a_short_message_not_a_traceback(tool, monke
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 2))
     with pytest.raises(UserError, match="`cpo-jax train` failed \\(its message is above\\); nothing of it was kept"):
         tool._cli("train", "configs/paper/dpo_violated.yaml")
+
+
+def test_the_docs_table_is_the_report_of_the_kept_results(tmp_path, monkeypatch):
+    """``docs/paper_reproduction.md``'s Part B table is what ``report`` builds from ``docs/results/pathology_llm``."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import reproduce_pathology_llm as tool
+
+    if tool._kept_runs().load("dpo_violated") is None:
+        pytest.skip("no kept Part B result in this checkout")
+    for run, record in tool._kept_runs().records().items():
+        assert str(REPO) not in json.dumps(record["spec"]), run  # portable
+        assert record["spec"]["run"] == run
+    monkeypatch.setattr(tool, "OUT", tmp_path / "out")  # the figure goes there, not into the docs
+    table = tool.report(update_docs=False)
+    doc = tool.DOC.read_text()
+    assert doc[doc.index(tool.BEGIN) + len(tool.BEGIN) : doc.index(tool.END)].strip() == table.strip()
+    assert set(tool._kept_runs().records()) == set(tool.RUNS)  # every run of the table is kept

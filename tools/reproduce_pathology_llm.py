@@ -244,7 +244,11 @@ CURVE_PANELS = [
 def audit_table(mining: dict) -> str:
     """The mining counts and the kept ``cpo-jax audit`` view of both training sets."""
     stats = mining["stats"]
-    scored = "" if stats["seconds"] is None else f" in {stats['seconds']:.0f} s"
+    scored = (
+        " (reused from an earlier call; its time was not recorded)"
+        if stats["seconds"] is None
+        else (f" in {stats['seconds']:.0f} s")
+    )
     lines = [
         f"Mining: {stats['problems']} problems, {stats['candidates']} candidate wrong answers scored{scored}; the "
         f"reference prefers the wrong answer on {stats['candidates_ref_prefers_wrong']} candidates, covering "
