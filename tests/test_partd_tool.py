@@ -187,8 +187,7 @@ def test_the_docs_table_is_the_report_of_the_kept_results(tmp_path):
     import reproduce_partd as partd
 
     kept = sorted((partd.RESULTS / "cells").glob("*.json"))
-    if not kept:
-        pytest.skip("no kept Part D result in this checkout")
+    assert kept, "no kept Part D result in this checkout, but the doc's table is built from them"
     reference = json.loads((partd.RESULTS / "reference.json").read_text())
     for path in kept:
         spec = json.loads(path.read_text())["spec"]
