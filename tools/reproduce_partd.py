@@ -198,8 +198,6 @@ class Evaluator:
         self.kl_prompts = dataclasses.replace(
             prompts, records=prompts.records[:KL_PROMPTS], sources=prompts.sources[:KL_PROMPTS]
         )
-        from cpo_jax.train.metrics_writer import write_atomically
-
         kept = RESULTS / "reference.json"
         if kept.is_file():  # run() has checked that it was measured on these held-out pairs
             saved = json.loads(kept.read_text())
@@ -214,8 +212,7 @@ class Evaluator:
                 "logps": self.ref_logps.tolist(),
                 "lengths": self.lengths.tolist(),
             }
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(kept, json.dumps(kept_value) + "\n")
+            KeptResults(RESULTS, "python tools/reproduce_partd.py run").save("reference", kept_value)
 
     def pair_logps(self, model) -> tuple[np.ndarray, np.ndarray]:
         from cpo_jax.data import BatchConfig, TokenizeConfig
