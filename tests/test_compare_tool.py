@@ -139,3 +139,23 @@ def test_report_leaves_out_the_comparisons_when_no_two_runs_share_a_seed(tmp_pat
         path.unlink()
     proc = tool("report", "--results", results, "--out", tmp_path / "out", expect=0)
     assert "| a − b |" not in proc.stdout and "| dpo | 3 |" in proc.stdout
+
+
+def test_the_docs_tables_are_the_report_of_the_kept_results(tmp_path, monkeypatch):
+    """``docs/paper_reproduction.md``'s Part C tables (results and completions) are what ``report`` builds from
+    ``docs/results/compare``; every one of the five runs is kept at seed 0 at least."""
+    tool_ = load_tool()
+    monkeypatch.setattr(tool_, "RESULTS", tool_.ROOT / "docs" / "results" / "compare")
+    start, runs = tool_.load_kept()  # fails, not skips, when the kept files are missing
+    assert set(tool_.RUNS) <= set(runs), "a Part C run of the doc's table is not kept"
+    for run, rows in runs.items():
+        assert rows[0]["spec"]["seed"] == 0, run
+        for row in rows:
+            assert row["spec"]["run"] == run and str(REPO) not in json.dumps(row["spec"])  # portable
+    monkeypatch.setattr(tool_, "OUT", tmp_path / "out")  # the figures go there, not into the docs
+    table = tool_.report(update_docs=False)
+    doc = tool_.DOC.read_text()
+    between = lambda begin, end: doc[doc.index(begin) + len(begin) : doc.index(end)].strip()  # noqa: E731
+    assert between(tool_.BEGIN, tool_.END) == table.strip()
+    examples = (tmp_path / "out" / "figures" / "examples.md").read_text()
+    assert between(tool_.EXAMPLES_BEGIN, tool_.EXAMPLES_END) == examples.strip()
