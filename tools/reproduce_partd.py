@@ -130,6 +130,11 @@ def _cells():
     return KeptResults(RESULTS / "cells", "python tools/reproduce_partd.py run")
 
 
+def _kept():
+    """The store beside the cells that keeps the reference's own measurements, as ``reference.json``."""
+    return KeptResults(RESULTS, "python tools/reproduce_partd.py run")
+
+
 def _spec(cell: Cell, cfg) -> dict:
     """What the cell's result depends on: its settings, the resolved config, and the hashes of its labelled training
     file and of the held-out pairs it is measured on."""
@@ -148,10 +153,11 @@ def _spec(cell: Cell, cfg) -> dict:
 
 def _check_kept_reference() -> None:
     """Refuses to add cells to kept results that were measured on other held-out pairs (re-mined, another hash)."""
-    kept, pairs = RESULTS / "reference.json", MINED / "violated_eval.jsonl"
-    if not kept.is_file() or not pairs.is_file():  # nothing kept yet; or the trainer names the missing file
+    kept, pairs = _kept().path("reference"), MINED / "violated_eval.jsonl"
+    reference = _kept().load("reference")
+    if reference is None or not pairs.is_file():  # nothing kept yet; or the trainer names the missing file
         return
-    expected, digest = json.loads(kept.read_text())["eval_sha256"], sha256_of(pairs)
+    expected, digest = reference["eval_sha256"], sha256_of(pairs)
     if expected != digest:
         _fail(
             f"{kept} and the cells beside it were measured on other held-out pairs than {pairs} (sha256 "
@@ -162,12 +168,13 @@ def _check_kept_reference() -> None:
 
 def load_reference() -> dict:
     """The kept reference measurements (``before``, ``logps``, ``lengths``, ``eval_sha256``) on the held-out pairs."""
-    path = RESULTS / "reference.json"
-    if not path.is_file():
+    reference = _kept().load("reference")
+    if reference is None:
         _fail(
-            f"{path} is missing: run a cell first (python tools/reproduce_partd.py run), which measures the reference"
+            f"{_kept().path('reference')} is missing: run a cell first (python tools/reproduce_partd.py run), which "
+            "measures the reference"
         )
-    return json.loads(path.read_text())
+    return reference
 
 
 def comparable(spec: dict) -> dict:
@@ -198,9 +205,8 @@ class Evaluator:
         self.kl_prompts = dataclasses.replace(
             prompts, records=prompts.records[:KL_PROMPTS], sources=prompts.sources[:KL_PROMPTS]
         )
-        kept = RESULTS / "reference.json"
-        if kept.is_file():  # run() has checked that it was measured on these held-out pairs
-            saved = json.loads(kept.read_text())
+        saved = _kept().load("reference")
+        if saved is not None:  # run() has checked that it was measured on these held-out pairs
             self.ref_logps, self.lengths = np.asarray(saved["logps"]), np.asarray(saved["lengths"])
             self.before = saved["before"]
         else:
@@ -212,7 +218,7 @@ class Evaluator:
                 "logps": self.ref_logps.tolist(),
                 "lengths": self.lengths.tolist(),
             }
-            KeptResults(RESULTS, "python tools/reproduce_partd.py run").save("reference", kept_value)
+            _kept().save("reference", kept_value)
 
     def pair_logps(self, model) -> tuple[np.ndarray, np.ndarray]:
         from cpo_jax.data import BatchConfig, TokenizeConfig
